@@ -1,0 +1,69 @@
+"""Model input conventions, as a differentiable map from RGB images in [0, 1].
+
+Every fvsanity image (FVs, natural images, targets) is an NCHW float tensor, RGB, values in
+[0, 1]. ``Preprocess`` turns that into what the model expects: torchvision's mean/std
+normalisation, lucent's InceptionV1 scaling (``x * 255 - 117``) or Caffe's BGR 0..255 minus
+mean (SqueezeNet Deep Compression). It is differentiable, so FV gradients flow through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """RGB [0,1] NCHW -> model input.
+
+    Args:
+        size: (H, W) the model was trained on, in pixels.
+        mean, std: per channel, in the model's channel order and value scale (after ``scale``
+            and the optional BGR flip): ``out = (flip(x) * scale - mean) / std``.
+        scale: multiply [0,1] inputs by this first (255 for Caffe/lucent models).
+        bgr: flip RGB to BGR before normalising.
+        resize: side length images are resized to before the center crop of ``size``
+            (None: resize straight to ``size``).
+    """
+
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    scale: float = 1.0
+    bgr: bool = False
+    resize: int | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an NCHW RGB batch with 3 channels, got shape {tuple(x.shape)}")
+        if self.bgr:
+            x = x.flip(1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * self.scale - mean) / std
+
+    def load_pil(self, img: Image.Image) -> torch.Tensor:
+        """PIL image -> [3, H, W] RGB float in [0,1] at ``size`` (resize, then center crop)."""
+        import torchvision.transforms.functional as TF
+
+        img = img.convert("RGB")
+        h, w = self.size
+        if self.resize is not None:
+            img = TF.resize(img, self.resize, antialias=True)
+            img = TF.center_crop(img, [h, w])
+        else:
+            img = TF.resize(img, [h, w], antialias=True)
+        return TF.to_tensor(img)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+IMAGENET = Preprocess(size=(224, 224), resize=256)
+CIFAR10 = Preprocess(size=(32, 32))
+LUCENT_INCEPTION = Preprocess(size=(224, 224), mean=(117.0,) * 3, std=(1.0,) * 3, scale=255.0, resize=256)
+CAFFE_SQUEEZENET = Preprocess(
+    size=(227, 227), mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), scale=255.0, bgr=True
+)

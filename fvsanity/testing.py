@@ -1,0 +1,63 @@
+"""Tiny models and data for tests: seeded, CPU-fast, nothing downloaded.
+
+Helpers here build :class:`~fvsanity.models.LoadedModel` objects around small networks whose
+weights are fixed by a seed, so tests can run the whole pipeline in milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import LoadedModel, Preprocess, _prepare
+
+
+class TinyCNN(nn.Module):
+    """conv(3->8) relu pool conv(8->16) relu pool conv(16->16) relu, gap, linear(16->n)."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.relu3 = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.relu3(self.conv3(x))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+def tiny_model(seed: int = 0, size: int = 16, num_classes: int = 5) -> LoadedModel:
+    """A seeded :class:`TinyCNN` wrapped as a LoadedModel (input ``size`` px, CIFAR-style norm)."""
+    g = torch.Generator().manual_seed(seed)
+    net = TinyCNN(num_classes)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 / max(1, p[0].numel()) ** 0.5))
+    return LoadedModel(
+        name="tiny",
+        model=_prepare(net),
+        preprocess=Preprocess(size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        block_layers=["relu1", "relu2", "relu3", "fc"],
+        output_layer="fc",
+        class_names=[f"class{i}" for i in range(num_classes)],
+    )
+
+
+def data_root() -> Path | None:
+    """``$FVSANITY_DATA`` if it holds the shared real data, else None (tests then skip)."""
+    env = os.environ.get("FVSANITY_DATA")
+    if env and (Path(env) / "weights").is_dir():
+        return Path(env)
+    return None

@@ -1,0 +1,198 @@
+"""Units: what an FV maximises. ``"layer:channel"``, ``"layer:channel@y,x"`` (neuron) or a direction.
+
+Layer names are ``model.named_modules()`` dotted names (``layer3.1``, ``features.12.expand3x3``,
+``classifier.1``); lucent's underscore names (``layer3_1``) are accepted and translated. Errors
+name the closest valid layers or the valid channel range.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UnitError
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of one layer.
+
+    Attributes:
+        layer: dotted module name.
+        channel: channel index (None for a pure direction).
+        y, x: spatial position for a neuron (None: channel = mean over space).
+        direction: a [C] vector for a direction unit (dot product with the activation,
+            averaged over space), else None.
+    """
+
+    layer: str
+    channel: int | None = None
+    y: int | None = None
+    x: int | None = None
+    direction: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def kind(self) -> str:
+        if self.direction is not None:
+            return "direction"
+        return "neuron" if self.y is not None else "channel"
+
+    def __str__(self) -> str:
+        if self.direction is not None:
+            return f"{self.layer}:direction"
+        s = f"{self.layer}:{self.channel}"
+        return s + (f"@{self.y},{self.x}" if self.y is not None else "")
+
+    def to_json(self) -> dict:
+        d = {"spec": str(self), "layer": self.layer, "kind": self.kind, "channel": self.channel}
+        if self.y is not None:
+            d.update(y=self.y, x=self.x)
+        if self.direction is not None:
+            d["direction"] = self.direction.tolist()
+        return d
+
+
+_SPEC = re.compile(r"^(?P<layer>[^:@]+):(?P<ch>-?\d+)(@(?P<y>-?\d+),(?P<x>-?\d+))?$")
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+def resolve_layer(model: nn.Module, name: str) -> str:
+    """Canonical dotted name for ``name`` (accepts lucent's underscores); UnitError if unknown."""
+    names = layer_names(model)
+    if name in names:
+        return name
+    alt = name.replace("_", ".")
+    if alt in names:
+        return alt
+    # lucent names keep underscores inside module names (conv2d0_pre_relu_conv): try all splits
+    for cand in names:
+        if cand.replace(".", "_") == name:
+            return cand
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+    hint = ", ".join(close) if close else ", ".join(names[:8]) + ", ..."
+    raise UnitError(f"unknown layer {name!r}; closest valid layers: {hint} (see `fvsanity layers MODEL`)")
+
+
+def layer_shapes(model: nn.Module, input_size: tuple[int, int], preprocess=None) -> dict[str, tuple]:
+    """Output shape (without batch) of every module, from one forward of a grey image."""
+    shapes: dict[str, tuple] = {}
+    handles = []
+    try:
+        for name, mod in model.named_modules():
+            if not name:
+                continue
+
+            def hook(_m, _i, out, _n=name):
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                if isinstance(out, torch.Tensor):
+                    shapes[_n] = tuple(out.shape[1:])
+
+            handles.append(mod.register_forward_hook(hook))
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        x = torch.full((1, 3, *input_size), 0.5, device=dev)
+        if preprocess is not None:
+            x = preprocess(x)
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _shapes_for(model, input_size, preprocess) -> dict[str, tuple]:
+    cache = getattr(model, "_fvsanity_shapes", None)
+    key = tuple(input_size)
+    if cache is None or cache[0] != key:
+        cache = (key, layer_shapes(model, input_size, preprocess))
+        try:
+            object.__setattr__(model, "_fvsanity_shapes", cache)
+        except Exception:  # noqa: BLE001
+            pass
+    return cache[1]
+
+
+def parse_unit(spec: str | Unit, lm) -> Unit:
+    """Parse and validate a unit spec against a :class:`~fvsanity.models.LoadedModel`.
+
+    Forms: ``"layer:channel"``, ``"layer:channel@y,x"``, ``"layer:dir=FILE"`` (a ``.pt`` tensor of
+    shape [C], loaded with ``weights_only=True``), or a :class:`Unit`.
+    """
+    if isinstance(spec, Unit):
+        unit = spec
+    else:
+        spec = spec.strip()
+        if ":dir=" in spec:
+            layer, path = spec.split(":dir=", 1)
+            try:
+                vec = torch.load(Path(path), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise UnitError(f"cannot read direction file {path!r}: {type(e).__name__}") from e
+            unit = Unit(layer=layer, direction=torch.as_tensor(vec, dtype=torch.float32).flatten())
+        else:
+            m = _SPEC.match(spec)
+            if not m:
+                raise UnitError(
+                    f"bad unit {spec!r}; expected LAYER:CHANNEL, LAYER:CHANNEL@Y,X or LAYER:dir=FILE.pt"
+                )
+            y = m.group("y")
+            unit = Unit(
+                layer=m.group("layer"),
+                channel=int(m.group("ch")),
+                y=int(y) if y is not None else None,
+                x=int(m.group("x")) if y is not None else None,
+            )
+    model = lm.model
+    layer = resolve_layer(model, unit.layer)
+    shape = _shapes_for(model, lm.input_size, lm.preprocess).get(layer)
+    if shape is None:
+        raise UnitError(f"layer {layer!r} produced no tensor output in a forward pass")
+    n_ch = shape[0]
+    if unit.direction is not None:
+        if unit.direction.numel() != n_ch:
+            raise UnitError(f"direction for {layer!r} has {unit.direction.numel()} entries, layer has {n_ch} channels")
+    elif not 0 <= unit.channel < n_ch:
+        raise UnitError(f"channel {unit.channel} out of range for {layer!r}: valid 0..{n_ch - 1}")
+    if unit.y is not None:
+        if len(shape) < 3:
+            raise UnitError(f"layer {layer!r} has no spatial dims (shape {shape}); drop the @y,x")
+        h, w = shape[1], shape[2]
+        if not (0 <= unit.y < h and 0 <= unit.x < w):
+            raise UnitError(f"position @{unit.y},{unit.x} out of range for {layer!r}: valid y 0..{h - 1}, x 0..{w - 1}")
+    return Unit(layer=layer, channel=unit.channel, y=unit.y, x=unit.x, direction=unit.direction)
+
+
+def parse_units(specs, lm) -> list[Unit]:
+    """Parse several specs; a string may hold several separated by commas outside ``@y,x``."""
+    out: list[Unit] = []
+    for s in [specs] if isinstance(specs, (str, Unit)) else specs:
+        if isinstance(s, str):
+            parts: list[str] = []
+            for piece in s.split(","):
+                if parts and ":" not in piece and "@" in parts[-1] and "," not in parts[-1].split("@")[1]:
+                    parts[-1] += "," + piece  # the x of a "@y,x"
+                elif piece.strip():
+                    parts.append(piece)
+            out += [parse_unit(part, lm) for part in parts]
+        else:
+            out.append(parse_unit(s, lm))
+    return out
+
+
+def describe_layers(lm) -> list[tuple[str, str, tuple]]:
+    """(name, module type, output shape) for every module, in forward-registration order."""
+    shapes = _shapes_for(lm.model, lm.input_size, lm.preprocess)
+    return [
+        (n, type(m).__name__, shapes.get(n, ()))
+        for n, m in lm.model.named_modules()
+        if n and n in shapes
+    ]
