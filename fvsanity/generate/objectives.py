@@ -1,0 +1,159 @@
+"""Objectives: what an FV maximises, as small composable values (lucent's algebra).
+
+An :class:`Objective` maps the captured activations of a batch to one score per element,
+``{layer: Tensor[B, C(, H, W)]} -> Tensor[B]``. They combine with ``+``, ``-``, ``*`` (by a
+number) and ``sum(...)``, as in lucent: ``channel("layer3.2", 5) - 0.1 * channel("layer3.2", 7)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..units import Unit
+
+Acts = dict[str, torch.Tensor]
+
+
+class Objective:
+    """A named function of activations -> [B] scores, with the layers it needs."""
+
+    def __init__(self, fn: Callable[[Acts], torch.Tensor], layers: tuple[str, ...], name: str):
+        self.fn = fn
+        self.layers = tuple(dict.fromkeys(layers))
+        self.name = name
+
+    def __call__(self, acts: Acts) -> torch.Tensor:
+        return self.fn(acts)
+
+    def __add__(self, other):
+        if isinstance(other, (int, float)):
+            return Objective(lambda a: self(a) + other, self.layers, f"{self.name} + {other}")
+        return Objective(lambda a: self(a) + other(a), self.layers + other.layers, f"{self.name} + {other.name}")
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return Objective(lambda a: -self(a), self.layers, f"-({self.name})")
+
+    def __sub__(self, other):
+        return self + (-other)
+
+    def __mul__(self, k: float):
+        if not isinstance(k, (int, float)):
+            raise TypeError("objectives multiply by numbers only")
+        return Objective(lambda a: k * self(a), self.layers, f"{k} * {self.name}")
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"Objective({self.name})"
+
+
+def _spatial_mean(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2).mean(-1) if t.ndim > 2 else t
+
+
+def channel(layer: str, n: int) -> Objective:
+    """Mean over space of channel ``n`` of ``layer`` (a plain logit for 2-D outputs)."""
+    return Objective(lambda a: _spatial_mean(a[layer])[:, n], (layer,), f"channel({layer}:{n})")
+
+
+def _pick(size_now: int, pos: int, size_ref: int) -> int:
+    """Index at ``size_now`` of position ``pos`` defined on a map of ``size_ref`` (same relative place)."""
+    if size_now == size_ref:
+        return pos
+    return min(size_now - 1, max(0, round((pos + 0.5) * size_now / size_ref - 0.5)))
+
+
+def neuron(layer: str, n: int, y: int | None = None, x: int | None = None, ref_hw: tuple[int, int] | None = None) -> Objective:
+    """Channel ``n`` at one position (default: the centre), as lucent's ``neuron``.
+
+    ``ref_hw`` is the map size at the model's input size; if the optimized canvas is larger, the
+    position is mapped to the same relative place.
+    """
+
+    def fn(a: Acts) -> torch.Tensor:
+        t = a[layer]
+        h, w = t.shape[-2:]
+        if y is None:
+            yy, xx = h // 2, w // 2
+        else:
+            rh, rw = ref_hw or (h, w)
+            yy, xx = _pick(h, y, rh), _pick(w, x, rw)
+        return t[:, n, yy, xx]
+
+    return Objective(fn, (layer,), f"neuron({layer}:{n}@{y},{x})")
+
+
+def direction(layer: str, vec: torch.Tensor) -> Objective:
+    """Dot product of the activation at each position with ``vec`` [C], averaged over space."""
+
+    def fn(a: Acts) -> torch.Tensor:
+        t = a[layer]
+        v = vec.to(t.device, t.dtype)
+        return _spatial_mean(torch.einsum("bc...,c->b...", t, v).unsqueeze(1))[:, 0]
+
+    return Objective(fn, (layer,), f"direction({layer})")
+
+
+def for_unit(unit: Unit, ref_hw: tuple[int, int] | None = None) -> Objective:
+    """The objective that visualizes ``unit``."""
+    if unit.kind == "direction":
+        return direction(unit.layer, unit.direction)
+    if unit.kind == "neuron":
+        return neuron(unit.layer, unit.channel, unit.y, unit.x, ref_hw)
+    return channel(unit.layer, unit.channel)
+
+
+def unit_activation(acts: Acts, unit: Unit) -> torch.Tensor:
+    """[B] activation of ``unit`` for every element of a batch (channel mean / neuron / direction)."""
+    return for_unit(unit)(acts)
+
+
+def batched_unit_scores(acts: Acts, units: list[Unit], ref_hw: dict[str, tuple[int, int]] | None = None) -> torch.Tensor:
+    """[B] score of element b under ITS OWN unit ``units[b]`` (one gather per layer, no loop over B)."""
+    b = len(units)
+    out = None
+    by_layer: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        by_layer.setdefault(u.layer, []).append(i)
+    for layer, idx in by_layer.items():
+        t = acts[layer]
+        ii = torch.tensor(idx, device=t.device)
+        sub = t[ii]
+        us = [units[i] for i in idx]
+        if all(u.kind == "channel" for u in us):
+            ch = torch.tensor([u.channel for u in us], device=t.device)
+            vals = _spatial_mean(sub)[torch.arange(len(idx), device=t.device), ch]
+        else:
+            rh = (ref_hw or {}).get(layer)
+            vals = torch.stack([for_unit(u, rh)({layer: sub[j : j + 1]})[0] for j, u in enumerate(us)])
+        if out is None:
+            out = torch.zeros(b, device=t.device, dtype=vals.dtype)
+        out = out.index_put((ii,), vals)
+    return out
+
+
+def _safe_unit_rows(g: torch.Tensor) -> torch.Tensor:
+    """Rows of g [B, D] scaled to unit norm; zero rows stay zero with zero (finite) gradient."""
+    n2 = (g * g).sum(-1, keepdim=True)
+    ok = n2 > 0
+    safe = torch.where(ok, n2, torch.ones_like(n2))
+    return torch.where(ok, g / torch.sqrt(safe), torch.zeros_like(g))
+
+
+def diversity_penalty(t: torch.Tensor) -> torch.Tensor:
+    """lucent's diversity term for one group of S images: mean pairwise cosine of Gram matrices.
+
+    ``t`` is [S, C, H, W]; returns a scalar to SUBTRACT from the objective (0 when S == 1).
+    Safe at all-zero activations (no clamped-denominator gradient blow-up).
+    """
+    s = t.shape[0]
+    if s < 2:
+        return t.sum() * 0
+    f = t.flatten(2)
+    grams = _safe_unit_rows(torch.bmm(f, f.transpose(1, 2)).flatten(1))
+    sim = grams @ grams.T
+    return (sim.sum() - sim.diagonal().sum()) / (s * (s - 1))
