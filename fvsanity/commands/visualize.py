@@ -21,6 +21,7 @@ def register(sub) -> None:
                    help="robustness transforms (standard = lucent's set scaled to the image size) [%(default)s]")
     p.add_argument("--diversity", type=float, default=0.0, help="diversity weight across seeds [%(default)s]")
     p.add_argument("--batch-size", type=int, default=None, help="elements per batch [all on CUDA, 64 on CPU]")
+    p.add_argument("--checkpoints", default="", help="comma-separated steps at which to keep images too (e.g. 32,128)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         lm, units, seeds=seeds, steps=args.steps, size=args.size, lr=args.lr, param=args.param,
         transforms=args.transforms, diversity=args.diversity, batch_size=args.batch_size,
         progress=not args.no_progress,
+        checkpoints=[int(c) for c in str(args.checkpoints).split(",") if c.strip()],
     )
     res.save(out)
     save_config(args, out)
