@@ -169,7 +169,7 @@ def test_lucent_parity_tiny(layer_ch):
         torch.manual_seed(seed)
         imgs = lucent_render.render_vis(
             net, objectives.channel(unit.layer, unit.channel),
-            param_f=lambda: param.image(size), thresholds=(steps,), show_image=False, progress=False,
+            param_f=lambda: param.image(size), thresholds=(steps,), show_image=False, progress=False, fixed_image_size=size,
         )
         vals.append(_lucent_objective_value(lm, unit, imgs[-1]))
     theirs = float(np.mean(vals))
