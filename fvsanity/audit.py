@@ -1,0 +1,663 @@
+"""``audit``: from a model and units to a report, one finished unit at a time.
+
+For each unit: its feature visualizations (FVs, generated in batches across units or reused
+from a ``visualize`` run), its top natural exemplars, the path-similarity sanity check along its
+block path (:mod:`fvsanity.compare.path`) and, optionally, the overlap of its FV and natural
+circuits (:mod:`fvsanity.compare.circuits`). Outputs in ``out``:
+
+``units/<id>/``      one folder per finished unit (``unit.json``, FV and exemplar PNGs, the
+                     layer-profile figure, ``tensors.safetensors``), renamed into place when the
+                     unit is complete: a crash or Ctrl-C never leaves half a unit
+``run.json``         the run's settings and their hashes, written first: a rerun with the same
+                     ``out`` resumes (finished units are skipped) and refuses different settings
+``natural_pass.safetensors``  pooled activations of every natural image (computed once)
+``audit.json``       every number, the settings, seeds, package versions, the FV-settings hash
+``report.html``      self-contained report (:mod:`fvsanity.report.html`)
+``table.md``, ``table.tex``   the per-unit sanity table (:mod:`fvsanity.report.tables`)
+
+Public API: :class:`AuditConfig`, :func:`run_audit` -> :class:`AuditResult`,
+:func:`load_audit`, :func:`select_units`, :func:`unit_id`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import FVSanityError
+
+__all__ = [
+    "AuditConfig",
+    "AuditResult",
+    "FORMAT",
+    "run_audit",
+    "load_audit",
+    "finalize",
+    "select_units",
+    "unit_id",
+    "fv_settings",
+    "MixedRunError",
+]
+
+FORMAT = "fvsanity-audit/1"
+#: shown in the report: thumbnails of this many top natural exemplars per unit
+N_EXEMPLARS_SHOWN = 6
+
+
+class MixedRunError(FVSanityError):
+    """``--out`` holds an audit made with different settings."""
+
+
+# ------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class AuditConfig:
+    """Everything that determines an audit's numbers (besides the model and the images).
+
+    Attributes:
+        steps, seeds, size, lr, param, transforms, diversity: FV generation (see
+            :func:`fvsanity.generate.render`); ``seeds`` is the number of FVs per unit.
+        seed: base seed (FV seeds are ``seed .. seed + seeds - 1``; statistics are seeded per
+            unit from it and the unit's name).
+        metric, top_k, n_other, use_class_images, n_boot, n_perm, alpha, confidence,
+        paired_metrics: the path-similarity check (:func:`fvsanity.compare.path.path_check`).
+        circuits: also compare FV vs natural circuits (edge attribution; slower).
+        circuit_kwargs: options for the circuit comparison.
+        fv_batch_units: units optimized together in one render call.
+        batch_size: images per forward pass for activations.
+        fv_source: a ``visualize`` output folder whose FVs are reused instead of generating.
+    """
+
+    steps: int = 512
+    seeds: int = 2
+    size: int | None = None
+    lr: float = 0.05
+    param: str = "fft"
+    transforms: str = "standard"
+    diversity: float = 0.0
+    seed: int = 0
+    metric: str = "spearman"
+    top_k: int = 10
+    n_other: int = 200
+    use_class_images: bool = True
+    n_boot: int = 1000
+    n_perm: int = 1000
+    alpha: float = 0.05
+    confidence: float = 0.95
+    paired_metrics: tuple[str, ...] = ("cka", "rsa")
+    circuits: bool = False
+    circuit_kwargs: dict = field(default_factory=dict)
+    fv_batch_units: int = 8
+    batch_size: int = 64
+    fv_source: str | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["paired_metrics"] = list(self.paired_metrics)
+        return d
+
+
+def fv_settings(cfg: AuditConfig, lm) -> dict:
+    """The settings that determine the FVs (hashed with the generator's ``settings_hash``)."""
+    hw = list(lm.input_size) if cfg.size is None else [cfg.size, cfg.size]
+    return {
+        "model": lm.name,
+        "steps": cfg.steps,
+        "size": hw,
+        "lr": cfg.lr,
+        "param": cfg.param,
+        "transforms": cfg.transforms,
+        "diversity": cfg.diversity,
+        "seeds": [cfg.seed + i for i in range(cfg.seeds)],
+    }
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def unit_id(unit) -> str:
+    """A file-system-safe id for a unit: ``classifier.1:7`` -> ``classifier.1_c7``."""
+    s = str(unit)
+    return s.replace(":", "_c").replace("@", "_at").replace(",", "_").replace("/", "-")
+
+
+def select_units(lm, units: Sequence[str] | str | None = None, layer: str | None = None, sample: int | None = None, seed: int = 0) -> list:
+    """Parse ``units`` (specs) or draw ``sample`` distinct channels of ``layer`` (seeded).
+
+    Raises:
+        FVSanityError: neither or both given, an unknown layer, or a sample larger than the layer.
+    """
+    from .units import _shapes_for, parse_units, resolve_layer
+
+    if units and layer:
+        raise FVSanityError("give either --units or --layer/--sample, not both")
+    if units:
+        return parse_units(units, lm)
+    if not layer:
+        raise FVSanityError("no units: pass --units LAYER:CHANNEL,... or --layer LAYER --sample N")
+    layer = resolve_layer(lm.model, layer)
+    shape = _shapes_for(lm.model, lm.input_size, lm.preprocess).get(layer)
+    if not shape:
+        raise FVSanityError(f"layer {layer!r} produced no tensor output")
+    n_ch = shape[0]
+    n = n_ch if sample is None else int(sample)
+    if not 1 <= n <= n_ch:
+        raise FVSanityError(f"--sample {n} out of range for {layer!r}: valid 1..{n_ch}")
+    g = torch.Generator().manual_seed(int(seed))
+    chans = sorted(torch.randperm(n_ch, generator=g)[:n].tolist())
+    return parse_units([f"{layer}:{c}" for c in chans], lm)
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class AuditResult:
+    """What :func:`run_audit` returns: the audit dict (as in audit.json) and where it lives.
+
+    Attributes:
+        out: the output folder.
+        audit: the audit.json content.
+        computed: ids of the units computed in this call (the others were resumed from disk).
+        report, table_md, table_tex, json_path: the written files.
+    """
+
+    out: Path
+    audit: dict
+    computed: tuple[str, ...]
+    report: Path
+    table_md: Path
+    table_tex: Path
+    json_path: Path
+
+    def to_json(self) -> dict:
+        return self.audit
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _unit_seed(seed: int, unit) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(str(unit).encode())) % (2**31 - 1)
+
+
+def _thumb(img: torch.Tensor, max_side: int = 160) -> torch.Tensor:
+    """Downscale [3,H,W] so its longer side is <= max_side (keeps small images as they are)."""
+    h, w = img.shape[-2:]
+    if max(h, w) <= max_side:
+        return img
+    s = max_side / max(h, w)
+    return torch.nn.functional.interpolate(
+        img[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", antialias=True, align_corners=False
+    )[0].clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------ run state
+def _check_run(out: Path, run: dict) -> None:
+    """Write ``run.json`` or refuse if ``out`` holds a run with other settings."""
+    from .io import atomic_write_json
+
+    p = out / "run.json"
+    if p.is_file():
+        try:
+            old = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old is not None:
+            if old.get("fv_settings_hash") != run["fv_settings_hash"]:
+                diff = sorted(k for k in set(old.get("fv_settings", {})) | set(run["fv_settings"])
+                              if old.get("fv_settings", {}).get(k) != run["fv_settings"].get(k))
+                raise MixedRunError(
+                    f"--out {str(out)!r} holds an audit with other FV settings (hash {old.get('fv_settings_hash')} "
+                    f"!= {run['fv_settings_hash']}; differ: {', '.join(diff) or '?'}); use a new --out or the same settings"
+                )
+            if old.get("run_hash") != run["run_hash"]:
+                diff = sorted(k for k in set(old.get("check_settings", {})) | set(run["check_settings"])
+                              if old.get("check_settings", {}).get(k) != run["check_settings"].get(k))
+                if old.get("model") != run["model"]:
+                    diff.insert(0, "model")
+                if old.get("images") != run["images"]:
+                    diff.insert(0, "images")
+                raise MixedRunError(
+                    f"--out {str(out)!r} holds an audit with other settings (differ: {', '.join(diff) or '?'}); "
+                    "use a new --out or the same settings"
+                )
+            return
+    atomic_write_json(p, run)
+
+
+def _natural_pass(lm, natural, layers, units, cfg, out: Path, device, progress):
+    """({layer: [N, C]}, responses [N, U]) of every natural image, cached in ``out``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .activations import collect_with_responses
+
+    p = out / "natural_pass.safetensors"
+    key = _hash({"layers": list(layers), "units": [str(u) for u in units], "paths": list(natural.paths)})
+    if p.is_file():
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    acts = {k[4:]: f.get_tensor(k) for k in f.keys() if k.startswith("act:")}
+                    return acts, f.get_tensor("responses")
+        except Exception:  # noqa: BLE001 - unreadable cache: recompute
+            pass
+    acts, resp = collect_with_responses(lm, natural, layers, units, "mean", cfg.batch_size, device, progress)
+    fd, tmp = tempfile.mkstemp(prefix=".natural_pass.", suffix=".tmp", dir=out)
+    os.close(fd)
+    try:
+        tensors = {f"act:{k}": v.contiguous() for k, v in acts.items()}
+        tensors["responses"] = resp.contiguous()
+        save_file(tensors, tmp, metadata={"key": key})
+        os.replace(tmp, p)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return acts, resp
+
+
+# ------------------------------------------------------------------------------ one unit
+def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tensor) -> dict:
+    """Compute and atomically write unit ``i``; returns its record. ``fv_images`` [S,3,H,W]."""
+    from safetensors.torch import save_file
+
+    from .compare.path import path_check
+    from .io import atomic_write_json, save_png
+    from .report.path_figure import plot_path_similarity
+
+    t0 = time.perf_counter()
+    lm, u, cfg, natural = ctx["lm"], ctx["units"][i], ctx["cfg"], ctx["natural"]
+    nat_acts, resp = ctx["natural_pass"]
+    uid = unit_id(u)
+    final_dir = ctx["out"] / "units" / uid
+    tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=ctx["out"] / "units"))
+    try:
+        seed_u = _unit_seed(cfg.seed, u)
+        check = path_check(
+            lm, [u], fv_images[None], natural, metric=cfg.metric, top_k=cfg.top_k, n_other=cfg.n_other,
+            use_class_images=cfg.use_class_images, n_boot=cfg.n_boot, n_perm=cfg.n_perm, alpha=cfg.alpha,
+            confidence=cfg.confidence, paired_metrics=(), seed=seed_u, batch_size=cfg.batch_size,
+            natural_pass=(nat_acts, resp[:, i : i + 1]),
+        )
+        up = check.units[0]
+        path_json = up.to_json()
+        fv_seeds = ctx["fv_seeds"]
+        fv_files = []
+        for j, s in enumerate(fv_seeds):
+            name = f"fv_seed{s}.png"
+            save_png(tmp / name, fv_images[j])
+            fv_files.append(name)
+        top_i = list(up.top_k_indices)
+        shown = top_i[:N_EXEMPLARS_SHOWN]
+        ex_files = []
+        if shown:
+            ex = natural.decode(shown)
+            for k, img in enumerate(ex):
+                name = f"exemplar{k}.png"
+                save_png(tmp / name, _thumb(img))
+                ex_files.append(name)
+        # the layer-profile figure, from this unit's numbers alone
+        fig_dict = {"model": lm.name, "units": [path_json], "settings": {"metric": cfg.metric}}
+        plot_path_similarity(fig_dict, tmp / "profile.png", mode="panels", title=f"layer profile ({cfg.metric} of pooled activations)")
+
+        # means for the paired design across units (computed in finalize)
+        refs = torch.tensor(up.natural_indices, dtype=torch.long)
+        fv_acts = ctx["collect"](lm, fv_images, up_layers(up), "mean", cfg.batch_size, ctx["device"])
+        tensors = {"fv_images": fv_images.contiguous(), "fv_final": fv_final.contiguous()}
+        g = torch.Generator().manual_seed(seed_u + 12345)
+        perm = refs[torch.randperm(refs.numel(), generator=g)]
+        h1, h2 = perm[: perm.numel() // 2], perm[perm.numel() // 2 :]
+        for name in up_layers(up):
+            tensors[f"fv_mean:{name}"] = fv_acts[name].mean(0).contiguous()
+            tensors[f"nat_mean:{name}"] = nat_acts[name][refs].mean(0).contiguous()
+            if h1.numel() and h2.numel():
+                tensors[f"half1:{name}"] = nat_acts[name][h1].mean(0).contiguous()
+                tensors[f"half2:{name}"] = nat_acts[name][h2].mean(0).contiguous()
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+
+        circuit = None
+        if cfg.circuits:
+            circuit = ctx["circuit_fn"](lm, u, fv_images, natural, up, tmp, cfg, seed_u)
+
+        r = resp[:, i]
+        record = {
+            "unit": str(u),
+            "id": uid,
+            "layer": u.layer,
+            "channel": u.channel,
+            "kind": u.kind,
+            "class_name": up.class_name,
+            "fv": {
+                "seeds": list(fv_seeds),
+                "final_objective": [float(v) for v in fv_final],
+                "images": [f"units/{uid}/{f}" for f in fv_files],
+            },
+            "natural_response": {
+                "max": float(r.max()),
+                "mean": float(r.mean()),
+                "std": float(r.std()) if r.numel() > 1 else 0.0,
+                "fv_over_max": float(fv_final.mean() / r.max()) if float(r.max()) > 0 else None,
+            },
+            "exemplars": {
+                "indices": top_i,
+                "values": [float(v) for v in up.top_k_values],
+                "paths": [natural.paths[j] for j in top_i] if natural.paths else [],
+                "images": [f"units/{uid}/{f}" for f in ex_files],
+            },
+            "path": path_json,
+            "verdict": path_json["verdict"],
+            "circuit": circuit,
+            "figures": {
+                "profile": f"units/{uid}/profile.png",
+                "circuit": f"units/{uid}/circuit.png" if (tmp / "circuit.png").is_file() else None,
+                "circuit_profile": (
+                    f"units/{uid}/circuit_profile.png" if (tmp / "circuit_profile.png").is_file() else None
+                ),
+            },
+            "seconds": round(time.perf_counter() - t0 + ctx["fv_seconds_per_unit"], 3),
+            "finished_at": _now(),
+            "run_hash": ctx["run"]["run_hash"],
+            "fv_settings_hash": ctx["run"]["fv_settings_hash"],
+        }
+        atomic_write_json(tmp / "unit.json", record)
+        if final_dir.exists():  # a stale unit of this same run (e.g. killed between writes)
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+def up_layers(up) -> list[str]:
+    return [r.name for r in up.layers]
+
+
+def _default_circuit_fn(lm, u, fv_images, natural, up, folder: Path, cfg: AuditConfig, seed: int):
+    """FV vs natural circuit overlap (:func:`fvsanity.compare.circuits.circuit_overlap`).
+
+    Natural group: the unit's top exemplars, then its class images, at most
+    ``circuit_kwargs["max_natural"]`` (16); other group: as many random images outside the
+    unit's references (and class), seeded. Draws ``circuit.png`` (attribution graph, FV vs
+    natural) and ``circuit_profile.png`` (overlap per layer against the nulls) into ``folder``.
+    Returns the overlap's JSON dict.
+    """
+    from .compare.circuits import circuit_overlap
+    from .report.attribution_graph import plot_attribution_graph, plot_overlap_profile
+
+    kw = dict(cfg.circuit_kwargs)
+    max_nat = int(kw.pop("max_natural", 16))
+    n_oth = int(kw.pop("n_other", max_nat))
+    refs = list(dict.fromkeys(list(up.top_k_indices) + list(up.natural_indices)))[:max_nat]
+    excluded = set(up.natural_indices)
+    labels = natural.labels
+    pool = [j for j in range(len(natural)) if j not in excluded
+            and not (up.class_index is not None and int(labels[j]) == up.class_index)]
+    g = torch.Generator().manual_seed(seed + 777)
+    pick = sorted(pool[k] for k in torch.randperm(len(pool), generator=g)[:n_oth].tolist())
+    res = circuit_overlap(lm, u, fv_images, natural.decode(refs), natural.decode(pick),
+                          generator=seed, alpha=cfg.alpha, **kw)
+    plot_attribution_graph(res.fv, res.natural, path=folder / "circuit.png",
+                           suptitle=f"{u}: top edges, FV vs natural circuit ({res.method})")
+    plot_overlap_profile(res, path=folder / "circuit_profile.png", title=f"{u}: circuit overlap per layer")
+    out = res.to_json()
+    out["natural_indices"] = refs
+    out["other_indices"] = pick
+    return out
+
+
+# ------------------------------------------------------------------------------ the run
+def _load_units_done(out: Path, run_hash: str) -> dict[str, dict]:
+    done = {}
+    d = out / "units"
+    if not d.is_dir():
+        return done
+    for p in sorted(d.iterdir()):
+        f = p / "unit.json"
+        if p.name.startswith(".") or not f.is_file():
+            continue
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if rec.get("run_hash") == run_hash:
+            done[rec["id"]] = rec
+    return done
+
+
+def _clean_stale_tmp(out: Path) -> None:
+    d = out / "units"
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith(".") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def run_audit(
+    lm,
+    units,
+    images,
+    out: str | os.PathLike,
+    cfg: AuditConfig | None = None,
+    *,
+    device=None,
+    progress: bool = True,
+    image_options: dict | None = None,
+    circuit_fn: Callable | None = None,
+    render_fn: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+) -> AuditResult:
+    """Audit ``units`` of ``lm`` against the natural images in ``images``; write to ``out``.
+
+    Args:
+        lm: a :class:`~fvsanity.models.LoadedModel`.
+        units: Unit objects or spec strings (see :func:`select_units`).
+        images: an image folder (see :func:`fvsanity.data.load_images`) or a NaturalImages.
+        out: output folder (created; resumed if it holds a run with the same settings).
+        cfg: :class:`AuditConfig` (default settings if None).
+        device: where to run (default: the model's device).
+        progress: tqdm bars on stderr.
+        image_options: extra keyword arguments for ``load_images`` (``max_per_class``, ``limit``,
+            ``layout``, ``labels``).
+        circuit_fn, render_fn: replace the circuit comparison / FV generator (tests).
+        log: one-line status messages (default: stderr).
+
+    Returns:
+        :class:`AuditResult`. Finished units are on disk even if the call is interrupted.
+    """
+    from .activations import collect
+    from .compare.path import _order_layers
+    from .data import NaturalImages, load_images
+    from .generate import render
+    from .io import ensure_writable_dir, provenance
+    from .units import parse_unit
+
+    cfg = cfg or AuditConfig()
+    say = log or (lambda m: print(f"fvsanity: {m}", file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    out = ensure_writable_dir(out)
+    dev = torch.device(device) if device is not None else lm.device
+    if dev != lm.device:
+        lm.to(dev)
+    units = [parse_unit(u, lm) for u in units]
+    if not units:
+        raise FVSanityError("no units to audit")
+    ids = [unit_id(u) for u in units]
+    if len(set(ids)) != len(ids):
+        dup = next(x for x in ids if ids.count(x) > 1)
+        raise FVSanityError(f"unit {dup!r} given twice")
+
+    # FVs from an earlier `visualize` run?
+    fv_given = None
+    fvs = fv_settings(cfg, lm)
+    if cfg.fv_source:
+        from .commands.check import load_fvs
+
+        _, fv_given = load_fvs(cfg.fv_source, units, lm)
+        if not hasattr(fv_given, "settings"):
+            raise FVSanityError(f"--fv {cfg.fv_source!r} must be a `fvsanity visualize` output (fv.pt + fv.json)")
+        fvs = dict(fv_given.settings) | {"model": lm.name, "seeds": list(fv_given.seeds), "source": str(cfg.fv_source)}
+        fvs.pop("seconds", None)
+    from .generate import settings_hash
+
+    fv_hash = settings_hash(fvs)
+
+    natural = images if isinstance(images, NaturalImages) else load_images(images, lm, **(image_options or {}))
+    check_settings = {k: v for k, v in cfg.to_json().items()
+                      if k not in ("steps", "seeds", "size", "lr", "param", "transforms", "diversity",
+                                   "fv_batch_units", "batch_size", "fv_source")}
+    run = {
+        "format": FORMAT,
+        "model": {"name": lm.name, "weights": lm.weights_source},
+        "images": {"root": str(getattr(natural, "root", None)), "n": len(natural)},
+        "fv_settings": fvs,
+        "fv_settings_hash": fv_hash,
+        "check_settings": check_settings,
+    }
+    run["run_hash"] = _hash({k: run[k] for k in ("model", "images", "fv_settings", "check_settings")})
+    _check_run(out, run)
+    (out / "units").mkdir(exist_ok=True)
+    _clean_stale_tmp(out)
+
+    done = _load_units_done(out, run["run_hash"])
+    todo = [i for i, uid in enumerate(ids) if uid not in done]
+    if done:
+        say(f"resuming in {out}: {len(ids) - len(todo)} of {len(ids)} units already finished")
+    computed: list[str] = []
+    if todo:
+        paths = [lm.path_to(u.layer) for u in units]
+        union = _order_layers(lm, [n for p in paths for n in p])
+        nat_pass = _natural_pass(lm, natural, union, units, cfg, out, dev, progress)
+        ctx = {
+            "lm": lm, "units": units, "cfg": cfg, "natural": natural, "natural_pass": nat_pass, "out": out,
+            "run": run, "device": dev, "collect": collect, "circuit_fn": circuit_fn or _default_circuit_fn,
+            "fv_seeds": fvs["seeds"], "fv_seconds_per_unit": 0.0,
+        }
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="audit units", unit="unit", file=sys.stderr)
+        try:
+            step = max(1, cfg.fv_batch_units)
+            for s in range(0, len(todo), step):
+                chunk = todo[s : s + step]
+                t0 = time.perf_counter()
+                if fv_given is not None:
+                    imgs = fv_given.images[chunk]
+                    final = fv_given.final[chunk]
+                else:
+                    res = (render_fn or render)(
+                        lm, [units[i] for i in chunk], seeds=fvs["seeds"], steps=cfg.steps, size=cfg.size,
+                        lr=cfg.lr, param=cfg.param, transforms=cfg.transforms, diversity=cfg.diversity,
+                        device=dev, progress=progress,
+                    )
+                    imgs, final = res.images, res.final
+                ctx["fv_seconds_per_unit"] = (time.perf_counter() - t0) / len(chunk)
+                for k, i in enumerate(chunk):
+                    rec = _unit_step(ctx, i, imgs[k], final[k])
+                    done[rec["id"]] = rec
+                    computed.append(rec["id"])
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+    audit = finalize(out, [done[x] for x in ids], run, cfg, natural, provenance(), time.perf_counter() - t_start, computed)
+    return AuditResult(out, audit, tuple(computed), out / "report.html", out / "table.md", out / "table.tex", out / "audit.json")
+
+
+def _paired(out: Path, records: list[dict], cfg: AuditConfig) -> dict:
+    """The paired design across units (CKA/RSA per common layer), from the per-unit tensors."""
+    from .compare.path import paired_similarity
+    from .io import load_tensors
+
+    if len(records) < 4 or not cfg.paired_metrics:
+        return {}
+    tens = [load_tensors(out / "units" / r["id"] / "tensors.safetensors") for r in records]
+    layer_lists = [[x["name"] for x in r["path"]["layers"]] for r in records]
+    common = [n for n in layer_lists[0] if all(n in ls for ls in layer_lists)]
+    common = [n for n in common if len({t[f"fv_mean:{n}"].numel() for t in tens}) == 1]
+    if not common:
+        return {}
+    fv_means = {n: torch.stack([t[f"fv_mean:{n}"] for t in tens]) for n in common}
+    nat_means = {n: torch.stack([t[f"nat_mean:{n}"] for t in tens]) for n in common}
+    halves = None
+    if all(f"half1:{n}" in t for t in tens for n in common):
+        halves = (
+            {n: torch.stack([t[f"half1:{n}"] for t in tens]) for n in common},
+            {n: torch.stack([t[f"half2:{n}"] for t in tens]) for n in common},
+        )
+    res = {}
+    for pm in cfg.paired_metrics:
+        try:
+            res[pm] = [p.to_json() for p in paired_similarity(
+                fv_means, nat_means, halves, common, metric=pm, n_perm=cfg.n_perm, seed=cfg.seed)]
+        except FVSanityError as e:
+            res[pm] = {"error": str(e)}
+    return res
+
+
+def _summary(records: list[dict]) -> dict:
+    n = len(records)
+    div = sum(1 for r in records if r["verdict"]["n_not_above"] > 0)
+    fr = [r["verdict"]["fraction_not_above"] for r in records]
+    return {
+        "n_units": n,
+        "n_diverging": div,
+        "n_consistent": n - div,
+        "mean_fraction_not_above": sum(fr) / n if n else None,
+        "n_unit_layers": sum(r["verdict"]["n_layers"] for r in records),
+        "n_unit_layers_not_above": sum(r["verdict"]["n_not_above"] for r in records),
+    }
+
+
+def finalize(out: Path, records: list[dict], run: dict, cfg: AuditConfig, natural, prov: dict, wall_s: float, computed: Sequence[str] = ()) -> dict:
+    """Write audit.json, table.md, table.tex and report.html from the finished units."""
+    from .io import atomic_write_json, atomic_write_text
+    from .report.html import write_report
+    from .report.tables import to_latex, to_markdown
+
+    audit = {
+        "format": FORMAT,
+        "model": run["model"],
+        "images": natural.to_json() if hasattr(natural, "to_json") else run["images"],
+        "settings": cfg.to_json(),
+        "fv_settings": run["fv_settings"],
+        "fv_settings_hash": run["fv_settings_hash"],
+        "run_hash": run["run_hash"],
+        "seeds": {"seed": cfg.seed, "fv_seeds": run["fv_settings"]["seeds"]},
+        "summary": _summary(records),
+        "paired": _paired(out, records, cfg),
+        "units": records,
+        "timing": {
+            "wall_s_this_call": round(wall_s, 3),
+            "units_computed_this_call": list(computed),
+            "unit_seconds_total": round(sum(r.get("seconds", 0.0) for r in records), 3),
+        },
+        "provenance": prov,
+        "written_at": _now(),
+    }
+    atomic_write_json(out / "audit.json", audit)
+    atomic_write_text(out / "table.md", to_markdown(audit))
+    atomic_write_text(out / "table.tex", to_latex(audit))
+    write_report(audit, out)
+    return audit
+
+
+def load_audit(out: str | os.PathLike) -> dict:
+    """Read ``out/audit.json``."""
+    p = Path(out) / "audit.json"
+    if not p.is_file():
+        raise FVSanityError(f"no audit.json in {str(out)!r}; run `fvsanity audit --out {out}` first")
+    return json.loads(p.read_text())

@@ -1,0 +1,109 @@
+"""``fvsanity audit``: FVs, natural exemplars, path similarity (and circuits) per unit -> a report.
+
+Examples:
+    fvsanity audit --model imagenet-squeezenet --units classifier.1:1,classifier.1:9 \\
+        --images data/imagenet-samples --out runs/audit
+    fvsanity audit --model cifar10-resnet20 --layer layer3.2 --sample 8 --steps 256 --out runs/a
+
+Writes ``report.html`` (self-contained), ``audit.json``, ``table.md``, ``table.tex`` and one
+folder per unit under ``units/``. Rerunning with the same ``--out`` resumes: finished units are
+kept, and a run with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    from ..cli import add_common
+
+    p = sub.add_parser("audit", help="audit units' FVs: report.html, audit.json, tables", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p, out_default="runs/audit")
+    g = p.add_argument_group("units (one of)")
+    g.add_argument("--units", action="append", default=None,
+                   help="LAYER:CHANNEL[,LAYER:CHANNEL...] (repeatable)")
+    g.add_argument("--layer", default=None, help="audit channels of this layer (with --sample)")
+    g.add_argument("--sample", type=int, default=None, help="number of channels of --layer, drawn by --seed [all]")
+    p.add_argument("--images", default=None,
+                   help="natural-image folder (class subfolders, <wnid>_<name>.JPEG files, or flat) "
+                        "[the default images: CIFAR-10 test, or procedural images for the toy model]")
+    p.add_argument("--max-per-class", type=int, default=None, help="subsample natural images per class")
+    p.add_argument("--limit", type=int, default=None, help="subsample natural images overall")
+    p.add_argument("--steps", type=int, default=512, help="FV optimization steps [%(default)s]")
+    p.add_argument("--seeds", type=int, default=2, help="FVs per unit [%(default)s]")
+    p.add_argument("--size", type=int, default=None, help="FV size in px [the model's input size]")
+    p.add_argument("--fv", default=None, help="reuse FVs from a `fvsanity visualize` output folder")
+    p.add_argument("--fv-batch", type=int, default=8, help="units optimized together per batch [%(default)s]")
+    p.add_argument("--metric", default="spearman", help="vector metric for the path check [%(default)s]")
+    p.add_argument("--top-k", type=int, default=10, help="top natural exemplars per unit [%(default)s]")
+    p.add_argument("--n-other", type=int, default=200, help="other natural images per unit [%(default)s]")
+    p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples [%(default)s]")
+    p.add_argument("--n-perm", type=int, default=1000, help="permutations [%(default)s]")
+    p.add_argument("--alpha", type=float, default=0.05, help="test level (Holm across layers) [%(default)s]")
+    p.add_argument("--circuits", action="store_true", help="also compare FV vs natural circuits (slower)")
+    p.add_argument("--circuit-images", type=int, default=16,
+                   help="natural (and other) images per unit for the circuit comparison [%(default)s]")
+    p.add_argument("--circuit-steps", type=int, default=8, help="EAP-IG steps for the circuits [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass [%(default)s]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..audit import AuditConfig
+    from ..errors import FVSanityError
+
+    for name in ("steps", "seeds", "fv_batch", "top_k", "n_boot", "n_perm", "batch_size", "circuit_images",
+                 "circuit_steps"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name in ("n_boot", "n_perm") else 1):
+            raise FVSanityError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not 0 < args.alpha < 1:
+        raise FVSanityError(f"--alpha must be in (0, 1), got {args.alpha}")
+    return AuditConfig(
+        steps=args.steps, seeds=args.seeds, size=args.size, seed=args.seed, metric=args.metric, top_k=args.top_k,
+        n_other=args.n_other, use_class_images=not args.no_class_images, n_boot=args.n_boot, n_perm=args.n_perm,
+        alpha=args.alpha, circuits=args.circuits, fv_batch_units=args.fv_batch, batch_size=args.batch_size,
+        fv_source=args.fv,
+        circuit_kwargs=(
+            {"max_natural": args.circuit_images, "n_other": args.circuit_images, "steps": args.circuit_steps}
+            if args.circuits else {}
+        ),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..audit import run_audit, select_units
+    from ..cli import resolve_device, save_config
+    from ..compare.similarity import list_metrics
+    from ..errors import FVSanityError
+    from ..io import ensure_writable_dir
+    from ..models import load_model
+
+    if args.metric not in list_metrics():
+        raise FVSanityError(f"unknown --metric {args.metric!r}; valid: {', '.join(list_metrics())}")
+    cfg = config_from_args(args)
+    out = ensure_writable_dir(args.out)  # fail before any slow work
+    device = resolve_device(args.device)
+    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)
+    units = select_units(lm, args.units, args.layer, args.sample, args.seed)
+    images = args.images
+    if images is None:
+        from ..defaults import default_images
+
+        images = default_images(lm)
+    opts = {"max_per_class": args.max_per_class, "limit": args.limit, "seed": args.seed}
+    res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress, image_options=opts)
+    save_config(args, out)
+    s = res.audit["summary"]
+    print(
+        f"audited {s['n_units']} units ({len(res.computed)} computed now): {s['n_diverging']} diverge from their "
+        f"natural images on >= 1 layer; wall time {res.audit['timing']['wall_s_this_call']:.1f} s",
+        file=sys.stderr,
+    )
+    print(f"report: {res.report}")
+    return 0

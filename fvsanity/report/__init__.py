@@ -1,0 +1,1 @@
+"""Reports: JSON/HTML audits, tables and matplotlib figures."""

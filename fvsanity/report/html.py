@@ -1,0 +1,309 @@
+"""``report.html``: one self-contained file per audit (no external resource, no JavaScript).
+
+Every image is embedded as a ``data:image/png;base64`` URI, the CSS is inline, links are
+in-page anchors only, so the file can be mailed, archived or opened offline. Layout: a header
+with the model, images and settings; a summary table (one row per unit, linked to its
+section); the paired design across units if computed; then per unit its FVs next to its top
+natural exemplars, the layer-profile figure, the circuit figure if present, the per-layer
+numbers and the verdict with its test level and intervals.
+
+Input is an audit dict (``audit.json``, :mod:`fvsanity.audit`) and the folder its relative
+image paths point into.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from pathlib import Path
+
+from .tables import columns, short_verdict, unit_rows
+
+__all__ = ["render_html", "write_report", "png_data_uri"]
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;
+color:#1d1d1f;line-height:1.4;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{margin:0 0 8px 0}
+.meta{color:#555;font-size:.9em}.meta code{background:#f4f4f4;padding:1px 4px;border-radius:3px}
+table{border-collapse:collapse;font-size:.88em;margin:8px 0}
+th,td{border-bottom:1px solid #e3e3e3;padding:4px 8px;text-align:right;white-space:nowrap}
+th{background:#f6f6f6;position:sticky;top:0}
+td:first-child,th:first-child,td.l,th.l{text-align:left}
+.badge{display:inline-block;padding:2px 8px;border-radius:10px;font-size:.8em;font-weight:600;
+vertical-align:middle}
+.badge.diverges{background:#fde2e1;color:#9b1c1c}.badge.consistent{background:#def7e5;color:#14532d}
+.unit{border:1px solid #e2e2e2;border-radius:8px;padding:14px 16px;margin:18px 0;background:#fff}
+.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+.gallery{display:flex;flex-wrap:wrap;gap:6px}
+.gallery figure{margin:0;text-align:center;font-size:.75em;color:#444}
+.gallery img{height:112px;width:auto;display:block;border:1px solid #ccc}
+img.px{image-rendering:pixelated}
+.fig img{max-width:100%;height:auto;border:1px solid #eee}
+.note{color:#666;font-size:.85em}.no{color:#9b1c1c}.yes{color:#14532d}
+a{color:#0b57d0;text-decoration:none}
+"""
+
+
+def png_data_uri(source) -> str:
+    """``data:image/png;base64,...`` for a PNG file path, PNG bytes, or a [3,H,W] tensor in [0,1]."""
+    if isinstance(source, (str, os.PathLike)):
+        data = Path(source).read_bytes()
+    elif isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        from PIL import Image
+
+        from ..io import to_uint8
+
+        buf = io.BytesIO()
+        Image.fromarray(to_uint8(source)).save(buf, format="PNG")
+        data = buf.getvalue()
+    if not data.startswith(b"\x89PNG"):
+        raise ValueError("not a PNG image")
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _e(s) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _f(v, d: int = 3) -> str:
+    x = _num(v)
+    return f"{x:.{d}f}" if math.isfinite(x) else "n/a"
+
+
+def _img(root: Path, rel: str | None, alt: str, cls: str = "") -> str:
+    """An <img> with the file embedded, or a note if the file is missing."""
+    if not rel:
+        return ""
+    p = root / rel
+    try:
+        uri = png_data_uri(p)
+    except (OSError, ValueError):
+        return f'<span class="note">[missing image {_e(rel)}]</span>'
+    small = ""
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            if max(im.size) <= 64:
+                small = " px"
+    except OSError:
+        pass
+    c = (cls + small).strip()
+    return f'<img src="{uri}" alt="{_e(alt)}"' + (f' class="{c}"' if c else "") + ">"
+
+
+def _header(audit: dict) -> str:
+    m = audit.get("model", {})
+    imgs = audit.get("images", {})
+    fvs = audit.get("fv_settings", {})
+    s = audit.get("settings", {})
+    prov = audit.get("provenance", {})
+    vers = prov.get("versions", {})
+    vtxt = ", ".join(f"{k} {v}" for k, v in vers.items() if v)
+    t = audit.get("timing", {})
+    n_unread = imgs.get("n_unreadable")
+    return f"""
+<h1>fvsanity audit: {_e(m.get('name', '?'))}</h1>
+<p class="meta">Weights: <code>{_e(m.get('weights', '?'))}</code><br>
+Natural images: <code>{_e(imgs.get('root', '?'))}</code> ({_e(imgs.get('n_images', imgs.get('n', '?')))} images{
+        f', {int(n_unread)} unreadable skipped' if n_unread else ''})<br>
+FVs: {_e(len(fvs.get('seeds', [])))} seeds per unit ({_e(fvs.get('seeds', []))}), {_e(fvs.get('steps', '?'))} steps,
+size {_e(fvs.get('size', '?'))}, lr {_e(fvs.get('lr', '?'))}, {_e(fvs.get('param', '?'))} parametrization,
+{_e(fvs.get('transforms', '?') if isinstance(fvs.get('transforms'), str) else 'custom')} transforms;
+settings hash <code>{_e(audit.get('fv_settings_hash', '?'))}</code><br>
+Check: {_e(s.get('metric', '?'))} similarity of mean-pooled activations, top-{_e(s.get('top_k', '?'))} exemplars
+{'+ class images ' if s.get('use_class_images') else ''}as natural references, {_e(s.get('n_other', '?'))} other images,
+{_e(s.get('n_boot', '?'))} bootstrap resamples, {_e(s.get('n_perm', '?'))} permutations, Holm at alpha = {_e(s.get('alpha', '?'))},
+{_e(int(100 * float(s.get('confidence', 0.95))))}% intervals; seed {_e(s.get('seed', '?'))}<br>
+Versions: {_e(vtxt)}; python {_e(prov.get('python', '?'))}; git <code>{_e((prov.get('git_sha') or '-')[:12])}</code><br>
+Written {_e(audit.get('written_at', '?'))}; wall time of the last call {_e(t.get('wall_s_this_call', '?'))} s
+(sum over units {_e(t.get('unit_seconds_total', '?'))} s)</p>
+"""
+
+
+def _summary(audit: dict) -> str:
+    cols = columns(audit)
+    rows = unit_rows(audit)
+    s = audit.get("summary", {})
+    head = "".join(f'<th class="{"l" if k in ("unit", "class", "verdict") else ""}">{_e(h)}</th>' for k, h in cols)
+    body = []
+    for rec, r in zip(audit.get("units", []), rows):
+        cells = []
+        for k, _ in cols:
+            if k == "unit":
+                cells.append(f'<td><a href="#u-{_e(rec["id"])}">{_e(r[k])}</a></td>')
+            elif k == "verdict":
+                cells.append(f'<td class="l"><span class="badge {_e(r[k])}">{_e(r[k])}</span></td>')
+            elif k == "class":
+                cells.append(f'<td class="l">{_e(r[k])}</td>')
+            else:
+                cells.append(f"<td>{_e(r[k])}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"""
+<h2>Summary</h2>
+<p><b>{_e(s.get('n_diverging', '?'))} of {_e(s.get('n_units', len(rows)))}</b> units have FVs that diverge from
+their natural images on at least one layer of their path; over all units,
+{_e(s.get('n_unit_layers_not_above', '?'))} of {_e(s.get('n_unit_layers', '?'))} unit-layers are not significantly
+above the unrelated-image baseline. <span class="note">Norm. sim. = (FV vs natural - natural vs other) /
+(natural vs natural - natural vs other): 0 = the FVs are as similar to the unit's natural images as unrelated
+images are, 1 = as similar as the natural images among themselves.</span></p>
+<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
+"""
+
+
+def _paired(audit: dict) -> str:
+    paired = audit.get("paired") or {}
+    parts = []
+    for metric, rows in paired.items():
+        if isinstance(rows, dict):  # an error message
+            parts.append(f'<p class="note">{_e(metric)}: {_e(rows.get("error", ""))}</p>')
+            continue
+        trs = "".join(
+            f"<tr><td>{_e(r['name'])}</td><td>{_f(r['value'])}</td><td>{_f(r['null_mean'])}</td>"
+            f"<td>{_f(r['null_high'])}</td><td>{_f(r['p_value'])}</td><td>{_f(r['natural_split_half'])}</td></tr>"
+            for r in rows
+        )
+        parts.append(
+            f"<h3>{_e(metric)}</h3><table><thead><tr><th>layer</th><th>FV vs natural</th><th>null mean</th>"
+            f"<th>null 95%</th><th>p</th><th>natural split-half</th></tr></thead><tbody>{trs}</tbody></table>"
+        )
+    if not parts:
+        return ""
+    return (
+        "<h2>Across units (paired design)</h2><p class=\"note\">Rows = units; A = each unit's mean FV "
+        "activation, B = the mean activation of its natural references; the null shuffles which natural row "
+        "belongs to which unit; the split-half value compares two halves of the natural references.</p>"
+        + "".join(parts)
+    )
+
+
+def _layer_table(rec: dict) -> str:
+    trs = []
+    for r in rec["path"]["layers"]:
+        above = r.get("above_baseline")
+        mark = '<span class="yes">above</span>' if above else '<span class="no">not above</span>'
+        trs.append(
+            f"<tr><td>{_e(r['name'])}</td><td>{_f(r['fv_vs_natural'])}</td><td>{_f(r['natural_vs_natural'])}</td>"
+            f"<td>{_f(r['natural_vs_other'])}</td><td>{_f(r['normalized'], 2)} [{_f(r['ci_low'], 2)}, "
+            f"{_f(r['ci_high'], 2)}]</td><td>{_f(r['p_value'], 4)}</td><td class=\"l\">{mark}</td></tr>"
+        )
+    return (
+        "<table><thead><tr><th>layer</th><th>FV vs natural</th><th>natural vs natural</th><th>natural vs other</th>"
+        "<th>normalized [CI]</th><th>p (Holm)</th><th class=\"l\">FV vs baseline</th></tr></thead><tbody>"
+        + "".join(trs) + "</tbody></table>"
+    )
+
+
+def _circuit_block(rec: dict, root: Path) -> str:
+    c = rec.get("circuit")
+    figs = rec.get("figures", {})
+    if not c and not figs.get("circuit"):
+        return ""
+    parts = ["<h4>Circuits: FV vs natural (edge attribution)</h4>"]
+    if isinstance(c, dict):
+        s = c.get("summary") or {}
+        parts.append(
+            f"<p>Method {_e(c.get('method', '?'))} ({_e(c.get('steps', '?'))} steps, reference "
+            f"{_e(c.get('reference', '?'))}); {_e(c.get('n_fv', '?'))} FVs, {_e(c.get('n_natural', '?'))} natural, "
+            f"{_e(c.get('n_other', '?'))} other images. The FV circuit overlaps the natural circuit significantly "
+            f"more than unrelated images' circuits do on <b>{_e(s.get('n_layers_above_other', '?'))} of "
+            f"{_e(s.get('n_layers', '?'))}</b> layers (Holm, alpha = {_e(c.get('alpha', '?'))}); mean calibrated "
+            f"overlap {_f(s.get('mean_calibrated'), 2)} (0 = like unrelated images, 1 = like the unit's own "
+            f"images; primary statistic {_e(c.get('primary', '?'))}).</p>"
+        )
+    for key, alt in (("circuit", "attribution graph"), ("circuit_profile", "circuit overlap per layer")):
+        if figs.get(key):
+            parts.append(f'<div class="fig">{_img(root, figs[key], alt + " of " + rec["unit"])}</div>')
+    if isinstance(c, dict) and c.get("layers"):
+        trs = "".join(
+            f"<tr><td>{_e(la.get('name'))}</td><td>{_e(la.get('n_edges'))}</td>"
+            f"<td>{_f(la.get(la.get('primary', 'spearman')))}</td><td>{_f(la.get('null_same'))}</td>"
+            f"<td>{_f(la.get('null_other'))}</td><td>{_f(la.get('calibrated'), 2)} [{_f(la.get('ci_low'), 2)}, "
+            f"{_f(la.get('ci_high'), 2)}]</td><td>{_f(la.get('p_holm'), 4)}</td></tr>"
+            for la in c["layers"]
+        )
+        parts.append(
+            "<table><thead><tr><th>layer</th><th>edges</th><th>FV vs natural</th><th>natural vs natural</th>"
+            "<th>other vs natural</th><th>calibrated [CI]</th><th>p (Holm)</th></tr></thead><tbody>"
+            + trs + "</tbody></table>"
+        )
+    return "".join(parts)
+
+
+def _unit_section(rec: dict, root: Path, audit: dict) -> str:
+    v = rec["verdict"]
+    sv = short_verdict(rec)
+    name = rec["unit"] + (f" ({rec['class_name']})" if rec.get("class_name") else "")
+    fv = rec["fv"]
+    uname = rec["unit"]
+    fv_imgs = "".join(
+        f"<figure>{_img(root, p, f'FV seed {s} of {uname}')}<figcaption>seed {_e(s)}: {_f(a, 2)}</figcaption></figure>"
+        for p, s, a in zip(fv["images"], fv["seeds"], fv["final_objective"])
+    )
+    ex = rec.get("exemplars", {})
+    ex_imgs = "".join(
+        f"<figure>{_img(root, p, f'natural exemplar {k + 1} of {uname}')}<figcaption>{_f(val, 2)}</figcaption></figure>"
+        for k, (p, val) in enumerate(zip(ex.get("images", []), ex.get("values", [])))
+    )
+    nr = rec.get("natural_response", {})
+    path = rec["path"]
+    s = audit.get("settings", {})
+    alpha = v.get("alpha", s.get("alpha"))
+    conf = int(100 * float(s.get("confidence", 0.95)))
+    not_above = ", ".join(v.get("layers_not_above", [])) or "none"
+    return f"""
+<section class="unit" id="u-{_e(rec['id'])}">
+<h3>{_e(name)} <span class="badge {sv}">{_e(v['label'])}</span></h3>
+<p><b>Verdict:</b> on {_e(v['n_not_above'])} of {_e(v['n_layers'])} layers ({_f(v['fraction_not_above'], 2)}) the FVs are
+not significantly more similar to this unit's natural images than unrelated natural images are
+(one-sided permutation test, Holm-corrected across layers, alpha = {_e(alpha)}; so each "above" holds at
+{_e(round(100 * (1 - float(alpha))))}% family-wise confidence). Layers not above: {_e(not_above)}.
+Normalized similarities below carry {conf}% bootstrap intervals over images.</p>
+<div class="row">
+<div><div class="note">Feature visualizations (unit activation)</div><div class="gallery">{fv_imgs}</div></div>
+<div><div class="note">Top natural exemplars (unit activation)</div><div class="gallery">{ex_imgs or '<span class="note">none</span>'}</div></div>
+</div>
+<p class="note">Unit activation: FVs {_e(', '.join(_f(a, 2) for a in fv['final_objective']))}; natural images max
+{_f(nr.get('max'), 2)}, mean {_f(nr.get('mean'), 2)} (sd {_f(nr.get('std'), 2)}).
+Natural references: {_e(path.get('n_natural', '?'))} images ({_e(path.get('n_class_images', 0))} of the unit's class,
+top-{_e(len(path.get('top_k_indices', [])))} exemplars); {_e(path.get('n_other', '?'))} other images.</p>
+<div class="fig">{_img(root, rec.get('figures', {}).get('profile'), 'layer profile of ' + rec['unit'])}</div>
+{_layer_table(rec)}
+{_circuit_block(rec, root)}
+</section>
+"""
+
+
+def render_html(audit: dict, root: str | os.PathLike, title: str | None = None) -> str:
+    """The report as one HTML string; image paths in ``audit`` are relative to ``root``."""
+    root = Path(root)
+    model = audit.get("model", {}).get("name", "?")
+    units = "".join(_unit_section(rec, root, audit) for rec in audit.get("units", []))
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{_e(title or f'fvsanity audit: {model}')}</title><style>{CSS}</style></head><body>"
+        + _header(audit) + _summary(audit) + _paired(audit) + "<h2>Units</h2>" + units
+        + "<p class=\"note\">Method: Geirhos, Zimmermann, Bilodeau, Brendel, Kim (2023), Don't trust your eyes: "
+        "on the (un)reliability of feature visualizations, arXiv 2306.04719. Generated by fvsanity.</p>"
+        + "</body></html>\n"
+    )
+
+
+def write_report(audit: dict, root: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+    """Render and atomically write ``root/report.html`` (or ``path``); returns the path."""
+    from ..io import atomic_write_text
+
+    root = Path(root)
+    return atomic_write_text(Path(path) if path else root / "report.html", render_html(audit, root))
