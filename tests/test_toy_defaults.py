@@ -29,6 +29,8 @@ def empty_env(tmp_path, monkeypatch):
 
 
 def test_procedural_images_seeded_and_labelled():
+    # class folders are read in sorted order: that must be the model's label order
+    assert toy.CLASSES == sorted(toy.CLASSES) and len(toy.CLASSES) == 10
     a, la = toy.procedural_images(40, 3)
     b, lb = toy.procedural_images(40, torch.Generator().manual_seed(3))
     assert a.shape == (40, 3, 32, 32) and a.dtype == torch.float32

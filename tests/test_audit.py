@@ -1,0 +1,164 @@
+"""``fvsanity audit`` end to end on tiny models: outputs, batching, resume, refusal, --fv, demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fvsanity import audit as A
+from fvsanity.cli import main
+from fvsanity.generate import FVResult, render, settings_hash
+from fvsanity.io import load_tensors
+from fvsanity.models import toy
+
+UNITS = ["fc:0", "fc:1", "relu3:2", "relu2:5"]
+CFG = dict(steps=8, seeds=2, top_k=3, n_other=10, n_boot=40, n_perm=40, fv_batch_units=2, paired_metrics=("cka",))
+
+
+@pytest.fixture
+def images(tmp_path):
+    return toy.write_procedural_folder(tmp_path / "imgs", per_class=4)
+
+
+def _snapshot(out):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((out / "units").rglob("*")) if p.is_file()}
+
+
+class CountingRender:
+    def __init__(self, fail: bool = False):
+        self.calls: list[list[str]] = []
+        self.fail = fail
+
+    def __call__(self, lm, units, **kw):
+        self.calls.append([str(u) for u in units])
+        if self.fail:
+            raise AssertionError("render called although every unit was finished")
+        return render(lm, units, **kw)
+
+
+def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
+    out = tmp_path / "out"
+    rec = CountingRender()
+    res = A.run_audit(tiny, UNITS, images, out, A.AuditConfig(**CFG), progress=False, render_fn=rec)
+    # FVs generated in batches of 2 units, every unit computed once
+    assert rec.calls == [["fc:0", "fc:1"], ["relu3:2", "relu2:5"]]
+    assert res.computed == ("fc_c0", "fc_c1", "relu3_c2", "relu2_c5")
+    for f in ("report.html", "audit.json", "table.md", "table.tex", "run.json", "natural_pass.safetensors"):
+        assert (out / f).is_file(), f
+    audit = json.loads((out / "audit.json").read_text())
+    assert [u["unit"] for u in audit["units"]] == UNITS
+    assert audit["fv_settings_hash"] == settings_hash(audit["fv_settings"])
+    assert audit["fv_settings"]["steps"] == 8 and audit["seeds"]["fv_seeds"] == [0, 1]
+    assert audit["provenance"]["versions"]["torch"] == torch.__version__.split("+")[0] or audit["provenance"]["versions"]["torch"]
+    assert audit["images"]["n_images"] == 40
+    assert audit["summary"]["n_units"] == 4
+    # the paired design across the 4 units, on the layers every path shares
+    assert [r["name"] for r in audit["paired"]["cka"]] == ["relu1", "relu2"]
+    for u in audit["units"]:
+        d = out / "units" / u["id"]
+        assert (d / "unit.json").is_file() and (d / "profile.png").is_file()
+        assert len(u["fv"]["images"]) == 2 and all((out / p).is_file() for p in u["fv"]["images"])
+        assert len(u["exemplars"]["images"]) == 3
+        assert [x["name"] for x in u["path"]["layers"]] == tiny.path_to(u["layer"])
+        assert u["exemplars"]["values"] == sorted(u["exemplars"]["values"], reverse=True)
+        # the FV objective in the record is the one of the saved images
+        t = load_tensors(d / "tensors.safetensors")
+        assert t["fv_images"].shape == (2, 3, 16, 16)
+        assert torch.allclose(t["fv_final"], torch.tensor(u["fv"]["final_objective"]))
+    md = (out / "table.md").read_text()
+    assert all(f"| {u} |" in md for u in UNITS)
+
+    # a rerun recomputes nothing and touches no unit file
+    before = _snapshot(out)
+    res2 = A.run_audit(tiny, UNITS, images, out, A.AuditConfig(**CFG), progress=False, render_fn=CountingRender(fail=True))
+    assert res2.computed == ()
+    assert _snapshot(out) == before
+    assert [u["unit"] for u in res2.audit["units"]] == UNITS
+
+    # a lost unit is recomputed alone; batching did not change its FVs (elements independent)
+    old = json.loads((out / "units" / "relu3_c2" / "unit.json").read_text())
+    import shutil
+
+    shutil.rmtree(out / "units" / "relu3_c2")
+    rec3 = CountingRender()
+    res3 = A.run_audit(tiny, UNITS, images, out, A.AuditConfig(**CFG), progress=False, render_fn=rec3)
+    assert rec3.calls == [["relu3:2"]] and res3.computed == ("relu3_c2",)
+    new = json.loads((out / "units" / "relu3_c2" / "unit.json").read_text())
+    assert new["fv"]["final_objective"] == pytest.approx(old["fv"]["final_objective"], rel=1e-3, abs=1e-4)
+    assert new["verdict"] == old["verdict"]
+
+
+def test_refuses_to_mix_settings(tiny, images, tmp_path):
+    out = tmp_path / "out"
+    A.run_audit(tiny, UNITS[:1], images, out, A.AuditConfig(**CFG), progress=False)
+    with pytest.raises(A.MixedRunError, match=r"other FV settings .*differ: steps"):
+        A.run_audit(tiny, UNITS[:1], images, out, A.AuditConfig(**{**CFG, "steps": 9}), progress=False)
+    with pytest.raises(A.MixedRunError, match="differ: top_k"):
+        A.run_audit(tiny, UNITS[:1], images, out, A.AuditConfig(**{**CFG, "top_k": 4}), progress=False)
+    # more units with the same settings: allowed, the finished one is reused
+    res = A.run_audit(tiny, UNITS[:2], images, out, A.AuditConfig(**CFG), progress=False)
+    assert res.computed == ("fc_c1",)
+
+
+def test_reuses_saved_fvs(tiny, images, tmp_path):
+    fv = render(tiny, UNITS[:2], seeds=2, steps=5, progress=False)
+    fv.save(tmp_path / "fv")
+    cfg = A.AuditConfig(**{**CFG, "fv_source": str(tmp_path / "fv")})
+    res = A.run_audit(tiny, UNITS[:2], images, tmp_path / "out", cfg, progress=False,
+                      render_fn=CountingRender(fail=True))
+    assert res.audit["fv_settings"]["steps"] == 5
+    assert res.audit["fv_settings_hash"] == settings_hash(res.audit["fv_settings"])
+    t = load_tensors(tmp_path / "out" / "units" / "fc_c1" / "tensors.safetensors")
+    assert torch.equal(t["fv_images"], FVResult.load(tmp_path / "fv").images[1])
+
+
+def test_select_units(tiny):
+    us = A.select_units(tiny, layer="relu3", sample=4, seed=1)
+    assert len(us) == 4 and len({u.channel for u in us}) == 4 and all(u.layer == "relu3" for u in us)
+    assert [str(u) for u in us] == [str(u) for u in A.select_units(tiny, layer="relu3", sample=4, seed=1)]
+    assert len(A.select_units(tiny, layer="relu3")) == 16
+    from fvsanity.errors import FVSanityError
+
+    with pytest.raises(FVSanityError, match=r"--sample 17 out of range .*1\.\.16"):
+        A.select_units(tiny, layer="relu3", sample=17)
+    with pytest.raises(FVSanityError, match="either --units or --layer"):
+        A.select_units(tiny, ["fc:0"], layer="relu3")
+
+
+def test_cli_audit_with_layer_sample(images, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["audit", "--model", "toy-procedural", "--random-weights", "--layer", "block4", "--sample", "2",
+               "--images", str(images), "--steps", "4", "--seeds", "1", "--top-k", "3", "--n-other", "8",
+               "--n-boot", "20", "--n-perm", "20", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == f"report: {out / 'report.html'}"
+    audit = json.loads((out / "audit.json").read_text())
+    assert len(audit["units"]) == 2 and all(u["layer"] == "block4" for u in audit["units"])
+    assert (out / "config.json").is_file()
+
+
+def test_demo_offline_fallback(tmp_path, monkeypatch, capsys):
+    """The README's main command with no real data and no network: toy model, procedural images."""
+    from fvsanity import defaults
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("FVSANITY_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("FVSANITY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FVSANITY_OFFLINE", "1")
+    monkeypatch.setattr(toy, "DEFAULT_STEPS", 30)
+    monkeypatch.setattr(toy, "DEFAULT_BATCH", 32)
+    monkeypatch.setattr(defaults, "PROCEDURAL_PER_CLASS", 4)
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--steps", "4", "--seeds", "1", "--class-units", "2", "--block-units", "1",
+               "--no-progress"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert "toy-procedural" in cap.err and "notice" in cap.err
+    assert cap.out.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["model"]["name"] == "toy-procedural"
+    assert [u["unit"] for u in audit["units"]] == ["fc:0", "fc:9", "block4:" + audit["units"][2]["unit"].split(":")[1]]
+    assert audit["units"][0]["class_name"] == toy.CLASSES[0]

@@ -1,0 +1,204 @@
+"""report.html and the sanity tables, rendered from a synthetic audit with known content."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from PIL import Image
+
+from fvsanity.io import save_png
+from fvsanity.report.html import png_data_uri, render_html, write_report
+from fvsanity.report.tables import latex_escape, markdown_escape, to_latex, to_markdown, unit_rows
+
+NASTY = "a_b & c % $5 #1 {x} ~y ^z \\w <v>"
+
+
+def _layer(name, fv, nat, oth, above, p):
+    norm = (fv - oth) / (nat - oth)
+    return {
+        "name": name, "fv_vs_natural": fv, "natural_vs_natural": nat, "natural_vs_other": oth,
+        "normalized": norm, "ci_low": norm - 0.1, "ci_high": norm + 0.1, "p_value": p, "p_raw": p / 2,
+        "above_baseline": above, "p_exact": True, "fv_vs_natural_ci": [fv - 0.01, fv + 0.01],
+        "natural_vs_natural_ci": [nat - 0.01, nat + 0.01], "natural_vs_other_ci": [oth - 0.01, oth + 0.01],
+    }
+
+
+def _unit(root, spec, uid, class_name, above_flags, circuit=None):
+    d = root / "units" / uid
+    g = torch.Generator().manual_seed(len(uid))
+    fv_files, ex_files = [], []
+    for s in range(2):
+        save_png(d / f"fv_seed{s}.png", torch.rand(3, 16, 16, generator=g))
+        fv_files.append(f"units/{uid}/fv_seed{s}.png")
+    for k in range(3):
+        save_png(d / f"exemplar{k}.png", torch.rand(3, 16, 16, generator=g))
+        ex_files.append(f"units/{uid}/exemplar{k}.png")
+    save_png(d / "profile.png", torch.rand(3, 40, 60, generator=g))
+    names = [f"block{i}" for i in range(len(above_flags))]
+    layers = [_layer(n, 0.5 + 0.1 * a, 0.8, 0.5, a, 0.01 if a else 0.9) for n, a in zip(names, above_flags)]
+    k = sum(not a for a in above_flags)
+    verdict = {
+        "label": "travels like natural images" if k == 0 else f"diverges from natural images for {k} of {len(names)} layers",
+        "n_layers": len(names), "n_not_above": k, "fraction_not_above": k / len(names), "alpha": 0.05,
+        "layers_not_above": [n for n, a in zip(names, above_flags) if not a],
+    }
+    return {
+        "unit": spec, "id": uid, "layer": spec.split(":")[0], "channel": int(spec.split(":")[1]), "kind": "channel",
+        "class_name": class_name,
+        "fv": {"seeds": [0, 1], "final_objective": [3.0, 5.0], "images": fv_files},
+        "natural_response": {"max": 2.0, "mean": 0.1, "std": 0.5, "fv_over_max": 2.0},
+        "exemplars": {"indices": [4, 2, 9], "values": [2.0, 1.5, 1.25], "paths": [], "images": ex_files},
+        "path": {"unit": spec, "layers": layers, "verdict": verdict, "n_natural": 12, "n_class_images": 10,
+                 "top_k_indices": [4, 2, 9], "n_other": 30},
+        "verdict": verdict,
+        "circuit": circuit,
+        "figures": {"profile": f"units/{uid}/profile.png", "circuit": None},
+        "seconds": 1.0,
+    }
+
+
+def synthetic_audit(root):
+    """Three units: one consistent (class name full of LaTeX specials), two diverging."""
+    circuit = {"method": "eap-ig", "steps": 8, "reference": "mean", "alpha": 0.05, "primary": "spearman",
+               "summary": {"n_layers": 4, "n_layers_above_other": 1, "mean_calibrated": 0.25},
+               "layers": [{"name": "conv1", "n_edges": 48, "primary": "spearman", "spearman": 0.7, "null_same": 0.8,
+                           "null_other": 0.6, "calibrated": 0.5, "ci_low": 0.1, "ci_high": 0.9, "p_holm": 0.2}]}
+    units = [
+        _unit(root, "fc:1", "fc_c1", NASTY, [True, True, True]),
+        _unit(root, "fc:7", "fc_c7", "goldfish", [False, True, False], circuit=circuit),
+        _unit(root, "relu3:5", "relu3_c5", None, [False, False]),
+    ]
+    return {
+        "format": "fvsanity-audit/1",
+        "model": {"name": "tiny_model", "weights": "/w/tiny.pt"},
+        "images": {"root": "/data/imgs", "n_images": 40},
+        "settings": {"metric": "spearman", "alpha": 0.05, "confidence": 0.95, "top_k": 3, "n_other": 30,
+                     "n_boot": 100, "n_perm": 100, "seed": 0, "use_class_images": True},
+        "fv_settings": {"steps": 16, "seeds": [0, 1], "size": [16, 16], "lr": 0.05, "param": "fft",
+                        "transforms": "standard"},
+        "fv_settings_hash": "abc123def456",
+        "summary": {"n_units": 3, "n_diverging": 2, "n_consistent": 1, "n_unit_layers": 8, "n_unit_layers_not_above": 4},
+        "paired": {},
+        "units": units,
+        "timing": {"wall_s_this_call": 1.5, "unit_seconds_total": 3.0},
+        "provenance": {"versions": {"torch": "2.x"}, "python": "3.x", "git_sha": "deadbeef"},
+    }
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_escapes():
+    assert latex_escape("a_b&c%d$e#f{g}h~i^j\\k") == (
+        r"a\_b\&c\%d\$e\#f\{g\}h\textasciitilde{}i\textasciicircum{}j\textbackslash{}k"
+    )
+    assert markdown_escape("a|b") == "a\\|b"
+
+
+def test_tables_hold_every_unit_and_verdict(tmp_path):
+    audit = synthetic_audit(tmp_path)
+    rows = unit_rows(audit)
+    assert [r["unit"] for r in rows] == ["fc:1", "fc:7", "relu3:5"]
+    assert [r["verdict"] for r in rows] == ["consistent", "diverges", "diverges"]
+    assert [r["not_above"] for r in rows] == ["0/3", "2/3", "2/2"]
+    assert rows[1]["circuit"] == "0.25 (1/4)" and rows[0]["circuit"] == "-"
+    md = to_markdown(audit)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(lines) == 1 + 3  # header + one row per unit
+    for spec, verdict in (("fc:1", "consistent"), ("fc:7", "diverges"), ("relu3:5", "diverges")):
+        row = next(ln for ln in lines if ln.startswith(f"| {spec} |"))
+        assert row.rstrip().endswith(f"| {verdict} |")
+    assert "Circuit overlap" in lines[0]
+    # every row has as many cells as the header, even with '|' in a name
+    assert all(len(re.split(r"(?<!\\)\|", ln)) == len(re.split(r"(?<!\\)\|", lines[0])) for ln in lines)
+
+    tex = to_latex(audit)
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    assert latex_escape(NASTY) in tex
+    body = [ln for ln in tex.splitlines() if ln.endswith("\\\\")]
+    assert len(body) == 1 + 3
+    for ln in body:
+        # no unescaped special outside commands: strip escapes, then none of & % $ # _ remain unescaped
+        cells = re.split(r"(?<!\\)&", ln[:-2])
+        assert len(cells) == 9  # 9 columns (circuit column present)
+        assert not re.search(r"(?<!\\)[%$#_]", ln)
+    assert "relu3:5" in tex and "goldfish" in tex
+
+
+def test_table_without_circuits_has_no_circuit_column(tmp_path):
+    audit = synthetic_audit(tmp_path)
+    for u in audit["units"]:
+        u["circuit"] = None
+    assert "Circuit" not in to_markdown(audit).splitlines()[0]
+    assert "Circuit" not in to_latex(audit)
+
+
+def test_html_self_contained(tmp_path):
+    audit = synthetic_audit(tmp_path)
+    path = write_report(audit, tmp_path)
+    text = path.read_text()
+    assert path == tmp_path / "report.html"
+    p = _Tags()
+    p.feed(text)
+    imgs = [a for t, a in p.tags if t == "img"]
+    # 3 units x (2 FVs + 3 exemplars + 1 profile)
+    assert len(imgs) == 3 * 6
+    for a in imgs:
+        assert a["src"].startswith("data:image/png;base64,")
+        png = base64.b64decode(a["src"].split(",", 1)[1])
+        Image.open(io.BytesIO(png)).verify()
+        assert a.get("alt")
+    # no external resources at all: no scripts, stylesheets, remote URLs, CSS url()
+    assert not [t for t, _ in p.tags if t in ("script", "link", "iframe", "object", "embed")]
+    for t, a in p.tags:
+        for k in ("src", "href"):
+            v = a.get(k)
+            if v is not None:
+                assert v.startswith(("data:", "#")), (t, k, v[:40])
+    assert not re.search(r"https?://|url\(|@import|//[a-z]", re.sub(r'src="data:[^"]*"', "", text))
+    # content: summary rows link to unit sections; every verdict and class name is there, escaped
+    hrefs = [a["href"] for t, a in p.tags if t == "a"]
+    ids = {a["id"] for t, a in p.tags if "id" in a}
+    assert set(hrefs) == {"#u-fc_c1", "#u-fc_c7", "#u-relu3_c5"}
+    assert {h[1:] for h in hrefs} <= ids
+    alltext = "".join(p.text)
+    assert NASTY in alltext  # HTML-escaped in the source, intact when parsed
+    assert "<v>" not in text
+    for u in audit["units"]:
+        assert u["verdict"]["label"] in alltext
+    assert "diverges from natural images for 2 of 3 layers" in alltext
+    assert "mean calibrated overlap 0.25" in alltext
+
+
+def test_html_missing_image_is_a_note_not_a_broken_img(tmp_path):
+    audit = synthetic_audit(tmp_path)
+    (tmp_path / "units" / "fc_c7" / "exemplar1.png").unlink()
+    text = render_html(audit, tmp_path)
+    assert "[missing image units/fc_c7/exemplar1.png]" in text
+    p = _Tags()
+    p.feed(text)
+    assert all(a["src"].startswith("data:image/png") for t, a in p.tags if t == "img")
+
+
+def test_png_data_uri_roundtrip(tmp_path):
+    img = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    uri = png_data_uri(img)
+    back = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert back.size == (7, 5)
+    with pytest.raises(ValueError):
+        png_data_uri(b"GIF89a....")
