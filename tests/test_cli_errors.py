@@ -1,0 +1,151 @@
+"""Bad input to ``fvsanity audit`` as a new user would try it: one line on stderr, exit != 0,
+and nothing already written is lost. In-process through ``fvsanity.cli.main``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fvsanity import audit as A
+from fvsanity.cli import main
+from fvsanity.models import toy
+
+FAST = ["--steps", "3", "--seeds", "1", "--top-k", "3", "--n-other", "8", "--n-boot", "10", "--n-perm", "10",
+        "--no-progress"]
+TOY = ["--model", "toy-procedural", "--random-weights"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return toy.write_procedural_folder(tmp_path_factory.mktemp("imgs") / "imgs", per_class=3)
+
+
+@pytest.fixture
+def previous(tmp_path, images):
+    """An --out folder holding a finished audit, and a snapshot of its files."""
+    out = tmp_path / "prev"
+    assert main(["audit", *TOY, "--units", "fc:1", "--images", str(images), "--out", str(out), *FAST]) == 0
+    return out, _snapshot(out)
+
+
+def _snapshot(out):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _run_error(capsys, argv, code=2):
+    capsys.readouterr()
+    rc = main(argv)
+    cap = capsys.readouterr()
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert rc == code, (rc, cap.err)
+    assert len(lines) == 1, cap.err
+    assert lines[0].startswith("fvsanity: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--model", "resnet5O", "--units", "fc:1"], r"unknown model 'resnet5O'.*closest: resnet50"),
+        ([*TOY, "--units", "blok4:1"], r"unknown layer 'blok4'; closest valid layers: block4"),
+        ([*TOY, "--units", "fc:10"], r"channel 10 out of range for 'fc': valid 0\.\.9"),
+        ([*TOY, "--units", "fc"], r"bad unit 'fc'; expected LAYER:CHANNEL"),
+        ([*TOY, "--layer", "block4", "--sample", "100"], r"--sample 100 out of range for 'block4': valid 1\.\.64"),
+        ([*TOY], r"no units: pass --units"),
+        ([*TOY, "--units", "fc:1", "--steps", "0"], r"--steps must be >= 1, got 0"),
+    ],
+)
+def test_bad_model_or_unit(argv, expect, previous, images, capsys):
+    out, snap = previous
+    line = _run_error(capsys, ["audit", *argv, "--images", str(images), "--out", str(out), *FAST[2:]])
+    import re
+
+    assert re.search(expect, line), line
+    assert _snapshot(out) == snap
+
+
+def test_empty_image_folder(tmp_path, previous, capsys):
+    out, snap = previous
+    (tmp_path / "empty").mkdir()
+    line = _run_error(capsys, ["audit", *TOY, "--units", "fc:1", "--images", str(tmp_path / "empty"), "--out", str(out), *FAST])
+    assert "no image files" in line and str(tmp_path / "empty") in line
+    assert _snapshot(out) == snap
+
+
+def test_missing_image_folder(tmp_path, capsys):
+    line = _run_error(capsys, ["audit", *TOY, "--units", "fc:1", "--images", str(tmp_path / "nope"),
+                               "--out", str(tmp_path / "o"), *FAST])
+    assert "image folder not found" in line
+
+
+def test_folder_of_corrupt_images(tmp_path, previous, capsys):
+    out, snap = previous
+    bad = tmp_path / "corrupt"
+    for c in ("cat", "dog"):
+        (bad / c).mkdir(parents=True)
+        for i in range(3):
+            (bad / c / f"{i}.jpg").write_bytes(b"\xff\xd8 this is not a jpeg " + bytes([i]) * 50)
+    line = _run_error(capsys, ["audit", *TOY, "--units", "fc:1", "--images", str(bad), "--out", str(out), *FAST])
+    assert "no readable image" in line and "6 image files failed to decode" in line
+    assert _snapshot(out) == snap
+
+
+def test_missing_weights_offline(tmp_path, monkeypatch, previous, images, capsys):
+    out, snap = previous
+    for d in ("data", "cache"):
+        (tmp_path / d).mkdir()
+    monkeypatch.setenv("FVSANITY_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("FVSANITY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FVSANITY_OFFLINE", "1")
+    line = _run_error(capsys, ["audit", "--model", "cifar10-resnet20", "--units", "linear:1", "--images", str(images),
+                               "--out", str(out), *FAST])
+    assert "no weights for cifar10-resnet20" in line and "--weights FILE" in line and str(tmp_path / "data") in line
+    assert _snapshot(out) == snap
+    line = _run_error(capsys, ["audit", "--model", "cifar10-resnet20", "--weights", str(tmp_path / "w.th"),
+                               "--units", "linear:1", "--images", str(images), "--out", str(out), *FAST])
+    assert "weights file not found" in line
+
+
+def test_out_not_writable(tmp_path, images, capsys):
+    f = tmp_path / "a_file.txt"
+    f.write_text("keep me")
+    line = _run_error(capsys, ["audit", *TOY, "--units", "fc:1", "--images", str(images), "--out", str(f / "out"), *FAST])
+    assert "is not writable" in line and str(f / "out") in line
+    assert f.read_text() == "keep me"
+
+
+def test_mixed_settings_refused(previous, images, capsys):
+    out, snap = previous
+    line = _run_error(capsys, ["audit", *TOY, "--units", "fc:1", "--images", str(images), "--out", str(out),
+                               *FAST[:1], "4", *FAST[2:]])
+    assert "other FV settings" in line and "steps" in line
+    assert _snapshot(out) == snap
+
+
+def test_interrupted_run_resumes(tmp_path, images, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["audit", *TOY, "--units", "fc:1,fc:2,block4:3", "--images", str(images), "--out", str(out), *FAST]
+    real = A._unit_step
+    calls = []
+
+    def step_then_ctrl_c(ctx, i, *a):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(i)
+        return real(ctx, i, *a)
+
+    monkeypatch.setattr(A, "_unit_step", step_then_ctrl_c)
+    line = _run_error(capsys, argv, code=130)
+    assert "interrupted" in line and "run again to resume" in line
+    done = [p.name for p in (out / "units").iterdir() if not p.name.startswith(".")]
+    assert done == ["fc_c1"]
+    first = _snapshot(out / "units" / "fc_c1")
+
+    monkeypatch.setattr(A, "_unit_step", real)
+    assert main(argv) == 0
+    assert _snapshot(out / "units" / "fc_c1") == first  # the finished unit was not redone
+    audit = json.loads((out / "audit.json").read_text())
+    assert [u["unit"] for u in audit["units"]] == ["fc:1", "fc:2", "block4:3"]
+    assert audit["timing"]["units_computed_this_call"] == ["fc_c2", "block4_c3"]
+    assert not [p for p in (out / "units").iterdir() if p.name.startswith(".")]  # no half-written unit
