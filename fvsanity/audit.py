@@ -48,6 +48,7 @@ __all__ = [
     "unit_id",
     "fv_settings",
     "MixedRunError",
+    "min_holm_p",
 ]
 
 FORMAT = "fvsanity-audit/1"
@@ -203,6 +204,21 @@ def _thumb(img: torch.Tensor, max_side: int = 160) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ run state
+def min_holm_p(n_fv: int, n_other: int, n_layers: int, n_perm: int, exact_limit: int = 200_000) -> float:
+    """Smallest Holm-adjusted p the per-layer permutation test can reach.
+
+    The test (:mod:`fvsanity.compare.path`) is exact over all C(S + n, S) relabellings of S FVs
+    and n other images when there are at most ``exact_limit`` of them (smallest p = 1 / C), else
+    Monte Carlo with ``n_perm`` draws (smallest p = 1 / (n_perm + 1)); Holm multiplies the
+    smallest p by the number of layers.
+    """
+    import math
+
+    c = math.comb(n_fv + n_other, n_fv)
+    p = 1.0 / c if c <= exact_limit else 1.0 / (n_perm + 1)
+    return min(1.0, n_layers * p)
+
+
 def _check_run(out: Path, run: dict) -> None:
     """Write ``run.json`` or refuse if ``out`` holds a run with other settings."""
     from .io import atomic_write_json
@@ -529,6 +545,18 @@ def run_audit(
     (out / "units").mkdir(exist_ok=True)
     _clean_stale_tmp(out)
 
+    n_fv = len(fvs["seeds"])
+    n_oth = max(0, min(cfg.n_other, len(natural) - cfg.top_k))
+    n_lay = max(len(lm.path_to(u.layer)) for u in units)
+    floor = min_holm_p(n_fv, n_oth, n_lay, cfg.n_perm)
+    run_note = None
+    if floor > cfg.alpha:
+        run_note = (
+            f"with {n_fv} FV(s) per unit, about {n_oth} other images and up to {n_lay} layers, the smallest "
+            f"Holm-adjusted p is {floor:.3g} > alpha {cfg.alpha}: no layer can test significant; raise --seeds "
+            "or --n-other"
+        )
+        say("warning: " + run_note)
     done = _load_units_done(out, run["run_hash"])
     todo = [i for i, uid in enumerate(ids) if uid not in done]
     if done:
@@ -573,7 +601,8 @@ def run_audit(
         finally:
             if bar is not None:
                 bar.close()
-    audit = finalize(out, [done[x] for x in ids], run, cfg, natural, provenance(), time.perf_counter() - t_start, computed)
+    audit = finalize(out, [done[x] for x in ids], run, cfg, natural, provenance(), time.perf_counter() - t_start,
+                     computed, notes=[run_note] if run_note else [])
     return AuditResult(out, audit, tuple(computed), out / "report.html", out / "table.md", out / "table.tex", out / "audit.json")
 
 
@@ -622,7 +651,10 @@ def _summary(records: list[dict]) -> dict:
     }
 
 
-def finalize(out: Path, records: list[dict], run: dict, cfg: AuditConfig, natural, prov: dict, wall_s: float, computed: Sequence[str] = ()) -> dict:
+def finalize(
+    out: Path, records: list[dict], run: dict, cfg: AuditConfig, natural, prov: dict, wall_s: float,
+    computed: Sequence[str] = (), notes: Sequence[str] = (),
+) -> dict:
     """Write audit.json, table.md, table.tex and report.html from the finished units."""
     from .io import atomic_write_json, atomic_write_text
     from .report.html import write_report
@@ -645,6 +677,7 @@ def finalize(out: Path, records: list[dict], run: dict, cfg: AuditConfig, natura
             "units_computed_this_call": list(computed),
             "unit_seconds_total": round(sum(r.get("seconds", 0.0) for r in records), 3),
         },
+        "notes": list(notes),
         "provenance": prov,
         "written_at": _now(),
     }

@@ -69,6 +69,9 @@ def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
         assert torch.allclose(t["fv_final"], torch.tensor(u["fv"]["final_objective"]))
     md = (out / "table.md").read_text()
     assert all(f"| {u} |" in md for u in UNITS)
+    # 2 FVs vs 10 other images over 4 layers cannot reach p <= 0.05 after Holm: said so
+    assert A.min_holm_p(2, 10, 4, 40) == pytest.approx(4 / 66)
+    assert any("no layer can test significant" in n for n in audit["notes"])
 
     # a rerun recomputes nothing and touches no unit file
     before = _snapshot(out)
@@ -112,6 +115,13 @@ def test_reuses_saved_fvs(tiny, images, tmp_path):
     assert res.audit["fv_settings_hash"] == settings_hash(res.audit["fv_settings"])
     t = load_tensors(tmp_path / "out" / "units" / "fc_c1" / "tensors.safetensors")
     assert torch.equal(t["fv_images"], FVResult.load(tmp_path / "fv").images[1])
+
+
+def test_min_holm_p_known_answers():
+    assert A.min_holm_p(1, 200, 12, 1000) == pytest.approx(12 / 201)
+    assert A.min_holm_p(2, 200, 11, 1000) == pytest.approx(11 / 20301)
+    assert A.min_holm_p(3, 1000, 10, 999) == pytest.approx(10 / 1000)  # Monte Carlo regime
+    assert A.min_holm_p(1, 1, 5, 10) == 1.0
 
 
 def test_select_units(tiny):

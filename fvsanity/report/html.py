@@ -127,9 +127,9 @@ Check: {_e(s.get('metric', '?'))} similarity of mean-pooled activations, top-{_e
 {_e(s.get('n_boot', '?'))} bootstrap resamples, {_e(s.get('n_perm', '?'))} permutations, Holm at alpha = {_e(s.get('alpha', '?'))},
 {_e(int(100 * float(s.get('confidence', 0.95))))}% intervals; seed {_e(s.get('seed', '?'))}<br>
 Versions: {_e(vtxt)}; python {_e(prov.get('python', '?'))}; git <code>{_e((prov.get('git_sha') or '-')[:12])}</code><br>
-Written {_e(audit.get('written_at', '?'))}; wall time of the last call {_e(t.get('wall_s_this_call', '?'))} s
-(sum over units {_e(t.get('unit_seconds_total', '?'))} s)</p>
-"""
+Written {_e(audit.get('written_at', '?'))} by a call that took {_e(t.get('wall_s_this_call', '?'))} s
+(compute time summed over units, FVs included: {_e(t.get('unit_seconds_total', '?'))} s)</p>
+""" + "".join(f'<p class="note no">Note: {_e(n)}</p>' for n in audit.get("notes", []))
 
 
 def _summary(audit: dict) -> str:
