@@ -3,6 +3,23 @@
 Each module adds one import block below (a plain list; no logic in this file).
 """
 
+from .attribution import (  # noqa: F401
+    AttributionError,
+    EdgeAttribution,
+    LayerEdges,
+    edge_attribution,
+    edge_layers,
+    node_attribution,
+    patch_edges,
+    reference_images,
+)
+from .circuits import (  # noqa: F401
+    CircuitOverlap,
+    LayerOverlap,
+    circuit_overlap,
+    circuit_stats,
+    compare_circuits,
+)
 from .similarity import (  # noqa: F401
     METRIC_KINDS,
     MetricError,
