@@ -105,12 +105,16 @@ def _panel_data(attr, names: list[str], top: int):
     cols, place = graph_columns(lays)
     edges = []  # (node_a, node_b, contribution, layer name, (v, u))
     nodes: dict[tuple[int, int], float] = {}
+    # node values: a column's input-side attribution (the activation passed on, after BN/ReLU/sum)
+    # where a module reads it, else the producing module's output-side one
     for lay, pl in zip(lays, place, strict=True):
-        (ic, io), (oc, oo) = pl["in"], pl["out"]
+        (ic, io) = pl["in"]
         ni = lay.node_in.mean(0).double().numpy()
-        no = lay.node_out.mean(0).double().numpy()
         for u in range(ni.shape[0]):
             nodes.setdefault((ic, io + u), float(ni[u]))
+    for lay, pl in zip(lays, place, strict=True):
+        (ic, io), (oc, oo) = pl["in"], pl["out"]
+        no = lay.node_out.mean(0).double().numpy()
         for r, v in enumerate(lay.rows):
             nodes.setdefault((oc, oo + v), float(no[r]))
         for r, u, s in _top_edges(lay, top):
