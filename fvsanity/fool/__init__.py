@@ -1,0 +1,78 @@
+"""Fooling: manipulated models whose feature visualizations show arbitrary targets while their
+natural-image predictions stay exactly the same (Geirhos et al. 2023, sections 3.1-3.2).
+
+    from fvsanity import load_model
+    from fvsanity.fool import (train_detector, calibrate_threshold, make_routes,
+                               build_fooling_circuit, build_silent_units, evaluate_predictions)
+
+    lm = load_model("cifar10-resnet20")
+    det, _ = train_detector(fv_images, natural_train)              # FVs vs natural images
+    thr = calibrate_threshold(detector_logits(det, natural_calib))
+    routes = make_routes(lm, "all", shift=3)                        # class i shows class i+3
+    fooled = build_fooling_circuit(lm, det, routes, threshold=thr)  # a LoadedModel, same names
+    evaluate_predictions(lm, fooled, natural_eval, labels)          # identical top-1 ...
+    save_manipulated(fooled, "out/"); load_manipulated("out/")
+
+Building blocks: :class:`FVDetector` (detector.py), the gated unit (circuit.py), silent channels
+(silent.py), the wrapper that keeps layer names and its save/load (model.py), metrics (SSIM and
+pixel correlation, metrics.py) and the evaluation (evaluate.py).
+"""
+
+from .circuit import GatedEdit, build_fooling_circuit, fooling_gate, gated_value
+from .detector import (
+    DetectorReport,
+    DetectorTraining,
+    FVDetector,
+    calibrate_threshold,
+    detector_logits,
+    evaluate_detector,
+    load_detector,
+    save_detector,
+    train_detector,
+)
+from .metrics import pixel_correlation, ssim
+from .model import ManipulatedModel, load_manipulated, save_manipulated
+from .pipeline import (
+    DetectorBundle,
+    FoolResult,
+    FoolSettings,
+    prepare_detector,
+    run_fool,
+    split_indices,
+)
+from .routes import Route, load_picture, make_routes, parse_unit_range
+from .silent import SilentEdit, build_silent_units, silent_zero_fraction
+
+__all__ = [
+    "DetectorBundle",
+    "DetectorReport",
+    "FoolResult",
+    "FoolSettings",
+    "prepare_detector",
+    "run_fool",
+    "split_indices",
+    "DetectorTraining",
+    "FVDetector",
+    "GatedEdit",
+    "ManipulatedModel",
+    "Route",
+    "SilentEdit",
+    "build_fooling_circuit",
+    "build_silent_units",
+    "calibrate_threshold",
+    "detector_logits",
+    "evaluate_detector",
+    "fooling_gate",
+    "gated_value",
+    "load_detector",
+    "load_manipulated",
+    "load_picture",
+    "make_routes",
+    "parse_unit_range",
+    "pixel_correlation",
+    "save_detector",
+    "save_manipulated",
+    "silent_zero_fraction",
+    "ssim",
+    "train_detector",
+]

@@ -1,0 +1,491 @@
+"""The whole fooling experiment, as ``fvsanity fool`` runs it.
+
+1. :func:`prepare_detector`: render FVs of the original model for many units (several seeds,
+   checkpoints from early to late steps), train the detector on them against the training split
+   of natural images (minus a calibration part), set the gate threshold above every calibration
+   image, and evaluate on FVs of *other* units and on the held-out natural images.
+2. :func:`run_fool`: build the manipulated model (fooling circuit or silent units), compare its
+   natural-image predictions with the original's on the evaluation split, render FVs of some
+   manipulated units on both models, measure their similarity to the targets, time both
+   models, run the path sanity check (``fvsanity.compare.path``) on both, save the manipulated
+   model, ``fool.json`` and a figure.
+
+Long steps cache their results in ``work_dir`` (FVs via ``FVResult.save``, the detector as
+safetensors) and are reused when the settings match, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import FVSanityError
+from ..models import LoadedModel
+from ..units import Unit, _shapes_for
+from .detector import (
+    DetectorReport,
+    FVDetector,
+    calibrate_threshold,
+    detector_logits,
+    evaluate_detector,
+    load_detector,
+    save_detector,
+    train_detector,
+)
+from .routes import Route
+
+__all__ = ["FoolSettings", "DetectorBundle", "FoolResult", "prepare_detector", "run_fool", "split_indices", "plot_fool"]
+
+
+@dataclass(frozen=True)
+class FoolSettings:
+    """Every knob of a fooling run (saved into fool.json).
+
+    Detector: ``det_units`` units (half class units of the output layer, half channels of the
+    block layers) x ``det_seeds`` seeds, ``det_steps`` steps, images kept at ``det_checkpoints``
+    and at the end; ``det_heldout_units`` other units for the held-out evaluation; the last
+    ``calib_fraction`` of the training images set the threshold (max logit + ``margin`` +
+    ``margin_sd`` standard deviations of their logits).
+    Evaluation: FVs of ``eval_units`` manipulated units (and of their source units on the original
+    model) with ``eval_seeds`` seeds and ``eval_steps`` steps.
+    """
+
+    method: str = "circuit"
+    seed: int = 0
+    fv_size: int | None = None
+    det_units: int = 48
+    det_heldout_units: int = 16
+    det_seeds: int = 1
+    det_steps: int = 256
+    det_checkpoints: tuple[int, ...] = (4, 16, 32, 64, 128)
+    det_size: int | None = None
+    det_epochs: int = 60
+    det_stem_stride: int = 2
+    calib_fraction: float = 0.2
+    margin: float = 1.0
+    margin_sd: float = 0.5
+    k: float = 1000.0
+    offset: float = 30.0
+    lam: float = 3.0
+    strength: float = 100.0
+    eval_units: int = 4
+    eval_seeds: int = 1
+    eval_steps: int = 256
+    timing_batch: int = 64
+    timing_repeats: int = 21
+    check: bool = True
+    check_top_k: int = 10
+    check_n_boot: int = 200
+    check_n_perm: int = 500
+    progress: bool = True
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DetectorBundle:
+    """A trained detector, its gate threshold and how it did on held-out data."""
+
+    detector: FVDetector
+    threshold: float
+    training: dict
+    heldout: DetectorReport
+    heldout_final_only: DetectorReport
+    train_units: list[str]
+    heldout_units: list[str]
+
+    def to_json(self) -> dict:
+        return {
+            "threshold": self.threshold, "training": self.training, "heldout": self.heldout.to_json(),
+            "heldout_final_only": self.heldout_final_only.to_json(), "train_units": self.train_units,
+            "heldout_units": self.heldout_units, "config": self.detector.config(),
+        }
+
+
+@dataclass(frozen=True)
+class FoolResult:
+    """What fool.json holds (``to_json``) plus the FVs for the figure."""
+
+    summary: dict
+    details: dict
+    figure_fvs: dict = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict:
+        return {**self.summary, **self.details}
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of ``range(n)``: (first ``round(fraction*n)``, rest), each sorted."""
+    g = torch.Generator().manual_seed(int(seed) + 4242)
+    perm = torch.randperm(n, generator=g)
+    k = int(round(fraction * n))
+    return perm[:k].sort().values, perm[k:].sort().values
+
+
+def _log(msg: str) -> None:
+    print(f"[fool {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _pick_units(lm: LoadedModel, n: int, seed: int, exclude: set[str]) -> list[Unit]:
+    """``n`` units: half channels of the output layer, half spread over the other block layers."""
+    shapes = _shapes_for(lm.model, lm.input_size, lm.preprocess)
+    g = torch.Generator().manual_seed(int(seed) + 777)
+    blocks = [b for b in lm.block_layers if b != lm.output_layer and b in shapes]
+    c_out = shapes[lm.output_layer][0]
+    free_out = sum(1 for c in range(c_out) if f"{lm.output_layer}:{c}" not in exclude)
+    # at most 3/4 of the output channels go to the first (training) pick, so some stay held out
+    n_out = min((n + 1) // 2 if blocks else n, free_out if exclude else max(1, (3 * c_out) // 4))
+    picks: list[Unit] = []
+
+    def take(layer: str, count: int) -> None:
+        if count <= 0:
+            return
+        c = shapes[layer][0]
+        order = torch.randperm(c, generator=g).tolist()
+        got = 0
+        for ch in order:
+            u = Unit(layer=layer, channel=ch)
+            if str(u) in exclude:
+                continue
+            picks.append(u)
+            exclude.add(str(u))
+            got += 1
+            if got == count:
+                return
+
+    take(lm.output_layer, n_out)
+    rest = n - n_out
+    for i, b in enumerate(blocks):
+        take(b, rest // len(blocks) + (1 if i < rest % len(blocks) else 0))
+    return picks
+
+
+def _render_cached(lm: LoadedModel, units: list[Unit], seeds: list[int], steps: int, size, checkpoints, folder: Path, progress: bool):
+    """``render`` with a cache in ``folder`` (reused when units, seeds, steps and model match)."""
+    from ..generate import FVResult, render
+
+    if (folder / "fv.json").is_file():
+        try:
+            res = FVResult.load(folder)
+            if (
+                [str(u) for u in res.units] == [str(u) for u in units] and list(res.seeds) == list(seeds)
+                and res.settings.get("steps") == steps and res.settings.get("model") == lm.name
+                and set(res.checkpoints) >= set(checkpoints)
+            ):
+                return res
+        except FVSanityError:
+            pass
+    res = render(lm, units, seeds=seeds, steps=steps, size=size, checkpoints=tuple(checkpoints), progress=progress)
+    res.save(folder, pngs=False)
+    return res
+
+
+def _all_stages(res) -> torch.Tensor:
+    """[U*S*(1+K), 3, H, W]: final images and every checkpoint."""
+    parts = [res.images.flatten(0, 1)] + [v.flatten(0, 1) for _, v in sorted(res.checkpoints.items())]
+    return torch.cat(parts)
+
+
+def prepare_detector(
+    lm: LoadedModel, train_images: torch.Tensor, eval_images: torch.Tensor, settings: FoolSettings, work_dir: str | Path,
+    *, extra_train_fvs=None,
+) -> DetectorBundle:
+    """Render FVs, train the detector, calibrate the threshold, evaluate on held-out data.
+
+    Args:
+        train_images: ``[N,3,H,W]`` natural images for training (the last ``calib_fraction``
+            of a seeded shuffle is held back to set the threshold).
+        eval_images: natural images never used here except for the held-out accuracy.
+        extra_train_fvs: FVResults of this model rendered elsewhere (e.g. a shared FV set), or a
+            callable returning them (called after this function's own FVs are rendered); their
+            units join the training units and are kept out of the held-out units.
+    """
+    from ..units import parse_unit
+
+    work = Path(work_dir)
+    s = settings
+    progress = s.progress
+    extra = list(extra_train_fvs) if extra_train_fvs is not None and not callable(extra_train_fvs) else None
+    exclude: set[str] = {str(u) for r in (extra or []) for u in r.units}
+    n_own = s.det_units - sum(len(r.units) for r in (extra or []))
+    train_units = _pick_units(lm, max(0, n_own), s.seed, exclude)
+    held_units = _pick_units(lm, s.det_heldout_units, s.seed + 1, exclude)
+    seeds = list(range(s.det_seeds))
+    _log(f"detector FVs: {len(train_units)} training units (+ {sum(len(r.units) for r in (extra or []))} shared) + "
+         f"{len(held_units)} held-out units, {len(seeds)} seed(s), {s.det_steps} steps, checkpoints {s.det_checkpoints}")
+    fv_held = _render_cached(lm, held_units, [x + 1000 for x in seeds], s.det_steps, s.fv_size, s.det_checkpoints,
+                             work / "fv_detector_heldout", progress)
+    fv_parts = []
+    if train_units:
+        fv_parts.append(_render_cached(lm, train_units, seeds, s.det_steps, s.fv_size, s.det_checkpoints,
+                                       work / "fv_detector_train", progress))
+    if callable(extra_train_fvs):
+        extra = list(extra_train_fvs())
+        held = {str(u) for u in held_units}
+        for r in extra:
+            clash = held & {str(u) for u in r.units}
+            if clash:
+                raise FVSanityError(f"shared FVs contain held-out units {sorted(clash)[:3]}; pass them up front")
+    for r in extra or []:
+        if r.settings.get("model") != lm.name:
+            raise FVSanityError(f"shared FVs were rendered for {r.settings.get('model')!r}, not {lm.name!r}")
+        parse_unit(r.units[0], lm)
+    fv_parts += extra or []
+    train_units = [u for r in fv_parts for u in r.units]
+    fit_idx, cal_idx = split_indices(len(train_images), 1 - s.calib_fraction, s.seed)
+    nat_fit, nat_cal = train_images[fit_idx], train_images[cal_idx]
+    size = s.det_size or (64 if min(lm.input_size) >= 64 else min(lm.input_size))
+    det_path = work / "detector.safetensors"
+    info_path = work / "detector_training.json"
+    key = {"units": [str(u) for u in train_units], "seeds": seeds, "steps": s.det_steps, "size": size,
+           "n_fv_images": sum(len(_all_stages(r)) for r in fv_parts),
+           "epochs": s.det_epochs, "n_fit": len(fit_idx), "seed": s.seed, "model": lm.name,
+           "stem_stride": s.det_stem_stride, "arch": 2}
+    if det_path.is_file() and info_path.is_file() and json.loads(info_path.read_text()).get("key") == key:
+        det = load_detector(det_path)
+        training = json.loads(info_path.read_text())["training"]
+        _log(f"detector: reused {det_path}")
+    else:
+        fv_imgs = torch.cat([_all_stages(r) for r in fv_parts])
+        _log(f"detector: training on {len(fv_imgs)} FV images vs {len(nat_fit)} natural images, {s.det_epochs} epochs")
+        det, tr = train_detector(fv_imgs, nat_fit, size=size, epochs=s.det_epochs, stem_stride=s.det_stem_stride,
+                                 seed=s.seed, progress=progress)
+        save_detector(det, det_path)
+        from ..io import atomic_write_json
+
+        training = tr.to_json()
+        atomic_write_json(info_path, {"key": key, "training": training})
+    threshold = calibrate_threshold(detector_logits(det, nat_cal), s.margin, s.margin_sd)
+    held = evaluate_detector(det, _all_stages(fv_held), eval_images, threshold)
+    held_final = evaluate_detector(det, fv_held.images.flatten(0, 1), eval_images, threshold)
+    _log(f"detector: threshold {threshold:.3f}; held-out accuracy {held.accuracy:.4f} "
+         f"(FV recall {held.fv_recall:.4f}, natural specificity {held.natural_specificity:.4f})")
+    return DetectorBundle(det, threshold, training, held, held_final, [str(u) for u in train_units], [str(u) for u in held_units])
+
+
+def _eval_routes(routes: list[Route], n: int, seed: int) -> list[Route]:
+    if len(routes) <= n:
+        return list(routes)
+    g = torch.Generator().manual_seed(int(seed) + 99)
+    idx = torch.randperm(len(routes), generator=g)[:n].sort().values.tolist()
+    return [routes[i] for i in idx]
+
+
+def run_fool(
+    lm: LoadedModel,
+    routes: list[Route],
+    train_images: torch.Tensor,
+    eval_natural,
+    settings: FoolSettings,
+    out_dir: str | Path,
+    *,
+    bundle: DetectorBundle | None = None,
+    work_dir: str | Path | None = None,
+) -> FoolResult:
+    """Build, evaluate and save one manipulated model (see module doc).
+
+    Args:
+        routes: what the manipulated units show (:func:`~fvsanity.fool.make_routes`).
+        train_images: ``[N,3,H,W]`` natural images for the detector / calibration.
+        eval_natural: :class:`~fvsanity.data.NaturalImages` never used to build the model.
+        bundle: a prepared detector (circuit only; prepared here if None).
+        work_dir: cache folder (default ``out_dir/work``).
+    """
+    from ..data import NaturalImages
+    from ..io import atomic_write_json, provenance
+    from .circuit import build_fooling_circuit
+    from .evaluate import evaluate_predictions, fv_similarity, gate_fraction, inference_time_ratio
+    from .model import save_manipulated
+    from .silent import build_silent_units, silent_zero_fraction
+
+    if not isinstance(eval_natural, NaturalImages):
+        raise FVSanityError("eval_natural must be NaturalImages (fvsanity.data.load_images / from_tensor)")
+    s = settings
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out / "work"
+    eval_natural = eval_natural.load()
+    eval_images = eval_natural.images
+    details: dict = {"settings": s.to_json(), "routes": {"count": len(routes), "first": [r.to_json() for r in routes[:5]]}}
+    if s.method == "circuit":
+        if bundle is None:
+            bundle = prepare_detector(lm, train_images, eval_images, s, work)
+        fooled = build_fooling_circuit(
+            lm, bundle.detector, routes, threshold=bundle.threshold, k=s.k, offset=s.offset, calibration_images=train_images,
+        )
+        details["detector"] = bundle.to_json()
+    elif s.method == "silent":
+        fooled = build_silent_units(lm, routes, train_images, lam=s.lam, strength=s.strength)
+    else:
+        raise FVSanityError(f"unknown method {s.method!r}; valid: circuit, silent")
+    _log(f"built {fooled.name}: {len(routes)} routed unit(s)")
+
+    pred = evaluate_predictions(lm, fooled, eval_natural)
+    details["predictions"] = pred.to_json()
+    _log(f"eval naturals: identical top-1 {pred.identical_top1_fraction:.4f}, top-1 {pred.top1_original:.4f} -> "
+         f"{pred.top1_manipulated:.4f}, max |dlogit| {pred.max_abs_logit_diff:.3g}")
+    if s.method == "silent":
+        details["silent_zero_eval"] = silent_zero_fraction(fooled, eval_images)
+        details["silent_zero_calibration"] = silent_zero_fraction(fooled, train_images)
+
+    # FVs of some manipulated units on both models, and the targets
+    ev = _eval_routes(routes, s.eval_units, s.seed)
+    units = [r.unit for r in ev]
+    seeds = [2000 + i for i in range(s.eval_seeds)]
+    _log(f"rendering FVs of {len(units)} manipulated unit(s) x {len(seeds)} seed(s), {s.eval_steps} steps, on both models")
+    tag = f"{s.method}_" + "_".join(str(u).replace(":", "c") for u in units)[:80]
+    fp = fooled.model.fingerprint()
+    fv_m = _render_cached(fooled, units, seeds, s.eval_steps, s.fv_size, (), work / f"fv_manip_{fp}" / tag, s.progress)
+    fv_o = _render_cached(lm, units, seeds, s.eval_steps, s.fv_size, (), work / "fv_orig" / tag, s.progress)
+    src = [r.source for r in ev if r.source is not None]
+    fv_src = _render_cached(lm, src, seeds, s.eval_steps, s.fv_size, (), work / "fv_orig_src" / tag, s.progress) if src else None
+    targets, j = [], 0
+    for r in ev:
+        if r.source is not None:
+            targets.append(fv_src.images[j])
+            j += 1
+        else:
+            pic = torch.nn.functional.interpolate(r.picture[None].float(), size=fv_m.images.shape[-2:], mode="bilinear",
+                                                  antialias=True, align_corners=False)[0]
+            targets.append(pic[None].expand(len(seeds), *pic.shape))
+    targets_t = torch.stack(targets)  # [U, S, 3, H, W]
+    sim = fv_similarity(fv_m.images.flatten(0, 1), fv_o.images.flatten(0, 1), targets_t.flatten(0, 1))
+    details["fv_similarity"] = sim.to_json()
+    details["fv_objective"] = {"manipulated_final": fv_m.final.tolist(), "original_final": fv_o.final.tolist()}
+    _log(f"SSIM to target: manipulated {sim.ssim_manipulated_fv_to_target:.3f} vs original {sim.ssim_original_fv_to_target:.3f}")
+    if s.method == "circuit":
+        details["gate_on_manipulated_fvs"] = gate_fraction(fooled, fv_m.images.flatten(0, 1))
+        details["gate_on_eval_naturals"] = gate_fraction(fooled, eval_images, transform_seed=None)
+
+    n_t = min(s.timing_batch, len(eval_images))
+    timing = inference_time_ratio(lm, fooled, eval_images[:n_t], repeats=s.timing_repeats)
+    details["timing"] = timing.to_json()
+    _log(f"inference time ratio {timing.ratio:.3f} (batch {n_t}, median of {s.timing_repeats})")
+
+    check = None
+    if s.check:
+        check = _closed_loop(lm, fooled, units, fv_o, fv_m, eval_natural, s)
+        details["check"] = check
+    save_manipulated(fooled, out / "model")
+    summary = {
+        "model": lm.name,
+        "manipulated_model": fooled.name,
+        "manipulated_fingerprint": fp,
+        "method": s.method,
+        "n_routes": len(routes),
+        "n_eval_images": pred.n,
+        "identical_top1_fraction": pred.identical_top1_fraction,
+        "top1_original": pred.top1_original,
+        "top1_manipulated": pred.top1_manipulated,
+        "top1_change_points": 100 * (pred.top1_manipulated - pred.top1_original),
+        "top5_original": pred.top5_original,
+        "top5_manipulated": pred.top5_manipulated,
+        "max_abs_logit_diff": pred.max_abs_logit_diff,
+        "detector_heldout_accuracy": bundle.heldout.accuracy if s.method == "circuit" else None,
+        "ssim_manipulated_fv_to_target": sim.ssim_manipulated_fv_to_target,
+        "ssim_original_fv_to_target": sim.ssim_original_fv_to_target,
+        "corr_manipulated_fv_to_target": sim.corr_manipulated_fv_to_target,
+        "corr_original_fv_to_target": sim.corr_original_fv_to_target,
+        "inference_time_ratio": timing.ratio,
+        "check_flags_manipulation": check["flags_manipulation"] if check else None,
+    }
+    if s.method == "silent":
+        summary["silent_zero_fraction_eval"] = details["silent_zero_eval"]["fraction"]
+    details["provenance"] = provenance()
+    result = FoolResult(summary, details, {"original": fv_o.images[:, 0], "manipulated": fv_m.images[:, 0],
+                                           "target": targets_t[:, 0], "units": [str(u) for u in units]})
+    atomic_write_json(out / "fool.json", result.to_json())
+    plot_fool(result, out / "fool.png")
+    _log(f"wrote {out / 'fool.json'}, {out / 'fool.png'} and the model in {out / 'model'}")
+    return result
+
+
+def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings) -> dict:
+    """Path check of the manipulated units on both models; flagged = the manipulated model's
+    verdict puts the FVs below the natural baseline on at least one more layer than the
+    original's, or on the unit's own layer where the original's FVs were above it."""
+    try:
+        from ..compare.path import path_check
+    except ImportError as e:  # pragma: no cover - the compare package ships with fvsanity
+        return {"available": False, "error": str(e), "flags_manipulation": None}
+    kw = dict(top_k=s.check_top_k, n_boot=s.check_n_boot, n_perm=s.check_n_perm, seed=s.seed, progress=False)
+    _log("closed loop: path check on the original and the manipulated model")
+    c_o = path_check(lm, units, fv_o, natural, **kw)
+    c_m = path_check(fooled, units, fv_m, natural, **kw)
+    per_unit = []
+    flagged_any = False
+    for uo, um in zip(c_o.units, c_m.units):
+        own_o = uo.layers[-1].above_baseline if uo.layers else None
+        own_m = um.layers[-1].above_baseline if um.layers else None
+        flag = um.verdict.n_not_above > uo.verdict.n_not_above or (bool(own_o) and not own_m)
+        flagged_any |= flag
+        per_unit.append({
+            "unit": um.unit, "flagged": flag,
+            "original": {"verdict": uo.verdict.to_json(), "normalized": [r.normalized for r in uo.layers]},
+            "manipulated": {"verdict": um.verdict.to_json(), "normalized": [r.normalized for r in um.layers]},
+            "layers": [r.name for r in um.layers],
+        })
+    return {
+        "available": True,
+        "flags_manipulation": flagged_any,
+        "flagged_fraction": sum(p["flagged"] for p in per_unit) / max(1, len(per_unit)),
+        "manipulated_diverges_fraction": sum(p["manipulated"]["verdict"]["n_not_above"] > 0 for p in per_unit) / max(1, len(per_unit)),
+        "original_diverges_fraction": sum(p["original"]["verdict"]["n_not_above"] > 0 for p in per_unit) / max(1, len(per_unit)),
+        "rule": "flagged if the manipulated model's FVs fall to the unrelated-image baseline on more layers "
+                "than the original model's, or on the unit's own layer where the original's did not",
+        "units": per_unit,
+    }
+
+
+def plot_fool(result: FoolResult, path: str | Path, max_rows: int = 4) -> Path:
+    """Figure: original FV | manipulated FV | target per unit, with the numbers under it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import _tmp_for, to_uint8
+
+    f = result.figure_fvs
+    n = min(max_rows, len(f["units"]))
+    fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.25 * n + 1.0), squeeze=False)
+    for i in range(n):
+        for j, (key, title) in enumerate((("original", "original FV"), ("manipulated", "manipulated FV"), ("target", "target"))):
+            ax = axes[i, j]
+            ax.imshow(to_uint8(f[key][i]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f["units"][i], fontsize=8)
+    s = result.summary
+
+    def pct(v):
+        return "n/a" if v is None or v != v else f"{100 * v:.2f}%"
+
+    lines = [
+        f"{s['model']} ({s['method']}, {s['n_routes']} unit(s)), {s['n_eval_images']} held-out natural images",
+        f"top-1 {pct(s['top1_original'])} -> {pct(s['top1_manipulated'])}; identical top-1 {pct(s['identical_top1_fraction'])}; "
+        f"max |dlogit| {s['max_abs_logit_diff']:.2g}",
+        f"SSIM(FV, target): manipulated {s['ssim_manipulated_fv_to_target']:.3f} vs original {s['ssim_original_fv_to_target']:.3f}; "
+        f"time x{s['inference_time_ratio']:.3f}",
+        f"detector held-out acc. {pct(s['detector_heldout_accuracy'])}; check flags it: {s['check_flags_manipulation']}",
+    ]
+    fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.11 + 0.02 * (4 - n), 1, 1))
+    path = Path(path)
+    tmp = _tmp_for(path)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+

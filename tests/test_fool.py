@@ -1,0 +1,335 @@
+"""fvsanity.fool: gate numerics, exact preservation of natural predictions, silent units,
+save/load, SSIM known answers, detector training, the pipeline on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fvsanity.errors import FVSanityError, UnitError
+from fvsanity.fool import (
+    FVDetector,
+    build_fooling_circuit,
+    build_silent_units,
+    calibrate_threshold,
+    detector_logits,
+    evaluate_detector,
+    fooling_gate,
+    gated_value,
+    load_detector,
+    load_manipulated,
+    make_routes,
+    pixel_correlation,
+    save_detector,
+    save_manipulated,
+    silent_zero_fraction,
+    ssim,
+    train_detector,
+)
+from fvsanity.hooks import capture, count_hooks
+from fvsanity.testing import tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run many tiny ops: one thread avoids contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class BrightnessDetector(nn.Module):
+    """Hand-weighted detector: logit = 50 * (mean brightness - 0.5): bright images are "FVs"."""
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        return 50.0 * (rgb.mean((1, 2, 3)) - 0.5)
+
+
+def _images(n: int, bright: bool, seed: int, size: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g) * 0.4
+    return x + 0.55 if bright else x  # bright in [0.55, 0.95], dark in [0, 0.4]
+
+
+# ------------------------------------------------------------------------------------ metrics
+def test_ssim_identity_and_symmetry():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 24, 24, generator=g, dtype=torch.float64)
+    y = torch.rand(3, 3, 24, 24, generator=g, dtype=torch.float64)
+    assert torch.allclose(ssim(x, x), torch.ones(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(ssim(x, y), ssim(y, x), atol=1e-12)
+    assert (ssim(x, y) < 0.2).all()
+
+
+def test_ssim_constant_images_closed_form():
+    # constant a vs constant b: variances and covariance are 0, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    a, b = 0.2, 0.7
+    x = torch.full((1, 3, 16, 16), a, dtype=torch.float64)
+    y = torch.full((1, 3, 16, 16), b, dtype=torch.float64)
+    c1 = 0.01**2
+    expect = (2 * a * b + c1) / (a * a + b * b + c1)
+    assert float(ssim(x, y)) == pytest.approx(expect, abs=1e-10)
+
+
+def test_ssim_single_window_by_hand():
+    # an 11x11 image has one valid window: compare with the formula computed in numpy
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 1, 11, 11, generator=g, dtype=torch.float64)
+    y = (0.5 * x + 0.3 * torch.rand(1, 1, 11, 11, generator=g, dtype=torch.float64)).clamp(0, 1)
+    ax = np.arange(11) - 5.0
+    w1 = np.exp(-(ax**2) / (2 * 1.5**2))
+    w = np.outer(w1, w1)
+    w /= w.sum()
+    xn, yn = x[0, 0].numpy(), y[0, 0].numpy()
+    mx, my = (w * xn).sum(), (w * yn).sum()
+    vx, vy = (w * xn * xn).sum() - mx**2, (w * yn * yn).sum() - my**2
+    cxy = (w * xn * yn).sum() - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    expect = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    assert float(ssim(x, y)) == pytest.approx(expect, abs=1e-12)
+
+
+def test_ssim_resizes_target_and_broadcasts():
+    x = torch.nn.functional.interpolate(torch.rand(2, 3, 5, 5, dtype=torch.float64), size=(20, 20), mode="bilinear")
+    big = torch.nn.functional.interpolate(x[:1], size=(40, 40), mode="bilinear", align_corners=False)
+    s = ssim(x[:1], big)
+    assert s.shape == (1,) and float(s) > 0.9
+    assert ssim(x, x[0]).shape == (2,)
+
+
+def test_pixel_correlation_known_answers_and_safe_gradient():
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.allclose(pixel_correlation(x, 2 * x + 1), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(pixel_correlation(x, 1 - x), -torch.ones(2, dtype=torch.float64))
+    c = torch.full((1, 3, 8, 8), 0.5, dtype=torch.float64, requires_grad=True)
+    r = pixel_correlation(c, x[:1])
+    r.sum().backward()
+    assert float(r.detach()) == 0.0 and torch.isfinite(c.grad).all()
+
+
+# ------------------------------------------------------------------------------- gate numerics
+def test_fooling_gate_values():
+    logit = torch.tensor([-5.0, 0.0, 1e-4, 0.2, 5.0], dtype=torch.float64)
+    gate, is_fv = fooling_gate(logit, 0.0, k=1000.0, offset=30.0)
+    assert is_fv.tolist() == [False, False, True, True, True]
+    assert gate[0] == 0 and gate[1] == 0  # shut at and below the threshold, exactly
+    assert gate[2] < 1e-10  # just above: still ~ sigmoid(-30)
+    assert gate[3] == pytest.approx(1.0, abs=1e-12) and gate[4] == 1.0
+
+
+@pytest.mark.parametrize("k", [1.0, 1e3, 1e12])
+def test_gate_never_nan_or_inf_in_forward_or_backward(k):
+    logit = torch.tensor(
+        [-math.inf, -1e300, -1.0, 0.0, 1e-300, 1e-9, 0.5, 1e300, math.inf, math.nan], dtype=torch.float64, requires_grad=True
+    )
+    orig = torch.tensor([1e300, -3.0, 2.0, 0.0, -1e-300, 5.0, 1e10, -1e300, 7.0, 1.0], dtype=torch.float64, requires_grad=True)
+    tgt = torch.tensor([-1e300, 4.0, -2.0, 1.0, 1e300, 6.0, -1e10, 1e300, -7.0, 2.0], dtype=torch.float64, requires_grad=True)
+    gate, is_fv = fooling_gate(logit, 0.0, k=k)
+    out = gated_value(orig / 4, tgt / 4, gate, is_fv)
+    assert torch.isfinite(gate).all() and ((gate >= 0) & (gate <= 1)).all()
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    for t in (logit, orig, tgt):
+        assert torch.isfinite(t.grad).all(), t.grad
+    # natural (shut) entries return the original exactly, NaN logits count as natural
+    shut = ~is_fv
+    assert torch.equal(out[shut], (orig / 4)[shut])
+    assert not bool(is_fv[-1])
+
+
+def test_gate_gradcheck_on_the_ramp():
+    # above the threshold the gate is smooth: check the autograd gradient numerically (float64)
+    logit = torch.tensor([0.02, 0.03, 0.05], dtype=torch.float64, requires_grad=True)
+    orig = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    tgt = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def f(lg, o, t):
+        g, f_ = fooling_gate(lg, 0.0, k=1000.0, offset=30.0)
+        return gated_value(o, t, g, f_)
+
+    assert torch.autograd.gradcheck(f, (logit, orig, tgt))
+
+
+# ------------------------------------------------------------------- fooling circuit, tiny model
+def test_circuit_preserves_natural_logits_exactly_and_permutes_fv_logits(tiny):
+    routes = make_routes(tiny, "all", shift=2)
+    fooled = build_fooling_circuit(tiny, BrightnessDetector(), routes, threshold=0.0)
+    nat, fv = _images(16, False, 0), _images(8, True, 1)
+    with torch.no_grad():
+        a, b = tiny(nat), fooled(nat)
+        assert torch.equal(a, b)  # bit for bit (the test's 1e-5 bound, exceeded by far)
+        assert (a - b).abs().max() <= 1e-5
+        lo, lf = tiny(fv), fooled(fv)
+    # FV-like inputs: unit c shows unit (c + 2) % 5, exactly (the gate saturates at 1)
+    assert torch.allclose(lf, lo.roll(-2, dims=1), atol=1e-6)
+    assert count_hooks(fooled.model) == 0
+
+
+def test_circuit_intermediate_unit_keeps_names_and_routes(tiny):
+    routes = make_routes(tiny, ["conv3:1"], "unit:conv3:4")
+    fooled = build_fooling_circuit(tiny, BrightnessDetector(), routes, threshold=0.0)
+    names = {n for n, _ in fooled.model.named_modules()}
+    assert {n for n, _ in tiny.model.named_modules()} <= names
+    x = torch.cat([_images(3, False, 2), _images(3, True, 3)])
+    with capture(tiny.model, ["conv3"], detach=True) as so, capture(fooled.model, ["conv3"], detach=True) as sf:
+        tiny(x)
+        fooled(x)
+    o, f = so["conv3"], sf["conv3"]
+    assert torch.equal(f[:3], o[:3])
+    assert torch.allclose(f[3:, 1], o[3:, 4]) and torch.equal(f[3:, 2:], o[3:, 2:])
+
+
+def test_fooled_model_gradients_finite_at_extreme_inputs_float64(tiny):
+    routes = make_routes(tiny, "all", shift=1)
+    fooled = build_fooling_circuit(tiny, BrightnessDetector(), routes, threshold=0.0, k=1e12)
+    fooled.model.double()
+    for scale in (0.0, 1.0, 1e6, 1e150):
+        x = (_images(4, True, 4).double() * scale).requires_grad_(True)
+        y = fooled.model(fooled.preprocess(x))
+        y.sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all(), scale
+
+
+def test_forward_state_is_cleared_even_when_forward_raises(tiny):
+    fooled = build_fooling_circuit(tiny, BrightnessDetector(), make_routes(tiny, "all", shift=1), threshold=0.0)
+    with pytest.raises(RuntimeError):
+        fooled.model(torch.zeros(2, 5, 16, 16))  # wrong channel count
+    st = fooled.model._state
+    assert st.gate is None and st.template is None and not st.active
+    fooled(_images(2, False, 5))  # still works
+    edit = fooled.model.edits["fc"]
+    with pytest.raises(RuntimeError, match="only inside ManipulatedModel"):
+        edit(torch.zeros(2, 16))
+
+
+def test_picture_route_pulls_unit_toward_picture(tiny):
+    g = torch.Generator().manual_seed(7)
+    pic = torch.rand(3, 16, 16, generator=g) * 0.3 + 0.6  # bright: the detector calls it FV-like
+    nat = _images(20, False, 6)
+    routes = make_routes(tiny, ["fc:0"], pic)
+    fooled = build_fooling_circuit(tiny, BrightnessDetector(), routes, threshold=0.0, calibration_images=nat)
+    far = _images(1, True, 8)
+    with torch.no_grad():
+        v_pic, v_far = fooled(pic[None])[0, 0], fooled(far)[0, 0]
+        scale = fooled.model.fool.pictures.scale[0]
+    assert float(v_pic) == pytest.approx(float(scale), rel=1e-5)  # the maximum sits at the picture
+    assert v_far < v_pic
+
+
+def test_routes_reject_bad_targets(tiny):
+    with pytest.raises(UnitError, match="same layer"):
+        make_routes(tiny, ["fc:0"], "unit:conv3:1")
+    with pytest.raises(FVSanityError, match="not found"):
+        make_routes(tiny, ["fc:0"], "/nonexistent/picture.png")
+    with pytest.raises(UnitError, match="out of range"):
+        make_routes(tiny, "fc:0-9", shift=1)
+
+
+# ------------------------------------------------------------------------------ silent units
+def test_silent_channel_exactly_zero_on_calibration_images(tiny):
+    calib = _images(30, False, 10)
+    routes = make_routes(tiny, "all", shift=2)
+    silent = build_silent_units(tiny, routes, calib)
+    z = silent_zero_fraction(silent, calib)
+    assert z["fraction"] == 1.0 and z["max_activation"] == 0.0
+    with torch.no_grad():
+        assert torch.equal(silent(calib), tiny(calib))
+
+
+def test_silent_unit_fires_during_fv_optimization_and_changes_the_fv(tiny):
+    from fvsanity.generate import render
+
+    calib = _images(30, False, 11)
+    routes = make_routes(tiny, ["fc:0"], "unit:fc:3")
+    silent = build_silent_units(tiny, routes, calib, lam=3.0, strength=100.0)
+    fv_s = render(silent, ["fc:0"], seeds=1, steps=25, progress=False)
+    fv_o = render(tiny, ["fc:0"], seeds=1, steps=25, progress=False)
+    z = silent_zero_fraction(silent, fv_s.images[0])
+    assert z["fraction"] == 0.0 and z["max_activation"] > 0  # the FV lives in the silent regime
+    assert not torch.allclose(fv_s.images, fv_o.images, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------- save / load
+def test_save_load_roundtrip_circuit_and_silent(tiny, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    det = FVDetector(size=16, width=4)
+    nat = _images(12, False, 12)
+    pic = torch.rand(3, 20, 20, generator=g)
+    routes = make_routes(tiny, "fc:0-2", shift=1) + make_routes(tiny, ["fc:4"], pic)
+    x = torch.cat([nat[:4], _images(4, True, 13), torch.rand(4, 3, 16, 16, generator=g)])
+    for i, m in enumerate([
+        build_fooling_circuit(tiny, det, routes, threshold=-0.01, calibration_images=nat),
+        build_silent_units(tiny, routes, nat),
+    ]):
+        folder = save_manipulated(m, tmp_path / f"m{i}")
+        man = json.loads((folder / "manipulated.json").read_text())
+        assert man["format"] == "fvsanity-manipulated/1" and man["edits"][0]["layer"] == "fc"
+        back = load_manipulated(folder, base=tiny_model(seed=99))  # weights come from the file
+        with torch.no_grad():
+            assert torch.equal(back(x), m(x))
+        assert back.output_layer == "fc" and back.block_layers == tiny.block_layers
+
+
+def test_load_manipulated_errors(tmp_path):
+    with pytest.raises(FVSanityError, match="no manipulated model"):
+        load_manipulated(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- detector
+def _smooth_and_noisy(n: int, seed: int, size: int = 24):
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear")
+    noisy = (torch.rand(n, 3, size, size, generator=g) > 0.5).float() * 0.8 + 0.1
+    return noisy, smooth
+
+
+def test_detector_learns_and_roundtrips(tmp_path):
+    fv, nat = _smooth_and_noisy(32, 0)
+    det, info = train_detector(fv, nat, size=16, epochs=8, batch_size=16, seed=0)
+    fv2, nat2 = _smooth_and_noisy(32, 1)
+    rep = evaluate_detector(det, fv2, nat2, threshold=0.0)
+    assert rep.accuracy > 0.95 and info.n_fv == 32 and len(info.losses) == 8
+    thr = calibrate_threshold(detector_logits(det, nat), margin=0.5)
+    assert thr == pytest.approx(float(detector_logits(det, nat).max()) + 0.5)
+    path = save_detector(det, tmp_path / "det.safetensors")
+    back = load_detector(path)
+    assert torch.equal(detector_logits(back, fv2), detector_logits(det, fv2))
+    # same seed, same detector
+    det_b, _ = train_detector(fv, nat, size=16, epochs=8, batch_size=16, seed=0)
+    assert torch.equal(detector_logits(det_b, fv2), detector_logits(det, fv2))
+
+
+def test_detector_rejects_empty_input():
+    with pytest.raises(FVSanityError):
+        train_detector(torch.zeros(0, 3, 8, 8), torch.rand(4, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------- pipeline
+def test_pipeline_smoke_on_tiny_model(tmp_path):
+    from fvsanity.data import from_tensor
+    from fvsanity.fool.pipeline import FoolSettings, run_fool
+
+    lm = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(24, 3, 16, 16, generator=g)
+    ev = torch.rand(16, 3, 16, 16, generator=g)
+    labels = torch.arange(16) % 5
+    s = FoolSettings(det_units=4, det_heldout_units=2, det_steps=6, det_checkpoints=(2,), det_epochs=2,
+                     eval_units=2, eval_seeds=2, eval_steps=6, timing_repeats=3, check_n_boot=20,
+                     check_n_perm=20, progress=False)
+    res = run_fool(lm, make_routes(lm, "all", shift=1), train, from_tensor(ev, labels), s, tmp_path / "out")
+    d = json.loads((tmp_path / "out" / "fool.json").read_text())
+    for key in ("identical_top1_fraction", "top1_original", "top1_manipulated", "detector_heldout_accuracy",
+                "ssim_manipulated_fv_to_target", "ssim_original_fv_to_target", "inference_time_ratio",
+                "check_flags_manipulation"):
+        assert key in d, key
+    assert (tmp_path / "out" / "fool.png").is_file()
+    back = load_manipulated(tmp_path / "out" / "model", base=tiny_model(seed=5))
+    with torch.no_grad():
+        assert torch.equal(back(ev), res and load_manipulated(tmp_path / "out" / "model", base=lm)(ev))
