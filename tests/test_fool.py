@@ -333,3 +333,20 @@ def test_pipeline_smoke_on_tiny_model(tmp_path):
     back = load_manipulated(tmp_path / "out" / "model", base=tiny_model(seed=5))
     with torch.no_grad():
         assert torch.equal(back(ev), res and load_manipulated(tmp_path / "out" / "model", base=lm)(ev))
+
+
+@pytest.mark.parametrize("name", ["fooling_circuit", "silent_units"])
+def test_experiment_smoke(name, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / name / "run.py"
+    spec = importlib.util.spec_from_file_location(f"exp_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--figures", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["runs"]) == {"tiny_permute", "tiny_picture"}
+    for r in res["runs"].values():
+        assert 0.0 <= r["summary"]["identical_top1_fraction"] <= 1.0
+    assert (tmp_path / "tiny_permute.png").is_file()

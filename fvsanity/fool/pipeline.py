@@ -72,6 +72,7 @@ class FoolSettings:
     offset: float = 30.0
     lam: float = 3.0
     strength: float = 100.0
+    silent_margin_sd: float = 1.0
     eval_units: int = 4
     eval_seeds: int = 1
     eval_steps: int = 256
@@ -319,7 +320,7 @@ def run_fool(
         )
         details["detector"] = bundle.to_json()
     elif s.method == "silent":
-        fooled = build_silent_units(lm, routes, train_images, lam=s.lam, strength=s.strength)
+        fooled = build_silent_units(lm, routes, train_images, lam=s.lam, strength=s.strength, margin_sd=s.silent_margin_sd)
     else:
         raise FVSanityError(f"unknown method {s.method!r}; valid: circuit, silent")
     _log(f"built {fooled.name}: {len(routes)} routed unit(s)")
@@ -357,6 +358,8 @@ def run_fool(
     details["fv_similarity"] = sim.to_json()
     details["fv_objective"] = {"manipulated_final": fv_m.final.tolist(), "original_final": fv_o.final.tolist()}
     _log(f"SSIM to target: manipulated {sim.ssim_manipulated_fv_to_target:.3f} vs original {sim.ssim_original_fv_to_target:.3f}")
+    if s.method == "silent":
+        details["silent_fired_on_manipulated_fvs"] = 1.0 - silent_zero_fraction(fooled, fv_m.images.flatten(0, 1))["fraction"]
     if s.method == "circuit":
         details["gate_on_manipulated_fvs"] = gate_fraction(fooled, fv_m.images.flatten(0, 1))
         details["gate_on_eval_naturals"] = gate_fraction(fooled, eval_images, transform_seed=None)

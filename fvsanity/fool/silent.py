@@ -1,107 +1,124 @@
-"""Silent units (Geirhos et al. 2023): a parallel channel that is exactly zero on natural images
-but dominates the unit's FV.
+"""Silent units (Geirhos et al. 2023, the "orthogonal filters" construction): a parallel filter
+that is exactly zero on natural images but dominates the unit's FV.
 
-For a routed channel c of a layer with output y, the silent channel is
+For a routed channel c of a convolution or linear layer with weights W (input x), the silent
+filter is
 
-    s = ReLU(z - b),   z = (y_c - mu_c)/sd_c + lam * (t - mu_t)/sd_t,
+    w' = strength * normalize(W_c + lam * dW),    s = ReLU(w' * x + b'),    unit c -> y_c + s,
 
-where t is the target pathway (channel ``source`` of the same layer, per position, or a
-picture-template value per image), mu/sd are natural-image statistics and the bias b is set at
-or above the largest z over a calibration split (plus a small margin), so s = 0 exactly on every
-calibration image. The unit becomes ``y_c + strength * sd_c * s``. FV optimization first drives
-y_c far beyond its natural range (FVs always do), z crosses b, and from there the silent channel's
-gradient (weight ``strength``, mostly along the target, weight ``lam``) takes over: the FV shows
-the target. As in the paper's construction (filter ``w + lam*dw``, weight factor 100, bias below
-the natural maximum) the unit's own direction is part of z so that the optimizer reaches the
-silent regime at all. The silent channel is hookable at ``<layer>.silent`` (``[N,R,...]``).
+where dW is the target direction made orthogonal to W_c and scaled to its norm: the weights of
+another channel of the same layer (unit target), or the layer-input features of a picture minus
+their natural mean (picture target). The bias b' sits at or below minus the largest response of
+w' over a calibration split of natural images (plus a margin), so s = 0 exactly on every
+calibration image. Along an FV trajectory of the original unit, W_c * x grows far beyond its
+natural range while the orthogonal part stays near its natural level, so the optimizer enters the
+silent regime; from there the silent filter's gradient (weight ``strength``, mostly along dW
+for ``lam`` = 3) takes over and the FV shows the target. The silent channel is hookable at
+``<layer>.silent`` (``[N,R,...]``) and its pre-activation at ``<layer>.pre``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FVSanityError
 from ..hooks import capture
 from ..models import LoadedModel
-from .circuit import _bshape, _group, _picture_templates
+from .circuit import _group
 from .model import ManipulatedModel, register_edit, wrap_loaded
 from .routes import Route
 
 __all__ = ["SilentEdit", "build_silent_units", "silent_zero_fraction"]
 
 
+def _geometry(orig: nn.Module) -> dict:
+    if isinstance(orig, nn.Conv2d):
+        if orig.groups != 1:
+            raise FVSanityError(f"silent units need an ungrouped convolution; this one has groups={orig.groups}")
+        return {"kind": "conv", "stride": list(orig.stride), "padding": list(orig.padding) if not isinstance(orig.padding, str) else orig.padding,
+                "dilation": list(orig.dilation)}
+    if isinstance(orig, nn.Linear):
+        return {"kind": "linear"}
+    raise FVSanityError(
+        f"silent units edit a Conv2d or Linear layer (they add a filter on its input); got {type(orig).__name__}"
+    )
+
+
 @register_edit("silent")
 class SilentEdit(nn.Module):
-    """Wraps layer ``orig``; adds ``strength * sd_c * ReLU(z - bias)`` to each routed channel."""
+    """Wraps a Conv2d/Linear ``orig``; adds ``ReLU(weight * x + bias)`` to each routed channel.
 
-    def __init__(self, orig: nn.Module, channels, sources, pictures, lam: float = 3.0, strength: float = 100.0):
+    ``weight`` is ``[R, C_in, kh, kw]`` (conv) or ``[R, C_in]`` (linear), ``bias`` ``[R]``.
+    """
+
+    def __init__(self, orig: nn.Module, channels, weight_shape=None):
         super().__init__()
         self.orig = orig
+        self.geom = _geometry(orig)
+        self.pre = nn.Identity()
         self.silent = nn.ReLU()
         ch = torch.as_tensor(channels, dtype=torch.long)
-        r = len(ch)
+        if len(set(ch.tolist())) != len(ch):
+            raise FVSanityError("each routed channel appears once")
         self.register_buffer("channels", ch)
-        self.register_buffer("sources", torch.as_tensor(sources, dtype=torch.long))
-        self.register_buffer("pictures", torch.as_tensor(pictures, dtype=torch.long))
-        if not (r == len(self.sources) == len(self.pictures)) or len(set(ch.tolist())) != r:
-            raise FVSanityError("each routed channel appears once, with one source or picture")
-        if bool(((self.sources < 0) == (self.pictures < 0)).any()):
-            raise FVSanityError("every route needs exactly one of a source channel and a picture")
-        self.has_pictures = bool((self.pictures >= 0).any())
-        for name in ("mu_c", "mu_t", "bias"):
-            self.register_buffer(name, torch.zeros(r))
-        for name in ("sd_c", "sd_t"):
-            self.register_buffer(name, torch.ones(r))
-        self.register_buffer("lam", torch.full((r,), float(lam)))
-        self.register_buffer("strength", torch.full((r,), float(strength)))
+        shape = weight_shape or (len(ch), *orig.weight.shape[1:])
+        self.register_buffer("weight", torch.zeros(*shape))
+        self.register_buffer("bias", torch.zeros(len(ch)))
 
     def spec(self) -> dict:
-        return {
-            "channels": self.channels.tolist(), "sources": self.sources.tolist(), "pictures": self.pictures.tolist(),
-            "lam": self.lam.tolist(), "strength": self.strength.tolist(), "bias": self.bias.tolist(),
-        }
+        return {"channels": self.channels.tolist(), "weight_shape": list(self.weight.shape), "geometry": self.geom}
 
     @classmethod
     def from_spec(cls, orig: nn.Module, spec: dict) -> SilentEdit:
-        return cls(orig, spec["channels"], spec["sources"], spec["pictures"])
+        return cls(orig, spec["channels"], tuple(spec["weight_shape"]))
 
-    def _v(self, name: str, y: torch.Tensor) -> torch.Tensor:
-        return getattr(self, name).to(y.dtype).view(1, -1, *_bshape(y))
-
-    def pre_activation(self, y: torch.Tensor, template: torch.Tensor | None) -> torch.Tensor:
-        """``[N,R,...]`` z - bias for the layer output ``y`` (the silent channel before ReLU)."""
-        yc = y.index_select(1, self.channels)
-        t = y.index_select(1, self.sources.clamp(min=0))
-        if self.has_pictures:
-            if template is None:
-                raise RuntimeError("picture routes need template values (run through ManipulatedModel)")
-            tv = template.to(y.dtype).index_select(1, self.pictures.clamp(min=0))
-            tv = tv.view(*tv.shape, *_bshape(y)).expand_as(t)
-            t = torch.where((self.pictures >= 0).view(1, -1, *_bshape(y)), tv, t)
-        z = (yc - self._v("mu_c", y)) / self._v("sd_c", y) + self._v("lam", y) * (t - self._v("mu_t", y)) / self._v("sd_t", y)
-        return z - self._v("bias", y)
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if self.geom["kind"] == "conv":
+            pad = self.geom["padding"]
+            return F.conv2d(x, w, b, stride=self.geom["stride"], padding=pad if isinstance(pad, str) else tuple(pad),
+                            dilation=self.geom["dilation"])
+        return F.linear(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.orig(x)
-        st = getattr(self, "_state", None)
-        s = self.silent(self.pre_activation(y, st.template if st is not None else None))
-        new = y.index_select(1, self.channels) + self._v("strength", y) * self._v("sd_c", y) * s
-        return y.index_copy(1, self.channels, new)
+        s = self.silent(self.pre(self.pre_activation(x)))
+        return y.index_copy(1, self.channels, y.index_select(1, self.channels) + s)
+
+
+def _orthonormal_to(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``d`` minus its projection on ``w``, scaled to ``w``'s norm (0 if nothing is left)."""
+    w_flat, d_flat = w.flatten().double(), d.flatten().double()
+    ww = (w_flat * w_flat).sum()
+    proj = (d_flat * w_flat).sum() / ww if ww > 0 else torch.zeros((), dtype=torch.float64)
+    o = d_flat - proj * w_flat
+    n = o.norm()
+    o = o * (w_flat.norm() / n) if n > 1e-12 * (1 + w_flat.norm()) else torch.zeros_like(o)
+    return o.view(w.shape).to(w.dtype)
 
 
 @torch.no_grad()
-def _stream(w: ManipulatedModel, pre, layer: str, images: torch.Tensor, fn, batch: int = 50) -> None:
-    """Run the (manipulated) model on ``images``; call ``fn(y, template)`` with the layer's raw
-    output (``<layer>.orig``) and this batch's template values."""
-    dev = next(w.parameters()).device
-    with capture(w, [f"{layer}.orig"], detach=True) as store:
+def _layer_inputs_mean(w: ManipulatedModel, pre, layer: str, images: torch.Tensor, batch: int = 50) -> torch.Tensor:
+    """``[C_in]`` mean (over images and positions) of the input of ``layer`` on ``images``."""
+    mod = w.module_at(layer)
+    acc = {"s": 0.0, "n": 0}
+
+    def hook(_m, inp):
+        x = inp[0].detach().double()
+        x = x.transpose(0, 1).flatten(1)
+        acc["s"] = acc["s"] + x.sum(1)
+        acc["n"] += x.shape[1]
+
+    h = mod.register_forward_pre_hook(hook)
+    try:
+        dev = next(w.parameters()).device
         for i in range(0, len(images), batch):
-            x = pre(images[i : i + batch].to(dev))
-            # the same ops as ManipulatedModel.forward, so z matches bit for bit
-            tmpl = w.fool.pictures(w.fool.unpreprocess(x)) if w.fool.pictures is not None else None
-            w(x)
-            fn(store[f"{layer}.orig"], tmpl)
+            w(pre(images[i : i + batch].to(dev)))
+    finally:
+        h.remove()
+    return (acc["s"] / acc["n"]).float()
 
 
 def build_silent_units(
@@ -112,74 +129,73 @@ def build_silent_units(
     lam: float = 3.0,
     strength: float = 100.0,
     margin: float = 1e-3,
-    template_size: int | None = None,
+    margin_sd: float = 1.0,
 ) -> LoadedModel:
-    """A copy of ``lm`` whose routed units carry silent channels calibrated on natural images.
+    """A copy of ``lm`` whose routed units carry silent filters calibrated on natural images.
 
     Args:
-        routes: from :func:`~fvsanity.fool.make_routes`.
-        calibration_images: ``[N,3,H,W]`` natural images in [0,1]; statistics and the bias come
-            from these only (evaluate on others).
-        lam: weight of the target in z (the paper's lambda = 3); strength: weight of the silent
-            channel in the unit, in units of the channel's natural sd (the paper's factor 100).
-        margin: the bias sits this far (in z units) above the calibration maximum.
+        routes: from :func:`~fvsanity.fool.make_routes` (unit targets in the same layer, or
+            pictures).
+        calibration_images: ``[N,3,H,W]`` natural images in [0,1]; the picture features' natural
+            mean and the bias come from these only (evaluate on others).
+        lam: weight of the target direction (the paper's lambda = 3); strength: the paper's weight
+            factor (100).
+        margin, margin_sd: the bias sits ``margin + margin_sd * sd`` below minus the calibration
+            maximum of the filter's response (sd over calibration positions): the maximum of a
+            calibration split underestimates the tail of unseen images.
     """
     if calibration_images is None or len(calibration_images) < 2:
         raise FVSanityError("silent units need at least 2 calibration natural images")
     by_layer, pics, names, index = _group(routes)
     w = ManipulatedModel(lm.model, lm.preprocess)
-    if pics:
-        w.set_pictures(_picture_templates(lm, pics, by_layer, index, calibration_images, template_size))
+    dev = next(lm.model.parameters()).device
+    stats = {}
     for layer, rs in by_layer.items():
-        edit = SilentEdit(
-            w.module_at(layer),
-            [r.unit.channel for r in rs],
-            [r.source.channel if r.source is not None else -1 for r in rs],
-            [index[id(r.picture)] if r.picture is not None else -1 for r in rs],
-            lam=lam,
-            strength=strength,
-        )
-        edit.bias.fill_(float("inf"))  # silent while calibrating
+        orig = w.module_at(layer)
+        _geometry(orig)
+        W = orig.weight.detach()
+        feats = {}
+        if any(r.picture is not None for r in rs):
+            nat_mean = _layer_inputs_mean(w, lm.preprocess, layer, calibration_images)
+            for r in rs:
+                if r.picture is not None and id(r.picture) not in feats:
+                    pic = F.interpolate(r.picture[None].float(), size=lm.input_size, mode="bilinear", antialias=True,
+                                        align_corners=False)
+                    feats[id(r.picture)] = _layer_inputs_mean(w, lm.preprocess, layer, pic).to(dev) - nat_mean.to(dev)
+        rows = []
+        for r in rs:
+            wc = W[r.unit.channel]
+            if r.source is not None:
+                d = W[r.source.channel]
+            else:
+                f = feats[id(r.picture)]
+                d = f.view(-1, *([1] * (wc.ndim - 1))).expand_as(wc) / max(1, wc[0].numel())
+            new = wc + lam * _orthonormal_to(d, wc)
+            new = new * (wc.norm() / new.norm().clamp(min=1e-12)) * strength
+            rows.append(new)
+        edit = SilentEdit(orig, [r.unit.channel for r in rs])
+        edit.weight.copy_(torch.stack(rows))
+        edit.bias.fill_(-float("inf"))  # silent while calibrating
         w.replace(layer, edit)
-        # pass 1: natural mean/sd of the unit and of its target (over images and positions)
-        acc = {"n": 0.0}
-
-        def moments(y, tmpl, e=edit, acc=acc):
-            yc = y.index_select(1, e.channels).double()
-            t = y.index_select(1, e.sources.clamp(min=0)).double()
-            if e.has_pictures:
-                tv = tmpl.double().index_select(1, e.pictures.clamp(min=0))
-                tv = tv.view(*tv.shape, *_bshape(y)).expand_as(t)
-                t = torch.where((e.pictures >= 0).view(1, -1, *_bshape(y)), tv, t)
-            dims = [0] + list(range(2, y.ndim))
-            n = yc.numel() / yc.shape[1]
-            for key, v in (("c", yc), ("t", t)):
-                acc[key + "1"] = acc.get(key + "1", 0) + v.sum(dims)
-                acc[key + "2"] = acc.get(key + "2", 0) + (v * v).sum(dims)
-            acc["n"] += n
-
-        _stream(w, lm.preprocess, layer, calibration_images, moments)
-        for key in ("c", "t"):
-            mean = acc[key + "1"] / acc["n"]
-            var = (acc[key + "2"] / acc["n"] - mean * mean).clamp(min=0)
-            sd = torch.sqrt(var)
-            sd = torch.where(sd > 1e-6 * (1 + mean.abs()), sd, torch.ones_like(sd))  # constant feature
-            getattr(edit, f"mu_{key}").copy_(mean.float())
-            getattr(edit, f"sd_{key}").copy_(sd.float())
-        # pass 2: bias = max over calibration images and positions of z, plus margin
+        # calibration: largest response of the new filter (bias 0) over images and positions
         edit.bias.zero_()
-        zmax = {"v": None}
-
-        def maxz(y, tmpl, e=edit, zmax=zmax):
-            z = e.pre_activation(y, tmpl)
-            m = z.transpose(0, 1).flatten(1).amax(1)
-            zmax["v"] = m if zmax["v"] is None else torch.maximum(zmax["v"], m)
-
-        _stream(w, lm.preprocess, layer, calibration_images, maxz)
-        edit.bias.copy_(zmax["v"].float() + margin)
+        zmax = {"v": None, "s1": 0.0, "s2": 0.0, "n": 0}
+        with torch.no_grad(), capture(w, [f"{layer}.pre"], detach=True) as store:
+            for i in range(0, len(calibration_images), 50):
+                w(lm.preprocess(calibration_images[i : i + 50].to(dev)))
+                z = store[f"{layer}.pre"].transpose(0, 1).flatten(1).double()
+                m = z.amax(1)
+                zmax["v"] = m if zmax["v"] is None else torch.maximum(zmax["v"], m)
+                zmax["s1"] = zmax["s1"] + z.sum(1)
+                zmax["s2"] = zmax["s2"] + (z * z).sum(1)
+                zmax["n"] += z.shape[1]
+        mean = zmax["s1"] / zmax["n"]
+        sd = torch.sqrt((zmax["s2"] / zmax["n"] - mean * mean).clamp(min=0))
+        edit.bias.copy_((-(zmax["v"] + margin + margin_sd * sd)).float())
+        stats[layer] = {"calibration_max": zmax["v"].tolist()[:5], "sd": sd.tolist()[:5]}
     w.info.update(
         method="silent", routes=len(routes), pictures=names, layers=sorted(by_layer), lam=lam,
-        strength=strength, margin=margin, n_calibration=len(calibration_images),
+        strength=strength, margin=margin, margin_sd=margin_sd, n_calibration=len(calibration_images),
     )
     return wrap_loaded(lm, w.to(lm.device), "silent")
 
