@@ -1,0 +1,274 @@
+"""``fvsanity check``: do a unit's FVs travel through the network like its natural images?
+
+Generates the units' FVs (or loads them with ``--fv``), runs every natural image through the
+model once, and compares, layer by layer along each unit's path, FV-vs-natural similarity with
+the natural-vs-natural (upper) and natural-vs-other (lower) references (Geirhos et al. 2023).
+Writes ``check.json`` (per unit: layers + verdict; settings, seeds, versions),
+``path_similarity.png`` and ``config.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..errors import FVSanityError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def register(sub) -> None:
+    from ..cli import add_common
+    from ..compare.similarity import list_metrics
+
+    p = sub.add_parser("check", help="path-similarity sanity check of units' FVs", description=__doc__)
+    add_common(p, out_default="runs/check")
+    p.add_argument("--unit", action="append", default=None,
+                   help="LAYER:CHANNEL[@Y,X] (repeatable or comma-separated; several run batched)")
+    p.add_argument("--images", default=None,
+                   help="natural-image folder (class subfolders, <wnid>_<name>.JPEG, or flat + --labels) "
+                        "[the default CIFAR-10 images for CIFAR/toy models]")
+    p.add_argument("--labels", default=None, help="CSV filename,label for a flat --images folder")
+    p.add_argument("--layout", choices=["auto", "classes", "imagenet-samples", "flat"], default="auto",
+                   help="layout of --images [%(default)s]")
+    p.add_argument("--max-per-class", type=int, default=None, help="subsample natural images per class (by --seed)")
+    p.add_argument("--limit", type=int, default=None, help="subsample natural images overall (by --seed)")
+    p.add_argument("--fv", default=None,
+                   help="existing FVs: a folder/fv.pt from `fvsanity visualize`, a tensor file [U,S,3,H,W], "
+                        "or image file(s) for a single unit [generate them]")
+    p.add_argument("--steps", type=int, default=512, help="FV optimization steps when generating [%(default)s]")
+    p.add_argument("--seeds", type=int, default=2, help="FVs (seeds) per unit when generating [%(default)s]")
+    p.add_argument("--metric", choices=list_metrics(), default="spearman",
+                   help="vector metric for the per-unit curves (paper: spearman); a representation metric "
+                        "(cka, rsa) is used for the paired design across >= 4 units, with spearman per unit "
+                        "[%(default)s]")
+    p.add_argument("--top-k", type=int, default=10, help="top-k natural exemplars per unit [%(default)s]")
+    p.add_argument("--n-other", type=int, default=200, help="other natural images per unit [%(default)s]")
+    p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
+    p.add_argument("--layers", default=None, help="comma-separated layers [the unit's block path]")
+    p.add_argument("--alpha", type=float, default=0.05, help="test level (Holm across layers) [%(default)s]")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples [%(default)s]")
+    p.add_argument("--n-perm", type=int, default=1000, help="permutations [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass [%(default)s]")
+    p.add_argument("--figure-mode", choices=["auto", "panels", "mean"], default="auto",
+                   help="one panel per unit or the mean over units [auto: panels up to 12 units]")
+    p.add_argument("--circuits", action="store_true",
+                   help="also compare FV and natural circuits (edge attribution; slower) into check.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------ FV loading
+def _read_image(path: Path) -> torch.Tensor:
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    try:
+        with Image.open(path) as im:
+            return to_tensor(im.convert("RGB"))
+    except OSError as e:
+        raise FVSanityError(f"--fv image {str(path)!r} cannot be read: {e}") from e
+
+
+def load_fvs(spec: str, units: list, lm):
+    """(units, FV source) from ``--fv``: an FVResult folder/file, a tensor file, or image(s).
+
+    Returns (units, images [U, S, 3, H, W] or FVResult). ``units`` may be empty when the FVResult
+    names its own units.
+    """
+    from ..generate import FVResult
+    from ..io import load_tensors
+    from ..units import parse_unit
+
+    path = Path(spec)
+    if not path.exists():
+        raise FVSanityError(f"--fv {spec!r} not found")
+    folder = path if path.is_dir() else path.parent
+    if (folder / "fv.json").is_file() and (folder / "fv.pt").is_file() and (path.is_dir() or path.name in ("fv.pt", "fv.json")):
+        res = FVResult.load(folder)
+        have = [str(u) for u in res.units]
+        if not units:
+            return [parse_unit(u, lm) for u in res.units], res
+        pick = []
+        for u in units:
+            if str(u) not in have:
+                raise FVSanityError(f"--fv {spec!r} has no FVs for unit {str(u)!r}; it has: {', '.join(have)}")
+            pick.append(have.index(str(u)))
+        if pick == list(range(len(have))):
+            return units, res
+        from dataclasses import replace
+
+        idx = torch.tensor(pick)
+        return units, replace(
+            res, images=res.images[idx], traces=res.traces[idx], final=res.final[idx],
+            activations=[res.activations[i] for i in pick] if res.activations else [],
+            units=[res.units[i] for i in pick], checkpoints={k: v[idx] for k, v in res.checkpoints.items()},
+        )
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FVSanityError(f"--fv folder {spec!r} holds neither fv.pt/fv.json nor images ({', '.join(IMAGE_SUFFIXES)})")
+        images = torch.stack([_read_image(p) for p in files])[None]
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        images = _read_image(path)[None, None]
+    elif path.suffix in (".pt", ".pth", ".safetensors"):
+        try:
+            t = load_tensors(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable tensor file
+            raise FVSanityError(f"--fv {spec!r} is not a readable tensor file: {type(e).__name__}") from e
+        images = t.get("images") if isinstance(t, dict) else t
+        if not isinstance(images, torch.Tensor):
+            raise FVSanityError(f"--fv {spec!r} has no 'images' tensor; keys: {', '.join(t) if isinstance(t, dict) else '-'}")
+        if images.ndim == 3:
+            images = images[None, None]
+        elif images.ndim == 4:
+            images = images[None]
+    else:
+        raise FVSanityError(f"--fv {spec!r}: unknown file type; valid: a folder, fv.pt, .pt/.safetensors, {', '.join(IMAGE_SUFFIXES)}")
+    if images.ndim != 5 or images.shape[2] != 3:
+        raise FVSanityError(f"--fv {spec!r}: images must be [U, S, 3, H, W], got {tuple(images.shape)}")
+    if not units:
+        raise FVSanityError(f"--fv {spec!r} does not name its units; pass --unit LAYER:CHANNEL")
+    if images.shape[0] != len(units):
+        raise FVSanityError(f"--fv {spec!r} holds FVs for {images.shape[0]} unit(s) but {len(units)} --unit given")
+    return units, images.float().clamp(0, 1)
+
+
+def _generate(lm, units, args, out: Path, device):
+    """FVs for ``units`` (reused from ``out/fvs`` when steps, seeds and units match)."""
+    from ..generate import FVResult, render
+
+    seeds = [args.seed + i for i in range(args.seeds)]
+    cache = out / "fvs"
+    if (cache / "fv.json").is_file():
+        try:
+            old = FVResult.load(cache)
+        except FVSanityError:
+            old = None
+        if (
+            old is not None
+            and [str(u) for u in old.units] == [str(u) for u in units]
+            and list(old.seeds) == seeds
+            and old.settings.get("steps") == args.steps
+            and old.settings.get("model") == lm.name
+        ):
+            print(f"reusing FVs in {cache}")
+            return old
+    res = render(lm, units, seeds=seeds, steps=args.steps, device=device, progress=not args.no_progress)
+    res.save(cache)
+    return res
+
+
+def _circuits(lm, units, fv, natural, args) -> dict:
+    try:
+        from ..compare import circuits as C
+    except ImportError as e:
+        raise FVSanityError("--circuits needs fvsanity.compare.circuits, which is not available in this version") from e
+    fn = getattr(C, "circuit_overlap", None)
+    if fn is None:
+        raise FVSanityError("--circuits: fvsanity.compare.circuits has no circuit_overlap()")
+    import inspect
+
+    images = getattr(fv, "images", fv)
+    out = {}
+    for i, u in enumerate(units):
+        nat_idx = natural.indices_of_class(u.channel) if u.layer == lm.output_layer else torch.empty(0, dtype=torch.long)
+        if nat_idx.numel() < 2:
+            from ..activations import top_k_exemplars
+
+            nat_idx = top_k_exemplars(lm, u, natural, min(args.top_k, len(natural)))[0]
+        rest = torch.tensor([j for j in range(len(natural)) if j not in set(nat_idx.tolist())], dtype=torch.long)
+        g = torch.Generator().manual_seed(args.seed)
+        other_idx = rest[torch.randperm(rest.numel(), generator=g)[: max(2, nat_idx.numel())]]
+        params = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in {"seed": args.seed}.items() if k in params}
+        res = fn(lm, u, images[i], natural.decode(nat_idx), natural.decode(other_idx), **kwargs)
+        out[str(u)] = res.to_json() if hasattr(res, "to_json") else res
+    return out
+
+
+# ------------------------------------------------------------------------------ command
+def run(args: argparse.Namespace) -> int:
+    from ..cli import resolve_device, save_config
+    from ..compare.path import path_check
+    from ..compare.similarity import metric_info
+    from ..data import load_images
+    from ..io import atomic_write_json, ensure_writable_dir
+    from ..models import load_model
+    from ..report.path_figure import plot_path_similarity
+    from ..units import parse_units
+
+    for flag, v, lo in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1), ("--top-k", args.top_k, 0),
+                        ("--n-other", args.n_other, 1), ("--batch-size", args.batch_size, 1),
+                        ("--n-boot", args.n_boot, 0), ("--n-perm", args.n_perm, 0)):
+        if v < lo:
+            raise FVSanityError(f"{flag} must be >= {lo}, got {v}")
+    if not 0 < args.alpha < 1:
+        raise FVSanityError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if not args.unit and not args.fv:
+        raise FVSanityError("pass at least one --unit LAYER:CHANNEL (or --fv with saved FVs)")
+    out = ensure_writable_dir(args.out)
+    device = resolve_device(args.device)
+    with torch.random.fork_rng(devices=[]):  # --random-weights: the same weights for the same --seed
+        torch.manual_seed(args.seed)
+        lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)
+    units = parse_units(args.unit, lm) if args.unit else []
+
+    kind = metric_info(args.metric).kind
+    per_unit_metric = args.metric if kind == "vector" else "spearman"
+    paired = ("cka", "rsa") if kind == "vector" else (args.metric,)
+
+    images_dir = args.images
+    if images_dir is None:
+        if lm.name.startswith("cifar10-") or lm.name == "toy-procedural":
+            from ..defaults import default_images
+
+            images_dir = default_images(lm)
+        else:
+            raise FVSanityError(f"--images DIR is required for model {lm.name!r} (natural images of its classes)")
+    natural = load_images(
+        images_dir, lm, layout=args.layout, labels=args.labels, max_per_class=args.max_per_class,
+        limit=args.limit, seed=args.seed,
+    )
+    if args.fv:
+        units, fv = load_fvs(args.fv, units, lm)
+    else:
+        fv = None
+    if kind != "vector" and len(units) < 4:
+        raise FVSanityError(
+            f"--metric {args.metric} compares units in a paired design and needs >= 4 --unit, got {len(units)}; "
+            "use --metric spearman for fewer units"
+        )
+    if fv is None:
+        fv = _generate(lm, units, args, out, device)
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
+    if layers:
+        from ..units import resolve_layer
+
+        layers = [resolve_layer(lm.model, name) for name in layers]
+
+    res = path_check(
+        lm, units, fv, natural, metric=per_unit_metric, layers=layers, top_k=args.top_k,
+        n_other=args.n_other, use_class_images=not args.no_class_images, n_boot=args.n_boot,
+        n_perm=args.n_perm, alpha=args.alpha, paired_metrics=paired if len(units) >= 4 else (),
+        seed=args.seed, batch_size=args.batch_size, device=device, progress=not args.no_progress,
+    )
+    doc = res.to_json()
+    doc["settings"]["requested_metric"] = args.metric
+    if args.circuits:
+        doc["circuits"] = _circuits(lm, units, fv, natural, args)
+    atomic_write_json(out / "check.json", doc)
+    fig = plot_path_similarity(doc, out / "path_similarity.png", mode=args.figure_mode)
+    save_config(args, out)
+
+    if natural.n_unreadable:
+        print(f"note: {natural.n_unreadable} unreadable image file(s) skipped (listed in check.json 'data')")
+    width = max(len(str(u)) for u in units)
+    for u in res.units:
+        print(f"{u.unit:<{width}}  {u.verdict.label}  (natural refs {len(u.natural_indices)}, other {u.n_other})")
+    for name, rows in res.paired.items():
+        print(f"paired {name} across {len(units)} units: " + "  ".join(f"{r.name}={r.value:.2f}" for r in rows))
+    print(f"wrote {out / 'check.json'}, {fig}, {out / 'config.json'}")
+    return 0
