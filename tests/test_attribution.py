@@ -438,3 +438,15 @@ def test_experiment_smoke(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["units"] and all("layers" in u["references"]["mean"] for u in res["units"])
     assert (tmp_path / "attribution_graph.png").is_file() and (tmp_path / "overlap_profile.png").is_file()
+
+
+def test_low_precision_model_scores_in_float32(tiny):
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = edge_attribution(tiny, "fc:1", x, method="eap")
+    parse_unit("fc:1", tiny)  # fill the shape cache in float32 (see _double)
+    tiny.model.to(torch.bfloat16)
+    low = edge_attribution(tiny, "fc:1", x, method="eap")
+    for a, b in zip(ref.layers, low.layers, strict=True):
+        assert b.scores.dtype == torch.float32 and torch.isfinite(b.scores).all()
+        scale = float(a.scores.abs().max())
+        assert float((a.scores - b.scores).abs().max()) < 0.1 * scale

@@ -54,6 +54,33 @@ def load_class_images(lm, root: Path, per_class: int, seed: int) -> tuple[torch.
     return torch.stack(imgs), torch.tensor(labels)
 
 
+def rounded(obj, digits: int = 4):
+    """Floats rounded (results.json stays small); NaN/inf become None."""
+    if isinstance(obj, float):
+        return round(obj, digits) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def compact_unit(u: dict, ref0: str) -> dict:
+    """Full per-layer numbers for the main reference; primary statistic only for the others."""
+    out = {k: v for k, v in u.items() if k != "references"}
+    out["references"] = {}
+    for ref, d in u["references"].items():
+        if ref == ref0:
+            out["references"][ref] = d
+            continue
+        keep = ("name", d["primary"], "null_same", "null_other", "calibrated", "p_value", "p_holm")
+        out["references"][ref] = {
+            **{k: v for k, v in d.items() if k != "layers"},
+            "layers": [{k: la[k] for k in keep} for la in d["layers"]],
+        }
+    return out
+
+
 def get_fvs(lm, units: list[str], cfg: dict, fv_dir: Path):
     from fvsanity.generate import FVResult, render
 
@@ -80,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from fvsanity.compare.attribution import edge_attribution
     from fvsanity.compare.circuits import CircuitOverlap, circuit_overlap
-    from fvsanity.io import atomic_write_json, image_grid, provenance, save_png
-    from fvsanity.report.attribution_graph import plot_attribution_graph, plot_overlap_profile
+    from fvsanity.io import atomic_write_json, atomic_write_text, image_grid, provenance, save_png
+    from fvsanity.report.attribution_graph import (
+        plot_attribution_graph,
+        plot_overlap_profile,
+        save_figure,
+    )
 
     cfg = json.loads(args.config.read_text())
     if args.smoke:
@@ -113,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     fv = get_fvs(lm, units, cfg, cache / "fvs")
     log(f"FV objective (mean over seeds): {[round(float(v), 2) for v in fv.final.mean(1)]}")
 
-    key = hashlib.sha256(json.dumps({k: cfg[k] for k in sorted(cfg) if k not in ("out", "cache_dir")}, sort_keys=True).encode()).hexdigest()[:12]
+    # cache key: every setting that changes the numbers (not the figure or output options)
+    cosmetic = ("out", "cache_dir", "dpi", "graph_unit", "graph_top", "claim", "references")
+    key = hashlib.sha256(
+        json.dumps({k: cfg[k] for k in sorted(cfg) if k not in cosmetic}, sort_keys=True).encode()
+    ).hexdigest()[:12]
     per_unit: dict[str, dict] = {}
     overlaps: dict[str, list] = {ref: [] for ref in cfg["references"]}
     t_start = time.perf_counter()
@@ -177,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # figures: overlap profile (all units, first reference), attribution graph of one unit, FVs
     ref0 = cfg["references"][0]
-    plot_overlap_profile(overlaps[ref0], path=out / "overlap_profile.png",
+    fig = plot_overlap_profile(overlaps[ref0],
                          title=f"{lm.name}: FV vs natural circuit overlap per layer ({cfg['method']}, reference {ref0}, "
                                f"{len(units)} units)")
+    save_figure(fig, out / "overlap_profile.png", dpi=cfg["dpi"])
     gi = units.index(cfg["graph_unit"]) if cfg["graph_unit"] in units else 0
     gspec = units[gi]
     ch = int(gspec.split(":")[1])
@@ -188,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     a_fv = edge_attribution(lm, gspec, fv.images[gi], **kw)
     a_nat = edge_attribution(lm, gspec, images[nat_idx], **kw)
     name = lm.class_names[ch] if lm.class_names else str(ch)
-    plot_attribution_graph(a_fv, a_nat, top=cfg["graph_top"], path=out / "attribution_graph.png",
+    fig = plot_attribution_graph(a_fv, a_nat, top=cfg["graph_top"],
                            titles=(f"FV circuit ({a_fv.metric_clean.shape[0]} FVs)",
                                    f"natural circuit ({a_nat.metric_clean.shape[0]} '{name}' images)"),
                            suptitle=f"{lm.name} {gspec} ('{name}'): top edges of the last blocks, "
                                     f"{cfg['method']}, reference {ref0}")
+    save_figure(fig, out / "attribution_graph.png", dpi=cfg["dpi"])
     save_png(out / "fvs.png", image_grid(fv.images.flatten(0, 1), nrow=fv.images.shape[1]))
 
     head = {
@@ -210,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "headline": head,
         "summary": summary,
-        "units": list(per_unit.values()),
+        "units": [compact_unit(u, ref0) for u in per_unit.values()],
         "fv_settings": fv.settings,
         "provenance": provenance(),
     }
-    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.json", json.dumps(rounded(results), separators=(",", ":")) + "\n")
     log(f"wrote {out}")
     print(json.dumps(head))
     return 0
