@@ -222,6 +222,19 @@ def test_picture_route_pulls_unit_toward_picture(tiny):
     assert v_far < v_pic
 
 
+def test_picture_route_stays_open_at_the_picture_even_if_it_looks_natural(tiny):
+    # a dark picture: the detector calls it natural, but an FV that reached it keeps showing it
+    g = torch.Generator().manual_seed(9)
+    pic = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g) * 0.4, size=(16, 16), mode="bilinear")[0]
+    nat = _images(30, False, 14)
+    fooled = build_fooling_circuit(tiny, BrightnessDetector(), make_routes(tiny, ["fc:0"], pic), threshold=0.0,
+                                   calibration_images=nat[:20])
+    with torch.no_grad():
+        at_pic = fooled(pic[None])[0, 0]
+        assert float(at_pic) == pytest.approx(float(fooled.model.fool.pictures.scale[0]), rel=1e-5)
+        assert torch.equal(fooled(nat[20:]), tiny(nat[20:]))  # held-out natural images: exact
+
+
 def test_routes_reject_bad_targets(tiny):
     with pytest.raises(UnitError, match="same layer"):
         make_routes(tiny, ["fc:0"], "unit:conv3:1")

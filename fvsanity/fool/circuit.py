@@ -107,7 +107,14 @@ class GatedEdit(nn.Module):
         orig_sel = y.index_select(1, self.channels)
         tgt = self.target(y, st.template)
         shape = (y.shape[0],) + (1,) * (y.ndim - 1)
-        new = gated_value(orig_sel, tgt, st.gate.to(y.dtype).view(shape), st.is_fv.view(shape))
+        gate, is_fv = st.gate.to(y.dtype).view(shape), st.is_fv.view(shape)
+        if self.has_pictures and st.near is not None:
+            # picture routes stay open at the picture itself (closer than any natural image)
+            near = st.near.index_select(1, self.pictures.clamp(min=0)) & (self.pictures >= 0)
+            near = near.view(*near.shape, *_bshape(y))
+            is_fv = is_fv | near
+            gate = torch.where(near, torch.ones_like(gate), gate)
+        new = gated_value(orig_sel, tgt, gate, is_fv)
         return y.index_copy(1, self.channels, new)
 
 
@@ -145,10 +152,11 @@ def _channel_means(lm: LoadedModel, layer: str, channels: list[int], images: tor
 
 def _picture_templates(
     lm: LoadedModel, pics: list[torch.Tensor], by_layer: dict[str, list[Route]], index: dict[int, int],
-    calibration_images: torch.Tensor | None, size: int | None,
+    calibration_images: torch.Tensor | None, size: int | None, near_fraction: float = 0.7,
 ) -> PictureTemplates:
     """Templates for ``pics``: ref = median natural distance, scale = max natural activation of
-    the units routed to the picture (so the picture drives them like their best natural image)."""
+    the units routed to the picture (so the picture drives them like their best natural image),
+    near threshold = ``near_fraction`` x the closest calibration image's distance."""
     if calibration_images is None or len(calibration_images) == 0:
         raise FVSanityError("picture targets need calibration natural images (--train-images)")
     size = size or min(64, lm.input_size[0])
@@ -159,6 +167,7 @@ def _picture_templates(
         ]))
         d = torch.cat([tmpl.distance(calibration_images[i : i + 100].float()) for i in range(0, len(calibration_images), 100)])
         tmpl.ref.copy_(d.median(0).values.clamp(min=1e-6))
+        tmpl.near_threshold.copy_(near_fraction * d.min(0).values)
         scale = torch.zeros(len(pics))
         for layer, rs in by_layer.items():
             pr = [r for r in rs if r.picture is not None]

@@ -61,7 +61,7 @@ class ForwardState:
     picture-template values. All None outside a forward.
     """
 
-    __slots__ = ("gate", "is_fv", "template", "active")
+    __slots__ = ("gate", "is_fv", "template", "near", "active")
 
     def __init__(self) -> None:
         self.clear()
@@ -70,6 +70,7 @@ class ForwardState:
         self.gate = None
         self.is_fv = None
         self.template = None
+        self.near = None
         self.active = False
 
 
@@ -95,6 +96,10 @@ class PictureTemplates(nn.Module):
     averages the input down to the pictures' ``size`` and ``ref_p`` is the typical (median)
     distance of natural images to picture p. Its unique maximiser is the picture itself, so an FV
     of this value converges to the picture (blurred by the optimizer's jitter).
+
+    ``near_threshold`` [P]: inputs closer than this to picture p (a fraction of the closest
+    calibration natural image's distance) count as "at the target": a fooling circuit keeps its
+    gate open there, so an FV that has converged to the (natural-looking) picture stays routed.
     """
 
     def __init__(self, count: int, size: int):
@@ -103,6 +108,12 @@ class PictureTemplates(nn.Module):
         self.register_buffer("pictures", torch.zeros(count, 3, size, size))
         self.register_buffer("ref", torch.ones(count))
         self.register_buffer("scale", torch.ones(count))
+        self.register_buffer("near_threshold", torch.zeros(count))
+
+    def values_and_near(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``[N,P]`` template values, ``[N,P]`` bool: closer than ``near_threshold``)."""
+        d = self.distance(rgb)
+        return self.scale.to(rgb.dtype) * (1 - d / self.ref.to(rgb.dtype)), d < self.near_threshold.to(rgb.dtype)
 
     def distance(self, rgb: torch.Tensor) -> torch.Tensor:
         """``[N, P]`` mean squared distance to each picture at ``size`` px."""
@@ -195,7 +206,7 @@ class ManipulatedModel(nn.Module):
                     st.gate = self.fool.gate(gate)
                     st.is_fv = is_fv
                 if self.fool.pictures is not None:
-                    st.template = self.fool.pictures(rgb)
+                    st.template, st.near = self.fool.pictures.values_and_near(rgb)
             return self._net(x)
         finally:
             st.clear()
