@@ -363,3 +363,24 @@ def test_experiment_smoke(name, tmp_path):
     for r in res["runs"].values():
         assert 0.0 <= r["summary"]["identical_top1_fraction"] <= 1.0
     assert (tmp_path / "tiny_permute.png").is_file()
+
+
+def test_cli_fool_on_real_cifar_model(data_root, tmp_path):
+    from fvsanity.cli import main
+
+    out = tmp_path / "fool"
+    rc = main([
+        "fool", "--model", "cifar10-resnet20", "--unit", "all", "--shift", "3", "--method", "circuit",
+        "--train-images", str(data_root / "cifar10-test"), "--limit", "120", "--det-units", "4",
+        "--det-heldout-units", "2", "--det-steps", "8", "--det-checkpoints", "4", "--det-epochs", "3",
+        "--eval-units", "2", "--eval-seeds", "1", "--eval-steps", "8", "--no-check", "--no-progress", "--out", str(out),
+    ])
+    assert rc == 0
+    d = json.loads((out / "fool.json").read_text())
+    if d["max_abs_logit_diff"] == 0:  # equal logits must mean equal predictions
+        assert d["identical_top1_fraction"] == 1.0 and d["top1_original"] == d["top1_manipulated"]
+    assert d["n_eval_images"] == 60 and d["n_routes"] == 10
+    back = load_manipulated(out / "model")  # rebuilt from the registered base name
+    assert back.output_layer == "linear"
+    assert main(["fool", "--model", "cifar10-resnet20", "--shift", "10", "--train-images",
+                 str(data_root / "cifar10-test"), "--limit", "10", "--out", str(tmp_path / "x")]) == 2
