@@ -268,6 +268,26 @@ def test_silent_unit_fires_during_fv_optimization_and_changes_the_fv(tiny):
     assert not torch.allclose(fv_s.images, fv_o.images, atol=1e-3)
 
 
+def test_trigger_silent_units_zero_on_calibration_fire_on_fv_and_roundtrip(tiny, tmp_path):
+    from fvsanity.generate import render
+
+    calib = _images(30, False, 15)
+    pic = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    routes = make_routes(tiny, "fc:0-2", shift=2) + make_routes(tiny, ["fc:3"], pic)
+    silent = build_silent_units(tiny, routes, calib, mode="trigger")
+    assert silent_zero_fraction(silent, calib)["fraction"] == 1.0
+    with torch.no_grad():
+        assert torch.equal(silent(calib), tiny(calib))
+    fv = render(silent, ["fc:0"], seeds=1, steps=25, progress=False)
+    assert silent_zero_fraction(silent, fv.images[0])["max_activation"] > 0
+    back = load_manipulated(save_manipulated(silent, tmp_path / "t"), base=tiny_model(seed=3))
+    x = torch.cat([calib[:3], fv.images[0]])
+    with torch.no_grad():
+        assert torch.equal(back(x), silent(x))
+    with pytest.raises(FVSanityError, match="mode"):
+        build_silent_units(tiny, routes, calib, mode="nope")
+
+
 # ------------------------------------------------------------------------------- save / load
 def test_save_load_roundtrip_circuit_and_silent(tiny, tmp_path):
     g = torch.Generator().manual_seed(3)

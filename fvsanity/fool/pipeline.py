@@ -73,6 +73,7 @@ class FoolSettings:
     lam: float = 3.0
     strength: float = 100.0
     silent_margin_sd: float = 1.0
+    silent_mode: str = "filter"
     eval_units: int = 4
     eval_seeds: int = 1
     eval_steps: int = 256
@@ -320,7 +321,8 @@ def run_fool(
         )
         details["detector"] = bundle.to_json()
     elif s.method == "silent":
-        fooled = build_silent_units(lm, routes, train_images, lam=s.lam, strength=s.strength, margin_sd=s.silent_margin_sd)
+        fooled = build_silent_units(lm, routes, train_images, lam=s.lam, strength=s.strength, margin_sd=s.silent_margin_sd,
+                                    mode=s.silent_mode)
     else:
         raise FVSanityError(f"unknown method {s.method!r}; valid: circuit, silent")
     _log(f"built {fooled.name}: {len(routes)} routed unit(s)")
@@ -358,6 +360,17 @@ def run_fool(
     details["fv_similarity"] = sim.to_json()
     details["fv_objective"] = {"manipulated_final": fv_m.final.tolist(), "original_final": fv_o.final.tolist()}
     _log(f"SSIM to target: manipulated {sim.ssim_manipulated_fv_to_target:.3f} vs original {sim.ssim_original_fv_to_target:.3f}")
+    cls_routes = [i for i, r in enumerate(ev) if r.source is not None and r.unit.layer == lm.output_layer]
+    if cls_routes:
+        # what the ORIGINAL model sees in each FV: its top-1 class vs the route's target class
+        with torch.no_grad():
+            want = torch.tensor([ev[i].source.channel for i in cls_routes])[:, None]
+            pm = torch.stack([lm(fv_m.images[i].to(lm.device)).argmax(1).cpu() for i in cls_routes])
+            po = torch.stack([lm(fv_o.images[i].to(lm.device)).argmax(1).cpu() for i in cls_routes])
+        details["fv_top1_is_target_class"] = {
+            "manipulated": float((pm == want).float().mean()), "original": float((po == want).float().mean()),
+            "n": int(pm.numel()),
+        }
     if s.method == "silent":
         details["silent_fired_on_manipulated_fvs"] = 1.0 - silent_zero_fraction(fooled, fv_m.images.flatten(0, 1))["fraction"]
     if s.method == "circuit":
@@ -393,6 +406,8 @@ def run_fool(
         "ssim_original_fv_to_target": sim.ssim_original_fv_to_target,
         "corr_manipulated_fv_to_target": sim.corr_manipulated_fv_to_target,
         "corr_original_fv_to_target": sim.corr_original_fv_to_target,
+        "fv_top1_is_target_class_manipulated": details.get("fv_top1_is_target_class", {}).get("manipulated"),
+        "fv_top1_is_target_class_original": details.get("fv_top1_is_target_class", {}).get("original"),
         "inference_time_ratio": timing.ratio,
         "check_flags_manipulation": check["flags_manipulation"] if check else None,
     }

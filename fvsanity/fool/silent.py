@@ -30,7 +30,7 @@ from .circuit import _group
 from .model import ManipulatedModel, register_edit, wrap_loaded
 from .routes import Route
 
-__all__ = ["SilentEdit", "build_silent_units", "silent_zero_fraction"]
+__all__ = ["SilentEdit", "TriggerEdit", "build_silent_units", "silent_zero_fraction"]
 
 
 def _geometry(orig: nn.Module) -> dict:
@@ -88,6 +88,105 @@ class SilentEdit(nn.Module):
         return y.index_copy(1, self.channels, y.index_select(1, self.channels) + s)
 
 
+@register_edit("silent_trigger")
+class TriggerEdit(nn.Module):
+    """Silent channel triggered by the unit's own activation leaving its natural range.
+
+    For routed channel c with target t (channel ``sources[r]`` of the same layer, per position,
+    or picture-template value ``pictures[r]``, per image):
+
+        trigger = clamp((y_c - bias) / sd_c, 0, 1),   drive = (t - mu_t) / sd_t + 3,
+        silent  = trigger * drive,                     unit c -> y_c + strength * sd_c * silent,
+
+    with ``bias`` at or above the calibration maximum of y_c (so ``silent`` is exactly 0 on every
+    calibration image). An FV drives y_c far past its natural range, the trigger saturates at 1
+    (zero gradient), and the unit's FV objective becomes ``strength`` x the target's: the FV shows
+    the target while keeping y_c just above its natural maximum.
+    """
+
+    def __init__(self, orig: nn.Module, channels, sources, pictures, strength: float = 100.0):
+        super().__init__()
+        self.orig = orig
+        self.silent = nn.Identity()
+        ch = torch.as_tensor(channels, dtype=torch.long)
+        r = len(ch)
+        self.register_buffer("channels", ch)
+        self.register_buffer("sources", torch.as_tensor(sources, dtype=torch.long))
+        self.register_buffer("pictures", torch.as_tensor(pictures, dtype=torch.long))
+        if not (r == len(self.sources) == len(self.pictures)) or len(set(ch.tolist())) != r:
+            raise FVSanityError("each routed channel appears once, with one source or picture")
+        if bool(((self.sources < 0) == (self.pictures < 0)).any()):
+            raise FVSanityError("every route needs exactly one of a source channel and a picture")
+        self.has_pictures = bool((self.pictures >= 0).any())
+        for name in ("bias", "mu_t"):
+            self.register_buffer(name, torch.zeros(r))
+        for name in ("sd_c", "sd_t"):
+            self.register_buffer(name, torch.ones(r))
+        self.register_buffer("strength", torch.full((r,), float(strength)))
+
+    def spec(self) -> dict:
+        return {"channels": self.channels.tolist(), "sources": self.sources.tolist(), "pictures": self.pictures.tolist()}
+
+    @classmethod
+    def from_spec(cls, orig: nn.Module, spec: dict) -> TriggerEdit:
+        return cls(orig, spec["channels"], spec["sources"], spec["pictures"])
+
+    def _v(self, name: str, y: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name).to(y.dtype).view(1, -1, *([1] * (y.ndim - 2)))
+
+    def target(self, y: torch.Tensor, template: torch.Tensor | None) -> torch.Tensor:
+        t = y.index_select(1, self.sources.clamp(min=0))
+        if self.has_pictures:
+            if template is None:
+                raise RuntimeError("picture routes need template values (run through ManipulatedModel)")
+            tv = template.to(y.dtype).index_select(1, self.pictures.clamp(min=0))
+            tv = tv.view(*tv.shape, *([1] * (y.ndim - 2))).expand_as(t)
+            t = torch.where((self.pictures >= 0).view(1, -1, *([1] * (y.ndim - 2))), tv, t)
+        return t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.orig(x)
+        st = getattr(self, "_state", None)
+        yc = y.index_select(1, self.channels)
+        trigger = ((yc - self._v("bias", y)) / self._v("sd_c", y)).clamp(0, 1)
+        drive = (self.target(y, st.template if st is not None else None) - self._v("mu_t", y)) / self._v("sd_t", y) + 3
+        s = self.silent(trigger * drive)
+        return y.index_copy(1, self.channels, yc + self._v("strength", y) * self._v("sd_c", y) * s)
+
+
+@torch.no_grad()
+def _calibrate_trigger(w: ManipulatedModel, edit: TriggerEdit, pre, layer: str, images: torch.Tensor,
+                       margin: float, margin_sd: float, batch: int = 50) -> None:
+    """Set sd_c, mu_t, sd_t and bias of ``edit`` from ``images`` (bias: max of y_c + margins)."""
+    dev = next(w.parameters()).device
+    acc = {"n": 0, "c1": 0.0, "c2": 0.0, "t1": 0.0, "t2": 0.0, "max": None}
+    edit.bias.fill_(float("inf"))
+    with capture(w, [f"{layer}.orig"], detach=True) as store:
+        for i in range(0, len(images), batch):
+            x = pre(images[i : i + batch].to(dev))
+            tmpl = w.fool.pictures.values_and_near(w.fool.unpreprocess(x))[0] if w.fool.pictures is not None else None
+            w(x)
+            y = store[f"{layer}.orig"]
+            yc = y.index_select(1, edit.channels).transpose(0, 1).flatten(1).double()
+            t = edit.target(y, tmpl).transpose(0, 1).flatten(1).double()
+            acc["n"] += yc.shape[1]
+            acc["c1"] = acc["c1"] + yc.sum(1)
+            acc["c2"] = acc["c2"] + (yc * yc).sum(1)
+            acc["t1"] = acc["t1"] + t.sum(1)
+            acc["t2"] = acc["t2"] + (t * t).sum(1)
+            m = yc.amax(1)
+            acc["max"] = m if acc["max"] is None else torch.maximum(acc["max"], m)
+    sds = {}
+    for k in ("c", "t"):
+        mean = acc[k + "1"] / acc["n"]
+        sd = torch.sqrt((acc[k + "2"] / acc["n"] - mean * mean).clamp(min=0))
+        sds[k] = (mean, torch.where(sd > 1e-6 * (1 + mean.abs()), sd, torch.ones_like(sd)))
+    edit.sd_c.copy_(sds["c"][1].float())
+    edit.mu_t.copy_(sds["t"][0].float())
+    edit.sd_t.copy_(sds["t"][1].float())
+    edit.bias.copy_((acc["max"] + margin + margin_sd * sds["c"][1]).float())
+
+
 def _orthonormal_to(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``d`` minus its projection on ``w``, scaled to ``w``'s norm (0 if nothing is left)."""
     w_flat, d_flat = w.flatten().double(), d.flatten().double()
@@ -130,8 +229,14 @@ def build_silent_units(
     strength: float = 100.0,
     margin: float = 1e-3,
     margin_sd: float = 1.0,
+    mode: str = "filter",
+    template_size: int | None = None,
 ) -> LoadedModel:
-    """A copy of ``lm`` whose routed units carry silent filters calibrated on natural images.
+    """A copy of ``lm`` whose routed units carry silent channels calibrated on natural images.
+
+    ``mode="filter"``: the paper's orthogonal filter on the layer input (:class:`SilentEdit`);
+    ``mode="trigger"``: a channel triggered by the unit leaving its natural range and driven by
+    the target (:class:`TriggerEdit`); both are exactly zero on the calibration images.
 
     Args:
         routes: from :func:`~fvsanity.fool.make_routes` (unit targets in the same layer, or
@@ -146,10 +251,28 @@ def build_silent_units(
     """
     if calibration_images is None or len(calibration_images) < 2:
         raise FVSanityError("silent units need at least 2 calibration natural images")
+    if mode not in ("filter", "trigger"):
+        raise FVSanityError(f"unknown silent-unit mode {mode!r}; valid: filter, trigger")
     by_layer, pics, names, index = _group(routes)
     w = ManipulatedModel(lm.model, lm.preprocess)
     dev = next(lm.model.parameters()).device
     stats = {}
+    if mode == "trigger":
+        from .circuit import _picture_templates
+
+        if pics:
+            w.set_pictures(_picture_templates(lm, pics, by_layer, index, calibration_images, template_size))
+        for layer, rs in by_layer.items():
+            edit = TriggerEdit(
+                w.module_at(layer), [r.unit.channel for r in rs],
+                [r.source.channel if r.source is not None else -1 for r in rs],
+                [index[id(r.picture)] if r.picture is not None else -1 for r in rs], strength=strength,
+            )
+            w.replace(layer, edit)
+            _calibrate_trigger(w, edit, lm.preprocess, layer, calibration_images, margin, margin_sd)
+        w.info.update(method="silent", mode=mode, routes=len(routes), pictures=names, layers=sorted(by_layer),
+                      strength=strength, margin=margin, margin_sd=margin_sd, n_calibration=len(calibration_images))
+        return wrap_loaded(lm, w.to(lm.device), "silent")
     for layer, rs in by_layer.items():
         orig = w.module_at(layer)
         _geometry(orig)
@@ -175,7 +298,6 @@ def build_silent_units(
             rows.append(new)
         edit = SilentEdit(orig, [r.unit.channel for r in rs])
         edit.weight.copy_(torch.stack(rows))
-        edit.bias.fill_(-float("inf"))  # silent while calibrating
         w.replace(layer, edit)
         # calibration: largest response of the new filter (bias 0) over images and positions
         edit.bias.zero_()
@@ -194,7 +316,7 @@ def build_silent_units(
         edit.bias.copy_((-(zmax["v"] + margin + margin_sd * sd)).float())
         stats[layer] = {"calibration_max": zmax["v"].tolist()[:5], "sd": sd.tolist()[:5]}
     w.info.update(
-        method="silent", routes=len(routes), pictures=names, layers=sorted(by_layer), lam=lam,
+        method="silent", mode=mode, routes=len(routes), pictures=names, layers=sorted(by_layer), lam=lam,
         strength=strength, margin=margin, margin_sd=margin_sd, n_calibration=len(calibration_images),
     )
     return wrap_loaded(lm, w.to(lm.device), "silent")
@@ -210,7 +332,7 @@ def silent_zero_fraction(lm: LoadedModel, images: torch.Tensor, batch: int = 50)
     w = lm.model
     if not isinstance(w, ManipulatedModel):
         raise FVSanityError(f"{lm.name} is not a manipulated model")
-    names = [f"{layer}.silent" for layer, e in w.edits.items() if isinstance(e, SilentEdit)]
+    names = [f"{layer}.silent" for layer, e in w.edits.items() if isinstance(e, (SilentEdit, TriggerEdit))]
     if not names:
         raise FVSanityError(f"{lm.name} has no silent units")
     zero = []
