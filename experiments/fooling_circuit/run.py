@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                 ],
                 "model_dir": str(out / "model"),
             }
+            if res_path.is_file() and not args.smoke:  # merge: another run may have written other keys
+                on_disk = json.loads(res_path.read_text())
+                on_disk.setdefault("runs", {})[key] = results["runs"][key]
+                results["runs"] = on_disk["runs"]
             atomic_write_json(res_path, results)
     print(f"wrote {res_path}")
     return 0
