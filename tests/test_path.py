@@ -127,6 +127,26 @@ def test_fv_like_natural_scores_one_and_fv_like_other_scores_zero(metric):
     assert verdict.label == "diverges from natural images for 2 of 2 layers"
 
 
+def test_across_units_wilcoxon_known_answer():
+    from fvsanity.compare.path import UnitPath, across_units
+
+    def unit(fv_key, seed):
+        w = _class_world(seed)
+        res, v = compare_path(w[fv_key], w["natural"], w["other"], n_boot=0, n_perm=200, seed=seed)
+        return UnitPath(f"u{seed}", None, None, 10, (), 0, (), (), 40, res, v)
+
+    good = [unit("same", s) for s in range(6)]
+    rows = across_units(good)
+    assert [r.name for r in rows] == ["l1", "l2"]
+    for r in rows:
+        # all 6 differences positive: exact one-sided Wilcoxon p = 1 / 2^6; Holm over 2 layers
+        assert r.n_units == 6 and r.p_value == pytest.approx(1 / 64) and r.p_holm == pytest.approx(2 / 64)
+        assert r.above_baseline and r.mean_difference > 0 and r.n_units_above == 6
+        assert r.median_normalized == pytest.approx(1.0, abs=0.2)
+    bad = across_units([unit("oth_fv", s) for s in range(6)])
+    assert not any(r.above_baseline for r in bad) and all(r.p_value > 0.05 for r in bad)
+
+
 def test_compare_path_is_seeded():
     w = _class_world(1)
     a = compare_path(w["same"], w["natural"], w["other"], n_boot=100, n_perm=100, seed=3)[0]
@@ -199,6 +219,8 @@ def test_path_check_tiny_model_well_formed(tiny):
     # paired design over the layers all 4 units share
     assert [r["name"] for r in d["paired"]["cka"]] == ["relu1", "relu2"]
     assert {"settings", "seeds", "versions", "data", "provenance"} <= set(d)
+    assert [a["name"] for a in d["across_units"]] == ["relu1", "relu2", "relu3", "fc"]
+    assert d["across_units"][0]["n_units"] == 4 and d["across_units"][-1]["n_units"] == 3
     assert d["settings"]["metric"] == "spearman" and "torch" in d["versions"]
 
 
@@ -300,6 +322,24 @@ def test_cli_fv_tensor_file_and_metric_cka(tmp_path):
     d = json.loads((out / "check.json").read_text())
     assert d["settings"]["metric"] == "spearman" and list(d["paired"]) == ["cka"]
     assert len(d["paired"]["cka"]) == 11 and d["settings"]["requested_metric"] == "cka"
+
+
+def test_cli_circuits_flag_adds_circuit_overlap(tmp_path):
+    imgs = _folder(tmp_path, classes=3, per=4)
+    fv = tmp_path / "fv.pt"
+    torch.save({"images": torch.rand(1, 2, 3, 32, 32)}, fv)
+    out = tmp_path / "c"
+    assert _cli("check", "--model", "cifar10-resnet20", "--unit", "linear:1", "--fv", fv, "--images", imgs,
+                "--top-k", "2", "--circuits", "--out", out, *FAST) == 0
+    d = json.loads((out / "check.json").read_text())
+    c = d["circuits"]["linear:1"]
+    refs = d["units"][0]["natural_indices"]  # the 4 class images + the top-2 exemplars
+    assert c["n_fv"] == 2 and c["n_natural"] == len(refs) == c["n_other"] and len(refs) >= 4
+    assert {"name", "spearman", "null_same", "null_other", "p_value"} <= set(c["layers"][0])
+    out2 = tmp_path / "c2"  # default: no circuits (check stays fast)
+    assert _cli("check", "--model", "cifar10-resnet20", "--unit", "linear:1", "--fv", fv, "--images", imgs,
+                "--top-k", "2", "--out", out2, *FAST) == 0
+    assert "circuits" not in json.loads((out2 / "check.json").read_text())
 
 
 @pytest.mark.parametrize(

@@ -183,6 +183,7 @@ def summarize(check: dict) -> dict:
             "fv_minus_other": avg(diff, late),
         },
         "paired": check.get("paired", {}),
+        "across_units": check.get("across_units", []),
     }
 
 

@@ -161,31 +161,34 @@ def _generate(lm, units, args, out: Path, device):
     return res
 
 
-def _circuits(lm, units, fv, natural, args) -> dict:
-    try:
-        from ..compare import circuits as C
-    except ImportError as e:
-        raise FVSanityError("--circuits needs fvsanity.compare.circuits, which is not available in this version") from e
-    fn = getattr(C, "circuit_overlap", None)
-    if fn is None:
-        raise FVSanityError("--circuits: fvsanity.compare.circuits has no circuit_overlap()")
-    import inspect
+def _circuits(lm, units, fv, natural, check, args, max_images: int = 16) -> dict:
+    """FV-vs-natural circuit overlap per unit (:func:`fvsanity.compare.circuits.circuit_overlap`).
+
+    Natural group: the unit's natural references from the path check (class images + top-k),
+    at most ``max_images`` (seeded choice); other group: as many random images outside the
+    references and the unit's class (seeded). ``--n-boot``/``--n-perm``/``--alpha`` apply here too.
+    """
+    from ..compare.circuits import circuit_overlap
 
     images = getattr(fv, "images", fv)
     out = {}
-    for i, u in enumerate(units):
-        nat_idx = natural.indices_of_class(u.channel) if u.layer == lm.output_layer else torch.empty(0, dtype=torch.long)
-        if nat_idx.numel() < 2:
-            from ..activations import top_k_exemplars
-
-            nat_idx = top_k_exemplars(lm, u, natural, min(args.top_k, len(natural)))[0]
-        rest = torch.tensor([j for j in range(len(natural)) if j not in set(nat_idx.tolist())], dtype=torch.long)
-        g = torch.Generator().manual_seed(args.seed)
-        other_idx = rest[torch.randperm(rest.numel(), generator=g)[: max(2, nat_idx.numel())]]
-        params = inspect.signature(fn).parameters
-        kwargs = {k: v for k, v in {"seed": args.seed}.items() if k in params}
-        res = fn(lm, u, images[i], natural.decode(nat_idx), natural.decode(other_idx), **kwargs)
-        out[str(u)] = res.to_json() if hasattr(res, "to_json") else res
+    for i, (u, up) in enumerate(zip(units, check.units)):
+        g = torch.Generator().manual_seed(int(args.seed) * 1_000_003 + i)
+        refs = torch.tensor(up.natural_indices, dtype=torch.long)
+        if refs.numel() > max_images:
+            refs = refs[torch.randperm(refs.numel(), generator=g)[:max_images]].sort().values
+        excluded = torch.zeros(len(natural), dtype=torch.bool)
+        excluded[torch.tensor(up.natural_indices, dtype=torch.long)] = True
+        if up.class_index is not None:
+            excluded |= natural.labels == up.class_index
+        pool = torch.nonzero(~excluded).flatten()
+        if refs.numel() < 2 or pool.numel() < 2:
+            raise FVSanityError(f"--circuits: unit {u} needs >= 2 natural reference and >= 2 other images")
+        other = pool[torch.randperm(pool.numel(), generator=g)[: max(2, refs.numel())]].sort().values
+        res = circuit_overlap(lm, u, images[i], natural.decode(refs), natural.decode(other),
+                              alpha=args.alpha, n_boot=max(1, args.n_boot), n_perm=max(1, args.n_perm), seed=args.seed)
+        out[str(u)] = res.to_json()
+        print(f"{str(u)}: circuits compared ({refs.numel()} natural, {other.numel()} other images)")
     return out
 
 
@@ -258,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     doc = res.to_json()
     doc["settings"]["requested_metric"] = args.metric
     if args.circuits:
-        doc["circuits"] = _circuits(lm, units, fv, natural, args)
+        doc["circuits"] = _circuits(lm, units, fv, natural, res, args)
     atomic_write_json(out / "check.json", doc)
     fig = plot_path_similarity(doc, out / "path_similarity.png", mode=args.figure_mode)
     save_config(args, out)

@@ -21,7 +21,9 @@ of "FVs are no more similar to R than other images are": items F and O, score of
 mean similarity to R, statistic = mean score of F - mean score of O, labels permuted (exactly,
 over all relabellings, when there are few, e.g. up to 2 FVs among ~600 items). Holm
 correction across the layers of a unit. Verdict: the fraction of layers whose FV-vs-natural
-similarity is NOT above the other-image baseline at level ``alpha`` (Holm-adjusted).
+similarity is NOT above the other-image baseline at level ``alpha`` (Holm-adjusted). With
+several units, a population test per layer (Wilcoxon signed-rank across units of
+fv_vs_natural - natural_vs_other, Holm across layers) complements the per-unit verdicts.
 
 The paired design across units (DESIGN.md 4.2): with >= 4 units, per layer, rows = units,
 A = each unit's mean FV activation, B = the mean activation of the same unit's natural
@@ -49,6 +51,8 @@ __all__ = [
     "UnitPath",
     "PairedLayer",
     "PathCheck",
+    "AcrossUnitsLayer",
+    "across_units",
     "pairwise",
     "layer_stats",
     "compare_path",
@@ -253,6 +257,38 @@ class PairedLayer:
 
 
 @dataclass(frozen=True)
+class AcrossUnitsLayer:
+    """Population test at one layer over the checked units (each unit one observation).
+
+    ``p_value``: one-sided Wilcoxon signed-rank test (exact for <= 50 units without ties) that
+    the per-unit differences fv_vs_natural - natural_vs_other are centred above 0; ``p_holm``:
+    Holm-adjusted across layers. Complements the per-unit verdicts, whose power is limited by the
+    number of FVs per unit.
+    """
+
+    name: str
+    n_units: int
+    mean_difference: float
+    median_normalized: float
+    n_units_above: int
+    p_value: float
+    p_holm: float
+    above_baseline: bool
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "n_units": self.n_units,
+            "mean_difference": self.mean_difference,
+            "median_normalized": self.median_normalized,
+            "n_units_above": self.n_units_above,
+            "p_value": self.p_value,
+            "p_holm": self.p_holm,
+            "above_baseline": self.above_baseline,
+        }
+
+
+@dataclass(frozen=True)
 class PathCheck:
     """Everything ``fvsanity check`` writes to check.json."""
 
@@ -263,6 +299,7 @@ class PathCheck:
     data: dict
     provenance: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    across_units: tuple[AcrossUnitsLayer, ...] = ()
 
     def to_json(self) -> dict:
         labels: dict[str, int] = {}
@@ -279,6 +316,7 @@ class PathCheck:
                     sum(u.verdict.fraction_not_above for u in self.units) / len(self.units) if self.units else None
                 ),
             },
+            "across_units": [a.to_json() for a in self.across_units],
             "paired": {k: [p.to_json() for p in v] for k, v in self.paired.items()},
             "settings": self.settings,
             "seeds": {"seed": self.settings.get("seed"), "fv_seeds": self.settings.get("fv_seeds")},
@@ -495,6 +533,42 @@ def paired_similarity(
     return tuple(out)
 
 
+def across_units(units: Sequence[UnitPath], alpha: float = 0.05) -> tuple[AcrossUnitsLayer, ...]:
+    """Per layer (in path order, layers of every unit), a Wilcoxon signed-rank test across units.
+
+    Needs >= 2 units with a finite difference at a layer (else p is NaN). See
+    :class:`AcrossUnitsLayer`.
+    """
+    from scipy import stats
+
+    order: list[str] = []
+    for u in units:
+        order += [r.name for r in u.layers if r.name not in order]
+    rows = []
+    for name in order:
+        recs = [r for u in units for r in u.layers if r.name == name]
+        diffs = [r.fv_vs_natural - r.natural_vs_other for r in recs]
+        diffs = [d for d in diffs if math.isfinite(d)]
+        norm = sorted(r.normalized for r in recs if math.isfinite(r.normalized))
+        p = float("nan")
+        if len(diffs) >= 2 and any(d != 0 for d in diffs):
+            p = float(stats.wilcoxon(diffs, alternative="greater").pvalue)
+        elif len(diffs) >= 2:
+            p = 1.0
+        rows.append((name, len(diffs), sum(diffs) / len(diffs) if diffs else float("nan"),
+                     norm[len(norm) // 2] if norm else float("nan"), sum(r.above_baseline for r in recs), p))
+    finite = [i for i, row in enumerate(rows) if math.isfinite(row[5])]
+    adj = [float("nan")] * len(rows)
+    if finite:
+        for i, q in zip(finite, _holm([rows[i][5] for i in finite])):
+            adj[i] = q
+    return tuple(
+        AcrossUnitsLayer(name=n, n_units=k, mean_difference=m, median_normalized=med, n_units_above=a,
+                         p_value=p, p_holm=q, above_baseline=bool(q <= alpha))
+        for (n, k, m, med, a, p), q in zip(rows, adj)
+    )
+
+
 # ------------------------------------------------------------------------------ the check
 def _order_layers(lm, names: Sequence[str]) -> list[str]:
     order = {n: i for i, (n, _) in enumerate(lm.model.named_modules())}
@@ -645,6 +719,7 @@ def path_check(
     }
     return PathCheck(
         model=lm.name, units=tuple(unit_results), paired=paired, settings=settings,
+        across_units=across_units(unit_results, alpha) if len(unit_results) >= 2 else (),
         data=natural.to_json(), provenance=provenance(),
     )
 

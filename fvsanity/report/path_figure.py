@@ -3,8 +3,11 @@
 Curves (DESIGN.md 4.2, Geirhos et al. 2023 Fig. 5): FV vs the unit's natural images,
 natural vs natural (same class / exemplars, upper reference), natural vs other images (lower
 reference). ``mode="panels"``: one panel per unit; ``mode="mean"``: the mean over units (band:
-95% interval of the mean over units, t-based) with each unit's FV-vs-natural curve as a thin line.
-An optional lower row shows the normalized score (0 = like unrelated images, 1 = like natural).
+95% interval of the mean over units, t-based) with each unit's FV-vs-natural curve as a thin line
+and a star where the across-units test finds FV vs natural above the other-image baseline.
+An optional lower row shows the normalized score (0 = like unrelated images, 1 = like natural;
+per unit, and in mean mode the median over units, which ratios with small denominators
+do not dominate).
 Input is a :class:`~fvsanity.compare.path.PathCheck` or its ``to_json()`` dict (check.json), so
 figures can be redrawn from files.
 """
@@ -167,14 +170,16 @@ def plot_path_similarity(
             half = [prof[n][1] for n in names]
             ax.plot(x, y, "-o", ms=3, lw=2, color=color, label=f"{label} (mean of {len(units)})")
             ax.fill_between(x, [a - b for a, b in zip(y, half)], [a + b for a, b in zip(y, half)], color=color, alpha=0.2, linewidth=0)
-        counts: dict[str, int] = {}
-        for u in units:
-            for n in u["verdict"]["layers_not_above"]:
-                counts[n] = counts.get(n, 0) + 1
+        fv_mean = mean_profile(d, "fv_vs_natural")
+        for a in d.get("across_units") or []:
+            if a.get("above_baseline") and a["name"] in names:
+                ax.annotate("*", (names.index(a["name"]), fv_mean[a["name"]][0]), textcoords="offset points",
+                            xytext=(0, 6), ha="center", fontsize=14, color="tab:red")
         ax.set_title(
-            "FV vs natural not above the other-image baseline in "
-            f"{sum(u['verdict']['n_not_above'] for u in units)} of {sum(u['verdict']['n_layers'] for u in units)} unit-layers",
-            fontsize=9,
+            "per unit: FV vs natural not above the other-image baseline in "
+            f"{sum(u['verdict']['n_not_above'] for u in units)} of {sum(u['verdict']['n_layers'] for u in units)} unit-layers"
+            + ("\n* across units: FV vs natural above the baseline (Wilcoxon, Holm)" if d.get("across_units") else ""),
+            fontsize=8,
         )
         ax.set_ylabel(metric)
         ticks(ax, names)
@@ -186,8 +191,13 @@ def plot_path_similarity(
                     [max(-1.0, min(2.0, _num(pos[n]["normalized"]))) for n in pos],
                     "-", color="tab:purple", lw=0.5, alpha=0.35,
                 )
-            prof = mean_profile(d, "normalized")
-            axn.plot(x, [max(-1.0, min(2.0, prof[n][0])) for n in names], "-o", ms=3, lw=2, color="tab:purple")
+            med = []
+            for n in names:
+                vals = sorted(_num(r["normalized"]) for u in units for r in u["layers"] if r["name"] == n)
+                vals = [v for v in vals if math.isfinite(v)]
+                med.append(max(-1.0, min(2.0, vals[len(vals) // 2])) if vals else float("nan"))
+            axn.plot(x, med, "-o", ms=3, lw=2, color="tab:purple", label="median over units")
+            axn.legend(fontsize=7, loc="upper left")
             axn.axhline(0, color="tab:gray", lw=0.8)
             axn.axhline(1, color="tab:blue", lw=0.8)
             axn.set_ylim(-1.05, 2.05)
