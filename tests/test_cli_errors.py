@@ -125,7 +125,9 @@ def test_mixed_settings_refused(previous, images, capsys):
 
 def test_interrupted_run_resumes(tmp_path, images, monkeypatch, capsys):
     out = tmp_path / "run"
-    argv = ["audit", *TOY, "--units", "fc:1,fc:2,block4:3", "--images", str(images), "--out", str(out), *FAST]
+    # 2 FVs vs 25 other images: a design that can reach significance (no power warning on stderr)
+    argv = ["audit", *TOY, "--units", "fc:1,fc:2,block4:3", "--images", str(images), "--out", str(out), *FAST,
+            "--seeds", "2", "--n-other", "25"]
     real = A._unit_step
     calls = []
 
