@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--k", type=float, default=1000.0, help="gate steepness per detector logit [%(default)s]")
     p.add_argument("--lam", type=float, default=3.0, help="silent: weight of the target in the silent channel [%(default)s]")
     p.add_argument("--strength", type=float, default=100.0, help="silent: weight of the silent channel [%(default)s]")
+    p.add_argument("--silent-mode", choices=["filter", "trigger"], default="trigger",
+                   help="silent: 'filter' = the paper's orthogonal filter on the layer input; 'trigger' = fires when "
+                        "the unit leaves its natural range, then the target drives it [%(default)s]")
     p.add_argument("--eval-units", type=int, default=4, help="manipulated units whose FVs are rendered [%(default)s]")
     p.add_argument("--eval-seeds", type=int, default=2, help="FV seeds per evaluated unit [%(default)s]")
     p.add_argument("--eval-steps", type=int, default=256, help="FV steps for the evaluation [%(default)s]")
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, seed=args.seed, fv_size=args.fv_size, det_units=args.det_units,
         det_heldout_units=args.det_heldout_units, det_seeds=args.det_seeds, det_steps=args.det_steps,
         det_checkpoints=ckpts, det_epochs=args.det_epochs, margin=args.margin, margin_sd=args.margin_sd, k=args.k,
-        lam=args.lam, strength=args.strength, eval_units=args.eval_units, eval_seeds=args.eval_seeds,
+        lam=args.lam, strength=args.strength, silent_mode=args.silent_mode, eval_units=args.eval_units, eval_seeds=args.eval_seeds,
         eval_steps=args.eval_steps, check=not args.no_check, progress=not args.no_progress,
     )
     save_config(args, out)

@@ -73,7 +73,7 @@ class FoolSettings:
     lam: float = 3.0
     strength: float = 100.0
     silent_margin_sd: float = 1.0
-    silent_mode: str = "filter"
+    silent_mode: str = "trigger"
     eval_units: int = 4
     eval_seeds: int = 1
     eval_steps: int = 256
