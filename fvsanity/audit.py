@@ -637,6 +637,26 @@ def _paired(out: Path, records: list[dict], cfg: AuditConfig) -> dict:
     return res
 
 
+def _across_units(records: list[dict], alpha: float) -> list[dict]:
+    """Wilcoxon test per layer across units (:func:`fvsanity.compare.path.across_units`)."""
+    from types import SimpleNamespace as NS
+
+    from .compare.path import across_units
+
+    def num(v):
+        return float("nan") if v is None else float(v)
+
+    if len(records) < 2:
+        return []
+    units = [
+        NS(layers=[NS(name=x["name"], fv_vs_natural=num(x["fv_vs_natural"]), natural_vs_other=num(x["natural_vs_other"]),
+                      normalized=num(x["normalized"]), above_baseline=bool(x["above_baseline"]))
+                   for x in r["path"]["layers"]])
+        for r in records
+    ]
+    return [a.to_json() for a in across_units(units, alpha)]
+
+
 def _summary(records: list[dict]) -> dict:
     n = len(records)
     div = sum(1 for r in records if r["verdict"]["n_not_above"] > 0)
@@ -671,6 +691,7 @@ def finalize(
         "seeds": {"seed": cfg.seed, "fv_seeds": run["fv_settings"]["seeds"]},
         "summary": _summary(records),
         "paired": _paired(out, records, cfg),
+        "across_units": _across_units(records, cfg.alpha),
         "units": records,
         "timing": {
             "wall_s_this_call": round(wall_s, 3),
@@ -681,6 +702,13 @@ def finalize(
         "provenance": prov,
         "written_at": _now(),
     }
+    if len(records) >= 2:
+        from .report.path_figure import plot_path_similarity
+
+        fig = {"model": run["model"]["name"], "units": [r["path"] for r in records],
+               "settings": {"metric": cfg.metric}, "across_units": audit["across_units"]}
+        plot_path_similarity(fig, out / "path_similarity.png", mode="mean")
+        audit["figures"] = {"path_similarity": "path_similarity.png"}
     atomic_write_json(out / "audit.json", audit)
     atomic_write_text(out / "table.md", to_markdown(audit))
     atomic_write_text(out / "table.tex", to_latex(audit))

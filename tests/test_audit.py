@@ -56,6 +56,10 @@ def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
     assert audit["summary"]["n_units"] == 4
     # the paired design across the 4 units, on the layers every path shares
     assert [r["name"] for r in audit["paired"]["cka"]] == ["relu1", "relu2"]
+    # the population test across units covers every layer of any path, each with its unit count
+    across = {r["name"]: r["n_units"] for r in audit["across_units"]}
+    assert across == {"relu1": 4, "relu2": 4, "relu3": 3, "fc": 2}
+    assert (out / "path_similarity.png").is_file() and audit["figures"]["path_similarity"] == "path_similarity.png"
     for u in audit["units"]:
         d = out / "units" / u["id"]
         assert (d / "unit.json").is_file() and (d / "profile.png").is_file()
