@@ -176,3 +176,18 @@ def test_demo_offline_fallback(tmp_path, monkeypatch, capsys):
     assert audit["model"]["name"] == "toy-procedural"
     assert [u["unit"] for u in audit["units"]] == ["fc:0", "fc:9", "block4:" + audit["units"][2]["unit"].split(":")[1]]
     assert audit["units"][0]["class_name"] == toy.CLASSES[0]
+
+
+def test_cli_fv_without_units_audits_every_saved_unit(images, tmp_path, capsys):
+    from fvsanity.models import load_model
+
+    lm = load_model("toy-procedural", pretrained=False)
+    render(lm, ["fc:2", "block3:7"], seeds=1, steps=3, progress=False).save(tmp_path / "fv")
+    out = tmp_path / "out"
+    rc = main(["audit", "--model", "toy-procedural", "--random-weights", "--fv", str(tmp_path / "fv"),
+               "--images", str(images), "--top-k", "3", "--n-other", "8", "--n-boot", "10", "--n-perm", "10",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    audit = json.loads((out / "audit.json").read_text())
+    assert [u["unit"] for u in audit["units"]] == ["fc:2", "block3:7"]
+    assert audit["fv_settings"]["steps"] == 3 and audit["fv_settings"]["source"] == str(tmp_path / "fv")

@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=512, help="FV optimization steps [%(default)s]")
     p.add_argument("--seeds", type=int, default=2, help="FVs per unit [%(default)s]")
     p.add_argument("--size", type=int, default=None, help="FV size in px [the model's input size]")
-    p.add_argument("--fv", default=None, help="reuse FVs from a `fvsanity visualize` output folder")
+    p.add_argument("--fv", default=None,
+                   help="reuse FVs from a `fvsanity visualize` output folder (default units: all of its units)")
     p.add_argument("--fv-batch", type=int, default=8, help="units optimized together per batch [%(default)s]")
     p.add_argument("--metric", default="spearman", help="vector metric for the path check [%(default)s]")
     p.add_argument("--top-k", type=int, default=10, help="top natural exemplars per unit [%(default)s]")
@@ -90,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(args.out)  # fail before any slow work
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)
-    units = select_units(lm, args.units, args.layer, args.sample, args.seed)
+    specs = args.units
+    if args.fv and not args.units and not args.layer:
+        from ..generate import FVResult
+
+        specs = [str(u) for u in FVResult.load(args.fv).units]  # every unit of the FV set
+    units = select_units(lm, specs, args.layer, args.sample, args.seed)
     images = args.images
     if images is None:
         from ..defaults import default_images
