@@ -601,9 +601,25 @@ def run_audit(
         finally:
             if bar is not None:
                 bar.close()
-    audit = finalize(out, [done[x] for x in ids], run, cfg, natural, provenance(), time.perf_counter() - t_start,
-                     computed, notes=[run_note] if run_note else [])
+    wall = time.perf_counter() - t_start
+    calls = _record_call(out, wall, computed)
+    audit = finalize(out, [done[x] for x in ids], run, cfg, natural, provenance(), wall,
+                     computed, notes=[run_note] if run_note else [], calls=calls)
     return AuditResult(out, audit, tuple(computed), out / "report.html", out / "table.md", out / "table.tex", out / "audit.json")
+
+
+def _record_call(out: Path, wall_s: float, computed: Sequence[str]) -> list[dict]:
+    """Append this call to ``out/calls.json`` (the history of runs into ``out``); returns it."""
+    from .io import atomic_write_json
+
+    p = out / "calls.json"
+    try:
+        calls = json.loads(p.read_text()) if p.is_file() else []
+    except (OSError, json.JSONDecodeError):
+        calls = []
+    calls.append({"finished_at": _now(), "wall_s_run": round(wall_s, 3), "units_computed": len(computed)})
+    atomic_write_json(p, calls)
+    return calls
 
 
 def _paired(out: Path, records: list[dict], cfg: AuditConfig) -> dict:
@@ -673,7 +689,7 @@ def _summary(records: list[dict]) -> dict:
 
 def finalize(
     out: Path, records: list[dict], run: dict, cfg: AuditConfig, natural, prov: dict, wall_s: float,
-    computed: Sequence[str] = (), notes: Sequence[str] = (),
+    computed: Sequence[str] = (), notes: Sequence[str] = (), calls: Sequence[dict] = (),
 ) -> dict:
     """Write audit.json, table.md, table.tex and report.html from the finished units."""
     from .io import atomic_write_json, atomic_write_text
@@ -694,9 +710,11 @@ def finalize(
         "across_units": _across_units(records, cfg.alpha),
         "units": records,
         "timing": {
-            "wall_s_this_call": round(wall_s, 3),
+            "wall_s_run": round(wall_s, 3),  # run_audit start -> last unit done (no model load, no report)
             "units_computed_this_call": list(computed),
             "unit_seconds_total": round(sum(r.get("seconds", 0.0) for r in records), 3),
+            "calls": list(calls),
+            "wall_s_all_calls": round(sum(c["wall_s_run"] for c in calls), 3) if calls else round(wall_s, 3),
         },
         "notes": list(notes),
         "provenance": prov,

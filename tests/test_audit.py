@@ -82,6 +82,9 @@ def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
     res2 = A.run_audit(tiny, UNITS, images, out, A.AuditConfig(**CFG), progress=False, render_fn=CountingRender(fail=True))
     assert res2.computed == ()
     assert _snapshot(out) == before
+    calls = json.loads((out / "calls.json").read_text())
+    assert [c["units_computed"] for c in calls] == [4, 0]
+    assert res2.audit["timing"]["calls"] == calls
     assert [u["unit"] for u in res2.audit["units"]] == UNITS
 
     # a lost unit is recomputed alone; batching did not change its FVs (elements independent)

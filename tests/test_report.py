@@ -85,7 +85,7 @@ def synthetic_audit(root):
         "summary": {"n_units": 3, "n_diverging": 2, "n_consistent": 1, "n_unit_layers": 8, "n_unit_layers_not_above": 4},
         "paired": {},
         "units": units,
-        "timing": {"wall_s_this_call": 1.5, "unit_seconds_total": 3.0},
+        "timing": {"wall_s_run": 1.5, "unit_seconds_total": 3.0},
         "provenance": {"versions": {"torch": "2.x"}, "python": "3.x", "git_sha": "deadbeef"},
     }
 

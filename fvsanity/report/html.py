@@ -22,7 +22,12 @@ from pathlib import Path
 
 from .tables import columns, short_verdict, unit_rows
 
-__all__ = ["render_html", "write_report", "png_data_uri"]
+__all__ = ["render_html", "write_report", "png_data_uri", "THUMB"]
+
+#: FVs and exemplars are shown 112 px high; they are embedded at most this large (the full-size
+#: PNGs stay in the unit folders), which keeps the report small. Figures are embedded with a 256-colour palette (plots
+#: have few colours, so this loses nothing visible and saves about two thirds).
+THUMB = 112
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;
@@ -81,25 +86,33 @@ def _f(v, d: int = 3) -> str:
     return f"{x:.{d}f}" if math.isfinite(x) else "n/a"
 
 
-def _img(root: Path, rel: str | None, alt: str, cls: str = "") -> str:
-    """An <img> with the file embedded, or a note if the file is missing."""
+def _img(root: Path, rel: str | None, alt: str, cls: str = "", max_side: int | None = None, palette: bool = False) -> str:
+    """An <img> with the file embedded (downscaled to ``max_side`` px if larger; a 256-colour
+    palette if ``palette``), or a note if the file is missing or unreadable."""
     if not rel:
         return ""
     p = root / rel
     try:
-        uri = png_data_uri(p)
-    except (OSError, ValueError):
-        return f'<span class="note">[missing image {_e(rel)}]</span>'
-    small = ""
-    try:
         from PIL import Image
 
         with Image.open(p) as im:
-            if max(im.size) <= 64:
-                small = " px"
-    except OSError:
-        pass
-    c = (cls + small).strip()
+            size = im.size
+            shrink = max_side is not None and max(size) > max_side
+            if shrink or palette:
+                out = im.convert("RGB")
+                if shrink:
+                    s = max_side / max(size)
+                    out = out.resize((max(1, round(size[0] * s)), max(1, round(size[1] * s))), Image.LANCZOS)
+                if palette:
+                    out = out.quantize(256)
+                buf = io.BytesIO()
+                out.save(buf, format="PNG", optimize=True)
+                uri = png_data_uri(buf.getvalue())
+            else:
+                uri = png_data_uri(p)
+    except (OSError, ValueError):
+        return f'<span class="note">[missing image {_e(rel)}]</span>'
+    c = (cls + (" px" if max(size) <= 64 else "")).strip()
     return f'<img src="{uri}" alt="{_e(alt)}"' + (f' class="{c}"' if c else "") + ">"
 
 
@@ -118,17 +131,19 @@ def _header(audit: dict) -> str:
 <p class="meta">Weights: <code>{_e(m.get('weights', '?'))}</code><br>
 Natural images: <code>{_e(imgs.get('root', '?'))}</code> ({_e(imgs.get('n_images', imgs.get('n', '?')))} images{
         f', {int(n_unread)} unreadable skipped' if n_unread else ''})<br>
-FVs: {_e(len(fvs.get('seeds', [])))} seeds per unit ({_e(fvs.get('seeds', []))}), {_e(fvs.get('steps', '?'))} steps,
+FVs per unit: {_e(len(fvs.get('seeds', [])))} (seeds {_e(fvs.get('seeds', []))}), {_e(fvs.get('steps', '?'))} steps,
 size {_e(fvs.get('size', '?'))}, lr {_e(fvs.get('lr', '?'))}, {_e(fvs.get('param', '?'))} parametrization,
-{_e(fvs.get('transforms', '?') if isinstance(fvs.get('transforms'), str) else 'custom')} transforms;
+{_e(fvs.get('transforms', '?') + ' transforms' if isinstance(fvs.get('transforms'), str) else 'transforms as in audit.json')}{
+        f", reused from <code>{_e(fvs['source'])}</code>" if fvs.get('source') else ''};
 settings hash <code>{_e(audit.get('fv_settings_hash', '?'))}</code><br>
 Check: {_e(s.get('metric', '?'))} similarity of mean-pooled activations, top-{_e(s.get('top_k', '?'))} exemplars
 {'+ class images ' if s.get('use_class_images') else ''}as natural references, {_e(s.get('n_other', '?'))} other images,
 {_e(s.get('n_boot', '?'))} bootstrap resamples, {_e(s.get('n_perm', '?'))} permutations, Holm at alpha = {_e(s.get('alpha', '?'))},
 {_e(int(100 * float(s.get('confidence', 0.95))))}% intervals; seed {_e(s.get('seed', '?'))}<br>
 Versions: {_e(vtxt)}; python {_e(prov.get('python', '?'))}; git <code>{_e((prov.get('git_sha') or '-')[:12])}</code><br>
-Written {_e(audit.get('written_at', '?'))} by a call that took {_e(t.get('wall_s_this_call', '?'))} s
-(compute time summed over units, FVs included: {_e(t.get('unit_seconds_total', '?'))} s)</p>
+Written {_e(audit.get('written_at', '?'))}. Wall time of the audit: {_e(t.get('wall_s_all_calls', t.get('wall_s_run', '?')))} s
+over {_e(len(t.get('calls', [])) or 1)} call(s) (this call {_e(t.get('wall_s_run', '?'))} s; model loading and report
+writing excluded); per-unit compute summed: {_e(t.get('unit_seconds_total', '?'))} s</p>
 """ + "".join(f'<p class="note no">Note: {_e(n)}</p>' for n in audit.get("notes", []))
 
 
@@ -177,7 +192,7 @@ def _across(audit: dict, root: Path) -> str:
         "<h2>Across units</h2><p class=\"note\">Per layer, each unit is one observation: one-sided Wilcoxon "
         "signed-rank test that FV-vs-natural similarity exceeds the natural-vs-other baseline across units "
         "(Holm across layers). This population test has power even when a unit has few FVs.</p>"
-        + (f'<div class="fig">{_img(root, fig, "layer profile, mean over units")}</div>' if fig else "")
+        + (f'<div class="fig">{_img(root, fig, "layer profile, mean over units", palette=True)}</div>' if fig else "")
         + ("<table><thead><tr><th>layer</th><th>units</th><th>mean FV-other difference</th><th>median normalized</th>"
            "<th>units above (own test)</th><th>p (Holm)</th><th class=\"l\">FV vs baseline</th></tr></thead><tbody>"
            + trs + "</tbody></table>" if rows else "")
@@ -246,7 +261,7 @@ def _circuit_block(rec: dict, root: Path) -> str:
         )
     for key, alt in (("circuit", "attribution graph"), ("circuit_profile", "circuit overlap per layer")):
         if figs.get(key):
-            parts.append(f'<div class="fig">{_img(root, figs[key], alt + " of " + rec["unit"])}</div>')
+            parts.append(f'<div class="fig">{_img(root, figs[key], alt + " of " + rec["unit"], palette=True)}</div>')
     if isinstance(c, dict) and c.get("layers"):
         trs = "".join(
             f"<tr><td>{_e(la.get('name'))}</td><td>{_e(la.get('n_edges'))}</td>"
@@ -270,12 +285,12 @@ def _unit_section(rec: dict, root: Path, audit: dict) -> str:
     fv = rec["fv"]
     uname = rec["unit"]
     fv_imgs = "".join(
-        f"<figure>{_img(root, p, f'FV seed {s} of {uname}')}<figcaption>seed {_e(s)}: {_f(a, 2)}</figcaption></figure>"
+        f"<figure>{_img(root, p, f'FV seed {s} of {uname}', max_side=THUMB)}<figcaption>seed {_e(s)}: {_f(a, 2)}</figcaption></figure>"
         for p, s, a in zip(fv["images"], fv["seeds"], fv["final_objective"])
     )
     ex = rec.get("exemplars", {})
     ex_imgs = "".join(
-        f"<figure>{_img(root, p, f'natural exemplar {k + 1} of {uname}')}<figcaption>{_f(val, 2)}</figcaption></figure>"
+        f"<figure>{_img(root, p, f'natural exemplar {k + 1} of {uname}', max_side=THUMB)}<figcaption>{_f(val, 2)}</figcaption></figure>"
         for k, (p, val) in enumerate(zip(ex.get("images", []), ex.get("values", [])))
     )
     nr = rec.get("natural_response", {})
@@ -300,7 +315,7 @@ Normalized similarities below carry {conf}% bootstrap intervals over images.</p>
 {_f(nr.get('max'), 2)}, mean {_f(nr.get('mean'), 2)} (sd {_f(nr.get('std'), 2)}).
 Natural references: {_e(path.get('n_natural', '?'))} images ({_e(path.get('n_class_images', 0))} of the unit's class,
 top-{_e(len(path.get('top_k_indices', [])))} exemplars); {_e(path.get('n_other', '?'))} other images.</p>
-<div class="fig">{_img(root, rec.get('figures', {}).get('profile'), 'layer profile of ' + rec['unit'])}</div>
+<div class="fig">{_img(root, rec.get('figures', {}).get('profile'), 'layer profile of ' + rec['unit'], palette=True)}</div>
 {_layer_table(rec)}
 {_circuit_block(rec, root)}
 </section>

@@ -135,7 +135,7 @@ def _caption(audit: dict) -> str:
     model = audit.get("model", {}).get("name", "?")
     return (
         f"Sanity check of feature visualizations for {len(audit.get('units', []))} units of {model} "
-        f"({len(fvs.get('seeds', []))} FVs per unit, {fvs.get('steps', '?')} steps; {s.get('metric', '?')} "
+        f"({len(fvs.get('seeds', []))} FV(s) per unit, {fvs.get('steps', '?')} steps; {s.get('metric', '?')} "
         f"similarity of pooled activations along each unit's path; layers tested with a permutation test, "
         f"Holm-corrected, alpha = {s.get('alpha', '?')}; intervals: {int(100 * s.get('confidence', 0.95))}% bootstrap). "
         "Norm. sim.: 0 = FVs as similar to the unit's natural images as unrelated images are, "
