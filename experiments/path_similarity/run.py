@@ -234,7 +234,8 @@ def run_setup(name: str, cfg: dict, common: dict, out: Path, smoke: bool, allow_
                          title=f"{lm.name}: {len(units)} class units, FVs {fvs.settings.get('steps')} steps x {len(fvs.seeds)} seeds")
     sub = dict(doc, units=doc["units"][:8])
     plot_path_similarity(sub, out / f"path_similarity_{name}_units.png", mode="panels", normalized=False,
-                         title=f"{lm.name}: first {len(sub['units'])} units (x: FV not above the other-class baseline)")
+                         title=f"{lm.name}: first {len(sub['units'])} units (x: FV not above the other-class baseline)",
+                         dpi=75)
     plot_traces(fvs.traces, units, out / f"objective_traces_{name}.png", f"{lm.name}: objective traces ({len(units)} units x {len(fvs.seeds)} seeds)")
 
     by_step = {}

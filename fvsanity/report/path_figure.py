@@ -77,6 +77,7 @@ def plot_path_similarity(
     normalized: bool = True,
     title: str | None = None,
     max_panels: int = 12,
+    dpi: int = 110,
 ) -> Path:
     """Draw the path-similarity figure to ``path`` (PNG; matplotlib Agg) and return the path.
 
@@ -86,6 +87,7 @@ def plot_path_similarity(
             ``auto`` (panels up to ``max_panels`` units, else mean).
         normalized: add the normalized-score row (clipped to [-1, 2] for display).
         title: figure title (default: model, metric, number of units).
+        dpi: resolution of the PNG.
     """
     import matplotlib
 
@@ -174,7 +176,7 @@ def plot_path_similarity(
         for a in d.get("across_units") or []:
             if a.get("above_baseline") and a["name"] in names:
                 ax.annotate("*", (names.index(a["name"]), fv_mean[a["name"]][0]), textcoords="offset points",
-                            xytext=(0, 6), ha="center", fontsize=14, color="tab:red")
+                            xytext=(0, -16), ha="center", fontsize=16, color="k", fontweight="bold")
         ax.set_title(
             "per unit: FV vs natural not above the other-image baseline in "
             f"{sum(u['verdict']['n_not_above'] for u in units)} of {sum(u['verdict']['n_layers'] for u in units)} unit-layers"
@@ -210,7 +212,7 @@ def plot_path_similarity(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=dpi)
         tmp.replace(path)
     finally:
         plt.close(fig)
