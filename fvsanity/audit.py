@@ -343,7 +343,10 @@ def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tenso
 
         circuit = None
         if cfg.circuits:
-            circuit = ctx["circuit_fn"](lm, u, fv_images, natural, up, tmp, cfg, seed_u)
+            try:
+                circuit = ctx["circuit_fn"](lm, u, fv_images, natural, up, tmp, cfg, seed_u)
+            except FVSanityError as e:  # e.g. all edge scores zero: a finding for this unit, not a crash
+                circuit = {"error": str(e)}
 
         r = resp[:, i]
         record = {

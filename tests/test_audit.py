@@ -194,3 +194,26 @@ def test_cli_fv_without_units_audits_every_saved_unit(images, tmp_path, capsys):
     audit = json.loads((out / "audit.json").read_text())
     assert [u["unit"] for u in audit["units"]] == ["fc:2", "block3:7"]
     assert audit["fv_settings"]["steps"] == 3 and audit["fv_settings"]["source"] == str(tmp_path / "fv")
+
+
+def test_circuits_integrated(tiny, images, tmp_path):
+    """--circuits: the issue-4 circuit overlap per unit, its figures, and a failing unit recorded."""
+    from fvsanity.errors import FVSanityError
+
+    cfg = A.AuditConfig(**{**CFG, "circuits": True, "circuit_kwargs": {"max_natural": 4, "steps": 2, "n_splits": 3,
+                                                                        "n_boot": 10, "n_perm": 10}})
+    res = A.run_audit(tiny, ["fc:0", "relu3:2"], images, tmp_path / "out", cfg, progress=False)
+    for u in res.audit["units"]:
+        c = u["circuit"]
+        assert c["summary"]["n_layers"] == len(c["layers"]) > 0 and c["n_other"] == 4
+        assert c["n_natural"] == min(4, u["path"]["n_natural"])  # class images + top-3, or top-3 only
+        assert set(c["natural_indices"]).isdisjoint(c["other_indices"])
+        assert (tmp_path / "out" / u["figures"]["circuit"]).is_file()
+        assert (tmp_path / "out" / u["figures"]["circuit_profile"]).is_file()
+    assert "Circuit overlap" in (tmp_path / "out" / "table.md").read_text().splitlines()[0]
+
+    def broken(*a, **k):
+        raise FVSanityError("every edge score is zero")
+
+    res = A.run_audit(tiny, ["fc:1"], images, tmp_path / "out2", cfg, progress=False, circuit_fn=broken)
+    assert res.audit["units"][0]["circuit"] == {"error": "every edge score is zero"}

@@ -202,3 +202,11 @@ def test_png_data_uri_roundtrip(tmp_path):
     assert back.size == (7, 5)
     with pytest.raises(ValueError):
         png_data_uri(b"GIF89a....")
+
+
+def test_circuit_error_is_reported_not_tabulated(tmp_path):
+    audit = synthetic_audit(tmp_path)
+    audit["units"][1]["circuit"] = {"error": "every edge score is zero for fc:7"}
+    text = render_html(audit, tmp_path)
+    assert "Circuit comparison failed for this unit: every edge score is zero for fc:7" in text
+    assert "Circuit" not in to_markdown(audit).splitlines()[0]

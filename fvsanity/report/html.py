@@ -248,7 +248,9 @@ def _circuit_block(rec: dict, root: Path) -> str:
     if not c and not figs.get("circuit"):
         return ""
     parts = ["<h4>Circuits: FV vs natural (edge attribution)</h4>"]
-    if isinstance(c, dict):
+    if isinstance(c, dict) and c.get("error"):
+        parts.append(f'<p class="note no">Circuit comparison failed for this unit: {_e(c["error"])}</p>')
+    elif isinstance(c, dict):
         s = c.get("summary") or {}
         parts.append(
             f"<p>Method {_e(c.get('method', '?'))} ({_e(c.get('steps', '?'))} steps, reference "
