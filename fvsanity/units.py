@@ -97,8 +97,10 @@ def layer_shapes(model: nn.Module, input_size: tuple[int, int], preprocess=None)
                     shapes[_n] = tuple(out.shape[1:])
 
             handles.append(mod.register_forward_hook(hook))
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        x = torch.full((1, 3, *input_size), 0.5, device=dev)
+        p0 = next(model.parameters(), None)
+        dev = p0.device if p0 is not None else torch.device("cpu")
+        dtype = p0.dtype if p0 is not None and p0.is_floating_point() else torch.float32
+        x = torch.full((1, 3, *input_size), 0.5, device=dev, dtype=dtype)
         if preprocess is not None:
             x = preprocess(x)
         with torch.no_grad():

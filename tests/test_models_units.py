@@ -84,3 +84,31 @@ def test_real_squeezenet_loads_and_classifies(data_root):
     with torch.no_grad():
         acc = (lm(xs).argmax(1) == ys).float().mean().item()
     assert acc > 0.35, acc  # README: 60% on all 1000
+
+
+def test_random_weights_are_seeded_without_touching_global_rng():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_model("cifar10-resnet20", pretrained=False, seed=1)
+    after = torch.rand(1)
+    b = load_model("cifar10-resnet20", pretrained=False, seed=1)
+    c = load_model("cifar10-resnet20", pretrained=False, seed=2)
+    assert torch.equal(before, after)
+    assert torch.equal(a.model.conv1.weight, b.model.conv1.weight)
+    assert not torch.equal(a.model.conv1.weight, c.model.conv1.weight)
+
+
+def test_parse_unit_on_float64_model():
+    lm = load_model("cifar10-resnet20", pretrained=False)
+    lm.model.double()
+    assert parse_unit("layer3.2:1", lm).channel == 1
+
+
+def test_atomic_files_are_readable(tmp_path):
+    import os
+
+    from fvsanity.io import atomic_write_json
+
+    p = atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert os.stat(p).st_mode & 0o044  # group/other may read, as with a plain open()

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = ensure_writable_dir(args.out)
     device = resolve_device(args.device)
-    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)
+    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device, seed=args.seed)
     units = parse_units(args.unit, lm)
     seeds = [args.seed + i for i in range(args.seeds)]
     res = render(

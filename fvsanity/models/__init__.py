@@ -419,6 +419,7 @@ def load_model(
     weights: str | os.PathLike | None = None,
     pretrained: bool = True,
     device: str | torch.device | None = None,
+    seed: int = 0,
 ) -> LoadedModel:
     """Load a model by name, ready for fvsanity.
 
@@ -430,14 +431,18 @@ def load_model(
             (``$FVSANITY_DATA``, the cache, then the public URL) and raises
             :class:`~fvsanity.errors.MissingWeightsError` with where it looked if none are found.
         device: where to put the model (default: CPU).
+        seed: seeds the random initialisation (what ``pretrained=False`` leaves), without
+            touching the global RNG state.
     """
     weights = str(weights) if weights is not None else None
-    if spec in _REGISTRY:
-        lm = _REGISTRY[spec](weights=weights, pretrained=pretrained)
-    elif spec.startswith("timm:"):
-        lm = _timm(spec[5:], weights, pretrained)
-    else:
-        lm = _torchvision(spec, weights, pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec in _REGISTRY:
+            lm = _REGISTRY[spec](weights=weights, pretrained=pretrained)
+        elif spec.startswith("timm:"):
+            lm = _timm(spec[5:], weights, pretrained)
+        else:
+            lm = _torchvision(spec, weights, pretrained)
     if device is not None:
         lm.to(device)
     return lm
