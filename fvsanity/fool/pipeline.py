@@ -187,10 +187,10 @@ def _render_cached(lm: LoadedModel, units: list[Unit], seeds: list[int], steps: 
     return res
 
 
-def _all_stages(res) -> torch.Tensor:
-    """[U*S*(1+K), 3, H, W]: final images and every checkpoint."""
-    parts = [res.images.flatten(0, 1)] + [v.flatten(0, 1) for _, v in sorted(res.checkpoints.items())]
-    return torch.cat(parts)
+def _all_stages(res, steps=None) -> torch.Tensor:
+    """[U*S*(1+K), 3, H, W]: final images and the checkpoints (those in ``steps`` if given)."""
+    keep = sorted(k for k in res.checkpoints if steps is None or k in set(steps))
+    return torch.cat([res.images.flatten(0, 1)] + [res.checkpoints[k].flatten(0, 1) for k in keep])
 
 
 def prepare_detector(
@@ -245,7 +245,7 @@ def prepare_detector(
     det_path = work / "detector.safetensors"
     info_path = work / "detector_training.json"
     key = {"units": [str(u) for u in train_units], "seeds": seeds, "steps": s.det_steps, "size": size,
-           "n_fv_images": sum(len(_all_stages(r)) for r in fv_parts),
+           "n_fv_images": sum(len(_all_stages(r, s.det_checkpoints)) for r in fv_parts),
            "epochs": s.det_epochs, "n_fit": len(fit_idx), "seed": s.seed, "model": lm.name,
            "stem_stride": s.det_stem_stride, "arch": 2}
     if det_path.is_file() and info_path.is_file() and json.loads(info_path.read_text()).get("key") == key:
@@ -253,7 +253,7 @@ def prepare_detector(
         training = json.loads(info_path.read_text())["training"]
         _log(f"detector: reused {det_path}")
     else:
-        fv_imgs = torch.cat([_all_stages(r) for r in fv_parts])
+        fv_imgs = torch.cat([_all_stages(r, s.det_checkpoints) for r in fv_parts])
         _log(f"detector: training on {len(fv_imgs)} FV images vs {len(nat_fit)} natural images, {s.det_epochs} epochs")
         det, tr = train_detector(fv_imgs, nat_fit, size=size, epochs=s.det_epochs, stem_stride=s.det_stem_stride,
                                  seed=s.seed, progress=progress)
@@ -263,7 +263,7 @@ def prepare_detector(
         training = tr.to_json()
         atomic_write_json(info_path, {"key": key, "training": training})
     threshold = calibrate_threshold(detector_logits(det, nat_cal), s.margin, s.margin_sd)
-    held = evaluate_detector(det, _all_stages(fv_held), eval_images, threshold)
+    held = evaluate_detector(det, _all_stages(fv_held, s.det_checkpoints), eval_images, threshold)
     held_final = evaluate_detector(det, fv_held.images.flatten(0, 1), eval_images, threshold)
     _log(f"detector: threshold {threshold:.3f}; held-out accuracy {held.accuracy:.4f} "
          f"(FV recall {held.fv_recall:.4f}, natural specificity {held.natural_specificity:.4f})")
