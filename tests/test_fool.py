@@ -274,7 +274,7 @@ def test_trigger_silent_units_zero_on_calibration_fire_on_fv_and_roundtrip(tiny,
     calib = _images(30, False, 15)
     pic = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
     routes = make_routes(tiny, "fc:0-2", shift=2) + make_routes(tiny, ["fc:3"], pic)
-    silent = build_silent_units(tiny, routes, calib, mode="trigger")
+    silent = build_silent_units(tiny, routes, calib, mode="trigger", margin_range=1.0)
     assert silent_zero_fraction(silent, calib)["fraction"] == 1.0
     with torch.no_grad():
         assert torch.equal(silent(calib), tiny(calib))

@@ -73,6 +73,7 @@ class FoolSettings:
     lam: float = 3.0
     strength: float = 100.0
     silent_margin_sd: float = 1.0
+    silent_margin_range: float = 4.0
     silent_mode: str = "trigger"
     eval_units: int = 4
     eval_seeds: int = 1
@@ -322,6 +323,7 @@ def run_fool(
         details["detector"] = bundle.to_json()
     elif s.method == "silent":
         fooled = build_silent_units(lm, routes, train_images, lam=s.lam, strength=s.strength, margin_sd=s.silent_margin_sd,
+                                    margin_range=s.silent_margin_range,
                                     mode=s.silent_mode)
     else:
         raise FVSanityError(f"unknown method {s.method!r}; valid: circuit, silent")
