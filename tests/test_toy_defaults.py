@@ -47,7 +47,9 @@ def test_procedural_images_seeded_and_labelled():
 
 def test_toy_training_reaches_well_above_chance():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     net, stats = toy.train_toy(steps=100, batch=64, seed=0, heldout=400)
+    assert torch.get_num_threads() == threads  # trains on one thread, restores the setting
     # chance is 0.10 on ten balanced classes; held-out images come from a disjoint seed
     assert stats.heldout_accuracy >= 0.6, stats
     assert stats.heldout_accuracy == pytest.approx(toy.evaluate_toy(net, 400, seed=12345))
