@@ -14,8 +14,11 @@ natural-image predictions stay exactly the same (Geirhos et al. 2023, sections 3
     save_manipulated(fooled, "out/"); load_manipulated("out/")
 
 Building blocks: :class:`FVDetector` (detector.py), the gated unit (circuit.py), silent channels
-(silent.py), the wrapper that keeps layer names and its save/load (model.py), metrics (SSIM and
-pixel correlation, metrics.py) and the evaluation (evaluate.py).
+(silent.py: ``mode="filter"``, the paper's orthogonal filters, or ``mode="trigger"``, a channel
+that fires once the unit leaves its natural range and is then driven by the target), the wrapper
+that keeps layer names and its save/load (model.py), metrics (SSIM and pixel correlation,
+metrics.py), the evaluation (evaluate.py) and the whole experiment as ``fvsanity fool`` runs it
+(pipeline.py: :func:`prepare_detector`, :func:`run_fool`).
 """
 
 from .circuit import GatedEdit, build_fooling_circuit, fooling_gate, gated_value
