@@ -95,13 +95,15 @@ class TriggerEdit(nn.Module):
     For routed channel c with target t (channel ``sources[r]`` of the same layer, per position,
     or picture-template value ``pictures[r]``, per image):
 
-        trigger = clamp((y_c - bias) / sd_c, 0, 1),   drive = (t - mu_t) / sd_t + 3,
+        trigger = clamp((y_c - bias) / sd_c, 0, 1),   drive = (t - mu_t) / sd_t + offset,
         silent  = trigger * drive,                     unit c -> y_c + strength * sd_c * silent,
 
     with ``bias`` at or above the calibration maximum of y_c (so ``silent`` is exactly 0 on every
     calibration image). An FV drives y_c far past its natural range, the trigger saturates at 1
     (zero gradient), and the unit's FV objective becomes ``strength`` x the target's: the FV shows
-    the target while keeping y_c just above its natural maximum.
+    the target while keeping y_c just above its natural maximum. The ``offset`` (20 sd) keeps the
+    drive positive while an FV of unit c suppresses the target (class competition), so that
+    leaving the triggered regime always costs the optimizer.
     """
 
     def __init__(self, orig: nn.Module, channels, sources, pictures, strength: float = 100.0):
@@ -123,6 +125,7 @@ class TriggerEdit(nn.Module):
         for name in ("sd_c", "sd_t"):
             self.register_buffer(name, torch.ones(r))
         self.register_buffer("strength", torch.full((r,), float(strength)))
+        self.register_buffer("offset", torch.full((r,), 20.0))
 
     def spec(self) -> dict:
         return {"channels": self.channels.tolist(), "sources": self.sources.tolist(), "pictures": self.pictures.tolist()}
@@ -149,7 +152,8 @@ class TriggerEdit(nn.Module):
         st = getattr(self, "_state", None)
         yc = y.index_select(1, self.channels)
         trigger = ((yc - self._v("bias", y)) / self._v("sd_c", y)).clamp(0, 1)
-        drive = (self.target(y, st.template if st is not None else None) - self._v("mu_t", y)) / self._v("sd_t", y) + 3
+        drive = (self.target(y, st.template if st is not None else None) - self._v("mu_t", y)) / self._v("sd_t", y)
+        drive = drive + self._v("offset", y)
         s = self.silent(trigger * drive)
         return y.index_copy(1, self.channels, yc + self._v("strength", y) * self._v("sd_c", y) * s)
 
