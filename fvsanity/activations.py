@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import DataError, FVSanityError
-from .hooks import StopForward, get_module
+from .hooks import StopForward, get_module, run_partial
 from .units import Unit, parse_unit
 
 POOLS = ("mean", "max", None)
@@ -142,12 +142,7 @@ def pooled_capture(
 
 def run_pooled(model: nn.Module, x: torch.Tensor, store: PooledStore) -> PooledStore:
     """One forward of model input ``x`` inside :func:`pooled_capture` (swallows the early stop)."""
-    store.clear()
-    try:
-        model(x)
-    except StopForward:
-        pass
-    return store
+    return run_partial(model, x, store)
 
 
 _LIBC = None
