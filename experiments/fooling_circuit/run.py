@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -90,12 +89,6 @@ def main(argv: list[str] | None = None) -> int:
                                    "progress": not args.smoke})
         shared = run.get("shared_fvs")
         extra = None
-        if shared and not (ROOT / shared / "fv.json").is_file() and (ROOT / f"{shared}_tmp").exists():
-            print(f"waiting up to 20 min for the shared FV set {shared} being rendered", flush=True)
-            for _ in range(40):
-                if (ROOT / shared / "fv.json").is_file():
-                    break
-                time.sleep(30)
         if shared and (ROOT / shared / "fv.json").is_file():
             extra = [FVResult.load(ROOT / shared)]
         bundle = prepare_detector(lm, train, ev.load().images, settings, work / name, extra_train_fvs=extra)
