@@ -288,6 +288,72 @@ def test_trigger_silent_units_zero_on_calibration_fire_on_fv_and_roundtrip(tiny,
         build_silent_units(tiny, routes, calib, mode="nope")
 
 
+def test_trigger_level_counts_the_target_so_the_fv_can_hand_over(tiny):
+    """v = max(standardized pooled unit, standardized pooled target): a high target alone keeps
+    the silent channel firing (the FV may leave the unit's own extreme); gradients stay finite at
+    the tie vc == vt (float64)."""
+    from fvsanity.fool.silent import TriggerEdit
+
+    calib = _images(30, False, 16)
+    silent = build_silent_units(tiny, make_routes(tiny, ["fc:0"], "unit:fc:3"), calib, mode="trigger",
+                                margin_range=1.0, offset=3.0)
+    edit = silent.model.edits["fc"]
+    assert isinstance(edit, TriggerEdit) and float(edit.offset[0]) == 3.0
+    mu_c, sd_c, mu_t, sd_t, bias = (float(getattr(edit, n)[0]) for n in ("mu_c", "sd_c", "mu_t", "sd_t", "bias"))
+    # unit low, target far above anything natural -> level above the bias
+    yc = torch.tensor([[mu_c - sd_c]], dtype=torch.float64)
+    t = torch.tensor([[mu_t + (bias + 5) * sd_t]], dtype=torch.float64)
+    assert float(edit.level(yc, t)) == pytest.approx(bias + 5)
+    # both low -> below
+    assert float(edit.level(yc, torch.tensor([[mu_t]], dtype=torch.float64))) < bias
+    # tie: finite gradient to both arguments
+    yc = torch.tensor([[mu_c + 2 * sd_c]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[mu_t + 2 * sd_t]], dtype=torch.float64, requires_grad=True)
+    edit.double().level(yc, t).sum().backward()
+    assert torch.isfinite(yc.grad).all() and torch.isfinite(t.grad).all()
+
+
+def test_template_model_fv_walks_from_noise_to_the_picture(tiny):
+    """The template model's FV is what an open picture route shows: it converges to the picture."""
+    from fvsanity.fool.circuit import picture_key, picture_templates, template_model
+    from fvsanity.generate import render
+
+    g = torch.Generator().manual_seed(3)
+    pic = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(16, 16), mode="bilinear")[0]
+    routes = make_routes(tiny, ["fc:1"], pic)
+    assert picture_key(routes) and picture_key(make_routes(tiny, "all", shift=1)) == ""
+    tmpl = picture_templates(tiny, routes, _images(20, False, 4))
+    tm = template_model(tiny, tmpl)
+    assert tm.output_layer == "values" and tm.device == tiny.device
+    with torch.no_grad():
+        assert float(tm(pic[None])[0, 0]) == pytest.approx(float(tmpl.scale[0]), rel=1e-5)
+    res = render(tm, ["values:0"], seeds=[0, 1], steps=60, checkpoints=(1,), progress=False)
+    with torch.no_grad():
+        d_start = tmpl.distance(res.checkpoints[1][0])[:, 0]
+        d_end = tmpl.distance(res.images[0])[:, 0]
+        d_nat = tmpl.distance(_images(20, False, 4))[:, 0]
+    assert (d_end < 0.5 * d_start).all() and (d_end < d_nat.min()).all()
+
+
+def test_perceptual_distance_known_answers(tiny):
+    from fvsanity.fool.metrics import _unit_normalize, perceptual_distance
+
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(perceptual_distance(x, x, tiny), torch.zeros(3))
+    dxy, dyx = perceptual_distance(x, y, tiny), perceptual_distance(y, x, tiny)
+    assert torch.allclose(dxy, dyx, atol=1e-6) and (dxy > 0).all()
+    # unit-normalized features: each layer term is in [0, 4]; a feature vector and its double match
+    f = torch.rand(2, 5, 3, 3, dtype=torch.float64)
+    assert torch.allclose(_unit_normalize(2 * f), _unit_normalize(f))
+    # zero feature vectors (dead ReLUs): value 0 and a finite gradient at the singular point
+    z = torch.zeros(1, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    out = _unit_normalize(z)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(z.grad).all()
+    torch.autograd.gradcheck(_unit_normalize, (torch.rand(1, 4, 2, 2, dtype=torch.float64, requires_grad=True),))
+
+
 # ------------------------------------------------------------------------------- save / load
 def test_save_load_roundtrip_circuit_and_silent(tiny, tmp_path):
     g = torch.Generator().manual_seed(3)
@@ -360,12 +426,36 @@ def test_pipeline_smoke_on_tiny_model(tmp_path):
     d = json.loads((tmp_path / "out" / "fool.json").read_text())
     for key in ("identical_top1_fraction", "top1_original", "top1_manipulated", "detector_heldout_accuracy",
                 "ssim_manipulated_fv_to_target", "ssim_original_fv_to_target", "inference_time_ratio",
-                "check_flags_manipulation"):
+                "check_flags_manipulation", "check_control_flagged_fraction"):
         assert key in d, key
+    assert "control" in d["check"] and 0.0 <= d["check_control_flagged_fraction"] <= 1.0
     assert (tmp_path / "out" / "fool.png").is_file()
     back = load_manipulated(tmp_path / "out" / "model", base=tiny_model(seed=5))
     with torch.no_grad():
         assert torch.equal(back(ev), res and load_manipulated(tmp_path / "out" / "model", base=lm)(ev))
+
+
+def test_pipeline_picture_route_trains_detector_on_template_trajectories(tmp_path):
+    from fvsanity.data import from_tensor
+    from fvsanity.fool.pipeline import FoolSettings, prepare_detector, run_fool
+
+    lm = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(24, 3, 16, 16, generator=g)
+    ev = torch.rand(16, 3, 16, 16, generator=g)
+    pic = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(16, 16), mode="bilinear")[0]
+    routes = make_routes(lm, ["fc:1"], pic)
+    s = FoolSettings(det_units=4, det_heldout_units=2, det_steps=6, det_checkpoints=(2,), det_epochs=2,
+                     det_picture_seeds=2, det_picture_checkpoints=(1, 3), eval_units=1, eval_seeds=1, eval_steps=6,
+                     timing_repeats=3, check=False, lpips=False, progress=False)
+    bundle = prepare_detector(lm, train, ev, s, tmp_path / "work", routes=routes)
+    # 2 seeds x (2 checkpoints + final) trajectory images joined the FV class; held-out seeds evaluated
+    assert bundle.training["n_fv"] == 4 * 2 + 2 * 3
+    assert bundle.heldout_picture is not None and bundle.heldout_picture.n_fv == 2 * 3
+    assert bundle.picture_key and (tmp_path / "work" / f"fv_picture_{bundle.picture_key}_train" / "fv.json").is_file()
+    res = run_fool(lm, routes, train, from_tensor(ev, torch.arange(16) % 5), s, tmp_path / "out", bundle=bundle)
+    assert res.summary["detector_heldout_picture_recall"] == bundle.heldout_picture.fv_recall
+    assert res.summary["identical_top1_fraction"] <= 1.0
 
 
 @pytest.mark.parametrize("name", ["fooling_circuit", "silent_units"])

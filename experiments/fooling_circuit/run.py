@@ -91,12 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         extra = None
         if shared and (ROOT / shared / "fv.json").is_file():
             extra = [FVResult.load(ROOT / shared)]
-        bundle = prepare_detector(lm, train, ev.load().images, settings, work / name, extra_train_fvs=extra)
+        variant_routes = []
         for var in run["variants"]:
             target = var.get("target")
             if target is not None and not target.startswith("unit:"):
                 target = str(HERE / target)
-            routes = make_routes(lm, var["units"], target, shift=var.get("shift"), picture_size=lm.input_size)
+            variant_routes.append(make_routes(lm, var["units"], target, shift=var.get("shift"), picture_size=lm.input_size))
+        # one detector per model, guarding every variant's routes (incl. picture trajectories)
+        bundle = prepare_detector(lm, train, ev.load().images, settings, work / name, extra_train_fvs=extra,
+                                  routes=[r for rs in variant_routes for r in rs])
+        for var, routes in zip(run["variants"], variant_routes):
             out = work / name / var["name"]
             res = run_fool(lm, routes, train, ev, settings, out, bundle=bundle, work_dir=work / name)
             key = f"{name}_{var['name']}"
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 "variant": var,
                 "shared_fvs": shared if extra else None,
                 "detector": d.get("detector", {}).get("heldout"),
+                "detector_heldout_picture_trajectories": d.get("detector", {}).get("heldout_picture_trajectories"),
                 "detector_heldout_final_only": d.get("detector", {}).get("heldout_final_only"),
                 "threshold": d.get("detector", {}).get("threshold"),
                 "predictions": d["predictions"],

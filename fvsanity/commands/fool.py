@@ -45,6 +45,10 @@ def register(sub) -> None:
     p.add_argument("--silent-mode", choices=["filter", "trigger"], default="trigger",
                    help="silent: 'filter' = the paper's orthogonal filter on the layer input; 'trigger' = fires when "
                         "the unit leaves its natural range, then the target drives it [%(default)s]")
+    p.add_argument("--silent-margin-range", type=float, default=4.0,
+                   help="silent: firing level = calibration mean + this x (max - mean), at least max + 1 sd [%(default)s]")
+    p.add_argument("--silent-offset", type=float, default=3.0,
+                   help="silent (trigger): added to the standardized target drive [%(default)s]")
     p.add_argument("--eval-units", type=int, default=4, help="manipulated units whose FVs are rendered [%(default)s]")
     p.add_argument("--eval-seeds", type=int, default=2, help="FV seeds per evaluated unit [%(default)s]")
     p.add_argument("--eval-steps", type=int, default=256, help="FV steps for the evaluation [%(default)s]")
@@ -106,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, seed=args.seed, fv_size=args.fv_size, det_units=args.det_units,
         det_heldout_units=args.det_heldout_units, det_seeds=args.det_seeds, det_steps=args.det_steps,
         det_checkpoints=ckpts, det_epochs=args.det_epochs, margin=args.margin, margin_sd=args.margin_sd, k=args.k,
-        lam=args.lam, strength=args.strength, silent_mode=args.silent_mode, eval_units=args.eval_units, eval_seeds=args.eval_seeds,
+        lam=args.lam, strength=args.strength, silent_mode=args.silent_mode,
+        silent_margin_range=args.silent_margin_range, silent_offset=args.silent_offset, eval_units=args.eval_units, eval_seeds=args.eval_seeds,
         eval_steps=args.eval_steps, check=not args.no_check, progress=not args.no_progress,
     )
     save_config(args, out)
@@ -115,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     s = res.summary
     print(f"identical top-1 {s['identical_top1_fraction']:.4f}; top-1 {s['top1_original']:.4f} -> {s['top1_manipulated']:.4f}; "
           f"SSIM(FV, target) {s['ssim_manipulated_fv_to_target']:.3f} (original {s['ssim_original_fv_to_target']:.3f}); "
-          f"time x{s['inference_time_ratio']:.3f}; check flags it: {s['check_flags_manipulation']}")
+          f"time x{s['inference_time_ratio']:.3f}; check flags it: {s['check_flags_manipulation']} "
+          f"(control: {s.get('check_control_flagged_fraction')})")
     print(f"wrote {out / 'fool.json'}, {out / 'fool.png'}, {out / 'model'}")
     return 0

@@ -16,6 +16,8 @@ with zero, finite gradients.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -24,7 +26,10 @@ from ..models import LoadedModel
 from .model import ManipulatedModel, PictureTemplates, register_edit, wrap_loaded
 from .routes import Route
 
-__all__ = ["fooling_gate", "gated_value", "GatedEdit", "build_fooling_circuit"]
+__all__ = [
+    "fooling_gate", "gated_value", "GatedEdit", "build_fooling_circuit", "picture_templates", "template_model",
+    "picture_key",
+]
 
 _Z_LIMIT = 100.0
 
@@ -150,13 +155,35 @@ def _channel_means(lm: LoadedModel, layer: str, channels: list[int], images: tor
     return torch.cat(out)
 
 
-def _picture_templates(
-    lm: LoadedModel, pics: list[torch.Tensor], by_layer: dict[str, list[Route]], index: dict[int, int],
-    calibration_images: torch.Tensor | None, size: int | None, near_fraction: float = 0.7,
-) -> PictureTemplates:
-    """Templates for ``pics``: ref = median natural distance, scale = max natural activation of
-    the units routed to the picture (so the picture drives them like their best natural image),
-    near threshold = ``near_fraction`` x the closest calibration image's distance."""
+def picture_key(routes: list[Route]) -> str:
+    """Short hash of the distinct pictures of ``routes`` (cache keys), '' if there are none."""
+    import hashlib
+
+    _, pics, _, _ = _group([r for r in routes if r.picture is not None])
+    if not pics:
+        return ""
+    h = hashlib.sha256()
+    for p in pics:
+        t = p.detach().float().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def picture_templates(
+    lm: LoadedModel, routes: list[Route], calibration_images: torch.Tensor | None, size: int | None = None,
+    near_fraction: float = 0.7,
+) -> PictureTemplates | None:
+    """Templates for the distinct pictures of ``routes`` (None if no route has a picture).
+
+    ref = median natural distance, scale = max natural activation of the units routed to the
+    picture (so the picture drives them like their best natural image), near threshold =
+    ``near_fraction`` x the closest calibration image's distance. Deterministic given the inputs,
+    so the detector (trained on the templates' FV trajectories) and the circuit see the same ones.
+    """
+    by_layer, pics, _, index = _group(routes)
+    if not pics:
+        return None
     if calibration_images is None or len(calibration_images) == 0:
         raise FVSanityError("picture targets need calibration natural images (--train-images)")
     size = size or min(64, lm.input_size[0])
@@ -179,6 +206,38 @@ def _picture_templates(
                 scale[p] = max(float(scale[p]), float(acts[:, j].max()), 1e-3)
         tmpl.scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
     return tmpl
+
+
+class _TemplateNet(nn.Module):
+    """Model input -> ``[N, P]`` picture-template values, exposed as layer ``values``."""
+
+    def __init__(self, templates: PictureTemplates, preprocess):
+        super().__init__()
+        from .model import Unpreprocess
+
+        self.unpreprocess = Unpreprocess(preprocess)
+        self.templates = templates
+        self.values = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.values(self.templates(self.unpreprocess(x)))
+
+
+def template_model(lm: LoadedModel, templates: PictureTemplates) -> LoadedModel:
+    """A model whose units ``values:p`` are the picture templates alone.
+
+    Its FVs are what a fooling circuit's picture route shows once the gate is open, step for
+    step (same parametrization, transforms and seeds), so FVs rendered from it at several
+    checkpoints teach the detector the whole trajectory from noise to the picture.
+    """
+    from ..models import _prepare
+
+    net = _TemplateNet(copy.deepcopy(templates).cpu(), lm.preprocess)
+    return LoadedModel(
+        name=f"{lm.name}+templates", model=_prepare(net), preprocess=lm.preprocess, block_layers=["values"],
+        output_layer="values", class_names=[f"picture {p}" for p in range(templates.pictures.shape[0])],
+        weights_source="picture templates",
+    ).to(lm.device)
 
 
 def build_fooling_circuit(
@@ -211,7 +270,7 @@ def build_fooling_circuit(
     w = ManipulatedModel(lm.model, lm.preprocess)
     w.set_detector(detector, threshold, k, offset)
     if pics:
-        w.set_pictures(_picture_templates(lm, pics, by_layer, index, calibration_images, template_size))
+        w.set_pictures(picture_templates(lm, routes, calibration_images, template_size))
     for layer, rs in by_layer.items():
         edit = GatedEdit(
             w.module_at(layer),

@@ -116,13 +116,20 @@ class SimilarityReport:
     corr_original_fv_to_target: float
     ssim_manipulated_per_fv: list[float]
     ssim_original_per_fv: list[float]
+    lpips_uniform_manipulated_fv_to_target: float | None = None
+    lpips_uniform_original_fv_to_target: float | None = None
+    lpips_backbone: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def fv_similarity(manipulated_fvs: torch.Tensor, original_fvs: torch.Tensor, targets: torch.Tensor) -> SimilarityReport:
-    """SSIM / pixel correlation to ``targets`` of manipulated vs original FVs.
+def fv_similarity(
+    manipulated_fvs: torch.Tensor, original_fvs: torch.Tensor, targets: torch.Tensor, backbone: LoadedModel | None = None,
+) -> SimilarityReport:
+    """SSIM / pixel correlation (and, with a ``backbone``, the LPIPS-form distance with uniform
+    weights, :func:`~fvsanity.fool.metrics.perceptual_distance`) to ``targets`` of manipulated
+    vs original FVs.
 
     Args:
         manipulated_fvs, original_fvs: ``[N,3,H,W]`` FVs of the same units (and seeds) on the
@@ -136,11 +143,41 @@ def fv_similarity(manipulated_fvs: torch.Tensor, original_fvs: torch.Tensor, tar
     so = ssim(original_fvs.double(), targets.double())
     cm = pixel_correlation(manipulated_fvs.double(), targets.double())
     co = pixel_correlation(original_fvs.double(), targets.double())
+    lp = {}
+    if backbone is not None:
+        from .metrics import perceptual_distance
+
+        lp = {
+            "lpips_uniform_manipulated_fv_to_target": float(perceptual_distance(manipulated_fvs, targets, backbone).mean()),
+            "lpips_uniform_original_fv_to_target": float(perceptual_distance(original_fvs, targets, backbone).mean()),
+            "lpips_backbone": backbone.name,
+        }
     return SimilarityReport(
         n=int(sm.numel()), ssim_manipulated_fv_to_target=float(sm.mean()), ssim_original_fv_to_target=float(so.mean()),
         corr_manipulated_fv_to_target=float(cm.mean()), corr_original_fv_to_target=float(co.mean()),
-        ssim_manipulated_per_fv=sm.tolist(), ssim_original_per_fv=so.tolist(),
+        ssim_manipulated_per_fv=sm.tolist(), ssim_original_per_fv=so.tolist(), **lp,
     )
+
+
+def lpips_backbone(device=None) -> LoadedModel | None:
+    """The local backbone for the LPIPS-form distance: the ImageNet SqueezeNet if its weights are
+    on disk ($FVSANITY_DATA or the cache), else None (nothing is downloaded for a metric)."""
+    import os
+
+    from ..errors import MissingWeightsError
+    from ..models import load_model
+
+    old = os.environ.get("FVSANITY_OFFLINE")
+    os.environ["FVSANITY_OFFLINE"] = "1"
+    try:
+        return load_model("imagenet-squeezenet", device=device)
+    except MissingWeightsError:
+        return None
+    finally:
+        if old is None:
+            os.environ.pop("FVSANITY_OFFLINE", None)
+        else:
+            os.environ["FVSANITY_OFFLINE"] = old
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ssim", "pixel_correlation", "match_size"]
+__all__ = ["ssim", "pixel_correlation", "match_size", "perceptual_distance"]
 
 
 def _batch(x: torch.Tensor) -> torch.Tensor:
@@ -91,3 +91,52 @@ def pixel_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ok = denom_sq > 0
     safe = torch.where(ok, denom_sq, torch.ones_like(denom_sq))
     return torch.where(ok, cov / torch.sqrt(safe), torch.zeros_like(cov))
+
+
+def _unit_normalize(f: torch.Tensor) -> torch.Tensor:
+    """``f / ||f||`` over channels (dim 1) per position; 0 where the norm is 0 (double where)."""
+    sq = (f * f).sum(1, keepdim=True)
+    nz = sq > 0
+    norm = torch.sqrt(torch.where(nz, sq, torch.ones_like(sq)))
+    return torch.where(nz, f / norm, torch.zeros_like(f))
+
+
+def perceptual_distance(
+    x: torch.Tensor, y: torch.Tensor, backbone, layers: list[str] | None = None, size: int | None = None,
+) -> torch.Tensor:
+    """LPIPS-form distance (Zhang et al. 2018) with uniform weights, ``[N]``; 0 for identical images.
+
+    Per layer: features unit-normalized over channels at each position, squared difference summed
+    over channels and averaged over positions; then averaged over layers. LPIPS proper multiplies
+    each channel by learned weights (the "lin" layers), which need a download; with uniform
+    weights this is LPIPS's untrained baseline form, so compare values only with each other.
+
+    Args:
+        x, y: ``[N,3,H,W]`` / ``[3,H,W]`` RGB in [0,1] (``y`` is resized to ``x``'s size).
+        backbone: a :class:`~fvsanity.models.LoadedModel` (e.g. the ImageNet SqueezeNet).
+        layers: backbone layers to compare (default: up to 5 of its block layers, evenly spaced).
+        size: both images are resized to this side first (default: the backbone's input size).
+    """
+    from ..hooks import capture
+
+    x, y = match_size(x, y)
+    side = size or backbone.input_size[0]
+    if x.shape[-1] != side or x.shape[-2] != side:
+        x = F.interpolate(x.float(), size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        y = F.interpolate(y.float(), size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    if layers is None:
+        blocks = list(backbone.block_layers)
+        k = min(5, len(blocks))
+        layers = [blocks[round(i * (len(blocks) - 1) / max(1, k - 1))] for i in range(k)]
+    dev = backbone.device
+    with torch.no_grad(), capture(backbone.model, layers, detach=True) as store:
+        backbone(x.to(dev).float())
+        fx = {name: store[name].clone() for name in layers}
+        backbone(y.to(dev).float())
+        fy = {name: store[name] for name in layers}
+    d = []
+    for name in layers:
+        a, b = _unit_normalize(fx[name].double()), _unit_normalize(fy[name].double())
+        diff = ((a - b) ** 2).sum(1)
+        d.append(diff.reshape(len(diff), -1).mean(1))
+    return torch.stack(d, 1).mean(1).float().cpu()

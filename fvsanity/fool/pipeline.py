@@ -26,6 +26,7 @@ import torch
 from ..errors import FVSanityError
 from ..models import LoadedModel
 from ..units import Unit, _shapes_for
+from .circuit import picture_key, picture_templates, template_model
 from .detector import (
     DetectorReport,
     FVDetector,
@@ -49,7 +50,10 @@ class FoolSettings:
     block layers) x ``det_seeds`` seeds, ``det_steps`` steps, images kept at ``det_checkpoints``
     and at the end; ``det_heldout_units`` other units for the held-out evaluation; the last
     ``calib_fraction`` of the training images set the threshold (max logit + ``margin`` +
-    ``margin_sd`` standard deviations of their logits).
+    ``margin_sd`` standard deviations of their logits). With picture targets, the detector also
+    learns the FV trajectories of the picture templates themselves (``det_picture_seeds`` seeds,
+    images at ``det_picture_checkpoints`` and at the end): what the picture route shows once
+    open, from noise to the picture, so the gate opens at the first step and stays open.
     Evaluation: FVs of ``eval_units`` manipulated units (and of their source units on the original
     model) with ``eval_seeds`` seeds and ``eval_steps`` steps.
     """
@@ -65,6 +69,8 @@ class FoolSettings:
     det_size: int | None = None
     det_epochs: int = 60
     det_stem_stride: int = 2
+    det_picture_seeds: int = 8
+    det_picture_checkpoints: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     calib_fraction: float = 0.2
     margin: float = 1.0
     margin_sd: float = 0.5
@@ -75,12 +81,14 @@ class FoolSettings:
     silent_margin_sd: float = 1.0
     silent_margin_range: float = 4.0
     silent_mode: str = "trigger"
+    silent_offset: float = 3.0
     eval_units: int = 4
     eval_seeds: int = 1
     eval_steps: int = 256
     timing_batch: int = 64
     timing_repeats: int = 21
     check: bool = True
+    lpips: bool = True
     check_top_k: int = 10
     check_n_boot: int = 200
     check_n_perm: int = 500
@@ -101,12 +109,16 @@ class DetectorBundle:
     heldout_final_only: DetectorReport
     train_units: list[str]
     heldout_units: list[str]
+    heldout_picture: DetectorReport | None = None
+    picture_key: str = ""
 
     def to_json(self) -> dict:
         return {
             "threshold": self.threshold, "training": self.training, "heldout": self.heldout.to_json(),
             "heldout_final_only": self.heldout_final_only.to_json(), "train_units": self.train_units,
             "heldout_units": self.heldout_units, "config": self.detector.config(),
+            "heldout_picture_trajectories": self.heldout_picture.to_json() if self.heldout_picture else None,
+            "picture_key": self.picture_key,
         }
 
 
@@ -196,7 +208,7 @@ def _all_stages(res, steps=None) -> torch.Tensor:
 
 def prepare_detector(
     lm: LoadedModel, train_images: torch.Tensor, eval_images: torch.Tensor, settings: FoolSettings, work_dir: str | Path,
-    *, extra_train_fvs=None,
+    *, extra_train_fvs=None, routes: list[Route] | None = None,
 ) -> DetectorBundle:
     """Render FVs, train the detector, calibrate the threshold, evaluate on held-out data.
 
@@ -207,6 +219,8 @@ def prepare_detector(
         extra_train_fvs: FVResults of this model rendered elsewhere (e.g. a shared FV set), or a
             callable returning them (called after this function's own FVs are rendered); their
             units join the training units and are kept out of the held-out units.
+        routes: the routes the detector will guard; their pictures' template trajectories join
+            the FV class (held-out seeds are evaluated separately).
     """
     from ..units import parse_unit
 
@@ -240,6 +254,19 @@ def prepare_detector(
         parse_unit(r.units[0], lm)
     fv_parts += extra or []
     train_units = [u for r in fv_parts for u in r.units]
+    pic_routes = [r for r in (routes or []) if r.picture is not None]
+    pkey = picture_key(pic_routes)
+    traj_train = traj_held = None
+    if pic_routes:
+        tm = template_model(lm, picture_templates(lm, pic_routes, train_images))
+        n_pic = tm.model.templates.pictures.shape[0]
+        pic_units = [Unit(layer="values", channel=p) for p in range(n_pic)]
+        _log(f"detector: FV trajectories of {n_pic} picture template(s), {s.det_picture_seeds} seeds (+ held-out seeds)")
+        traj_train = _render_cached(tm, pic_units, list(range(s.det_picture_seeds)), s.det_steps, s.fv_size,
+                                    s.det_picture_checkpoints, work / f"fv_picture_{pkey}_train", progress)
+        traj_held = _render_cached(tm, pic_units, [1000 + x for x in range(max(2, s.det_picture_seeds // 2))],
+                                   s.det_steps, s.fv_size, s.det_picture_checkpoints, work / f"fv_picture_{pkey}_heldout",
+                                   progress)
     fit_idx, cal_idx = split_indices(len(train_images), 1 - s.calib_fraction, s.seed)
     nat_fit, nat_cal = train_images[fit_idx], train_images[cal_idx]
     size = s.det_size or (64 if min(lm.input_size) >= 64 else min(lm.input_size))
@@ -249,12 +276,15 @@ def prepare_detector(
            "n_fv_images": sum(len(_all_stages(r, s.det_checkpoints)) for r in fv_parts),
            "epochs": s.det_epochs, "n_fit": len(fit_idx), "seed": s.seed, "model": lm.name,
            "stem_stride": s.det_stem_stride, "arch": 2}
+    if pic_routes:
+        key.update(pictures=pkey, picture_seeds=s.det_picture_seeds, picture_checkpoints=list(s.det_picture_checkpoints))
     if det_path.is_file() and info_path.is_file() and json.loads(info_path.read_text()).get("key") == key:
         det = load_detector(det_path)
         training = json.loads(info_path.read_text())["training"]
         _log(f"detector: reused {det_path}")
     else:
-        fv_imgs = torch.cat([_all_stages(r, s.det_checkpoints) for r in fv_parts])
+        fv_imgs = torch.cat([_all_stages(r, s.det_checkpoints) for r in fv_parts]
+                            + ([_all_stages(traj_train)] if traj_train is not None else []))
         _log(f"detector: training on {len(fv_imgs)} FV images vs {len(nat_fit)} natural images, {s.det_epochs} epochs")
         det, tr = train_detector(fv_imgs, nat_fit, size=size, epochs=s.det_epochs, stem_stride=s.det_stem_stride,
                                  seed=s.seed, progress=progress)
@@ -268,7 +298,12 @@ def prepare_detector(
     held_final = evaluate_detector(det, fv_held.images.flatten(0, 1), eval_images, threshold)
     _log(f"detector: threshold {threshold:.3f}; held-out accuracy {held.accuracy:.4f} "
          f"(FV recall {held.fv_recall:.4f}, natural specificity {held.natural_specificity:.4f})")
-    return DetectorBundle(det, threshold, training, held, held_final, [str(u) for u in train_units], [str(u) for u in held_units])
+    held_pic = None
+    if traj_held is not None:
+        held_pic = evaluate_detector(det, _all_stages(traj_held), eval_images, threshold)
+        _log(f"detector: held-out picture trajectories: recall {held_pic.fv_recall:.4f} ({held_pic.n_fv} images)")
+    return DetectorBundle(det, threshold, training, held, held_final, [str(u) for u in train_units],
+                          [str(u) for u in held_units], held_pic, pkey)
 
 
 def _eval_routes(routes: list[Route], n: int, seed: int) -> list[Route]:
@@ -302,7 +337,13 @@ def run_fool(
     from ..data import NaturalImages
     from ..io import atomic_write_json, provenance
     from .circuit import build_fooling_circuit
-    from .evaluate import evaluate_predictions, fv_similarity, gate_fraction, inference_time_ratio
+    from .evaluate import (
+        evaluate_predictions,
+        fv_similarity,
+        gate_fraction,
+        inference_time_ratio,
+        lpips_backbone,
+    )
     from .model import save_manipulated
     from .silent import build_silent_units, silent_zero_fraction
 
@@ -316,7 +357,10 @@ def run_fool(
     details: dict = {"settings": s.to_json(), "routes": {"count": len(routes), "first": [r.to_json() for r in routes[:5]]}}
     if s.method == "circuit":
         if bundle is None:
-            bundle = prepare_detector(lm, train_images, eval_images, s, work)
+            bundle = prepare_detector(lm, train_images, eval_images, s, work, routes=routes)
+        elif not bundle.picture_key and any(r.picture is not None for r in routes):
+            _log("warning: the detector was not trained on these routes' picture trajectories; "
+                 "the picture route may close early (pass routes= to prepare_detector)")
         fooled = build_fooling_circuit(
             lm, bundle.detector, routes, threshold=bundle.threshold, k=s.k, offset=s.offset, calibration_images=train_images,
         )
@@ -324,7 +368,7 @@ def run_fool(
     elif s.method == "silent":
         fooled = build_silent_units(lm, routes, train_images, lam=s.lam, strength=s.strength, margin_sd=s.silent_margin_sd,
                                     margin_range=s.silent_margin_range,
-                                    mode=s.silent_mode)
+                                    mode=s.silent_mode, offset=s.silent_offset)
     else:
         raise FVSanityError(f"unknown method {s.method!r}; valid: circuit, silent")
     _log(f"built {fooled.name}: {len(routes)} routed unit(s)")
@@ -358,7 +402,8 @@ def run_fool(
                                                   antialias=True, align_corners=False)[0]
             targets.append(pic[None].expand(len(seeds), *pic.shape))
     targets_t = torch.stack(targets)  # [U, S, 3, H, W]
-    sim = fv_similarity(fv_m.images.flatten(0, 1), fv_o.images.flatten(0, 1), targets_t.flatten(0, 1))
+    backbone = lpips_backbone(lm.device) if s.lpips else None
+    sim = fv_similarity(fv_m.images.flatten(0, 1), fv_o.images.flatten(0, 1), targets_t.flatten(0, 1), backbone)
     details["fv_similarity"] = sim.to_json()
     details["fv_objective"] = {"manipulated_final": fv_m.final.tolist(), "original_final": fv_o.final.tolist()}
     _log(f"SSIM to target: manipulated {sim.ssim_manipulated_fv_to_target:.3f} vs original {sim.ssim_original_fv_to_target:.3f}")
@@ -386,7 +431,9 @@ def run_fool(
 
     check = None
     if s.check:
-        check = _closed_loop(lm, fooled, units, fv_o, fv_m, eval_natural, s)
+        ctrl_seeds = [3000 + i for i in range(s.eval_seeds)]
+        fv_c = _render_cached(lm, units, ctrl_seeds, s.eval_steps, s.fv_size, (), work / "fv_orig_control" / tag, s.progress)
+        check = _closed_loop(lm, fooled, units, fv_o, fv_m, eval_natural, s, fv_control=fv_c)
         details["check"] = check
     save_manipulated(fooled, out / "model")
     summary = {
@@ -404,14 +451,21 @@ def run_fool(
         "top5_manipulated": pred.top5_manipulated,
         "max_abs_logit_diff": pred.max_abs_logit_diff,
         "detector_heldout_accuracy": bundle.heldout.accuracy if s.method == "circuit" else None,
+        "detector_heldout_picture_recall": (
+            bundle.heldout_picture.fv_recall if s.method == "circuit" and bundle.heldout_picture is not None else None
+        ),
         "ssim_manipulated_fv_to_target": sim.ssim_manipulated_fv_to_target,
         "ssim_original_fv_to_target": sim.ssim_original_fv_to_target,
         "corr_manipulated_fv_to_target": sim.corr_manipulated_fv_to_target,
         "corr_original_fv_to_target": sim.corr_original_fv_to_target,
+        "lpips_uniform_manipulated_fv_to_target": sim.lpips_uniform_manipulated_fv_to_target,
+        "lpips_uniform_original_fv_to_target": sim.lpips_uniform_original_fv_to_target,
         "fv_top1_is_target_class_manipulated": details.get("fv_top1_is_target_class", {}).get("manipulated"),
         "fv_top1_is_target_class_original": details.get("fv_top1_is_target_class", {}).get("original"),
         "inference_time_ratio": timing.ratio,
         "check_flags_manipulation": check["flags_manipulation"] if check else None,
+        "check_flagged_fraction": check.get("flagged_fraction") if check else None,
+        "check_control_flagged_fraction": check["control"]["flagged_fraction"] if check and "control" in check else None,
     }
     if s.method == "silent":
         summary["silent_zero_fraction_eval"] = details["silent_zero_eval"]["fraction"]
@@ -424,21 +478,10 @@ def run_fool(
     return result
 
 
-def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings) -> dict:
-    """Path check of the manipulated units on both models; flagged = the manipulated model's
-    verdict puts the FVs below the natural baseline on at least one more layer than the
-    original's, or on the unit's own layer where the original's FVs were above it."""
-    try:
-        from ..compare.path import path_check
-    except ImportError as e:  # pragma: no cover - the compare package ships with fvsanity
-        return {"available": False, "error": str(e), "flags_manipulation": None}
-    kw = dict(top_k=s.check_top_k, n_boot=s.check_n_boot, n_perm=s.check_n_perm, seed=s.seed, progress=False)
-    _log("closed loop: path check on the original and the manipulated model")
-    c_o = path_check(lm, units, fv_o, natural, **kw)
-    c_m = path_check(fooled, units, fv_m, natural, **kw)
-    per_unit = []
-    flagged_any = False
-    for uo, um in zip(c_o.units, c_m.units):
+def _flag_units(c_ref, c_test) -> tuple[bool, list[dict]]:
+    """The closed-loop rule on two path checks of the same units (reference vs tested model)."""
+    per_unit, flagged_any = [], False
+    for uo, um in zip(c_ref.units, c_test.units):
         own_o = uo.layers[-1].above_baseline if uo.layers else None
         own_m = um.layers[-1].above_baseline if um.layers else None
         flag = um.verdict.n_not_above > uo.verdict.n_not_above or (bool(own_o) and not own_m)
@@ -449,7 +492,27 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings) -> dic
             "manipulated": {"verdict": um.verdict.to_json(), "normalized": [r.normalized for r in um.layers]},
             "layers": [r.name for r in um.layers],
         })
-    return {
+    return flagged_any, per_unit
+
+
+def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_control=None) -> dict:
+    """Path check of the manipulated units on both models; flagged = the manipulated model's
+    verdict puts the FVs below the natural baseline on at least one more layer than the
+    original's, or on the unit's own layer where the original's FVs were above it.
+
+    ``fv_control``: FVs of the same units on the ORIGINAL model with other seeds; the same rule
+    applied to them (original vs original) is the check's false-positive control.
+    """
+    try:
+        from ..compare.path import path_check
+    except ImportError as e:  # pragma: no cover - the compare package ships with fvsanity
+        return {"available": False, "error": str(e), "flags_manipulation": None}
+    kw = dict(top_k=s.check_top_k, n_boot=s.check_n_boot, n_perm=s.check_n_perm, seed=s.seed, progress=False)
+    _log("closed loop: path check on the original and the manipulated model")
+    c_o = path_check(lm, units, fv_o, natural, **kw)
+    c_m = path_check(fooled, units, fv_m, natural, **kw)
+    flagged_any, per_unit = _flag_units(c_o, c_m)
+    out = {
         "available": True,
         "flags_manipulation": flagged_any,
         "flagged_fraction": sum(p["flagged"] for p in per_unit) / max(1, len(per_unit)),
@@ -459,6 +522,19 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings) -> dic
                 "than the original model's, or on the unit's own layer where the original's did not",
         "units": per_unit,
     }
+    if fv_control is not None:
+        c_c = path_check(lm, units, fv_control, natural, **kw)
+        ctrl_any, ctrl_units = _flag_units(c_o, c_c)
+        out["control"] = {
+            "flags": ctrl_any,
+            "flagged_fraction": sum(p["flagged"] for p in ctrl_units) / max(1, len(ctrl_units)),
+            "what": "the same rule on the original model with other FV seeds (original vs original): a flag here is "
+                    "a false positive",
+            "units": [{"unit": p["unit"], "flagged": p["flagged"]} for p in ctrl_units],
+        }
+        _log(f"closed loop: flags {out['flagged_fraction']:.2f} of manipulated units, "
+             f"{out['control']['flagged_fraction']:.2f} of the unmanipulated control")
+    return out
 
 
 def plot_fool(result: FoolResult, path: str | Path, max_rows: int = 4) -> Path:
@@ -494,7 +570,9 @@ def plot_fool(result: FoolResult, path: str | Path, max_rows: int = 4) -> Path:
         f"max |dlogit| {s['max_abs_logit_diff']:.2g}",
         f"SSIM(FV, target): manipulated {s['ssim_manipulated_fv_to_target']:.3f} vs original {s['ssim_original_fv_to_target']:.3f}; "
         f"time x{s['inference_time_ratio']:.3f}",
-        f"detector held-out acc. {pct(s['detector_heldout_accuracy'])}; check flags it: {s['check_flags_manipulation']}",
+        f"detector held-out acc. {pct(s['detector_heldout_accuracy'])}; check flags it: {s['check_flags_manipulation']}"
+        + (f" ({pct(s.get('check_flagged_fraction'))} of units; unmanipulated control {pct(s.get('check_control_flagged_fraction'))})"
+           if s.get("check_flagged_fraction") is not None else ""),
     ]
     fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=7.5)
     fig.tight_layout(rect=(0, 0.11 + 0.02 * (4 - n), 1, 1))

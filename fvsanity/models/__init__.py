@@ -72,6 +72,8 @@ class LoadedModel:
     def device(self) -> torch.device:
         for p in self.model.parameters():
             return p.device
+        for b in self.model.buffers():  # parameter-free models (e.g. picture templates)
+            return b.device
         return torch.device("cpu")
 
     def to(self, device: str | torch.device) -> LoadedModel:
