@@ -296,9 +296,9 @@ def test_trigger_level_counts_the_target_so_the_fv_can_hand_over(tiny):
 
     calib = _images(30, False, 16)
     silent = build_silent_units(tiny, make_routes(tiny, ["fc:0"], "unit:fc:3"), calib, mode="trigger",
-                                margin_range=1.0, offset=3.0)
+                                margin_range=1.0, offset=3.0, width=2.0)
     edit = silent.model.edits["fc"]
-    assert isinstance(edit, TriggerEdit) and float(edit.offset[0]) == 3.0
+    assert isinstance(edit, TriggerEdit) and float(edit.offset[0]) == 3.0 and float(edit.width[0]) == 2.0
     mu_c, sd_c, mu_t, sd_t, bias = (float(getattr(edit, n)[0]) for n in ("mu_c", "sd_c", "mu_t", "sd_t", "bias"))
     # unit low, target far above anything natural -> level above the bias
     yc = torch.tensor([[mu_c - sd_c]], dtype=torch.float64)

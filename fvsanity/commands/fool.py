@@ -47,8 +47,10 @@ def register(sub) -> None:
                         "the unit leaves its natural range, then the target drives it [%(default)s]")
     p.add_argument("--silent-margin-range", type=float, default=4.0,
                    help="silent: firing level = calibration mean + this x (max - mean), at least max + 1 sd [%(default)s]")
-    p.add_argument("--silent-offset", type=float, default=3.0,
+    p.add_argument("--silent-offset", type=float, default=10.0,
                    help="silent (trigger): added to the standardized target drive [%(default)s]")
+    p.add_argument("--silent-width", type=float, default=10.0,
+                   help="silent (trigger): ramp width of the trigger, in sd [%(default)s]")
     p.add_argument("--eval-units", type=int, default=4, help="manipulated units whose FVs are rendered [%(default)s]")
     p.add_argument("--eval-seeds", type=int, default=2, help="FV seeds per evaluated unit [%(default)s]")
     p.add_argument("--eval-steps", type=int, default=256, help="FV steps for the evaluation [%(default)s]")
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         det_heldout_units=args.det_heldout_units, det_seeds=args.det_seeds, det_steps=args.det_steps,
         det_checkpoints=ckpts, det_epochs=args.det_epochs, margin=args.margin, margin_sd=args.margin_sd, k=args.k,
         lam=args.lam, strength=args.strength, silent_mode=args.silent_mode,
-        silent_margin_range=args.silent_margin_range, silent_offset=args.silent_offset, eval_units=args.eval_units, eval_seeds=args.eval_seeds,
+        silent_margin_range=args.silent_margin_range, silent_offset=args.silent_offset,
+        silent_width=args.silent_width, eval_units=args.eval_units, eval_seeds=args.eval_seeds,
         eval_steps=args.eval_steps, check=not args.no_check, progress=not args.no_progress,
     )
     save_config(args, out)

@@ -81,7 +81,8 @@ class FoolSettings:
     silent_margin_sd: float = 1.0
     silent_margin_range: float = 4.0
     silent_mode: str = "trigger"
-    silent_offset: float = 3.0
+    silent_offset: float = 10.0
+    silent_width: float = 10.0
     eval_units: int = 4
     eval_seeds: int = 1
     eval_steps: int = 256
@@ -368,7 +369,8 @@ def run_fool(
     elif s.method == "silent":
         fooled = build_silent_units(lm, routes, train_images, lam=s.lam, strength=s.strength, margin_sd=s.silent_margin_sd,
                                     margin_range=s.silent_margin_range,
-                                    mode=s.silent_mode, offset=s.silent_offset)
+                                    mode=s.silent_mode, offset=s.silent_offset,
+                                    width=s.silent_width)
     else:
         raise FVSanityError(f"unknown method {s.method!r}; valid: circuit, silent")
     _log(f"built {fooled.name}: {len(routes)} routed unit(s)")

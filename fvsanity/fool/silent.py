@@ -102,7 +102,7 @@ class TriggerEdit(nn.Module):
     mu/sd the calibration mean/sd of the pooled values:
 
         v       = max((pool(y_c) - mu_c) / sd_c, (pool(t) - mu_t) / sd_t)      (per image)
-        trigger = clamp(v - bias, 0, 1),     drive = (t - mu_t) / sd_t + offset,
+        trigger = clamp((v - bias) / width, 0, 1),     drive = (t - mu_t) / sd_t + offset,
         silent  = trigger * drive,           unit c -> y_c + strength * sd_c * silent,
 
     with ``bias`` above the calibration maximum of v (so ``silent`` is exactly 0 on every
@@ -110,15 +110,20 @@ class TriggerEdit(nn.Module):
     pooled, FVs reach 20-40 natural ranges on SqueezeNet's class units, per position only 5-15),
     the trigger saturates at 1 (zero gradient) and the unit's objective becomes ``strength`` x
     the target's. Because v also counts the target itself, the optimizer can then let y_c fall
-    and follow the target all the way: the FV becomes the target's FV, not a mixture. The
-    ``offset`` (3 sd) keeps the drive positive while the FV still suppresses the target a little,
-    so entering the triggered regime pays; a large offset (20) pins the FV to the trigger's edge
-    (the ramp's gradient, ``strength * drive``, then dwarfs the target's) and the hand-over from
-    y_c to the target stalls (measured on ResNet-20: 0 of 4 FVs reach the target class in 256
-    steps with offset 20, 4 of 4 with offset 2-5).
+    and follow the target all the way: the FV becomes the target's FV, not a mixture.
+
+    ``offset`` and ``width`` (in target / level sd) set the balance: the drive must stay positive
+    while the FV of c still suppresses the target (else entering the triggered regime costs and the
+    FV stays below it), and inside the ramp the pull on y_c, ``strength * drive / width``, must not
+    dwarf the pull on the target, ``strength * (v - bias) / width`` (else the FV stays pinned at
+    the ramp and the hand-over stalls). Measured (class units, i -> i+shift, 256 steps, FVs the
+    original model calls the target class): SqueezeNet, whose FVs go 50+ sd past the bias:
+    offset 3 / width 1: 0 of 2; 10 / 1: 1 of 2; 10 / 10: 6 of 6; ResNet-20, whose FVs reach only
+    ~5 sd past it: 2 / 1: 4 of 6; 3 / 1: 3 of 6; 20 / 1: 1 of 6; 20 / 10: 0 of 6.
     """
 
-    def __init__(self, orig: nn.Module, channels, sources, pictures, strength: float = 100.0, offset: float = 3.0):
+    def __init__(self, orig: nn.Module, channels, sources, pictures, strength: float = 100.0, offset: float = 10.0,
+                 width: float = 10.0):
         super().__init__()
         self.orig = orig
         self.silent = nn.Identity()
@@ -138,6 +143,7 @@ class TriggerEdit(nn.Module):
             self.register_buffer(name, torch.ones(r))
         self.register_buffer("strength", torch.full((r,), float(strength)))
         self.register_buffer("offset", torch.full((r,), float(offset)))
+        self.register_buffer("width", torch.full((r,), float(width)))
 
     def spec(self) -> dict:
         return {"channels": self.channels.tolist(), "sources": self.sources.tolist(), "pictures": self.pictures.tolist()}
@@ -170,7 +176,7 @@ class TriggerEdit(nn.Module):
         st = getattr(self, "_state", None)
         yc = y.index_select(1, self.channels)
         t = self.target(y, st.template if st is not None else None)
-        trigger = (self.level(yc, t) - self._v("bias", yc, False)).clamp(0, 1)
+        trigger = ((self.level(yc, t) - self._v("bias", yc, False)) / self._v("width", yc, False)).clamp(0, 1)
         trigger = trigger.view(*trigger.shape, *([1] * (y.ndim - 2)))
         drive = (t - self._v("mu_t", y)) / self._v("sd_t", y) + self._v("offset", y)
         s = self.silent(trigger * drive)
@@ -253,7 +259,8 @@ def build_silent_units(
     margin_sd: float = 1.0,
     margin_range: float = 4.0,
     mode: str = "filter",
-    offset: float = 3.0,
+    offset: float = 10.0,
+    width: float = 10.0,
     template_size: int | None = None,
 ) -> LoadedModel:
     """A copy of ``lm`` whose routed units carry silent channels calibrated on natural images.
@@ -269,7 +276,8 @@ def build_silent_units(
             mean and the bias come from these only (evaluate on others).
         lam: weight of the target direction (the paper's lambda = 3); strength: the paper's weight
             factor (100).
-        offset: trigger mode: added to the standardized target drive (see :class:`TriggerEdit`).
+        offset, width: trigger mode: added to the standardized target drive; width (sd) of the
+            trigger's ramp (see :class:`TriggerEdit`).
         margin, margin_sd, margin_range: the firing level sits at the larger of
             ``max + margin + margin_sd * sd`` and ``mean + margin_range * (max - mean)`` of the
             calibration responses (over images and positions): the maximum of a calibration split
@@ -295,14 +303,15 @@ def build_silent_units(
                 w.module_at(layer), [r.unit.channel for r in rs],
                 [r.source.channel if r.source is not None else -1 for r in rs],
                 [index[id(r.picture)] if r.picture is not None else -1 for r in rs], strength=strength,
-                offset=offset,
+                offset=offset, width=width,
             )
             w.replace(layer, edit)
             stats[layer] = _calibrate_trigger(w, edit, lm.preprocess, layer, calibration_images, margin, margin_sd,
                                               margin_range)
         w.info.update(method="silent", mode=mode, routes=len(routes), pictures=names, layers=sorted(by_layer),
                       strength=strength, margin=margin, margin_sd=margin_sd, margin_range=margin_range,
-                      n_calibration=len(calibration_images), calibration=stats, offset=offset)
+                      n_calibration=len(calibration_images), calibration=stats, offset=offset,
+                      width=width)
         return wrap_loaded(lm, w.to(lm.device), "silent")
     for layer, rs in by_layer.items():
         orig = w.module_at(layer)
