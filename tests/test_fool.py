@@ -492,5 +492,12 @@ def test_cli_fool_on_real_cifar_model(data_root, tmp_path):
     assert d["n_eval_images"] == 60 and d["n_routes"] == 10
     back = load_manipulated(out / "model")  # rebuilt from the registered base name
     assert back.output_layer == "linear"
+    # the saved model/ folder is a model spec for every command: fvsanity check runs on it
+    rc = main(["check", "--model", str(out / "model"), "--unit", "linear:0", "--images", str(data_root / "cifar10-test"),
+               "--limit", "60", "--steps", "8", "--seeds", "1", "--n-boot", "20", "--n-perm", "20", "--no-progress",
+               "--out", str(tmp_path / "check")])
+    assert rc == 0
+    chk = json.loads((tmp_path / "check" / "check.json").read_text())
+    assert "+circuit" in json.dumps(chk) and chk["units"][0]["unit"] == "linear:0"
     assert main(["fool", "--model", "cifar10-resnet20", "--shift", "10", "--train-images",
                  str(data_root / "cifar10-test"), "--limit", "10", "--out", str(tmp_path / "x")]) == 2

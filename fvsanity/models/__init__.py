@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._paths import cache_dir, find_data_file, searched_locations
-from ..errors import MissingWeightsError, UnknownModelError
+from ..errors import FVSanityError, MissingWeightsError, UnknownModelError
 from .preprocess import CAFFE_SQUEEZENET, CIFAR10, IMAGENET, LUCENT_INCEPTION, Preprocess
 from .resnet_cifar import CifarResNet
 
@@ -426,7 +426,8 @@ def load_model(
     """Load a model by name, ready for fvsanity.
 
     Args:
-        spec: registry name (see module doc), a torchvision name, or ``timm:NAME``.
+        spec: registry name (see module doc), a torchvision name, ``timm:NAME``, or the ``model/``
+            folder ``fvsanity fool`` wrote (a manipulated model; ``manipulated.json`` inside).
         weights: a local state dict file (``.pt``/``.pth``/``.th`` via ``weights_only=True``, or
             ``.safetensors``); overrides the named model's own weights.
         pretrained: False gives random weights (structural tests); True looks the weights up
@@ -436,6 +437,13 @@ def load_model(
         seed: seeds the random initialisation (what ``pretrained=False`` leaves), without
             touching the global RNG state.
     """
+    if spec not in _REGISTRY and os.path.isfile(os.path.join(str(spec), "manipulated.json")):
+        # a model saved by ``fvsanity fool`` (model/ folder): rebuilt from its own full state dict
+        from ..fool.model import load_manipulated
+
+        if weights is not None:
+            raise FVSanityError(f"{spec} is a saved manipulated model with its own weights; drop --weights")
+        return load_manipulated(spec, device=device)
     weights = str(weights) if weights is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
