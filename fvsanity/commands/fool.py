@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--strength", type=float, default=100.0, help="silent: weight of the silent channel [%(default)s]")
     p.add_argument("--silent-mode", choices=["filter", "trigger"], default="trigger",
                    help="silent: 'filter' = the paper's orthogonal filter on the layer input; 'trigger' = fires when "
-                        "the unit leaves its natural range, then the target drives it [%(default)s]")
+                        "the pooled unit or its target leaves its natural range, then the target drives it [%(default)s]")
     p.add_argument("--silent-margin-range", type=float, default=4.0,
                    help="silent: firing level = calibration mean + this x (max - mean), at least max + 1 sd [%(default)s]")
     p.add_argument("--silent-offset", type=float, default=10.0,

@@ -15,10 +15,13 @@ natural-image predictions stay exactly the same (Geirhos et al. 2023, sections 3
 
 Building blocks: :class:`FVDetector` (detector.py), the gated unit (circuit.py), silent channels
 (silent.py: ``mode="filter"``, the paper's orthogonal filters, or ``mode="trigger"``, a channel
-that fires once the unit leaves its natural range and is then driven by the target), the wrapper
-that keeps layer names and its save/load (model.py), metrics (SSIM and pixel correlation,
-metrics.py), the evaluation (evaluate.py) and the whole experiment as ``fvsanity fool`` runs it
-(pipeline.py: :func:`prepare_detector`, :func:`run_fool`).
+that fires once the pooled unit or its target leaves its natural range and is then driven by the
+target), picture templates and their FV trajectories for the detector (circuit.py:
+``picture_templates``, ``template_model``), the wrapper that keeps layer names and its save/load
+(model.py; a saved ``model/`` folder is also a ``load_model`` spec), metrics (SSIM, pixel
+correlation, an LPIPS-form distance on a local backbone; metrics.py), the evaluation
+(evaluate.py) and the whole experiment as ``fvsanity fool`` runs it (pipeline.py:
+:func:`prepare_detector`, :func:`run_fool`, with the closed-loop check and its control).
 """
 
 from .circuit import GatedEdit, build_fooling_circuit, fooling_gate, gated_value
