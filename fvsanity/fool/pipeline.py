@@ -550,7 +550,7 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
             "flagged_fraction": sum(p["flagged"] for p in ctrl_units) / max(1, len(ctrl_units)),
             "what": "the same rule on the original model with other FV seeds (original vs original): a flag here is "
                     "a false positive",
-            "units": [{"unit": p["unit"], "flagged": p["flagged"]} for p in ctrl_units],
+            "units": [{"unit": p["unit"], "flagged": p["flagged"], "why": p["why"]} for p in ctrl_units],
         }
         _log(f"closed loop: flags {out['flagged_fraction']:.2f} of manipulated units, "
              f"{out['control']['flagged_fraction']:.2f} of the unmanipulated control")
