@@ -116,10 +116,11 @@ class TriggerEdit(nn.Module):
     while the FV of c still suppresses the target (else entering the triggered regime costs and the
     FV stays below it), and inside the ramp the pull on y_c, ``strength * drive / width``, must not
     dwarf the pull on the target, ``strength * (v - bias) / width`` (else the FV stays pinned at
-    the ramp and the hand-over stalls). Measured (class units, i -> i+shift, 256 steps, FVs the
-    original model calls the target class): SqueezeNet, whose FVs go 50+ sd past the bias:
-    offset 3 / width 1: 0 of 2; 10 / 1: 1 of 2; 10 / 10: 6 of 6; ResNet-20, whose FVs reach only
-    ~5 sd past it: 2 / 1: 4 of 6; 3 / 1: 3 of 6; 20 / 1: 1 of 6; 20 / 10: 0 of 6.
+    the ramp and the hand-over stalls). Measured by ``experiments/silent_units/sweep.py`` (class
+    units, i -> i+shift, 256 steps, FVs the original model calls the target class): SqueezeNet,
+    whose FVs go 50+ sd past the bias: offset 3 / width 1: 3 of 6; 10 / 1: 4 of 6; 10 / 10:
+    6 of 6; ResNet-20, whose FVs reach only ~5 sd past it: 2 / 1: 4 of 6; 3 / 1: 3 of 6;
+    20 / 1: 1 of 6; 20 / 10: 0 of 6.
     """
 
     def __init__(self, orig: nn.Module, channels, sources, pictures, strength: float = 100.0, offset: float = 10.0,
