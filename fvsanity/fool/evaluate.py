@@ -161,23 +161,14 @@ def fv_similarity(
 
 def lpips_backbone(device=None) -> LoadedModel | None:
     """The local backbone for the LPIPS-form distance: the ImageNet SqueezeNet if its weights are
-    on disk ($FVSANITY_DATA or the cache), else None (nothing is downloaded for a metric)."""
-    import os
-
+    on disk ($FVSANITY_DATA or the cache), else None (its loader has no download URL)."""
     from ..errors import MissingWeightsError
     from ..models import load_model
 
-    old = os.environ.get("FVSANITY_OFFLINE")
-    os.environ["FVSANITY_OFFLINE"] = "1"
     try:
         return load_model("imagenet-squeezenet", device=device)
     except MissingWeightsError:
         return None
-    finally:
-        if old is None:
-            os.environ.pop("FVSANITY_OFFLINE", None)
-        else:
-            os.environ["FVSANITY_OFFLINE"] = old
 
 
 @dataclass(frozen=True)
