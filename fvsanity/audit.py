@@ -217,7 +217,7 @@ def min_holm_p(n_fv: int, n_other: int, n_layers: int, n_perm: int, exact_limit:
     import math
 
     c = math.comb(n_fv + n_other, n_fv)
-    p = 1.0 / c if c <= exact_limit else 1.0 / (n_perm + 1)
+    p = 1.0 / c if c <= max(n_perm, exact_limit) else 1.0 / (n_perm + 1)  # stats.permutation_test's rule
     return min(1.0, n_layers * p)
 
 
@@ -427,7 +427,7 @@ def _default_circuit_fn(lm, u, fv_images, natural, up, folder: Path, cfg: AuditC
     g = torch.Generator().manual_seed(seed + 777)
     pick = sorted(pool[k] for k in torch.randperm(len(pool), generator=g)[:n_oth].tolist())
     res = circuit_overlap(lm, u, fv_images, natural.decode(refs), natural.decode(pick),
-                          generator=seed, alpha=cfg.alpha, **kw)
+                          generator=seed, alpha=cfg.alpha, confidence=cfg.confidence, **kw)
     plot_attribution_graph(res.fv, res.natural, path=folder / "circuit.png",
                            suptitle=f"{u}: top edges, FV vs natural circuit ({res.method})")
     plot_overlap_profile(res, path=folder / "circuit_profile.png", title=f"{u}: circuit overlap per layer")

@@ -696,9 +696,10 @@ def select_references(
         gen = torch.Generator().manual_seed(unit_seed(seed, unit))
         pool_idx = pool_idx[torch.randperm(pool_idx.numel(), generator=gen)[:n_other]].sort().values
     cname = None
-    names = natural.class_names or lm.class_names
-    if is_class and names and unit.channel < len(names):
-        cname = names[unit.channel] or None
+    for names in (natural.class_names, lm.class_names) if is_class else ():
+        if names and unit.channel < len(names) and names[unit.channel]:
+            cname = names[unit.channel]
+            break
 
     why = []
     if is_class and use_class_images and cls_idx.numel() < MIN_REFERENCES:
