@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from fvsanity import audit as A
-from fvsanity.compare.path import INSUFFICIENT_LABEL, path_check, paired_similarity, select_references
+from fvsanity.compare.path import (
+    INSUFFICIENT_LABEL,
+    paired_similarity,
+    path_check,
+    select_references,
+)
 from fvsanity.compare.similarity import DesignError, list_metrics
 from fvsanity.data import from_tensor
 from fvsanity.units import parse_units

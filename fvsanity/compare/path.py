@@ -19,7 +19,8 @@ Uncertainty: a bootstrap over images (F, R and O resampled with replacement; sel
 excluded by original index) gives percentile intervals. Test: a one-sided permutation test
 of "FVs are no more similar to R than other images are": items F and O, score of an item = its
 mean similarity to R, statistic = mean score of F - mean score of O, labels permuted (exactly,
-over all relabellings, when there are few, e.g. up to 2 FVs among ~600 items). Holm
+over all relabellings, when there are at most ``max(n_perm, stats.EXACT_LIMIT = 200 000)``,
+e.g. up to 2 FVs among ~600 items; else Monte Carlo, p = (1 + k) / (1 + n_perm)). Holm
 correction across the layers of a unit. Verdict: the fraction of layers whose FV-vs-natural
 similarity is NOT above the other-image baseline at level ``alpha`` (Holm-adjusted). With
 several units, a population test per layer (Wilcoxon signed-rank across units of
@@ -27,8 +28,10 @@ fv_vs_natural - natural_vs_other, Holm across layers) complements the per-unit v
 
 The paired design across units (DESIGN.md 4.2): with >= 4 units, per layer, rows = units,
 A = each unit's mean FV activation, B = the mean activation of the same unit's natural
-references; a representation metric (debiased CKA, RSA) compares A and B, a permutation of B's
-rows gives the null (chance pairing), and split halves of the natural references (A' = one half,
+references (rows in the order of the unit names); a metric of the ``paired`` design (debiased
+CKA, RSA; not MMD, a set metric that row permutations leave unchanged) compares A and B, a
+permutation of B's rows gives the null (chance pairing; every pairing when U! <= n_perm), and
+split halves of the natural references (A' = one half,
 B' = the other) give the natural-vs-natural reference.
 
 Reference selection (:func:`select_references`, the one function ``fvsanity check`` and
