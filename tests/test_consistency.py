@@ -208,8 +208,10 @@ def test_cli_check_prints_insufficient(tmp_path, capsys):
     fv = tmp_path / "fv.pt"
     torch.save({"images": torch.rand(2, 2, 3, 32, 32, generator=g)}, fv)
     out = tmp_path / "o"
-    rc = _cli("check", "--model", "cifar10-resnet20", "--random-weights", "--unit", "linear:5,linear:1", "--fv", fv,
-              "--images", root, "--top-k", "3", "--n-boot", "20", "--n-perm", "20", "--no-progress", "--out", out)
+    with pytest.warns(UserWarning, match="insufficient references"):
+        rc = _cli("check", "--model", "cifar10-resnet20", "--random-weights", "--unit", "linear:5,linear:1", "--fv",
+                  fv, "--images", root, "--top-k", "3", "--n-boot", "20", "--n-perm", "20", "--no-progress",
+                  "--out", out)
     assert rc == 0
     printed = capsys.readouterr().out.splitlines()
     dog = next(line for line in printed if line.startswith("linear:5"))
