@@ -28,7 +28,6 @@ import shutil
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,7 +188,10 @@ def _now() -> str:
 
 
 def _unit_seed(seed: int, unit) -> int:
-    return (int(seed) * 1_000_003 + zlib.crc32(str(unit).encode())) % (2**31 - 1)
+    """:func:`fvsanity.compare.path.unit_seed` (from the unit's name)."""
+    from .compare.path import unit_seed
+
+    return unit_seed(seed, unit)
 
 
 def _thumb(img: torch.Tensor, max_side: int = 160) -> torch.Tensor:
@@ -215,7 +217,7 @@ def min_holm_p(n_fv: int, n_other: int, n_layers: int, n_perm: int, exact_limit:
     import math
 
     c = math.comb(n_fv + n_other, n_fv)
-    p = 1.0 / c if c <= exact_limit else 1.0 / (n_perm + 1)
+    p = 1.0 / c if c <= max(n_perm, exact_limit) else 1.0 / (n_perm + 1)  # stats.permutation_test's rule
     return min(1.0, n_layers * p)
 
 
@@ -287,7 +289,7 @@ def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tenso
     """Compute and atomically write unit ``i``; returns its record. ``fv_images`` [S,3,H,W]."""
     from safetensors.torch import save_file
 
-    from .compare.path import path_check
+    from .compare.path import path_check, split_halves
     from .io import atomic_write_json, save_png
     from .report.path_figure import plot_path_similarity
 
@@ -299,10 +301,11 @@ def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tenso
     tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=ctx["out"] / "units"))
     try:
         seed_u = _unit_seed(cfg.seed, u)
+        # the base seed: path_check seeds the unit from its name, exactly as `fvsanity check` does
         check = path_check(
             lm, [u], fv_images[None], natural, metric=cfg.metric, top_k=cfg.top_k, n_other=cfg.n_other,
             use_class_images=cfg.use_class_images, n_boot=cfg.n_boot, n_perm=cfg.n_perm, alpha=cfg.alpha,
-            confidence=cfg.confidence, paired_metrics=(), seed=seed_u, batch_size=cfg.batch_size,
+            confidence=cfg.confidence, paired_metrics=(), seed=cfg.seed, batch_size=cfg.batch_size,
             natural_pass=(nat_acts, resp[:, i : i + 1]),
         )
         up = check.units[0]
@@ -330,9 +333,7 @@ def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tenso
         refs = torch.tensor(up.natural_indices, dtype=torch.long)
         fv_acts = ctx["collect"](lm, fv_images, up_layers(up), "mean", cfg.batch_size, ctx["device"])
         tensors = {"fv_images": fv_images.contiguous(), "fv_final": fv_final.contiguous()}
-        g = torch.Generator().manual_seed(seed_u + 12345)
-        perm = refs[torch.randperm(refs.numel(), generator=g)]
-        h1, h2 = perm[: perm.numel() // 2], perm[perm.numel() // 2 :]
+        h1, h2 = split_halves(refs, cfg.seed, u)  # as path_check's paired design
         for name in up_layers(up):
             tensors[f"fv_mean:{name}"] = fv_acts[name].mean(0).contiguous()
             tensors[f"nat_mean:{name}"] = nat_acts[name][refs].mean(0).contiguous()
@@ -374,6 +375,7 @@ def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tenso
                 "images": [f"units/{uid}/{f}" for f in ex_files],
             },
             "path": path_json,
+            "status": up.status,
             "verdict": path_json["verdict"],
             "circuit": circuit,
             "figures": {
@@ -425,7 +427,7 @@ def _default_circuit_fn(lm, u, fv_images, natural, up, folder: Path, cfg: AuditC
     g = torch.Generator().manual_seed(seed + 777)
     pick = sorted(pool[k] for k in torch.randperm(len(pool), generator=g)[:n_oth].tolist())
     res = circuit_overlap(lm, u, fv_images, natural.decode(refs), natural.decode(pick),
-                          generator=seed, alpha=cfg.alpha, **kw)
+                          generator=seed, alpha=cfg.alpha, confidence=cfg.confidence, **kw)
     plot_attribution_graph(res.fv, res.natural, path=folder / "circuit.png",
                            suptitle=f"{u}: top edges, FV vs natural circuit ({res.method})")
     plot_overlap_profile(res, path=folder / "circuit_profile.png", title=f"{u}: circuit overlap per layer")
@@ -495,13 +497,14 @@ def run_audit(
         :class:`AuditResult`. Finished units are on disk even if the call is interrupted.
     """
     from .activations import collect
-    from .compare.path import _order_layers
+    from .compare.path import _order_layers, validate_metrics
     from .data import NaturalImages, load_images
     from .generate import render
     from .io import ensure_writable_dir, provenance
     from .units import parse_unit
 
     cfg = cfg or AuditConfig()
+    validate_metrics(cfg.metric, cfg.paired_metrics)  # before any forward pass
     say = log or (lambda m: print(f"fvsanity: {m}", file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     out = ensure_writable_dir(out)
@@ -632,6 +635,7 @@ def _paired(out: Path, records: list[dict], cfg: AuditConfig) -> dict:
 
     if len(records) < 4 or not cfg.paired_metrics:
         return {}
+    records = sorted(records, key=lambda r: r["unit"])  # rows in unit-name order, as path_check
     tens = [load_tensors(out / "units" / r["id"] / "tensors.safetensors") for r in records]
     layer_lists = [[x["name"] for x in r["path"]["layers"]] for r in records]
     common = [n for n in layer_lists[0] if all(n in ls for ls in layer_lists)]
@@ -670,7 +674,8 @@ def _across_units(records: list[dict], alpha: float) -> list[dict]:
     units = [
         NS(layers=[NS(name=x["name"], fv_vs_natural=num(x["fv_vs_natural"]), natural_vs_other=num(x["natural_vs_other"]),
                       normalized=num(x["normalized"]), above_baseline=bool(x["above_baseline"]))
-                   for x in r["path"]["layers"]])
+                   for x in r["path"]["layers"]],
+           verdict=NS(status=r["path"].get("status", "ok")))  # insufficient units are left out
         for r in records
     ]
     return [a.to_json() for a in across_units(units, alpha)]
@@ -678,12 +683,14 @@ def _across_units(records: list[dict], alpha: float) -> list[dict]:
 
 def _summary(records: list[dict]) -> dict:
     n = len(records)
-    div = sum(1 for r in records if r["verdict"]["n_not_above"] > 0)
+    short = sum(1 for r in records if r["verdict"].get("status", "ok") != "ok")  # too few references
+    div = sum(1 for r in records if r["verdict"]["n_not_above"] > 0 and r["verdict"].get("status", "ok") == "ok")
     fr = [r["verdict"]["fraction_not_above"] for r in records]
     return {
         "n_units": n,
         "n_diverging": div,
-        "n_consistent": n - div,
+        "n_consistent": n - div - short,
+        "n_insufficient": short,
         "mean_fraction_not_above": sum(fr) / n if n else None,
         "n_unit_layers": sum(r["verdict"]["n_layers"] for r in records),
         "n_unit_layers_not_above": sum(r["verdict"]["n_not_above"] for r in records),

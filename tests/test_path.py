@@ -11,7 +11,6 @@ import torch
 
 from fvsanity.compare.path import (
     TRAVEL_LABEL,
-    _perm_p,
     compare_path,
     layer_stats,
     make_verdict,
@@ -20,6 +19,7 @@ from fvsanity.compare.path import (
     path_check,
     safe_ratio,
 )
+from fvsanity.compare.stats import permutation_test
 from fvsanity.data import from_tensor
 from fvsanity.hooks import count_hooks
 from fvsanity.units import parse_units
@@ -68,6 +68,12 @@ def test_degenerate_references_are_nan_not_inf():
     assert d["fv_vs_natural"] == pytest.approx(0.5)
 
 
+def _perm_p(a_f, a_o, n_perm, gen, exact_limit=200_000):
+    """The path check's per-layer test: one-sided, FV scores vs other-image scores (stats.py)."""
+    r = permutation_test(a_f, a_o, n_perm, gen, alternative="greater", exact_limit=exact_limit)
+    return float(r.pvalue), r.exact
+
+
 def test_permutation_p_exact_known_answers():
     gen = torch.Generator().manual_seed(0)
     a_o = torch.arange(9, dtype=torch.float64)  # 0..8
@@ -78,10 +84,20 @@ def test_permutation_p_exact_known_answers():
     # two FVs above everything: only the observed pair reaches its sum -> 1 / C(11, 2)
     p, exact = _perm_p(torch.tensor([9.0, 10.0]), a_o, 100, gen)
     assert exact and p == pytest.approx(1 / 55)
-    # Monte Carlo agrees with the exact value
-    p_mc, exact = _perm_p(torch.tensor([6.0, 7.5]), a_o, 20000, gen, exact_limit=1)
-    p_ex, _ = _perm_p(torch.tensor([6.0, 7.5]), a_o, 0, gen)
-    assert not exact and p_mc == pytest.approx(p_ex, abs=0.01)
+    # Monte Carlo (fewer draws than the C(252, 2) = 31626 relabellings) agrees with the exact value
+    big = torch.linspace(0, 8, 250, dtype=torch.float64)
+    p_mc, exact = _perm_p(torch.tensor([6.0, 7.5]), big, 20000, gen, exact_limit=1)
+    p_ex, exact_ex = _perm_p(torch.tensor([6.0, 7.5]), big, 0, gen)
+    assert not exact and exact_ex and p_mc == pytest.approx(p_ex, abs=4 * (p_ex / 20000) ** 0.5)
+
+
+def test_layer_stats_uses_the_shared_permutation_test():
+    # layer_stats' p is stats.permutation_test on (mean sim of each FV to R, of each other image to R)
+    g = torch.Generator().manual_seed(3)
+    s_fr, s_rr, s_or = torch.rand(2, 5, generator=g), torch.rand(5, 5, generator=g), torch.rand(9, 5, generator=g)
+    d = layer_stats(s_fr, s_rr, s_or, n_boot=0, n_perm=10)
+    want = permutation_test(s_fr.mean(1), s_or.mean(1), 10, alternative="greater")
+    assert d["p_exact"] and want.exact and d["p_raw"] == pytest.approx(float(want.pvalue), abs=1e-15)
 
 
 def test_verdict_logic():

@@ -19,6 +19,7 @@ import time
 
 def register(sub) -> None:
     from ..cli import add_common
+    from ..compare.similarity import list_metrics
 
     p = sub.add_parser("audit", help="audit units' FVs: report.html, audit.json, tables", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +40,9 @@ def register(sub) -> None:
     p.add_argument("--fv", default=None,
                    help="reuse FVs from a `fvsanity visualize` output folder (default units: all of its units)")
     p.add_argument("--fv-batch", type=int, default=8, help="units optimized together per batch [%(default)s]")
-    p.add_argument("--metric", default="spearman", help="vector metric for the path check [%(default)s]")
+    p.add_argument("--metric", default="spearman", choices=list_metrics(design="unpaired"),
+                   help="per-unit (unpaired) metric for the path check; the paired design across units uses "
+                        "cka and rsa [%(default)s]")
     p.add_argument("--top-k", type=int, default=10, help="top natural exemplars per unit [%(default)s]")
     p.add_argument("--n-other", type=int, default=200, help="other natural images per unit [%(default)s]")
     p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
@@ -82,14 +85,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from ..audit import run_audit, select_units
     from ..cli import resolve_device, save_config
-    from ..compare.similarity import list_metrics
-    from ..errors import FVSanityError
+    from ..compare.path import validate_metrics
     from ..io import ensure_writable_dir
     from ..models import load_model
 
-    if args.metric not in list_metrics():
-        raise FVSanityError(f"unknown --metric {args.metric!r}; valid: {', '.join(list_metrics())}")
     cfg = config_from_args(args)
+    validate_metrics(cfg.metric, cfg.paired_metrics)  # e.g. a --config metric: refused before any model work
     out = ensure_writable_dir(args.out)  # fail before any slow work
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)

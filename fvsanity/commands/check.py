@@ -40,10 +40,11 @@ def register(sub) -> None:
                         "or image file(s) for a single unit [generate them]")
     p.add_argument("--steps", type=int, default=512, help="FV optimization steps when generating [%(default)s]")
     p.add_argument("--seeds", type=int, default=2, help="FVs (seeds) per unit when generating [%(default)s]")
-    p.add_argument("--metric", choices=list_metrics(), default="spearman",
-                   help="vector metric for the per-unit curves (paper: spearman); a representation metric "
-                        "(cka, rsa) is used for the paired design across >= 4 units, with spearman per unit "
-                        "[%(default)s]")
+    p.add_argument("--metric", choices=list_metrics(design="unpaired") + list_metrics(design="paired"),
+                   default="spearman",
+                   help="a per-unit (unpaired) metric for the curves (paper: spearman), or a paired-design metric "
+                        "(%s) compared across >= 4 units, with spearman per unit [%%(default)s]"
+                        % ", ".join(list_metrics(design="paired")))
     p.add_argument("--top-k", type=int, default=10, help="top-k natural exemplars per unit [%(default)s]")
     p.add_argument("--n-other", type=int, default=200, help="other natural images per unit [%(default)s]")
     p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
@@ -169,11 +170,12 @@ def _circuits(lm, units, fv, natural, check, args, max_images: int = 16) -> dict
     references and the unit's class (seeded). ``--n-boot``/``--n-perm``/``--alpha`` apply here too.
     """
     from ..compare.circuits import circuit_overlap
+    from ..compare.path import unit_seed
 
     images = getattr(fv, "images", fv)
     out = {}
     for i, (u, up) in enumerate(zip(units, check.units)):
-        g = torch.Generator().manual_seed(int(args.seed) * 1_000_003 + i)
+        g = torch.Generator().manual_seed(unit_seed(args.seed, u))  # from the unit's name, not its position
         refs = torch.tensor(up.natural_indices, dtype=torch.long)
         if refs.numel() > max_images:
             refs = refs[torch.randperm(refs.numel(), generator=g)[:max_images]].sort().values
@@ -186,7 +188,8 @@ def _circuits(lm, units, fv, natural, check, args, max_images: int = 16) -> dict
             raise FVSanityError(f"--circuits: unit {u} needs >= 2 natural reference and >= 2 other images")
         other = pool[torch.randperm(pool.numel(), generator=g)[: max(2, refs.numel())]].sort().values
         res = circuit_overlap(lm, u, images[i], natural.decode(refs), natural.decode(other),
-                              alpha=args.alpha, n_boot=max(1, args.n_boot), n_perm=max(1, args.n_perm), seed=args.seed)
+                              alpha=args.alpha, n_boot=max(1, args.n_boot), n_perm=max(1, args.n_perm),
+                              seed=unit_seed(args.seed, u))
         out[str(u)] = res.to_json()
         print(f"{str(u)}: circuits compared ({refs.numel()} natural, {other.numel()} other images)")
     return out
@@ -195,7 +198,7 @@ def _circuits(lm, units, fv, natural, check, args, max_images: int = 16) -> dict
 # ------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
     from ..cli import resolve_device, save_config
-    from ..compare.path import path_check
+    from ..compare.path import path_check, validate_metrics
     from ..compare.similarity import metric_info
     from ..data import load_images
     from ..io import atomic_write_json, ensure_writable_dir
@@ -212,16 +215,17 @@ def run(args: argparse.Namespace) -> int:
         raise FVSanityError(f"--alpha must be in (0, 1), got {args.alpha}")
     if not args.unit and not args.fv:
         raise FVSanityError("pass at least one --unit LAYER:CHANNEL (or --fv with saved FVs)")
+    # the metric's design decides its role; refused here, before the model or any image is loaded
+    paired_design = "paired" in metric_info(args.metric).designs
+    per_unit_metric = "spearman" if paired_design else args.metric
+    paired = (args.metric,) if paired_design else ("cka", "rsa")
+    validate_metrics(per_unit_metric, paired)
     out = ensure_writable_dir(args.out)
     device = resolve_device(args.device)
     with torch.random.fork_rng(devices=[]):  # --random-weights: the same weights for the same --seed
         torch.manual_seed(args.seed)
         lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)
     units = parse_units(args.unit, lm) if args.unit else []
-
-    kind = metric_info(args.metric).kind
-    per_unit_metric = args.metric if kind == "vector" else "spearman"
-    paired = ("cka", "rsa") if kind == "vector" else (args.metric,)
 
     images_dir = args.images
     if images_dir is None:
@@ -239,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         units, fv = load_fvs(args.fv, units, lm)
     else:
         fv = None
-    if kind != "vector" and len(units) < 4:
+    if paired_design and len(units) < 4:
         raise FVSanityError(
             f"--metric {args.metric} compares units in a paired design and needs >= 4 --unit, got {len(units)}; "
             "use --metric spearman for fewer units"
@@ -270,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {natural.n_unreadable} unreadable image file(s) skipped (listed in check.json 'data')")
     width = max(len(str(u)) for u in units)
     for u in res.units:
-        print(f"{u.unit:<{width}}  {u.verdict.label}  (natural refs {len(u.natural_indices)}, other {u.n_other})")
+        why = f"  [{u.status}]" if u.status != "ok" else ""
+        print(f"{u.unit:<{width}}  {u.verdict.label}  (natural refs {len(u.natural_indices)}, other {u.n_other}){why}")
     for name, rows in res.paired.items():
         print(f"paired {name} across {len(units)} units: " + "  ".join(f"{r.name}={r.value:.2f}" for r in rows))
     print(f"wrote {out / 'check.json'}, {fig}, {out / 'config.json'}")

@@ -21,10 +21,13 @@ from .circuits import (  # noqa: F401
     compare_circuits,
 )
 from .similarity import (  # noqa: F401
+    DESIGNS,
     METRIC_KINDS,
+    DesignError,
     MetricError,
     MetricInfo,
     UnknownMetricError,
+    check_design,
     cka,
     cka_biased,
     compute_rdm,
@@ -34,7 +37,6 @@ from .similarity import (  # noqa: F401
     metric_info,
     mmd2_unbiased,
     pearson,
-    rankdata,
     register_metric,
     rsa,
     soft_spearman,
@@ -44,6 +46,11 @@ from .stats import (  # noqa: F401
     BootstrapCI,
     PermutationResult,
     bootstrap_ci,
+    bootstrap_counts,
+    bootstrap_indices,
     holm,
+    percentile_interval,
+    permutation_pvalue,
     permutation_test,
+    rankdata,
 )

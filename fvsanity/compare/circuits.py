@@ -25,11 +25,14 @@ g images against B: FV (subsampled to g) vs B gives ``s``; A vs B gives the same
 ``same``; g other-class images vs B the unrelated null ``other``. Values are averaged over
 ``n_splits`` random splits. ``calibrated = (s - other) / (same - other)`` is 0 when FVs travel
 like unrelated images and 1 when they travel like the unit's own images. ``ci_low``/``ci_high``
-are percentile bootstrap intervals of ``calibrated`` (images resampled within FV, A, B, other).
+are percentile bootstrap intervals of ``calibrated`` at the caller's ``confidence`` (images
+resampled within FV, A, B, other; :func:`fvsanity.compare.stats.percentile_interval`).
 ``p_value`` is a one-sided permutation test of H0 "FVs are exchangeable with other-class images"
 (statistic: s - other for the primary statistic, FV and other labels permuted, on the same
-``perm_splits`` fixed splits for the observed and every permuted labelling), Holm-corrected across layers (``p_holm``). A small p means the FV circuit is closer to the
-natural circuit than unrelated images' circuits are.
+``perm_splits`` fixed splits for the observed and every permuted labelling; p = (1 + k) /
+(1 + n_perm), :func:`fvsanity.compare.stats.permutation_pvalue`), Holm-corrected across layers
+(``p_holm``). A small p means the FV circuit is closer to the natural circuit than unrelated
+images' circuits are. Ranks are :func:`fvsanity.compare.stats.rankdata`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from .attribution import AttributionError, EdgeAttribution, edge_attribution
-from .stats import holm
+from .stats import holm, percentile_interval, permutation_pvalue, rankdata
 
 __all__ = [
     "FRACTIONS",
@@ -80,22 +83,9 @@ def _top_masks(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def _avg_ranks(a: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based, ties share their mean rank) of every row of a [K, E]."""
-    k, e = a.shape
-    order = np.argsort(a, axis=1)
-    srt = np.take_along_axis(a, order, 1)
-    new = np.empty(srt.shape, dtype=bool)
-    new[:, 0] = True
-    np.not_equal(srt[:, 1:], srt[:, :-1], out=new[:, 1:])
-    idx = np.arange(e)
-    start = np.maximum.accumulate(np.where(new, idx, 0), axis=1)
-    last = np.empty_like(new)
-    last[:, -1] = True
-    last[:, :-1] = new[:, 1:]
-    end = np.minimum.accumulate(np.where(last, idx, e - 1)[:, ::-1], axis=1)[:, ::-1]
-    ranks = np.empty(a.shape)
-    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=1)
-    return ranks
+    """Average ranks (1-based, ties share their mean rank) of every row of a [K, E]
+    (:func:`fvsanity.compare.stats.rankdata`)."""
+    return rankdata(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))).numpy()
 
 
 def _jaccard_many(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -346,6 +336,7 @@ def _layer_overlap(
     n_boot: int,
     n_perm: int,
     perm_splits: int = 1,
+    confidence: float = 0.95,
 ) -> LayerOverlap:
     """fv [S, E], nat [N, E], oth [M, E] per-image scores of the present edges."""
     s_n, n_n, m_n = fv.shape[0], nat.shape[0], oth.shape[0]
@@ -391,10 +382,8 @@ def _layer_overlap(
         r = _stat_many(primary, rows, b)
         boot_s.append(r[0])
         boot_cal.append(calib(r[0], r[1], r[2]))
-    boot_cal = np.asarray(boot_cal)
-    boot_cal = boot_cal[np.isfinite(boot_cal)]
-    ci = np.percentile(boot_cal, [2.5, 97.5]) if boot_cal.size else (float("nan"),) * 2
-    fv_ci = np.percentile(boot_s, [2.5, 97.5]) if boot_s else (float("nan"),) * 2
+    ci = percentile_interval(torch.tensor(boot_cal, dtype=torch.float64), confidence)
+    fv_ci = percentile_interval(torch.tensor(boot_s, dtype=torch.float64), confidence)
 
     # permutation test of s - other (FV and other labels exchangeable under H0), on the first
     # ``perm_splits`` fixed splits; the observed statistic is computed the same way (label set 0)
@@ -411,8 +400,8 @@ def _layer_overlap(
             rows.append(pool[sub(o_idx, g)].mean(0))
         r = _stat_many(primary, np.stack(rows), b)
         diffs[:, j] = r[0::2] - r[1::2]
-    t = diffs.mean(1)
-    p = (1 + int((t[1:] >= t[0] - 1e-12).sum())) / (1 + n_perm)
+    t = torch.from_numpy(diffs.mean(1))
+    p = float(permutation_pvalue(t[0], t[1:], "greater"))
     return LayerOverlap(
         name=name,
         kind=kind,
@@ -443,8 +432,12 @@ def compare_circuits(
     alpha: float = 0.05,
     settings: dict | None = None,
     perm_splits: int = 1,
+    confidence: float = 0.95,
 ) -> CircuitOverlap:
     """Per-layer overlap of three precomputed attributions of the same unit and layers.
+
+    ``confidence``: level of the percentile bootstrap intervals (``ci_low``/``ci_high``,
+    ``fv_ci``).
 
     Needs >= 1 FV image, >= 2 natural images and >= 1 other image (g >= 1).
     """
@@ -465,7 +458,8 @@ def compare_circuits(
 
         out.append(
             _layer_overlap(
-                lf.name, lf.kind, flat(lf), flat(ln), flat(lo), primary, rng, n_splits, n_boot, n_perm, perm_splits
+                lf.name, lf.kind, flat(lf), flat(ln), flat(lo), primary, rng, n_splits, n_boot, n_perm, perm_splits,
+                confidence,
             )
         )
     adj = holm([la.p_value for la in out]).tolist()
@@ -483,7 +477,8 @@ def compare_circuits(
         n_other=int(other.metric_clean.shape[0]),
         layers=layers,
         settings={
-            "n_splits": n_splits, "n_boot": n_boot, "n_perm": n_perm, "perm_splits": perm_splits, **(settings or {})
+            "n_splits": n_splits, "n_boot": n_boot, "n_perm": n_perm, "perm_splits": perm_splits,
+            "confidence": confidence, **(settings or {})
         },
         alpha=alpha,
         fv=fv,
@@ -511,6 +506,7 @@ def circuit_overlap(
     alpha: float = 0.05,
     perm_splits: int = 1,
     seed: int | None = None,
+    confidence: float = 0.95,
 ) -> CircuitOverlap:
     """FV-vs-natural circuit overlap of ``unit`` per layer, with same-class and other-class nulls.
 
@@ -526,6 +522,7 @@ def circuit_overlap(
         n_splits, n_boot, n_perm, perm_splits: random splits averaged, bootstrap replicates,
             permutations and the splits each permutation statistic averages over. With L layers,
             Holm can only reach ``alpha`` if ``L / (n_perm + 1) < alpha``.
+        confidence: level of the percentile bootstrap intervals.
     Returns:
         :class:`CircuitOverlap`; ``.to_json()["layers"]`` holds per layer name, jaccard_top1pct,
         spearman, shared_mass, null_same, null_other, calibrated, ci_low, ci_high, p_value, p_holm.
@@ -538,5 +535,5 @@ def circuit_overlap(
     oth = edge_attribution(lm, unit, other_images, **kw)
     return compare_circuits(
         fv, nat, oth, primary=primary, n_splits=n_splits, n_boot=n_boot, n_perm=n_perm,
-        generator=generator, alpha=alpha, perm_splits=perm_splits,
+        generator=generator, alpha=alpha, perm_splits=perm_splits, confidence=confidence,
     )

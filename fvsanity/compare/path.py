@@ -19,7 +19,8 @@ Uncertainty: a bootstrap over images (F, R and O resampled with replacement; sel
 excluded by original index) gives percentile intervals. Test: a one-sided permutation test
 of "FVs are no more similar to R than other images are": items F and O, score of an item = its
 mean similarity to R, statistic = mean score of F - mean score of O, labels permuted (exactly,
-over all relabellings, when there are few, e.g. up to 2 FVs among ~600 items). Holm
+over all relabellings, when there are at most ``max(n_perm, stats.EXACT_LIMIT = 200 000)``,
+e.g. up to 2 FVs among ~600 items; else Monte Carlo, p = (1 + k) / (1 + n_perm)). Holm
 correction across the layers of a unit. Verdict: the fraction of layers whose FV-vs-natural
 similarity is NOT above the other-image baseline at level ``alpha`` (Holm-adjusted). With
 several units, a population test per layer (Wilcoxon signed-rank across units of
@@ -27,9 +28,31 @@ fv_vs_natural - natural_vs_other, Holm across layers) complements the per-unit v
 
 The paired design across units (DESIGN.md 4.2): with >= 4 units, per layer, rows = units,
 A = each unit's mean FV activation, B = the mean activation of the same unit's natural
-references; a representation metric (debiased CKA, RSA) compares A and B, a permutation of B's
-rows gives the null (chance pairing), and split halves of the natural references (A' = one half,
+references (rows in the order of the unit names); a metric of the ``paired`` design (debiased
+CKA, RSA; not MMD, a set metric that row permutations leave unchanged) compares A and B, a
+permutation of B's rows gives the null (chance pairing; every pairing when U! <= n_perm), and
+split halves of the natural references (A' = one half,
 B' = the other) give the natural-vs-natural reference.
+
+Reference selection (:func:`select_references`, the one function ``fvsanity check`` and
+``fvsanity audit`` both use): R = the images of the unit's class (class units of the model's
+output layer, labelled images, ``use_class_images``) plus its top-k exemplars; O = up to
+``n_other`` images outside R (and, for a class unit, outside its class), drawn at random.
+Seeds: every random choice of a unit (its O, bootstrap, permutations, split halves) is seeded by
+:func:`unit_seed` from the base seed and the unit's NAME, never its position in the unit list,
+so a unit gets the same numbers alone, in any order, and in ``check`` or ``audit``.
+
+Too few references (the rule; :data:`MIN_REFERENCES`, :data:`MIN_OTHER`): a unit's numbers
+are reported but its verdict is replaced by :data:`INSUFFICIENT_LABEL` and its ``status`` says
+why (``"insufficient references: ..."``; else ``"ok"``) when
+  * it is a class unit checked with its class images and the natural images hold fewer than 2
+    images of its class (its references would be top-k exemplars of other classes),
+  * it has fewer than 2 natural references (natural_vs_natural is undefined), or
+  * fewer than 2 other images remain (no usable lower reference / permutation pool).
+Such units are left out of the across-units population test.
+
+Statistics (ranks, bootstrap counts and percentile intervals, permutation p, Holm) come from
+:mod:`fvsanity.compare.stats`.
 
 The natural images run through the model once for all units (one streamed, batched pass).
 """
@@ -38,12 +61,15 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import permutations
 
 import torch
 
 from ..errors import FVSanityError
+from .stats import bootstrap_counts, holm, percentile_interval, permutation_pvalue, permutation_test
 
 __all__ = [
     "LayerResult",
@@ -60,10 +86,23 @@ __all__ = [
     "paired_similarity",
     "path_check",
     "safe_ratio",
+    "References",
+    "select_references",
+    "unit_seed",
+    "split_halves",
+    "validate_metrics",
+    "INSUFFICIENT_LABEL",
+    "MIN_REFERENCES",
+    "MIN_OTHER",
 ]
 
 DIVERGE_LABEL = "diverges from natural images for {k} of {n} layers"
 TRAVEL_LABEL = "travels like natural images"
+INSUFFICIENT_LABEL = "insufficient data"
+#: fewest natural references (and, for a class unit, images of its class) a verdict needs
+MIN_REFERENCES = 2
+#: fewest other natural images (lower reference, permutation pool) a verdict needs
+MIN_OTHER = 2
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -85,9 +124,17 @@ def _metric(name: str):
 
 
 def _holm(p: Sequence[float]) -> list[float]:
-    from .stats import holm
-
+    """Holm over a list of p-values; NaN (untested layers) stay NaN and are not counted."""
     return [float(v) for v in holm(torch.tensor(list(p), dtype=torch.float64))]
+
+
+def unit_seed(seed: int, unit) -> int:
+    """The seed of one unit's random choices: from the base ``seed`` and the unit's name.
+
+    ``(seed * 1_000_003 + crc32(str(unit))) mod (2^31 - 1)``: independent of the unit's
+    position in any list, of the other units and of sharding.
+    """
+    return (int(seed) * 1_000_003 + zlib.crc32(str(unit).encode())) % (2**31 - 1)
 
 
 def pairwise(metric, a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 4_000_000) -> torch.Tensor:
@@ -110,20 +157,9 @@ def pairwise(metric, a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 4_000_
     return torch.cat(rows)
 
 
-def _counts(gen: torch.Generator, n_boot: int, n: int) -> torch.Tensor:
-    """[n_boot, n] multiplicities of a bootstrap resample of n items (float64)."""
-    idx = torch.randint(0, n, (n_boot, n), generator=gen)
-    c = torch.zeros(n_boot, n, dtype=torch.float64)
-    return c.scatter_add_(1, idx, torch.ones_like(c))
-
-
 def _interval(x: torch.Tensor, confidence: float) -> tuple[float, float]:
-    x = x[torch.isfinite(x)]
-    if x.numel() < 2:
-        return float("nan"), float("nan")
-    q = torch.tensor([(1 - confidence) / 2, 1 - (1 - confidence) / 2], dtype=x.dtype)
-    lo, hi = torch.quantile(x, q).tolist()
-    return lo, hi
+    lo, hi = percentile_interval(x, confidence)
+    return float(lo), float(hi)
 
 
 def _f(x) -> float:
@@ -175,7 +211,11 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Per-unit verdict: on how many layers the FVs are not closer to R than other images are."""
+    """Per-unit verdict: on how many layers the FVs are not closer to R than other images are.
+
+    ``status``: ``"ok"``, or ``"insufficient references: <why>"`` (see the module docstring);
+    then ``label`` is :data:`INSUFFICIENT_LABEL` and the counts are not a finding.
+    """
 
     n_layers: int
     n_not_above: int
@@ -183,10 +223,16 @@ class Verdict:
     alpha: float
     label: str
     layers_not_above: tuple[str, ...]
+    status: str = "ok"
+
+    @property
+    def sufficient(self) -> bool:
+        return self.status == "ok"
 
     def to_json(self) -> dict:
         return {
             "label": self.label,
+            "status": self.status,
             "n_layers": self.n_layers,
             "n_not_above": self.n_not_above,
             "fraction_not_above": self.fraction_not_above,
@@ -212,9 +258,15 @@ class UnitPath:
     verdict: Verdict
     natural_paths: tuple[str, ...] = ()
 
+    @property
+    def status(self) -> str:
+        """``"ok"`` or ``"insufficient references: ..."`` (the verdict's status)."""
+        return self.verdict.status
+
     def to_json(self) -> dict:
         return {
             "unit": self.unit,
+            "status": self.status,
             "class_index": self.class_index,
             "class_name": self.class_name,
             "n_fv": self.n_fv,
@@ -304,7 +356,10 @@ class PathCheck:
     def to_json(self) -> dict:
         labels: dict[str, int] = {}
         for u in self.units:
-            key = TRAVEL_LABEL if u.verdict.n_not_above == 0 else "diverges"
+            if not u.verdict.sufficient:
+                key = INSUFFICIENT_LABEL
+            else:
+                key = TRAVEL_LABEL if u.verdict.n_not_above == 0 else "diverges"
             labels[key] = labels.get(key, 0) + 1
         out = {
             "model": self.model,
@@ -378,55 +433,36 @@ def layer_stats(
         "p_exact": False,
     }
     if n_boot > 0 and S and m:
-        cf, cr = _counts(gen, n_boot, S), _counts(gen, n_boot, m)
+        cf, cr = bootstrap_counts(S, n_boot, gen), bootstrap_counts(m, n_boot, gen)
         fv_b = torch.einsum("bs,sm,bm->b", cf, s_fr, cr) / (cf.sum(1) * cr.sum(1))
         den_rr = cr.sum(1) ** 2 - (cr**2).sum(1)
         nat_b = safe_ratio(torch.einsum("bi,ij,bj->b", cr, rr0, cr), den_rr, eps=0.5)
         out["fv_vs_natural_ci"] = _interval(fv_b, confidence)
         out["natural_vs_natural_ci"] = _interval(nat_b, confidence)
         if n:
-            co = _counts(gen, n_boot, n)
+            co = bootstrap_counts(n, n_boot, gen)
             oth_b = torch.einsum("bn,nm,bm->b", co, s_or, cr) / (co.sum(1) * cr.sum(1))
             out["natural_vs_other_ci"] = _interval(oth_b, confidence)
             out["ci_low"], out["ci_high"] = _interval(safe_ratio(fv_b - oth_b, nat_b - oth_b), confidence)
     if n_perm > 0 and S and n and m:
-        out["p_raw"], out["p_exact"] = _perm_p(s_fr.mean(1), s_or.mean(1), n_perm, gen)
+        # items F and O, score = mean similarity to R; one-sided: FVs closer to R than others
+        res = permutation_test(s_fr.mean(1), s_or.mean(1), n_perm, gen, alternative="greater")
+        out["p_raw"], out["p_exact"] = float(res.pvalue), bool(res.exact)
     return out
 
 
-def _perm_p(a_f: torch.Tensor, a_o: torch.Tensor, n_perm: int, gen: torch.Generator, exact_limit: int = 200_000) -> tuple[float, bool]:
-    """One-sided permutation p of mean(a_f) - mean(a_o) > 0 over relabellings of F and O.
+def make_verdict(names: Sequence[str], p_adjusted: Sequence[float], alpha: float, status: str = "ok") -> Verdict:
+    """Layers whose adjusted p is not <= ``alpha`` (NaN counts as not above) -> :class:`Verdict`.
 
-    The statistic is monotone in the sum over the items labelled F (the total is fixed), so p is
-    the fraction of S-subsets of the S + n items whose sum reaches the observed one. Exact
-    (every subset, the observed one included) when there are <= ``exact_limit`` subsets, else
-    Monte Carlo with ``n_perm`` random subsets: (1 + hits) / (1 + n_perm).
-
-    Returns (p, exact).
+    ``status`` other than ``"ok"`` (too few references) replaces the label by
+    :data:`INSUFFICIENT_LABEL`.
     """
-    S, n = a_f.numel(), a_o.numel()
-    a = torch.cat([a_f, a_o]).to(torch.float64)
-    obs = a[:S].sum()
-    tol = 1e-9 * (1 + a.abs().sum())
-    if math.comb(S + n, S) <= exact_limit:
-        sums = a[torch.combinations(torch.arange(S + n), r=S)].sum(1) if S > 1 else a
-        return float((sums >= obs - tol).double().mean()), True
-    hits = done = 0
-    chunk = max(1, 2_000_000 // (S + n))
-    while done < n_perm:
-        b = min(chunk, n_perm - done)
-        pick = torch.rand(b, S + n, generator=gen).argsort(1)[:, :S]
-        hits += int((a[pick].sum(1) >= obs - tol).sum())
-        done += b
-    return (1 + hits) / (1 + n_perm), False
-
-
-def make_verdict(names: Sequence[str], p_adjusted: Sequence[float], alpha: float) -> Verdict:
-    """Layers whose adjusted p is not <= ``alpha`` (NaN counts as not above) -> :class:`Verdict`."""
     not_above = tuple(n for n, p in zip(names, p_adjusted) if not (p <= alpha))
     k, n = len(not_above), len(names)
     label = TRAVEL_LABEL if k == 0 else DIVERGE_LABEL.format(k=k, n=n)
-    return Verdict(n, k, k / n if n else float("nan"), alpha, label, not_above)
+    if status != "ok":
+        label = INSUFFICIENT_LABEL
+    return Verdict(n, k, k / n if n else float("nan"), alpha, label, not_above, status)
 
 
 def compare_path(
@@ -441,6 +477,7 @@ def compare_path(
     alpha: float = 0.05,
     confidence: float = 0.95,
     seed: int = 0,
+    status: str = "ok",
 ) -> tuple[tuple[LayerResult, ...], Verdict]:
     """One unit's profile from pooled activations (no model needed).
 
@@ -451,6 +488,7 @@ def compare_path(
         layers: order of the layers (default: ``fv``'s keys).
         metric: vector-metric name (``fvsanity.compare.similarity``) or callable.
         seed: seeds the bootstrap and permutations (``torch.Generator``).
+        status: ``"ok"`` or why the references are insufficient (see :func:`make_verdict`).
 
     Returns:
         (per-layer results with Holm-adjusted p, the verdict).
@@ -466,17 +504,12 @@ def compare_path(
                 n_boot=n_boot, n_perm=n_perm, confidence=confidence, generator=gen,
             )
         )
-    p_raw = [d["p_raw"] for d in raw]
-    finite = [i for i, p in enumerate(p_raw) if math.isfinite(p)]
-    p_adj = [float("nan")] * len(p_raw)
-    if finite:
-        for i, q in zip(finite, _holm([p_raw[i] for i in finite])):
-            p_adj[i] = q
+    p_adj = _holm([d["p_raw"] for d in raw])
     results = tuple(
         LayerResult(name=name, p_value=q, above_baseline=bool(q <= alpha), **d)
         for name, d, q in zip(layers, raw, p_adj)
     )
-    return results, make_verdict(layers, p_adj, alpha)
+    return results, make_verdict(layers, p_adj, alpha, status)
 
 
 def paired_similarity(
@@ -497,12 +530,20 @@ def paired_similarity(
         split_halves: ({layer: [U, C]}, {layer: [U, C]}) means of two disjoint halves of each
             unit's natural references (the natural-vs-natural reference), or None.
         metric: representation-metric name (``cka``, ``rsa``, ...).
-        n_perm: permutations of B's rows (chance pairing of units) for the null and p.
+        n_perm: permutations of B's rows (chance pairing of units) for the null and p; when
+            U! <= n_perm every pairing is enumerated (exact p), else n_perm random ones
+            (:func:`~fvsanity.compare.stats.permutation_pvalue`).
 
     Returns:
         one :class:`PairedLayer` per layer. Needs U >= 4 (debiased CKA's minimum).
+
+    Raises:
+        DesignError: ``metric`` does not support the paired design (e.g. ``mmd``, a set metric:
+            permuting rows does not change it, so p would be 1 whatever the data).
     """
-    fn, kind = _metric(metric)
+    from .similarity import check_design
+
+    fn = check_design(metric, "paired").fn
     layers = list(fv_means) if layers is None else list(layers)
     gen = torch.Generator().manual_seed(int(seed))
     out = []
@@ -513,9 +554,14 @@ def paired_similarity(
         if u < 4:
             raise FVSanityError(f"paired {metric} across units needs >= 4 units, got {u}")
         value = float(fn(a, b))
-        nulls = torch.tensor([float(fn(a, b[torch.randperm(u, generator=gen)])) for _ in range(n_perm)], dtype=torch.float64)
+        exact = math.factorial(u) <= n_perm  # few relabellings: every pairing of the units
+        if exact:
+            perms = [torch.tensor(q) for q in permutations(range(u))]
+        else:
+            perms = [torch.randperm(u, generator=gen) for _ in range(n_perm)]
+        nulls = torch.tensor([float(fn(a, b[q])) for q in perms], dtype=torch.float64)
+        p = float(permutation_pvalue(value, nulls, "greater", exact=exact))
         nulls = nulls[torch.isfinite(nulls)]
-        p = (1 + int((nulls >= value - 1e-12).sum())) / (1 + nulls.numel()) if nulls.numel() else float("nan")
         half = float("nan")
         if split_halves is not None:
             h1, h2 = split_halves[0][name].flatten(1), split_halves[1][name].flatten(1)
@@ -536,11 +582,12 @@ def paired_similarity(
 def across_units(units: Sequence[UnitPath], alpha: float = 0.05) -> tuple[AcrossUnitsLayer, ...]:
     """Per layer (in path order, layers of every unit), a Wilcoxon signed-rank test across units.
 
-    Needs >= 2 units with a finite difference at a layer (else p is NaN). See
-    :class:`AcrossUnitsLayer`.
+    Needs >= 2 units with a finite difference at a layer (else p is NaN). Units whose verdict
+    status is not ``"ok"`` (too few references) are left out. See :class:`AcrossUnitsLayer`.
     """
     from scipy import stats
 
+    units = [u for u in units if getattr(getattr(u, "verdict", None), "status", "ok") == "ok"]
     order: list[str] = []
     for u in units:
         order += [r.name for r in u.layers if r.name not in order]
@@ -557,11 +604,7 @@ def across_units(units: Sequence[UnitPath], alpha: float = 0.05) -> tuple[Across
             p = 1.0
         rows.append((name, len(diffs), sum(diffs) / len(diffs) if diffs else float("nan"),
                      norm[len(norm) // 2] if norm else float("nan"), sum(r.above_baseline for r in recs), p))
-    finite = [i for i, row in enumerate(rows) if math.isfinite(row[5])]
-    adj = [float("nan")] * len(rows)
-    if finite:
-        for i, q in zip(finite, _holm([rows[i][5] for i in finite])):
-            adj[i] = q
+    adj = _holm([row[5] for row in rows]) if rows else []
     return tuple(
         AcrossUnitsLayer(name=n, n_units=k, mean_difference=m, median_normalized=med, n_units_above=a,
                          p_value=p, p_holm=q, above_baseline=bool(q <= alpha))
@@ -584,6 +627,104 @@ def _fv_tensor(fv_images) -> torch.Tensor:
     if images.ndim != 5 or images.shape[2] != 3:
         raise FVSanityError(f"FV images must have shape [U, S, 3, H, W], got {tuple(images.shape)}")
     return images
+
+
+@dataclass(frozen=True)
+class References:
+    """A unit's natural references R and other images O (indices into the natural images).
+
+    Attributes:
+        natural: sorted int64 [m] R = class images + top-k exemplars.
+        other: sorted int64 [n] O, at most ``n_other`` images outside R (and the unit's class).
+        class_indices: int64 [c] the images of the unit's class in R (empty if not a class unit).
+        top_k_indices, top_k_values: the unit's top exemplars (highest first) and responses.
+        class_index: the unit's class for a class unit with labelled images, else None.
+        class_name: its name, when known.
+        status: ``"ok"`` or ``"insufficient references: <why>"`` (rule: module docstring).
+    """
+
+    natural: torch.Tensor
+    other: torch.Tensor
+    class_indices: torch.Tensor
+    top_k_indices: torch.Tensor
+    top_k_values: torch.Tensor
+    class_index: int | None
+    class_name: str | None
+    status: str = "ok"
+
+
+def select_references(
+    lm,
+    unit,
+    natural,
+    responses: torch.Tensor,
+    *,
+    top_k: int = 10,
+    n_other: int = 200,
+    use_class_images: bool = True,
+    seed: int = 0,
+) -> References:
+    """The one reference selection of ``check`` and ``audit`` (see the module docstring).
+
+    Args:
+        lm: the LoadedModel; unit: a parsed Unit.
+        natural: :class:`~fvsanity.data.NaturalImages` (its labels pick a class unit's images).
+        responses: [N] the unit's response to every natural image (for the top-k).
+        top_k: exemplars added to R (0: class images only); n_other: size of O.
+        use_class_images: put the images of a class unit's class in R.
+        seed: the BASE seed; O is drawn with :func:`unit_seed` (seed, unit name).
+
+    Returns:
+        :class:`References`, with ``status`` saying whether they suffice for a verdict.
+    """
+    from ..activations import top_k_exemplars
+
+    n_nat = len(natural)
+    labels = natural.labels
+    has_labels = bool((labels >= 0).any())
+    is_class = unit.layer == lm.output_layer and unit.kind == "channel" and has_labels
+    empty = torch.empty(0, dtype=torch.long)
+    cls_idx = natural.indices_of_class(unit.channel) if (is_class and use_class_images) else empty
+    if top_k > 0:
+        top_i, top_v = top_k_exemplars(lm, unit, natural, min(int(top_k), n_nat), responses=responses)
+    else:
+        top_i, top_v = empty, torch.empty(0)
+    ref = torch.unique(torch.cat([cls_idx, top_i]))  # sorted
+    pool = torch.ones(n_nat, dtype=torch.bool)
+    pool[ref] = False
+    if is_class:
+        pool &= (labels >= 0) & (labels != unit.channel)
+    pool_idx = torch.nonzero(pool).flatten()
+    if pool_idx.numel() > n_other:
+        gen = torch.Generator().manual_seed(unit_seed(seed, unit))
+        pool_idx = pool_idx[torch.randperm(pool_idx.numel(), generator=gen)[:n_other]].sort().values
+    cname = None
+    for names in (natural.class_names, lm.class_names) if is_class else ():
+        if names and unit.channel < len(names) and names[unit.channel]:
+            cname = names[unit.channel]
+            break
+
+    why = []
+    if is_class and use_class_images and cls_idx.numel() < MIN_REFERENCES:
+        what = f"class {unit.channel}" + (f" ({cname})" if cname else "")
+        rest = f"top-{int(top_k)} exemplars only" if top_k > 0 else "no references"
+        why.append(f"{cls_idx.numel()} image(s) of {what} in the natural images; {rest}")
+    elif ref.numel() < MIN_REFERENCES:
+        why.append(f"{ref.numel()} natural reference image(s), need >= {MIN_REFERENCES}")
+    if pool_idx.numel() < MIN_OTHER:
+        why.append(f"{pool_idx.numel()} other natural image(s), need >= {MIN_OTHER}")
+    status = "insufficient references: " + "; ".join(why) if why else "ok"
+    return References(ref, pool_idx, cls_idx, top_i, top_v, unit.channel if is_class else None, cname, status)
+
+
+def validate_metrics(metric: str, paired_metrics: Sequence[str] = ()) -> None:
+    """Refuse, with one line, a per-unit ``metric`` outside the unpaired design or a paired
+    metric outside the paired design (e.g. ``mmd``). Cheap: call it before any model work."""
+    from .similarity import check_design
+
+    check_design(metric, "unpaired")
+    for pm in paired_metrics:
+        check_design(pm, "paired")
 
 
 def path_check(
@@ -615,32 +756,36 @@ def path_check(
         units: Unit objects or spec strings (``"classifier.1:7"``), U of them.
         fv_images: Tensor [U, S, 3, H, W] RGB in [0, 1] (S seeds per unit) or an FVResult.
         natural: :class:`~fvsanity.data.NaturalImages` (labels used for class units).
-        metric: vector metric for the per-unit curves (``spearman``, ``pearson``, ``cosine``).
+        metric: vector metric for the per-unit curves (``spearman``, ``pearson``, ``cosine``:
+            the metrics of the ``unpaired`` design).
         layers: layers to compare (default: ``lm.path_to(unit.layer)`` per unit).
         top_k: exemplars per unit added to its natural references (0: class images only).
         n_other: other natural images per unit (the lower reference and the permutation pool).
         use_class_images: add the images of the unit's class (class units, labelled data).
         n_boot, n_perm, alpha, confidence: bootstrap size, permutations, test level, interval level.
-        paired_metrics: representation metrics for the paired design across units (U >= 4).
-        seed: seeds the choice of other images, bootstrap and permutations.
+        paired_metrics: representation metrics for the paired design across units (U >= 4;
+            metrics of the ``paired`` design).
+        seed: base seed; each unit's random choices use :func:`unit_seed` (seed, unit name), so
+            a unit's numbers do not depend on the other units or their order.
         natural_pass: precomputed ({layer: [N, C]}, responses [N, U]) for ``natural``.
 
     Returns:
         :class:`PathCheck`.
+
+    Raises:
+        DesignError: a metric outside its design (checked before any forward pass).
     """
-    from ..activations import collect, collect_with_responses, top_k_exemplars
+    from ..activations import collect, collect_with_responses
     from ..io import provenance
     from ..units import parse_unit
 
+    validate_metrics(metric, paired_metrics)
     units = [parse_unit(u, lm) for u in units]
     if not units:
         raise FVSanityError("no units to check; pass at least one --unit LAYER:CHANNEL")
     fv = _fv_tensor(fv_images)
     if fv.shape[0] != len(units):
         raise FVSanityError(f"got FVs for {fv.shape[0]} units but {len(units)} units to check")
-    fn, kind = _metric(metric)
-    if kind != "vector":
-        raise FVSanityError(f"metric {metric!r} is a {kind} metric; the per-unit path check needs a vector metric")
     paths = [list(layers) if layers else lm.path_to(u.layer) for u in units]
     union = _order_layers(lm, [name for p in paths for name in p])
     n_nat = len(natural)
@@ -655,47 +800,29 @@ def path_check(
     fv_flat = collect(lm, fv.flatten(0, 1), union, "mean", batch_size, device)
     fv_acts = {k: v.view(U, S, -1) for k, v in fv_flat.items()}
 
-    labels = natural.labels
-    has_labels = bool((labels >= 0).any())
     unit_results = []
     refs: list[torch.Tensor] = []
     for i, u in enumerate(units):
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
-        is_class = u.layer == lm.output_layer and u.kind == "channel" and has_labels
-        cls_idx = natural.indices_of_class(u.channel) if (is_class and use_class_images) else torch.empty(0, dtype=torch.long)
-        if top_k > 0:
-            top_i, top_v = top_k_exemplars(lm, u, natural, min(int(top_k), n_nat), responses=resp[:, i])
-        else:
-            top_i, top_v = torch.empty(0, dtype=torch.long), torch.empty(0)
-        ref = torch.unique(torch.cat([cls_idx, top_i]))  # sorted
-        in_ref = torch.zeros(n_nat, dtype=torch.bool)
-        in_ref[ref] = True
-        pool = ~in_ref
-        if is_class:
-            pool &= (labels >= 0) & (labels != u.channel)
-        pool_idx = torch.nonzero(pool).flatten()
-        if pool_idx.numel() > n_other:
-            pool_idx = pool_idx[torch.randperm(pool_idx.numel(), generator=gen)[:n_other]].sort().values
-        if ref.numel() < 2:
-            warnings.warn(f"unit {u}: only {ref.numel()} natural reference image(s); natural_vs_natural is undefined (raise --top-k)", stacklevel=2)
-        if pool_idx.numel() == 0:
-            warnings.warn(f"unit {u}: no other natural images; natural_vs_other and p are undefined", stacklevel=2)
+        sel = select_references(
+            lm, u, natural, resp[:, i], top_k=top_k, n_other=n_other, use_class_images=use_class_images, seed=seed
+        )
+        ref, pool_idx = sel.natural, sel.other
+        if sel.status != "ok":
+            warnings.warn(f"unit {u}: {sel.status}; its verdict reads {INSUFFICIENT_LABEL!r}", stacklevel=2)
         refs.append(ref)
         res, verdict = compare_path(
             {name: fv_acts[name][i] for name in paths[i]},
             {name: nat_acts[name][ref] for name in paths[i]},
             {name: nat_acts[name][pool_idx] for name in paths[i]},
             paths[i], metric=metric, n_boot=n_boot, n_perm=n_perm, alpha=alpha,
-            confidence=confidence, seed=int(seed) * 1_000_003 + i,
+            confidence=confidence, seed=unit_seed(seed, u), status=sel.status,
         )
-        cname = None
-        if is_class and u.channel < len(natural.class_names or lm.class_names):
-            cname = (natural.class_names or lm.class_names)[u.channel] or None
         unit_results.append(
             UnitPath(
-                unit=str(u), class_index=u.channel if is_class else None, class_name=cname, n_fv=S,
-                natural_indices=tuple(ref.tolist()), n_class_images=int(cls_idx.numel()),
-                top_k_indices=tuple(top_i.tolist()), top_k_values=tuple(float(v) for v in top_v),
+                unit=str(u), class_index=sel.class_index, class_name=sel.class_name, n_fv=S,
+                natural_indices=tuple(ref.tolist()), n_class_images=int(sel.class_indices.numel()),
+                top_k_indices=tuple(sel.top_k_indices.tolist()),
+                top_k_values=tuple(float(v) for v in sel.top_k_values),
                 n_other=int(pool_idx.numel()), layers=res, verdict=verdict,
                 natural_paths=tuple(natural.paths[j] for j in ref.tolist()) if natural.paths else (),
             )
@@ -704,9 +831,11 @@ def path_check(
     paired: dict[str, tuple[PairedLayer, ...]] = {}
     common = [name for name in union if all(name in p for p in paths)]
     if len(units) >= 4 and common:
-        fv_means = {name: fv_acts[name].mean(1) for name in common}
-        nat_means = {name: torch.stack([nat_acts[name][r].mean(0) for r in refs]) for name in common}
-        halves = _split_halves(nat_acts, refs, common, seed)
+        # rows in the order of the unit names: the paired numbers do not depend on the unit order
+        order = sorted(range(len(units)), key=lambda k: str(units[k]))
+        fv_means = {name: fv_acts[name][order].mean(1) for name in common}
+        nat_means = {name: torch.stack([nat_acts[name][refs[k]].mean(0) for k in order]) for name in common}
+        halves = _split_halves(nat_acts, [refs[k] for k in order], common, seed, [units[k] for k in order])
         for pm in paired_metrics:
             paired[pm] = paired_similarity(fv_means, nat_means, halves, common, metric=pm, n_perm=n_perm, seed=seed)
 
@@ -724,14 +853,20 @@ def path_check(
     )
 
 
-def _split_halves(nat_acts, refs, layers, seed):
+def split_halves(ref: torch.Tensor, seed: int, unit) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random disjoint halves of one unit's references ``ref`` [m] (sizes m // 2, m - m // 2),
+    drawn with ``unit_seed(seed, unit) + 12345``: the same in ``check`` and ``audit``."""
+    gen = torch.Generator().manual_seed(unit_seed(seed, unit) + 12345)
+    perm = ref[torch.randperm(ref.numel(), generator=gen)]
+    return perm[: perm.numel() // 2], perm[perm.numel() // 2 :]
+
+
+def _split_halves(nat_acts, refs, layers, seed, units):
     """Means of two random disjoint halves of each unit's natural references ({layer: [U, C]} x 2)."""
-    gen = torch.Generator().manual_seed(int(seed) + 12345)
     h1 = {name: [] for name in layers}
     h2 = {name: [] for name in layers}
-    for ref in refs:
-        perm = ref[torch.randperm(ref.numel(), generator=gen)]
-        a, b = perm[: perm.numel() // 2], perm[perm.numel() // 2 :]
+    for ref, u in zip(refs, units):
+        a, b = split_halves(ref, seed, u)
         for name in layers:
             c = nat_acts[name].shape[1]
             nan = torch.full((c,), float("nan"))

@@ -18,7 +18,11 @@ is at the rounding level of its magnitude (coefficient of variation <= 4 eps) is
 constant too. NaN inputs propagate to NaN outputs.
 
 All functions are device- and dtype-agnostic (float32/float64; integer inputs become float32)
-and return tensors on the input device. ``@register_metric`` names feed the CLI's choices.
+and return tensors on the input device. ``@register_metric`` names feed the CLI's choices:
+each metric declares the designs it is valid in (:data:`DESIGNS`: ``unpaired`` per-unit vector
+metrics, ``paired`` representation metrics across units, ``set`` for MMD, which no pipeline
+offers), and :func:`check_design` refuses any other combination with a one-line error.
+Ranks come from :func:`fvsanity.compare.stats.rankdata` (the one implementation).
 """
 
 from __future__ import annotations
@@ -32,12 +36,16 @@ import torch
 from torch import Tensor
 
 from ..errors import FVSanityError
+from .stats import MetricError, rankdata
 
 __all__ = [
+    "DESIGNS",
+    "DesignError",
     "METRIC_KINDS",
     "MetricError",
     "MetricInfo",
     "UnknownMetricError",
+    "check_design",
     "cka",
     "cka_biased",
     "compute_rdm",
@@ -58,10 +66,6 @@ METRIC_KINDS = ("vector", "representation")
 _CONST_RTOL = 4.0  # spread <= 4 eps * magnitude counts as constant (rounding noise, not signal)
 
 
-class MetricError(FVSanityError, ValueError):
-    """Bad input to a metric (shape, size, option); the message is one line."""
-
-
 class UnknownMetricError(FVSanityError, KeyError):
     """``get_metric`` of a name that is not registered."""
 
@@ -73,6 +77,22 @@ class UnknownMetricError(FVSanityError, KeyError):
 # registry
 
 
+#: the comparison designs a metric can serve (DESIGN.md 4.2):
+#: ``unpaired``  per unit, one FV's pooled activation vector against one natural image's
+#:               (vector metrics: the path check's curves);
+#: ``paired``    across >= 4 units, row u of A (unit u's FVs) paired with row u of B (its natural
+#:               references); the null permutes B's rows, so the metric must depend on the pairing
+#:               (CKA, RSA);
+#: ``set``       two unpaired SETS of vectors (MMD): invariant to any reordering of rows, so a
+#:               row permutation gives no null (p = 1 whatever the data); no pipeline uses it yet.
+DESIGNS = ("unpaired", "paired", "set")
+_DEFAULT_DESIGNS = {"vector": ("unpaired",), "representation": ("paired",)}
+
+
+class DesignError(MetricError):
+    """A metric asked for in a design it does not support; the message lists the valid ones."""
+
+
 @dataclass(frozen=True)
 class MetricInfo:
     """A registered metric.
@@ -82,20 +102,27 @@ class MetricInfo:
         kind: ``"vector"`` (x [..., d], y [..., d] -> [...]) or ``"representation"``
             (X [n, p], Y [n, q] -> scalar).
         fn: the callable.
-        paired: rows of X and Y are the same stimuli (CKA, RSA); False for set metrics (MMD).
+        designs: the designs of :data:`DESIGNS` the metric is valid in (CLI choices per design
+            come from here).
         differentiable: usable under autograd (False for rank-based metrics).
     """
 
     name: str
     kind: str
     fn: Callable[..., Tensor]
-    paired: bool = True
+    designs: frozenset = frozenset()
     differentiable: bool = True
+
+    @property
+    def paired(self) -> bool:
+        """Rows of X and Y are the same stimuli (CKA, RSA); False for set and vector metrics."""
+        return "paired" in self.designs
 
     def to_json(self) -> dict:
         return {
             "name": self.name,
             "kind": self.kind,
+            "designs": sorted(self.designs),
             "paired": self.paired,
             "differentiable": self.differentiable,
             "doc": (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else "",
@@ -105,10 +132,18 @@ class MetricInfo:
 _METRICS: dict[str, MetricInfo] = {}
 
 
-def register_metric(name: str, kind: str, *, paired: bool = True, differentiable: bool = True):
-    """Decorator registering ``fn`` under ``name`` with ``kind`` in :data:`METRIC_KINDS`."""
+def register_metric(name: str, kind: str, *, designs=None, differentiable: bool = True):
+    """Decorator registering ``fn`` under ``name`` with ``kind`` in :data:`METRIC_KINDS`.
+
+    ``designs``: iterable of :data:`DESIGNS` (default: ``unpaired`` for vector metrics,
+    ``paired`` for representation metrics).
+    """
     if kind not in METRIC_KINDS:
         raise MetricError(f"unknown metric kind {kind!r}; valid: {', '.join(METRIC_KINDS)}")
+    designs = frozenset(_DEFAULT_DESIGNS[kind] if designs is None else designs)
+    bad = sorted(designs - set(DESIGNS))
+    if bad:
+        raise MetricError(f"unknown design {bad[0]!r}; valid: {', '.join(DESIGNS)}")
 
     def deco(fn):
         old = _METRICS.get(name)
@@ -120,17 +155,22 @@ def register_metric(name: str, kind: str, *, paired: bool = True, differentiable
                 f"metric name {name!r} is already registered to "
                 f"{old.fn.__module__}.{old.fn.__qualname__}; choose another name"
             )
-        _METRICS[name] = MetricInfo(name, kind, fn, paired=paired, differentiable=differentiable)
+        _METRICS[name] = MetricInfo(name, kind, fn, designs=designs, differentiable=differentiable)
         return fn
 
     return deco
 
 
-def list_metrics(kind: str | None = None) -> list[str]:
-    """Sorted registered metric names, optionally only those of ``kind``."""
+def list_metrics(kind: str | None = None, design: str | None = None) -> list[str]:
+    """Sorted registered metric names, optionally only those of ``kind`` / valid in ``design``."""
     if kind is not None and kind not in METRIC_KINDS:
         raise MetricError(f"unknown metric kind {kind!r}; valid: {', '.join(METRIC_KINDS)}")
-    return sorted(n for n, m in _METRICS.items() if kind is None or m.kind == kind)
+    if design is not None and design not in DESIGNS:
+        raise MetricError(f"unknown design {design!r}; valid: {', '.join(DESIGNS)}")
+    return sorted(
+        n for n, m in _METRICS.items()
+        if (kind is None or m.kind == kind) and (design is None or design in m.designs)
+    )
 
 
 def metric_info(name: str) -> MetricInfo:
@@ -143,6 +183,30 @@ def metric_info(name: str) -> MetricInfo:
         raise UnknownMetricError(
             f"unknown metric {name!r}{hint}; valid: {', '.join(list_metrics())}"
         ) from None
+
+
+_WHY = {
+    "unpaired": "the per-unit path check compares single activation vectors",
+    "paired": "the paired design across units permutes rows to get its null",
+}
+
+
+def check_design(name: str, design: str) -> MetricInfo:
+    """:class:`MetricInfo` of ``name`` if it supports ``design``, else a one-line :class:`DesignError`.
+
+    E.g. ``mmd`` (a set metric) in the ``paired`` design: permuting rows does not change a set
+    metric, so its permutation p would be 1 whatever the data.
+    """
+    info = metric_info(name)
+    if design not in info.designs:
+        what = ", ".join(sorted(info.designs)) or "no design"
+        why = _WHY.get(design, design)
+        extra = " (a set metric: reordering rows does not change it)" if "set" in info.designs else ""
+        raise DesignError(
+            f"metric {name!r} supports {what}{extra}, not the {design} design ({why}); "
+            f"valid: {', '.join(list_metrics(design=design))}"
+        )
+    return info
 
 
 def get_metric(name: str) -> Callable[..., Tensor]:
@@ -254,30 +318,6 @@ def cosine(x: Tensor, y: Tensor) -> Tensor:
     x2, y2 = (x * x).sum(-1), (y * y).sum(-1)
     singular = (x2 <= 0) | (y2 <= 0)
     return _safe_ratio((x * y).sum(-1), x2, y2, singular)
-
-
-def rankdata(x: Tensor) -> Tensor:
-    """Average ranks (1-based, ties get the mean of their ranks) over the last dim.
-
-    Same as ``scipy.stats.rankdata(x, method="average", axis=-1)`` for finite input.
-    x [..., d] -> [..., d] in x's float dtype, no gradient (ranks are piecewise constant).
-    """
-    (x,) = _as_float(x)
-    x = x.detach()
-    if x.dim() == 0:
-        raise MetricError("rankdata: input must have at least one dim")
-    d = x.shape[-1]
-    if d == 0:
-        return x.clone()
-    sorted_x, order = torch.sort(x, dim=-1, stable=True)
-    new_group = torch.ones_like(sorted_x, dtype=torch.bool)
-    new_group[..., 1:] = sorted_x[..., 1:] != sorted_x[..., :-1]
-    gid = torch.cumsum(new_group.long(), dim=-1) - 1  # group index of each sorted position
-    counts = torch.zeros_like(gid).scatter_add_(-1, gid, torch.ones_like(gid))
-    start = torch.cumsum(counts, dim=-1) - counts  # 0-based first position of each group
-    avg = start.to(x.dtype) + (counts.to(x.dtype) + 1) / 2  # 1-based mean rank of each group
-    rank_sorted = torch.gather(avg, -1, gid)
-    return torch.empty_like(rank_sorted).scatter_(-1, order, rank_sorted)
 
 
 @register_metric("spearman", "vector", differentiable=False)
@@ -470,7 +510,7 @@ def rsa(X: Tensor, Y: Tensor, rdm: str = "correlation", compare: str = "spearman
 MMD_KERNELS = ("rbf", "linear")
 
 
-@register_metric("mmd", "representation", paired=False)
+@register_metric("mmd", "representation", designs=("set",))
 def mmd2_unbiased(
     X: Tensor, Y: Tensor, kernel: str = "rbf", bandwidth: str | float = "median"
 ) -> Tensor:

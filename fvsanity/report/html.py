@@ -42,6 +42,7 @@ td:first-child,th:first-child,td.l,th.l{text-align:left}
 .badge{display:inline-block;padding:2px 8px;border-radius:10px;font-size:.8em;font-weight:600;
 vertical-align:middle}
 .badge.diverges{background:#fde2e1;color:#9b1c1c}.badge.consistent{background:#def7e5;color:#14532d}
+.badge.insufficient{background:#eee;color:#555}
 .unit{border:1px solid #e2e2e2;border-radius:8px;padding:14px 16px;margin:18px 0;background:#fff}
 .row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .gallery{display:flex;flex-wrap:wrap;gap:6px}
@@ -170,7 +171,7 @@ def _summary(audit: dict) -> str:
 <p><b>{_e(s.get('n_diverging', '?'))} of {_e(s.get('n_units', len(rows)))}</b> units have FVs that diverge from
 their natural images on at least one layer of their path; over all units,
 {_e(s.get('n_unit_layers_not_above', '?'))} of {_e(s.get('n_unit_layers', '?'))} unit-layers are not significantly
-above the unrelated-image baseline. <span class="note">Norm. sim. = (FV vs natural - natural vs other) /
+above the unrelated-image baseline.{f" {_e(s['n_insufficient'])} unit(s) have too few natural references for a verdict (insufficient data)." if s.get('n_insufficient') else ""} <span class="note">Norm. sim. = (FV vs natural - natural vs other) /
 (natural vs natural - natural vs other): 0 = the FVs are as similar to the unit's natural images as unrelated
 images are, 1 = as similar as the natural images among themselves.</span></p>
 <table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
@@ -304,6 +305,7 @@ def _unit_section(rec: dict, root: Path, audit: dict) -> str:
     return f"""
 <section class="unit" id="u-{_e(rec['id'])}">
 <h3>{_e(name)} <span class="badge {sv}">{_e(v['label'])}</span></h3>
+{f'<p class="note no"><b>Insufficient data:</b> {_e(v.get("status"))}; the numbers below are not a verdict.</p>' if sv == "insufficient" else ""}
 <p><b>Verdict:</b> on {_e(v['n_not_above'])} of {_e(v['n_layers'])} layers ({_f(v['fraction_not_above'], 2)}) the FVs are
 not significantly more similar to this unit's natural images than unrelated natural images are
 (one-sided permutation test, Holm-corrected across layers, alpha = {_e(alpha)}; so each "above" holds at

@@ -16,7 +16,8 @@ Circuit overlap           FV vs natural circuit overlap (only if computed): mean
                           the calibrated overlap (0 = like unrelated images, 1 = like the
                           unit's own images) and, in parentheses, layers significantly above
                           the unrelated null (Holm) / layers
-Verdict                   ``consistent`` (every layer above baseline) or ``diverges``
+Verdict                   ``consistent`` (every layer above baseline) or ``diverges``, or
+                          ``insufficient`` when the unit has too few natural references
 ========================  ==========================================================
 """
 
@@ -66,7 +67,9 @@ def _fmt(v, digits: int = 2) -> str:
 
 
 def short_verdict(rec: dict) -> str:
-    """``consistent`` or ``diverges`` (from the per-unit verdict)."""
+    """``consistent``, ``diverges``, or ``insufficient`` (too few natural references: no verdict)."""
+    if rec["verdict"].get("status", "ok") != "ok":
+        return "insufficient"
     return "consistent" if rec["verdict"]["n_not_above"] == 0 else "diverges"
 
 
@@ -156,6 +159,8 @@ def to_markdown(audit: dict) -> str:
         f"{s.get('n_diverging', '?')} of {s.get('n_units', len(rows))} units diverge from their natural images "
         f"on at least one layer; {s.get('n_unit_layers_not_above', '?')} of {s.get('n_unit_layers', '?')} "
         "unit-layers are not above the unrelated-image baseline."
+        + (f" {s['n_insufficient']} unit(s) have too few natural references for a verdict (insufficient)."
+           if s.get("n_insufficient") else "")
     )
     out.append("")
     out.append(markdown_escape(_caption(audit)))
