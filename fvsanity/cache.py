@@ -369,7 +369,16 @@ def render_cached(lm, units, folder: str | os.PathLike, *, seeds: Sequence[int],
         res.save(folder, pngs=pngs)
         return res
 
-    return cached(entry, compute, lambda: FVResult.load(folder))
+    def load():
+        res = FVResult.load(folder)
+        # belt and braces (e.g. two runs writing one folder): the payload must say the same
+        got = {"model_fingerprint": res.settings.get("model_fingerprint"), "units": _units_json(res.units),
+               "seeds": [int(s) for s in res.seeds], "steps": res.settings.get("steps")}
+        if any(_canonical(v) != _canonical(entry.key[k]) for k, v in got.items()):
+            raise FVSanityError(f"FVs in {folder} do not match their cache key")
+        return res
+
+    return cached(entry, compute, load)
 
 
 def check_fv_model(res, lm, source: str) -> None:
