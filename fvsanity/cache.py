@@ -395,8 +395,8 @@ def check_fv_model(res, lm, source: str) -> None:
     if not theirs:
         raise FVMismatchError(
             f"--fv {source!r} predates model fingerprints (its fv.json names model {s.get('model')!r} but not the "
-            "weights it was made for); re-render it with `fvsanity visualize` for this model, or pass its PNG "
-            "files as your own images"
+            "weights it was made for); re-render it with `fvsanity visualize` for this model, or copy its PNGs "
+            "into a folder of their own and pass that (taken as your own images, unchecked)"
         )
     ours = lm.fingerprint()
     if theirs == ours:

@@ -89,7 +89,7 @@ def test_fingerprint_stable_across_loads_and_changes_with_one_element():
     # the preprocessing is part of the model's function
     other_pre = dataclasses.replace(a, preprocess=dataclasses.replace(a.preprocess, mean=(0.5, 0.5, 0.5)))
     assert other_pre.fingerprint() != fp
-    # the device does not enter; a dtype change does
+    # the dtype is part of the bytes hashed
     assert C.model_fingerprint(a.model.double(), a.preprocess) != fp
 
 
@@ -366,3 +366,12 @@ def test_check_fv_model_accepts_matching_and_names_the_difference(tmp_path):
     other.model.fc.bias.data[0] += 1
     with pytest.raises(C.FVMismatchError, match=r"model 'tiny', this is 'tiny-b'"):
         C.check_fv_model(res, other, "x")
+
+
+@pytest.mark.gpu
+def test_fingerprint_does_not_depend_on_the_device():
+    a = load_model("cifar10-resnet20", pretrained=False, seed=1)
+    fp = a.fingerprint()
+    assert a.to("cuda").fingerprint() == fp
+    res = render(a, "linear:0", seeds=1, steps=2, progress=False)
+    C.check_fv_model(res, load_model("cifar10-resnet20", pretrained=False, seed=1), "x")  # CPU copy accepts it
