@@ -112,6 +112,7 @@ def fv_settings(cfg: AuditConfig, lm) -> dict:
     hw = list(lm.input_size) if cfg.size is None else [cfg.size, cfg.size]
     return {
         "model": lm.name,
+        "model_fingerprint": lm.fingerprint(),  # other weights: another run, never a resumed one
         "steps": cfg.steps,
         "size": hw,
         "lr": cfg.lr,
@@ -255,33 +256,28 @@ def _check_run(out: Path, run: dict) -> None:
 
 
 def _natural_pass(lm, natural, layers, units, cfg, out: Path, device, progress):
-    """({layer: [N, C]}, responses [N, U]) of every natural image, cached in ``out``."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """({layer: [N, C]}, responses [N, U]) of every natural image, cached in ``out``.
 
+    Reused only if ``out/natural_pass.safetensors`` was made for this model fingerprint, image
+    set (paths, sizes, mtimes), layers, units and pooling (:func:`fvsanity.cache.natural_pass_key`).
+    """
     from .activations import collect_with_responses
+    from .cache import CacheEntry, cached, natural_pass_key
+    from .io import atomic_save_tensors, load_tensors
 
     p = out / "natural_pass.safetensors"
-    key = _hash({"layers": list(layers), "units": [str(u) for u in units], "paths": list(natural.paths)})
-    if p.is_file():
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    acts = {k[4:]: f.get_tensor(k) for k in f.keys() if k.startswith("act:")}
-                    return acts, f.get_tensor("responses")
-        except Exception:  # noqa: BLE001 - unreadable cache: recompute
-            pass
-    acts, resp = collect_with_responses(lm, natural, layers, units, "mean", cfg.batch_size, device, progress)
-    fd, tmp = tempfile.mkstemp(prefix=".natural_pass.", suffix=".tmp", dir=out)
-    os.close(fd)
-    try:
-        tensors = {f"act:{k}": v.contiguous() for k, v in acts.items()}
-        tensors["responses"] = resp.contiguous()
-        save_file(tensors, tmp, metadata={"key": key})
-        os.replace(tmp, p)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return acts, resp
+    entry = CacheEntry.file(p, natural_pass_key(lm, natural, layers, units, "mean"))
+
+    def compute():
+        acts, resp = collect_with_responses(lm, natural, layers, units, "mean", cfg.batch_size, device, progress)
+        atomic_save_tensors(p, {**{f"act:{k}": v for k, v in acts.items()}, "responses": resp})
+        return acts, resp
+
+    def load():
+        t = load_tensors(p)
+        return {k[4:]: v for k, v in t.items() if k.startswith("act:")}, t["responses"]
+
+    return cached(entry, compute, load)[0]
 
 
 # ------------------------------------------------------------------------------ one unit
@@ -528,6 +524,9 @@ def run_audit(
         _, fv_given = load_fvs(cfg.fv_source, units, lm)
         if not hasattr(fv_given, "settings"):
             raise FVSanityError(f"--fv {cfg.fv_source!r} must be a `fvsanity visualize` output (fv.pt + fv.json)")
+        from .cache import check_fv_model
+
+        check_fv_model(fv_given, lm, str(cfg.fv_source))  # made for these weights, or refused
         fvs = dict(fv_given.settings) | {"model": lm.name, "seeds": list(fv_given.seeds), "source": str(cfg.fv_source)}
         fvs.pop("seconds", None)
     from .generate import settings_hash

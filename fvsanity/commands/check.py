@@ -36,8 +36,9 @@ def register(sub) -> None:
     p.add_argument("--max-per-class", type=int, default=None, help="subsample natural images per class (by --seed)")
     p.add_argument("--limit", type=int, default=None, help="subsample natural images overall (by --seed)")
     p.add_argument("--fv", default=None,
-                   help="existing FVs: a folder/fv.pt from `fvsanity visualize`, a tensor file [U,S,3,H,W], "
-                        "or image file(s) for a single unit [generate them]")
+                   help="existing FVs: a folder/fv.pt from `fvsanity visualize` (refused unless made for this "
+                        "model's weights), a tensor file [U,S,3,H,W], or image file(s) for a single unit (tensors "
+                        "and images carry no model record: taken as your own images, unchecked) [generate them]")
     p.add_argument("--steps", type=int, default=512, help="FV optimization steps when generating [%(default)s]")
     p.add_argument("--seeds", type=int, default=2, help="FVs (seeds) per unit when generating [%(default)s]")
     p.add_argument("--metric", choices=list_metrics(design="unpaired") + list_metrics(design="paired"),
@@ -89,6 +90,9 @@ def load_fvs(spec: str, units: list, lm):
     folder = path if path.is_dir() else path.parent
     if (folder / "fv.json").is_file() and (folder / "fv.pt").is_file() and (path.is_dir() or path.name in ("fv.pt", "fv.json")):
         res = FVResult.load(folder)
+        from ..cache import check_fv_model
+
+        check_fv_model(res, lm, spec)  # made for these weights, or refused
         have = [str(u) for u in res.units]
         if not units:
             return [parse_unit(u, lm) for u in res.units], res
@@ -138,27 +142,16 @@ def load_fvs(spec: str, units: list, lm):
 
 
 def _generate(lm, units, args, out: Path, device):
-    """FVs for ``units`` (reused from ``out/fvs`` when steps, seeds and units match)."""
-    from ..generate import FVResult, render
+    """FVs for ``units``, reused from ``out/fvs`` only if made for this model's fingerprint and
+    these units, seeds and settings (:func:`fvsanity.cache.render_cached`)."""
+    from ..cache import render_cached
 
     seeds = [args.seed + i for i in range(args.seeds)]
     cache = out / "fvs"
-    if (cache / "fv.json").is_file():
-        try:
-            old = FVResult.load(cache)
-        except FVSanityError:
-            old = None
-        if (
-            old is not None
-            and [str(u) for u in old.units] == [str(u) for u in units]
-            and list(old.seeds) == seeds
-            and old.settings.get("steps") == args.steps
-            and old.settings.get("model") == lm.name
-        ):
-            print(f"reusing FVs in {cache}")
-            return old
-    res = render(lm, units, seeds=seeds, steps=args.steps, device=device, progress=not args.no_progress)
-    res.save(cache)
+    res, reused = render_cached(lm, units, cache, seeds=seeds, steps=args.steps, device=device,
+                                progress=not args.no_progress)
+    if reused:
+        print(f"reusing FVs in {cache}")
     return res
 
 

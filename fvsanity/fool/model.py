@@ -213,15 +213,17 @@ class ManipulatedModel(nn.Module):
 
     # ---------------------------------------------------------------- description
     def fingerprint(self) -> str:
-        """Short hash of the manipulation (edits, gate, detector and template tensors)."""
+        """Short hash (12 hex) of the whole manipulated model: every parameter and buffer of the
+        base network, the edits and the fooling machinery (names, dtypes, shapes, bytes; see
+        :func:`fvsanity.cache.model_fingerprint`), the module types, and the manifest (edit specs,
+        gate, detector and template configs). Changing any weight changes it."""
         import hashlib
 
-        h = hashlib.sha256(json.dumps(self.manifest(), sort_keys=True, default=str).encode())
-        base_keys = {k for k, _ in self._net.named_parameters()} | {k for k, _ in self._net.named_buffers()}
-        for k, v in sorted(self.state_dict().items()):
-            if k.startswith("fool.") or k not in base_keys:
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        from ..cache import model_fingerprint
+
+        man = {k: v for k, v in self.manifest().items() if k != "info"}  # info: a description, paths
+        h = hashlib.sha256(json.dumps(man, sort_keys=True, default=str).encode())
+        h.update(model_fingerprint(self).encode())
         return h.hexdigest()[:12]
 
     def manifest(self) -> dict:

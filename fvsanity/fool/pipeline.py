@@ -182,23 +182,13 @@ def _pick_units(lm: LoadedModel, n: int, seed: int, exclude: set[str]) -> list[U
 
 
 def _render_cached(lm: LoadedModel, units: list[Unit], seeds: list[int], steps: int, size, checkpoints, folder: Path, progress: bool):
-    """``render`` with a cache in ``folder`` (reused when units, seeds, steps and model match)."""
-    from ..generate import FVResult, render
+    """``render`` through the content-addressed cache in ``folder``: reused only if made for this
+    model's fingerprint (weights, buffers, preprocessing) and these units, seeds, steps, size and
+    checkpoints (:func:`fvsanity.cache.render_cached`)."""
+    from ..cache import render_cached
 
-    if (folder / "fv.json").is_file():
-        try:
-            res = FVResult.load(folder)
-            if (
-                [str(u) for u in res.units] == [str(u) for u in units] and list(res.seeds) == list(seeds)
-                and res.settings.get("steps") == steps and res.settings.get("model") == lm.name
-                and set(res.checkpoints) >= set(checkpoints)
-            ):
-                return res
-        except FVSanityError:
-            pass
-    res = render(lm, units, seeds=seeds, steps=steps, size=size, checkpoints=tuple(checkpoints), progress=progress)
-    res.save(folder, pngs=False)
-    return res
+    return render_cached(lm, units, folder, seeds=list(seeds), steps=steps, size=size,
+                         checkpoints=tuple(checkpoints), progress=progress, pngs=False)[0]
 
 
 def _all_stages(res, steps=None) -> torch.Tensor:
@@ -249,9 +239,12 @@ def prepare_detector(
             clash = held & {str(u) for u in r.units}
             if clash:
                 raise FVSanityError(f"shared FVs contain held-out units {sorted(clash)[:3]}; pass them up front")
+    from ..cache import CacheEntry, cached, check_fv_model, fv_result_digest, tensor_digest
+
     for r in extra or []:
         if r.settings.get("model") != lm.name:
             raise FVSanityError(f"shared FVs were rendered for {r.settings.get('model')!r}, not {lm.name!r}")
+        check_fv_model(r, lm, "shared FVs")  # made for these weights, or refused
         parse_unit(r.units[0], lm)
     fv_parts += extra or []
     train_units = [u for r in fv_parts for u in r.units]
@@ -273,27 +266,34 @@ def prepare_detector(
     size = s.det_size or (64 if min(lm.input_size) >= 64 else min(lm.input_size))
     det_path = work / "detector.safetensors"
     info_path = work / "detector_training.json"
-    key = {"units": [str(u) for u in train_units], "seeds": seeds, "steps": s.det_steps, "size": size,
-           "n_fv_images": sum(len(_all_stages(r, s.det_checkpoints)) for r in fv_parts),
-           "epochs": s.det_epochs, "n_fit": len(fit_idx), "seed": s.seed, "model": lm.name,
-           "stem_stride": s.det_stem_stride, "arch": 2}
+    # content-addressed: the exact training inputs (FV sets by content digest, the natural images
+    # by tensor digest) and every training setting; the model fingerprint names whose FVs they are
+    key = {"kind": "detector", "arch": 2, "model": lm.name, "model_fingerprint": lm.fingerprint(),
+           "units": [str(u) for u in train_units], "fv_sets": [fv_result_digest(r, s.det_checkpoints) for r in fv_parts],
+           "natural_fit": tensor_digest(nat_fit), "size": size, "epochs": s.det_epochs, "seed": s.seed,
+           "stem_stride": s.det_stem_stride}
     if pic_routes:
-        key.update(pictures=pkey, picture_seeds=s.det_picture_seeds, picture_checkpoints=list(s.det_picture_checkpoints))
-    if det_path.is_file() and info_path.is_file() and json.loads(info_path.read_text()).get("key") == key:
-        det = load_detector(det_path)
-        training = json.loads(info_path.read_text())["training"]
-        _log(f"detector: reused {det_path}")
-    else:
+        key.update(pictures=pkey, picture_trajectories=fv_result_digest(traj_train))
+    entry = CacheEntry.file(det_path, key, extra=[info_path])
+
+    def train():
+        from ..io import atomic_write_json
+
         fv_imgs = torch.cat([_all_stages(r, s.det_checkpoints) for r in fv_parts]
                             + ([_all_stages(traj_train)] if traj_train is not None else []))
         _log(f"detector: training on {len(fv_imgs)} FV images vs {len(nat_fit)} natural images, {s.det_epochs} epochs")
         det, tr = train_detector(fv_imgs, nat_fit, size=size, epochs=s.det_epochs, stem_stride=s.det_stem_stride,
                                  seed=s.seed, progress=progress)
         save_detector(det, det_path)
-        from ..io import atomic_write_json
+        atomic_write_json(info_path, {"key": key, "training": tr.to_json()})
+        return det, tr.to_json()
 
-        training = tr.to_json()
-        atomic_write_json(info_path, {"key": key, "training": training})
+    def load():
+        return load_detector(det_path), json.loads(info_path.read_text())["training"]
+
+    (det, training), reused = cached(entry, train, load)
+    if reused:
+        _log(f"detector: reused {det_path}")
     threshold = calibrate_threshold(detector_logits(det, nat_cal), s.margin, s.margin_sd)
     held = evaluate_detector(det, _all_stages(fv_held, s.det_checkpoints), eval_images, threshold)
     held_final = evaluate_detector(det, fv_held.images.flatten(0, 1), eval_images, threshold)

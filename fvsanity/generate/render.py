@@ -112,7 +112,7 @@ def _safe_name(u: Unit) -> str:
 
 def settings_hash(settings: dict) -> str:
     """Short hash of the settings that determine an FV (to refuse mixing different runs)."""
-    keys = {k: v for k, v in settings.items() if k not in ("device", "batch_size", "progress", "amp")}
+    keys = {k: v for k, v in settings.items() if k not in ("device", "batch_size", "progress", "amp", "weights_source")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -202,6 +202,8 @@ def render(
         bs = max(bs, len(seeds_l)) // len(seeds_l) * len(seeds_l)  # keep a unit's seeds together
     settings = {
         "model": lm.name,
+        "model_fingerprint": lm.fingerprint(),  # the weights these FVs are for (checked on --fv reuse)
+        "weights_source": lm.weights_source,  # provenance only: not hashed (the fingerprint is)
         "steps": steps,
         "size": list(hw),
         "lr": lr,

@@ -80,6 +80,16 @@ class LoadedModel:
         self.model.to(device)
         return self
 
+    def fingerprint(self) -> str:
+        """sha256 (64 hex) of every parameter, buffer and module type plus the preprocessing.
+
+        Two loads of the same weights agree; any changed weight element differs. Keys every
+        cache (:mod:`fvsanity.cache`); recomputed on each call (ms: one pass over the weights).
+        """
+        from ..cache import model_fingerprint
+
+        return model_fingerprint(self.model, self.preprocess)
+
     def __call__(self, rgb: torch.Tensor) -> torch.Tensor:
         """Logits for RGB [0,1] images [N,3,H,W]."""
         return self.model(self.preprocess(rgb))

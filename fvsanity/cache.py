@@ -1,0 +1,414 @@
+"""Content-addressed caches: a result is reused only for the model and settings it was made for.
+
+Everything fvsanity reuses from disk (FVs, natural-image passes, FV detectors, manipulated-model
+FVs) is stored with the *key* it was computed for: the model fingerprint (a hash of every
+parameter and buffer, the module types and the preprocessing, :func:`model_fingerprint`) plus
+every setting that changes the result. The key lives in a JSON key file next to the payload
+together with the sha256 of each payload file; on read both are checked again, so a folder
+whose key differs (other weights, ``--random-weights``, another size, ...) or whose payload was
+replaced is never reused: it is recomputed and overwritten. Writes are atomic and the key file is
+removed before a payload is rewritten, so a crash leaves an entry that is simply recomputed.
+
+Public API:
+    :func:`model_fingerprint`, :func:`tensor_digest`, :func:`key_digest`
+    :class:`CacheEntry`, :func:`cached`
+    keys: :func:`fv_key`, :func:`natural_pass_key`, :func:`image_set_identity`,
+    :func:`fv_result_digest`
+    :func:`render_cached` (FVs through the cache), :func:`check_fv_model` and
+    :class:`FVMismatchError` (``--fv`` reuse only for the weights the FVs were made for)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FVSanityError
+
+__all__ = [
+    "KEY_FORMAT",
+    "FVMismatchError",
+    "CacheEntry",
+    "cached",
+    "model_fingerprint",
+    "tensor_digest",
+    "key_digest",
+    "fv_key",
+    "fv_result_digest",
+    "natural_pass_key",
+    "image_set_identity",
+    "render_cached",
+    "check_fv_model",
+    "short",
+]
+
+KEY_FORMAT = "fvsanity-cache/1"
+_FINGERPRINT_FORMAT = b"fvsanity-model-fingerprint/1\n"
+
+
+class FVMismatchError(FVSanityError):
+    """Saved FVs were made for another model: other weights, preprocessing or architecture."""
+
+
+def short(fingerprint: str | None, n: int = 12) -> str:
+    """The first ``n`` hex digits of a fingerprint, for messages and folder names."""
+    return (fingerprint or "none")[:n]
+
+
+# ------------------------------------------------------------------------------ hashing
+def _update_tensor(h, name: str, t: torch.Tensor) -> None:
+    """Feed ``name``, dtype, shape and the raw bytes of ``t`` into the hash ``h``."""
+    t = t.detach()
+    if t.is_sparse or t.is_quantized or t.device.type == "meta":
+        raise FVSanityError(f"cannot fingerprint tensor {name!r} ({t.layout}, {t.device.type}): no dense data")
+    h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+    if t.numel():
+        flat = t.cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().data)
+
+
+def tensor_digest(*tensors: torch.Tensor | None, named: Iterable[tuple[str, torch.Tensor]] = ()) -> str:
+    """sha256 (hex) of tensors' dtypes, shapes and bytes (``None`` entries count as absent).
+
+    Args:
+        tensors: positional tensors, hashed in order (any dtype, device, layout: dense only).
+        named: (name, tensor) pairs, hashed after the positional ones, in the order given.
+    """
+    h = hashlib.sha256()
+    for i, t in enumerate(tensors):
+        if t is None:
+            h.update(f"{i}\0none\0".encode())
+        else:
+            _update_tensor(h, str(i), t)
+    for name, t in named:
+        _update_tensor(h, name, t)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, preprocess: Any = None) -> str:
+    """sha256 (64 hex digits) of a model's function: tensors, module types and preprocessing.
+
+    Hashes, in a fixed order: the dotted name and class name of every module (so a swapped
+    activation or an edit module changes it), then every parameter and buffer, persistent or not
+    (name, dtype, shape, raw bytes; sorted by name), then ``preprocess.to_json()``. Two loads of
+    the same weights give the same fingerprint; changing any element of any weight changes it.
+    Device and ``requires_grad`` do not enter. Cost: one pass over the weights (about 1 ms per
+    MB on one CPU core).
+
+    Args:
+        model: any ``nn.Module`` (eval or train mode alike).
+        preprocess: an object with ``to_json()`` (a :class:`~fvsanity.models.Preprocess`), or None.
+    """
+    h = hashlib.sha256(_FINGERPRINT_FORMAT)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        h.update(f"module\0{name}\0{type(mod).__qualname__}\n".encode())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tensors[f"param:{name}"] = p
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if b is not None:
+            tensors[f"buffer:{name}"] = b
+    for name in sorted(tensors):
+        _update_tensor(h, name, tensors[name])
+    pre = preprocess.to_json() if preprocess is not None and hasattr(preprocess, "to_json") else preprocess
+    h.update(b"preprocess\0" + json.dumps(pre, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def key_digest(key: dict) -> str:
+    """sha256 (hex) of a key's canonical JSON (sorted keys; tuples and lists alike)."""
+    return hashlib.sha256(_canonical(key).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _diff_keys(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if _canonical(old.get(k)) != _canonical(new.get(k)))
+
+
+# ------------------------------------------------------------------------------ entries
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached result: payload files plus a key file holding the key and the files' sha256.
+
+    Build with :meth:`folder` (a folder of payload files, key in ``folder/cache_key.json``) or
+    :meth:`file` (one payload file, key in ``<file>.key.json`` beside it).
+
+    Attributes:
+        key_file: where the key record lives.
+        key: the JSON-able key this entry must hold to be reused.
+        files: the payload files (all must exist and hash as recorded).
+    """
+
+    key_file: Path
+    key: dict
+    files: tuple[Path, ...]
+
+    @classmethod
+    def folder(cls, folder: str | os.PathLike, key: dict, names: Sequence[str]) -> CacheEntry:
+        folder = Path(folder)
+        return cls(folder / "cache_key.json", key, tuple(folder / n for n in names))
+
+    @classmethod
+    def file(cls, path: str | os.PathLike, key: dict, extra: Sequence[str | os.PathLike] = ()) -> CacheEntry:
+        path = Path(path)
+        return cls(path.with_name(path.name + ".key.json"), key, (path, *(Path(p) for p in extra)))
+
+    @property
+    def digest(self) -> str:
+        return key_digest(self.key)
+
+    def stored(self) -> dict | None:
+        """The stored key record, or None if absent or unreadable."""
+        try:
+            rec = json.loads(self.key_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) and rec.get("format") == KEY_FORMAT else None
+
+    def why_stale(self) -> str | None:
+        """None if this entry can be reused, else why not (one line)."""
+        rec = self.stored()
+        if rec is None:
+            return "no cache key"
+        old = rec.get("key")
+        if not isinstance(old, dict) or key_digest(old) != self.digest:
+            diff = _diff_keys(old if isinstance(old, dict) else {}, self.key)
+            return f"made for other settings (differ: {', '.join(diff) or '?'})"
+        want = rec.get("files") or {}
+        for p in self.files:
+            if not p.is_file():
+                return f"{p.name} is missing"
+            if want.get(p.name) != _file_sha256(p):
+                return f"{p.name} changed since it was cached"
+        return None
+
+    def valid(self) -> bool:
+        return self.why_stale() is None
+
+    def invalidate(self) -> None:
+        """Remove the key file (before the payload is rewritten)."""
+        self.key_file.unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        """Record the key and the payload files' sha256, atomically (after the payload is written)."""
+        from .io import atomic_write_json
+
+        missing = [p.name for p in self.files if not p.is_file()]
+        if missing:
+            raise FVSanityError(f"cache payload missing after writing: {', '.join(missing)} in {self.key_file.parent}")
+        atomic_write_json(self.key_file, {
+            "format": KEY_FORMAT, "digest": self.digest, "key": self.key,
+            "files": {p.name: _file_sha256(p) for p in self.files},
+        })
+
+
+def cached(entry: CacheEntry, compute: Callable[[], Any], load: Callable[[], Any]) -> tuple[Any, bool]:
+    """``(load(), True)`` if ``entry`` holds its key, else ``(compute(), False)``.
+
+    ``compute`` must write the entry's payload files; the key is committed after it returns. A
+    payload that fails to load despite a matching key is recomputed too.
+    """
+    if entry.valid():
+        try:
+            return load(), True
+        except (FVSanityError, OSError, RuntimeError, ValueError, KeyError):
+            pass
+    entry.invalidate()
+    value = compute()
+    entry.commit()
+    return value, False
+
+
+# ------------------------------------------------------------------------------ keys
+def _library_versions() -> dict:
+    from . import __version__
+
+    return {"fvsanity": __version__, "torch": torch.__version__.split("+")[0]}
+
+
+def _units_json(units) -> list:
+    out = []
+    for u in units:
+        d = getattr(u, "direction", None)
+        out.append(str(u) if d is None else f"{u}#{tensor_digest(d)[:16]}")
+    return out
+
+
+def _transforms_json(transforms) -> Any:
+    if isinstance(transforms, str) or transforms is None:
+        return transforms
+    d = dict(vars(transforms))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def fv_key(
+    lm, units, seeds: Sequence[int], *, steps: int = 512, size=None, lr: float = 0.05, param: str = "fft",
+    decorrelate: bool = True, transforms="standard", diversity: float = 0.0, checkpoints: Sequence[int] = (),
+) -> dict:
+    """The cache key of FVs rendered by :func:`fvsanity.generate.render` with these arguments.
+
+    Holds the model fingerprint and name, the units (direction vectors by digest), seeds and every
+    option that changes the images: steps, size (resolved to [H, W] px), lr, param, decorrelate,
+    transforms, diversity and the kept checkpoints, plus the fvsanity and torch versions. Device,
+    batch size, mixed precision and progress do not enter (as in ``settings_hash``).
+    """
+    if size is None:
+        hw = list(lm.input_size)
+    elif isinstance(size, int):
+        hw = [size, size]
+    else:
+        hw = [int(x) for x in size]
+    return {
+        "kind": "fv",
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint(),
+        "units": _units_json(units),
+        "seeds": [int(s) for s in seeds],
+        "steps": int(steps),
+        "size": hw,
+        "lr": float(lr),
+        "param": param,
+        "decorrelate": bool(decorrelate),
+        "transforms": _transforms_json(transforms),
+        "diversity": float(diversity),
+        "checkpoints": sorted({int(c) for c in checkpoints if 0 < int(c) <= int(steps)}),
+        **_library_versions(),
+    }
+
+
+def fv_result_digest(res, checkpoints: Sequence[int] | None = None) -> str:
+    """Content digest of an :class:`~fvsanity.generate.FVResult`: the model fingerprint it
+    records, units, seeds, the images and the checkpoints (those in ``checkpoints`` if given).
+    Timing and device do not enter: the same images give the same digest."""
+    keep = sorted(k for k in res.checkpoints if checkpoints is None or k in set(checkpoints))
+    head = _canonical({"model_fingerprint": (res.settings or {}).get("model_fingerprint"),
+                       "units": _units_json(res.units), "seeds": list(res.seeds), "checkpoints": keep})
+    return hashlib.sha256(
+        head.encode() + tensor_digest(res.images, *(res.checkpoints[k] for k in keep)).encode()
+    ).hexdigest()
+
+
+def image_set_identity(natural) -> dict:
+    """What identifies a natural-image set's pixels: in-memory images by content digest, files by
+    path, size in bytes and modification time (ns), in order; plus the decoding size."""
+    images = getattr(natural, "images", None)
+    ident: dict = {"n": len(natural), "size": list(getattr(natural, "size", ()))}
+    if images is not None:
+        ident["content"] = tensor_digest(images)
+        return ident
+    h = hashlib.sha256()
+    for p in natural.paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    ident["files"] = h.hexdigest()
+    return ident
+
+
+def natural_pass_key(lm, natural, layers: Sequence[str], units, pooling: str = "mean") -> dict:
+    """The cache key of a natural-image pass: model fingerprint, image set, layers, units, pooling."""
+    return {
+        "kind": "natural_pass",
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint(),
+        "images": image_set_identity(natural),
+        "layers": list(layers),
+        "units": _units_json(units),
+        "pooling": pooling,
+        **_library_versions(),
+    }
+
+
+# ------------------------------------------------------------------------------ FVs
+def render_cached(lm, units, folder: str | os.PathLike, *, seeds: Sequence[int], pngs: bool = True, **kw):
+    """:func:`fvsanity.generate.render` through the cache in ``folder``.
+
+    Args:
+        lm, units, seeds: as for ``render`` (seeds explicit).
+        folder: where the FVs live (``fv.pt``, ``fv.json``, PNGs if ``pngs``, ``cache_key.json``).
+        kw: the other ``render`` options (steps, size, lr, param, decorrelate, transforms,
+            diversity, checkpoints; device, batch_size, amp, progress pass through unkeyed).
+
+    Returns:
+        (FVResult, reused: bool). Reused only if ``folder``'s stored key equals
+        :func:`fv_key` of these arguments; otherwise rendered and written.
+    """
+    from .generate import FVResult, render
+
+    keyed = {k: kw[k] for k in ("steps", "size", "lr", "param", "decorrelate", "transforms", "diversity", "checkpoints")
+             if k in kw}
+    unknown = set(kw) - set(keyed) - {"device", "batch_size", "amp", "progress"}
+    if unknown:
+        raise TypeError(f"render_cached: unknown render options {sorted(unknown)}")
+    folder = Path(folder)
+    entry = CacheEntry.folder(folder, fv_key(lm, units, seeds, **keyed), ("fv.pt", "fv.json"))
+
+    def compute():
+        res = render(lm, units, seeds=list(seeds), **kw)
+        res.save(folder, pngs=pngs)
+        return res
+
+    def load():
+        res = FVResult.load(folder)
+        # belt and braces (e.g. two runs writing one folder): the payload must say the same
+        got = {"model_fingerprint": res.settings.get("model_fingerprint"), "units": _units_json(res.units),
+               "seeds": [int(s) for s in res.seeds], "steps": res.settings.get("steps")}
+        if any(_canonical(v) != _canonical(entry.key[k]) for k, v in got.items()):
+            raise FVSanityError(f"FVs in {folder} do not match their cache key")
+        return res
+
+    return cached(entry, compute, load)
+
+
+def check_fv_model(res, lm, source: str) -> None:
+    """Refuse saved FVs made for another model than ``lm`` (``--fv`` reuse).
+
+    Compares the ``model_fingerprint`` recorded in ``res.settings`` with ``lm.fingerprint()``.
+
+    Raises:
+        FVMismatchError: the fingerprints differ (one line naming both models, their weights and
+            fingerprints) or the FVs predate fingerprints (no ``model_fingerprint`` recorded).
+    """
+    s = res.settings or {}
+    theirs = s.get("model_fingerprint")
+    if not theirs:
+        raise FVMismatchError(
+            f"--fv {source!r} predates model fingerprints (its fv.json names model {s.get('model')!r} but not the "
+            "weights it was made for); re-render it with `fvsanity visualize` for this model, or copy its PNGs "
+            "into a folder of their own and pass that (taken as your own images, unchecked)"
+        )
+    ours = lm.fingerprint()
+    if theirs == ours:
+        return
+    their_w, our_w = s.get("weights_source"), lm.weights_source
+    if s.get("model") != lm.name:
+        what = f"model {s.get('model')!r}, this is {lm.name!r}"
+    elif their_w is not None and their_w != our_w:
+        what = f"weights {their_w}, these are {our_w}"
+    else:
+        what = f"same name and weights source ({our_w}) but other weights or preprocessing"
+    raise FVMismatchError(
+        f"--fv {source!r} was made for model fingerprint {short(theirs)}... ({what}); this model is "
+        f"{short(ours)}...; re-render the FVs or pass the matching --model/--weights"
+    )
