@@ -51,8 +51,8 @@ def demo_units(lm, n_class: int = 4, n_block: int = 2, seed: int = 0) -> list[st
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    from ..audit import AuditConfig, run_audit
     from .._paths import describe_location
+    from ..audit import AuditConfig, run_audit
     from ..cli import resolve_device, save_config
     from ..defaults import default_images, default_model
     from ..errors import FVSanityError
