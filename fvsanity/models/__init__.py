@@ -631,6 +631,8 @@ def load_model(
             listed in ``lm.random_parameters``, noted in ``lm.weights_source`` and
             ``lm.provenance()``. Unexpected keys of the file are ignored (printed too).
     """
+    if allow_partial and weights is None:
+        raise FVSanityError("--allow-partial-weights applies to a --weights FILE only; none was given")
     if spec not in _REGISTRY and os.path.isfile(os.path.join(str(spec), "manipulated.json")):
         # a model saved by ``fvsanity fool`` (model/ folder): rebuilt from its own full state dict
         from ..fool.model import load_manipulated
@@ -638,8 +640,6 @@ def load_model(
         if weights is not None:
             raise FVSanityError(f"{spec} is a saved manipulated model with its own weights; drop --weights")
         return load_manipulated(spec, device=device)
-    if allow_partial and weights is None:
-        raise FVSanityError("--allow-partial-weights applies to a --weights FILE only; none was given")
     weights = str(weights) if weights is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
