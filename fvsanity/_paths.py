@@ -1,13 +1,25 @@
 """Where fvsanity looks for data, weights and its cache.
 
-Lookup order for shared real data (weights, natural images): ``$FVSANITY_DATA``, then the user
-cache (``$FVSANITY_CACHE`` or ``~/.cache/fvsanity``). Nothing here touches the network.
+Lookup order for real data (weights, natural images), same layout in each place
+(``weights/<file>``, ``cifar10-test/<class>/NNNN.jpg``, ...):
+
+1. ``$FVSANITY_DATA``;
+2. the user cache (``$FVSANITY_CACHE``, else ``$XDG_CACHE_HOME/fvsanity``, else
+   ``~/.cache/fvsanity``);
+3. the packaged copy (``fvsanity/assets``: the CIFAR-10 ResNet-20 weights and 100 CIFAR-10 test
+   images per class, shipped with the package).
+
+A checksummed download (:mod:`fvsanity.models`) comes after all three. Nothing here touches the
+network.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+#: The packaged data folder. A module attribute so that tests can hide it (``monkeypatch``).
+PACKAGED_DIR = Path(__file__).resolve().parent / "assets"
 
 
 def data_dirs() -> list[Path]:
@@ -17,6 +29,7 @@ def data_dirs() -> list[Path]:
     if env:
         out.append(Path(env).expanduser())
     out.append(cache_dir())
+    out.append(PACKAGED_DIR)
     return [p for p in out if p.is_dir()]
 
 
@@ -43,4 +56,23 @@ def searched_locations(relpath: str) -> str:
     env = os.environ.get("FVSANITY_DATA")
     places.append(f"$FVSANITY_DATA/{relpath}" + (f" ({Path(env) / relpath})" if env else " (unset)"))
     places.append(str(cache_dir() / relpath))
+    places.append(f"the packaged copy ({PACKAGED_DIR / relpath})")
     return ", ".join(places)
+
+
+def describe_location(path: str | os.PathLike) -> str:
+    """Where a data file came from, for humans: ``"packaged copy (fvsanity/assets/...)"``,
+    ``"$FVSANITY_DATA (/data/weights/...)"``, ``"user cache (...)"`` or the path itself."""
+    p = Path(path).expanduser().resolve()
+    env = os.environ.get("FVSANITY_DATA")
+    roots = [("$FVSANITY_DATA", Path(env).expanduser())] if env else []
+    roots += [("user cache", cache_dir()), ("packaged copy", PACKAGED_DIR)]
+    for label, root in roots:
+        try:
+            rel = p.relative_to(root.resolve())
+        except (ValueError, OSError):
+            continue
+        if label == "packaged copy":
+            return f"{label} (fvsanity/assets/{rel.as_posix()})"
+        return f"{label} ({p})"
+    return str(path)

@@ -21,10 +21,12 @@ COMMANDS = ["layers", "visualize", "check", "fool", "audit", "demo", "bench"]
 
 
 def add_common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
-    """--device, --seed, --out, --config, --model, --weights, --random-weights."""
+    """--device, --seed, --out, --config, --model, --weights, --random-weights, --allow-partial-weights."""
     p.add_argument("--model", default="cifar10-resnet20", help="model name (fvsanity layers --list) [%(default)s]")
     p.add_argument("--weights", default=None, help="local weights file (.pt/.pth/.th/.safetensors)")
     p.add_argument("--random-weights", action="store_true", help="use random weights (structure tests)")
+    p.add_argument("--allow-partial-weights", action="store_true",
+                   help="load a --weights FILE that lacks some entries: they stay random, are printed and recorded")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available, else cpu]")
     p.add_argument("--seed", type=int, default=0, help="base random seed [%(default)s]")
     p.add_argument("--out", default=out_default, help="output folder" + (" [%(default)s]" if out_default else ""))

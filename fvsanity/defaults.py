@@ -2,16 +2,23 @@
 
 ``default_model()``
     1. ``cifar10-resnet20`` with real weights, looked up by :func:`fvsanity.models.load_model`
-       (``$FVSANITY_DATA/weights``, the user cache, then a checksummed download when online);
+       (``$FVSANITY_DATA/weights``, the user cache, the packaged copy in ``fvsanity/assets``,
+       then a download checked against its full sha256 when online);
     2. otherwise a notice on stderr and ``toy-procedural``, a small CNN fvsanity trains itself on
        procedurally generated images (cached after the first run).
 
 ``default_images(model)``
-    1. ``$FVSANITY_DATA/cifar10-test`` or ``<cache>/cifar10-test`` (class-folder images);
+    Only for a model whose classes are CIFAR-10's (or the toy model); any other model raises a
+    one-line error asking for ``--images DIR`` (CIFAR-10 labels 0-9 read as, say, ImageNet
+    classes would give wrong numbers with no error).
+
+    1. ``cifar10-test`` in ``$FVSANITY_DATA``, the user cache or the packaged copy (100 images
+       per class), as class folders;
     2. online: torchvision's CIFAR-10 test set, downloaded once and exported as class-folder
        JPEGs into ``<cache>/cifar10-test``;
-    3. otherwise a notice and procedural images (the toy model's ten classes) written once to
-       ``<cache>/toy-procedural-images``.
+    3. otherwise, with no model given, a notice and procedural images (the toy model's ten
+       classes) written once to ``<cache>/toy-procedural-images``; a CIFAR-10 model gets a
+       one-line error instead (those images are not of its classes).
     When ``model`` is the toy model, its own procedural images are returned directly: CIFAR
     photographs are not what it was trained on.
 
@@ -28,7 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ._paths import cache_dir, find_data_file, searched_locations
-from .errors import MissingWeightsError
+from .errors import DataError, MissingWeightsError
 
 __all__ = [
     "default_model",
@@ -114,11 +121,18 @@ def _has_images(d: Path) -> bool:
     return d.is_dir() and any(p.is_file() for p in d.rglob("*"))
 
 
+def _is_cifar10(model) -> bool:
+    from .models import CIFAR10_CLASSES
+
+    return list(getattr(model, "class_names", []) or []) == CIFAR10_CLASSES
+
+
 def default_images(model=None, *, stream: TextIO | None = None) -> Path:
     """A folder of natural images for the default model (see the module docstring for the chain).
 
     Args:
-        model: the LoadedModel the images are for; the toy model gets its procedural images.
+        model: the LoadedModel the images are for; the toy model gets its procedural images, a
+            model whose classes are not CIFAR-10's gets a :class:`~fvsanity.errors.DataError`.
         stream: where notices go (default stderr).
 
     Returns:
@@ -128,6 +142,13 @@ def default_images(model=None, *, stream: TextIO | None = None) -> Path:
 
     if model is not None and getattr(model, "name", "") == "toy-procedural":
         return write_procedural_folder(cache_dir() / PROCEDURAL_DIR, PROCEDURAL_PER_CLASS)
+    if model is not None and not _is_cifar10(model):
+        names = list(getattr(model, "class_names", []) or [])
+        whose = f"its {len(names)} classes ({', '.join(names[:2])}, ...) are not" if names else "its classes are unknown, not"
+        raise DataError(
+            f"--images DIR is required for {model.name}: the default images are CIFAR-10 test images and "
+            f"{whose} CIFAR-10's; pass a folder of natural images of its classes"
+        )
     found = find_data_file(CIFAR_DIR)
     if found is not None and _has_images(found):
         return found
@@ -140,6 +161,8 @@ def default_images(model=None, *, stream: TextIO | None = None) -> Path:
             reason += f" and the download failed ({type(e).__name__})"
     else:
         reason += " and FVSANITY_OFFLINE=1"
+    if model is not None:
+        raise DataError(f"--images DIR is required for {model.name}: {reason}")
     dest = cache_dir() / PROCEDURAL_DIR
     _say(
         f"notice: {reason}. Using procedurally generated images (the toy model's ten classes) "

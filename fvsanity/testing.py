@@ -56,8 +56,26 @@ def tiny_model(seed: int = 0, size: int = 16, num_classes: int = 5) -> LoadedMod
 
 
 def data_root() -> Path | None:
-    """``$FVSANITY_DATA`` if it holds the shared real data, else None (tests then skip)."""
+    """A root with the real CIFAR-10 data in the shared layout (``weights/`` with the ResNet-20
+    file, ``cifar10-test/<class>/``): ``$FVSANITY_DATA`` if it holds the shared real data, else the
+    packaged copy (``fvsanity/assets``, 100 images per class), else None (tests then skip)."""
+    from ._paths import PACKAGED_DIR
+
     env = os.environ.get("FVSANITY_DATA")
     if env and (Path(env) / "weights").is_dir():
+        return Path(env)
+    if (PACKAGED_DIR / "weights").is_dir() and (PACKAGED_DIR / "cifar10-test").is_dir():
+        return PACKAGED_DIR
+    return None
+
+
+#: What :func:`imagenet_root` needs below a data root.
+IMAGENET_FILES = ("weights/imagenet_squeezenet1_0_deepcompression.pt", "imagenet-samples")
+
+
+def imagenet_root() -> Path | None:
+    """``$FVSANITY_DATA`` if it holds the SqueezeNet weights and the ImageNet samples, else None."""
+    env = os.environ.get("FVSANITY_DATA")
+    if env and all((Path(env) / rel).exists() for rel in IMAGENET_FILES):
         return Path(env)
     return None

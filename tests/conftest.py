@@ -15,12 +15,32 @@ os.environ.setdefault("FVSANITY_OFFLINE", "1")  # tests never download
 
 @pytest.fixture
 def data_root():
+    """The CIFAR-10 ResNet-20 data: $FVSANITY_DATA, else the copy packaged in fvsanity/assets."""
     from fvsanity.testing import data_root as _root
 
     root = _root()
     if root is None:
-        pytest.skip("shared real data not found (set FVSANITY_DATA)")
+        pytest.skip("no CIFAR-10 ResNet-20 data: neither FVSANITY_DATA nor the packaged copy")
     return root
+
+
+@pytest.fixture
+def imagenet_root():
+    """The SqueezeNet weights and ImageNet samples (only in the shared data, not packaged)."""
+    from fvsanity.testing import imagenet_root as _root
+
+    root = _root()
+    if root is None:
+        pytest.skip("SqueezeNet weights / ImageNet samples not found (set FVSANITY_DATA to the shared data)")
+    return root
+
+
+@pytest.fixture
+def no_packaged_data(tmp_path, monkeypatch):
+    """Hide the packaged copy (fvsanity/assets), as on an install without it."""
+    from fvsanity import _paths
+
+    monkeypatch.setattr(_paths, "PACKAGED_DIR", tmp_path / "no-packaged-assets")
 
 
 @pytest.fixture

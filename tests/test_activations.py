@@ -126,12 +126,12 @@ def test_top_k_ties_and_range(tiny):
         top_k_exemplars(tiny, "fc:0", None, k=6, responses=resp)
 
 
-def test_real_squeezenet_all_blocks_small_batch(data_root):
+def test_real_squeezenet_all_blocks_small_batch(imagenet_root):
     from fvsanity.data import load_images
     from fvsanity.models import load_model
 
     lm = load_model("imagenet-squeezenet")
-    nat = load_images(data_root / "imagenet-samples", lm, limit=4, seed=0)
+    nat = load_images(imagenet_root / "imagenet-samples", lm, limit=4, seed=0)
     acts = collect(lm, nat, lm.block_layers, batch_size=2)
     assert list(acts) == lm.block_layers
     assert acts["classifier.1"].shape == (4, 1000) and acts["features.12"].shape == (4, 512)

@@ -157,7 +157,7 @@ def test_cli_audit_with_layer_sample(images, tmp_path, capsys):
     assert (out / "config.json").is_file()
 
 
-def test_demo_offline_fallback(tmp_path, monkeypatch, capsys):
+def test_demo_offline_fallback(tmp_path, monkeypatch, capsys, no_packaged_data):
     """The README's main command with no real data and no network: toy model, procedural images."""
     from fvsanity import defaults
 

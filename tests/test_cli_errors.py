@@ -91,7 +91,7 @@ def test_folder_of_corrupt_images(tmp_path, previous, capsys):
     assert _snapshot(out) == snap
 
 
-def test_missing_weights_offline(tmp_path, monkeypatch, previous, images, capsys):
+def test_missing_weights_offline(tmp_path, monkeypatch, previous, images, capsys, no_packaged_data):
     out, snap = previous
     for d in ("data", "cache"):
         (tmp_path / d).mkdir()

@@ -170,12 +170,12 @@ def test_real_cifar_folder(data_root):
     assert next(nat.batches(4)).shape == (4, 3, 32, 32)
 
 
-def test_real_imagenet_samples(data_root):
+def test_real_imagenet_samples(imagenet_root):
     from fvsanity.models.preprocess import CAFFE_SQUEEZENET
 
-    nat = load_images(data_root / "imagenet-samples", CAFFE_SQUEEZENET, limit=20, seed=0)
+    nat = load_images(imagenet_root / "imagenet-samples", CAFFE_SQUEEZENET, limit=20, seed=0)
     assert nat.layout == "imagenet-samples" and len(nat) == 20
-    full = load_images(data_root / "imagenet-samples", CAFFE_SQUEEZENET, verify=False)
+    full = load_images(imagenet_root / "imagenet-samples", CAFFE_SQUEEZENET, verify=False)
     assert len(full) == 1000 and sorted(full.labels.tolist()) == list(range(1000))
-    i = full.paths.index(str(data_root / "imagenet-samples" / "n01440764_tench.JPEG"))
+    i = full.paths.index(str(imagenet_root / "imagenet-samples" / "n01440764_tench.JPEG"))
     assert full.labels[i] == 0

@@ -73,12 +73,12 @@ def test_real_resnet20_accuracy_on_some_images(data_root):
     assert acc > 0.6, acc  # README: ~81% on these JPEGs
 
 
-def test_real_squeezenet_loads_and_classifies(data_root):
+def test_real_squeezenet_loads_and_classifies(imagenet_root):
     from PIL import Image
 
     lm = load_model("imagenet-squeezenet")
-    files = sorted((data_root / "imagenet-samples").iterdir())[:40]
-    wnids = sorted(f.name.split("_")[0] for f in (data_root / "imagenet-samples").iterdir())
+    files = sorted((imagenet_root / "imagenet-samples").iterdir())[:40]
+    wnids = sorted(f.name.split("_")[0] for f in (imagenet_root / "imagenet-samples").iterdir())
     xs = torch.stack([lm.preprocess.load_pil(Image.open(f)) for f in files])
     ys = torch.tensor([wnids.index(f.name.split("_")[0]) for f in files])
     with torch.no_grad():

@@ -16,8 +16,8 @@ from fvsanity.models import toy
 
 
 @pytest.fixture
-def empty_env(tmp_path, monkeypatch):
-    """Empty FVSANITY_DATA and cache, offline, and a tiny toy training budget."""
+def empty_env(tmp_path, monkeypatch, no_packaged_data):
+    """Empty FVSANITY_DATA and cache, no packaged copy, offline, and a tiny toy training budget."""
     (tmp_path / "data").mkdir()
     monkeypatch.setenv("FVSANITY_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("FVSANITY_CACHE", str(tmp_path / "cache"))

@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     validate_metrics(cfg.metric, cfg.paired_metrics)  # e.g. a --config metric: refused before any model work
     out = ensure_writable_dir(args.out)  # fail before any slow work
     device = resolve_device(args.device)
-    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)
+    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
+                    allow_partial=args.allow_partial_weights)
     specs = args.units
     if args.fv and not args.units and not args.layer:
         from ..generate import FVResult
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         images = default_images(lm)
     opts = {"max_per_class": args.max_per_class, "limit": args.limit, "seed": args.seed}
     res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress, image_options=opts)
+    args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
     save_config(args, out)
     s = res.audit["summary"]
     print(

@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     with torch.random.fork_rng(devices=[]):  # --random-weights: the same weights for the same --seed
         torch.manual_seed(args.seed)
-        lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)
+        lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
+                        allow_partial=args.allow_partial_weights)
     units = parse_units(args.unit, lm) if args.unit else []
 
     images_dir = args.images
@@ -259,8 +260,10 @@ def run(args: argparse.Namespace) -> int:
     doc["settings"]["requested_metric"] = args.metric
     if args.circuits:
         doc["circuits"] = _circuits(lm, units, fv, natural, res, args)
+    doc["model_provenance"] = lm.provenance()  # weights, and any entries a partial load left random
     atomic_write_json(out / "check.json", doc)
     fig = plot_path_similarity(doc, out / "path_similarity.png", mode=args.figure_mode)
+    args.model_provenance = lm.provenance()
     save_config(args, out)
 
     if natural.n_unreadable:

@@ -1,8 +1,9 @@
 """``fvsanity demo``: a complete audit on the embedded default, offline, in a few CPU minutes.
 
-Model: CIFAR-10 ResNet-20 when its weights are found ($FVSANITY_DATA, the cache, or a download
-when online), else the toy model fvsanity trains itself on procedural images. Images: the
-CIFAR-10 test images (same lookup), else procedural images. Units: four class units of the
+Model: CIFAR-10 ResNet-20 when its weights are found ($FVSANITY_DATA, the user cache, the copy
+packaged with fvsanity, or a checksummed download when online), else the toy model fvsanity
+trains itself on procedural images. Images: the CIFAR-10 test images (same lookup; 100 per class
+are packaged), else procedural images. Units: four class units of the
 output layer and two channels of the last block before it. Ends by printing the report's path.
 """
 
@@ -50,6 +51,7 @@ def demo_units(lm, n_class: int = 4, n_block: int = 2, seed: int = 0) -> list[st
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    from .._paths import describe_location
     from ..audit import AuditConfig, run_audit
     from ..cli import resolve_device, save_config
     from ..defaults import default_images, default_model
@@ -63,13 +65,18 @@ def run(args: argparse.Namespace) -> int:
     lm = default_model(device=device)
     images = default_images(lm)
     units = demo_units(lm, args.class_units, args.block_units, args.seed)
-    print(f"fvsanity demo: model {lm.name}, images {images}, units {', '.join(units)}", file=sys.stderr)
+    weights = describe_location(lm.weights_source) if lm.weights_source != "random" else "random"
+    print(
+        f"fvsanity demo: model {lm.name} (weights: {weights}), images: {describe_location(images)}, "
+        f"units {', '.join(units)}",
+        file=sys.stderr,
+    )
     cfg = AuditConfig(steps=args.steps, seeds=args.seeds, seed=args.seed)
     res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress)
     save_config(args, out)
     s = res.audit["summary"]
     print(
-        f"audited {s['n_units']} units of {lm.name}: {s['n_diverging']} diverge from their natural images on "
+        f"audited {s['n_units']} units of {lm.name} (weights: {weights}): {s['n_diverging']} diverge from their natural images on "
         f">= 1 layer; table: {res.table_md}; wall time {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
     )

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = ensure_writable_dir(args.out or "runs/fool")
     device = resolve_device(args.device)
-    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)
+    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
+                    allow_partial=args.allow_partial_weights)
     if args.train_images is None:
         from ..defaults import default_images
 
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         silent_width=args.silent_width, eval_units=args.eval_units, eval_seeds=args.eval_seeds,
         eval_steps=args.eval_steps, check=not args.no_check, progress=not args.no_progress,
     )
+    args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
     save_config(args, out)
     torch.manual_seed(args.seed)  # nothing below draws from it; set for any third-party code
     res = run_fool(lm, routes, train_imgs, eval_nat, settings, out, work_dir=args.work)

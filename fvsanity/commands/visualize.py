@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = ensure_writable_dir(args.out)
     device = resolve_device(args.device)
-    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device, seed=args.seed)
+    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device, seed=args.seed,
+                    allow_partial=args.allow_partial_weights)
     units = parse_units(args.unit, lm)
     seeds = [args.seed + i for i in range(args.seeds)]
     res = render(
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoints=[int(c) for c in str(args.checkpoints).split(",") if c.strip()],
     )
     res.save(out)
+    args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
     save_config(args, out)
     for u, vals in zip(res.units, res.final.tolist()):
         print(f"{str(u):<24} final objective " + "  ".join(f"{v:9.3f}" for v in vals))

@@ -8,7 +8,11 @@ Specs:
     ``timm:convnext_tiny``                       any timm model
     ``toy-procedural``                           a small CNN fvsanity trains itself (offline fallback)
 
-``weights=FILE`` always works offline (state dict via ``weights_only=True``, or safetensors).
+``weights=FILE`` always works offline (state dict via ``weights_only=True``, or safetensors) and
+is loaded strictly (``allow_partial=True`` opts into a partial load that is recorded). Known
+weights are looked up in ``$FVSANITY_DATA``, the user cache and the packaged copy
+(``fvsanity/assets``), each checked against its sha256 when one is known; fvsanity downloads
+only files whose full sha256 it knows (today the CIFAR-10 ResNet-20, which is also packaged).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import sys
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +43,8 @@ __all__ = [
     "register_model",
     "load_state_dict_file",
     "DEFAULT_MODEL",
+    "CIFAR10_CLASSES",
+    "check_state_dict",
 ]
 
 DEFAULT_MODEL = "cifar10-resnet20"
@@ -53,7 +61,10 @@ class LoadedModel:
         block_layers: hookable block outputs in forward order (the default comparison path).
         output_layer: the module whose output channels are the class units.
         class_names: one name per output class (may be empty).
-        weights_source: where the weights came from ("random" if none were loaded).
+        weights_source: where the weights came from ("random" if none were loaded; a partial
+            load says so: ``"FILE (partial: 2 of 52 state-dict entries left random)"``).
+        random_parameters: state-dict keys left at their random initialisation by a partial load
+            (``load_model(..., allow_partial=True)``); empty otherwise.
     """
 
     name: str
@@ -63,6 +74,7 @@ class LoadedModel:
     output_layer: str
     class_names: list[str] = field(default_factory=list)
     weights_source: str = "random"
+    random_parameters: list[str] = field(default_factory=list)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -75,6 +87,10 @@ class LoadedModel:
         for b in self.model.buffers():  # parameter-free models (e.g. picture templates)
             return b.device
         return torch.device("cpu")
+
+    def provenance(self) -> dict:
+        """What every output records about the model: ``{"name", "weights", "random_parameters"}``."""
+        return {"name": self.name, "weights": self.weights_source, "random_parameters": list(self.random_parameters)}
 
     def to(self, device: str | torch.device) -> LoadedModel:
         self.model.to(device)
@@ -110,7 +126,11 @@ _REGISTRY: dict[str, Callable[..., LoadedModel]] = {}
 
 
 def register_model(name: str):
-    """Decorator: ``fn(weights: str | None, pretrained: bool) -> LoadedModel`` under ``name``."""
+    """Decorator: ``fn(pretrained: bool) -> LoadedModel`` under ``name``.
+
+    ``fn`` builds the model and, when ``pretrained``, loads its own weights; a ``--weights FILE``
+    is applied afterwards by :func:`load_model` (strictly, for every model alike).
+    """
 
     def deco(fn):
         _REGISTRY[name] = fn
@@ -138,10 +158,25 @@ def _prepare(model: nn.Module) -> nn.Module:
     return model
 
 
+def _one_line(text: str, limit: int = 200) -> str:
+    """``text`` collapsed to one line of at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    """The first ``n`` keys and how many more: ``"a, b, c (+4 more)"``."""
+    head = ", ".join(keys[:n])
+    return head + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (``weights_only=True``, never pickle).
 
     Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and strips a ``module.`` prefix.
+    Raises :class:`~fvsanity.errors.MissingWeightsError` (one line) for a missing, truncated or
+    unreadable file, a pickle that holds anything but tensors (refused before any of it runs),
+    and a file that holds no tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -149,85 +184,235 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt: one line, no traceback
+            raise MissingWeightsError(
+                f"cannot read weights file {path} (safetensors): {type(e).__name__}: {_one_line(e)}"
+            ) from e
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
-            raise MissingWeightsError(
-                f"cannot read weights file {path} (torch.load weights_only=True): {type(e).__name__}"
-            ) from e
+            blocked = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+            if blocked:
+                reason = (
+                    f"it holds Python objects, not only tensors ({_one_line(blocked[0], 120)}); fvsanity "
+                    "never unpickles them (that could run code): save model.state_dict() or .safetensors"
+                )
+            else:
+                msg = _one_line(e, 120)
+                reason = f"{type(e).__name__}" + (f": {msg}" if msg else "")
+            raise MissingWeightsError(f"cannot read weights file {path} (torch.load weights_only=True): {reason}") from e
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise MissingWeightsError(f"{path} does not hold a state dict")
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        raise MissingWeightsError(
+            f"{path} holds a {type(sd).__name__}, not a state dict (a dict of parameter name -> tensor)"
+        )
+    out = OrderedDict((str(k).removeprefix("module."), v) for k, v in sd.items() if isinstance(v, torch.Tensor))
+    _keep_metadata(sd, out)
+    if not out:
+        raise MissingWeightsError(f"{path} holds no tensors, not a state dict (a dict of parameter name -> tensor)")
+    return out
 
 
-def _load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
+def _keep_metadata(src: dict, dst: dict) -> None:
+    """Carry torch's per-module version metadata over to a filtered copy of a state dict (module
+    loaders such as BatchNorm's read it), with a ``module.`` prefix stripped like the keys."""
+    meta = getattr(src, "_metadata", None)
+    if meta is not None:
+        dst._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (k.removeprefix("module.") if k != "module" else "", v) for k, v in meta.items()
+        )
+
+
+def check_state_dict(
+    model: nn.Module,
+    sd: dict[str, torch.Tensor],
+    source: str,
+    *,
+    allow_partial: bool = False,
+    model_name: str | None = None,
+    ignore_prefixes: tuple[str, ...] = (),
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Check a state dict against ``model`` before anything is loaded.
+
+    Refused always (one-line :class:`~fvsanity.errors.MissingWeightsError`): any NaN/inf in a
+    floating tensor (naming the first bad tensor), and a file of which no tensor fits. Refused
+    unless ``allow_partial``: missing keys, unexpected keys, and keys whose shape differs from the
+    model's (naming the first few of each, with both shapes, and their counts).
+
+    Args:
+        model: the module the weights are for.
+        sd: name -> tensor (as read by :func:`load_state_dict_file`).
+        source: the file, for messages.
+        allow_partial: load what fits; missing and other-shaped entries stay as initialised.
+        model_name: the model's name, for messages.
+        ignore_prefixes: keys with these prefixes are dropped silently (heads the model was built
+            without, e.g. GoogLeNet's ``aux1.``).
+
+    Returns:
+        ``(to_load, random_keys, ignored_keys)``: the entries to load, the model's state-dict
+        keys that stay random (missing or other-shaped), the file's keys that are not used.
+    """
+    what = model_name or type(model).__name__
+    for k, v in sd.items():
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            n_bad = int((~torch.isfinite(v)).sum())
+            raise MissingWeightsError(
+                f"weights in {source} hold {n_bad} non-finite value(s) (NaN/inf) in {k!r} "
+                f"{list(v.shape)}; refusing to load them"
+            )
+    given = sd
+    sd = {k: v for k, v in sd.items() if not k.startswith(ignore_prefixes)} if ignore_prefixes else dict(sd)
+    expected = model.state_dict()
+    # BatchNorm's step counter: torch itself fills it in for checkpoints that predate it (such as
+    # the CIFAR ResNets'); it never changes an eval-mode output
+    optional = {
+        f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    missing = [k for k in expected if k not in sd and k not in optional]
+    unexpected = [k for k in sd if k not in expected]
+    other_shape = [k for k in sd if k in expected and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    to_load = OrderedDict((k, v) for k, v in sd.items() if k in expected and k not in other_shape)
+    _keep_metadata(given, to_load)
+    if not to_load:
+        raise MissingWeightsError(
+            f"no tensor in {source} fits {what}: file keys {_few(list(sd))}; model keys {_few(list(expected))}"
+        )
+    if (missing or unexpected or other_shape) and not allow_partial:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        if other_shape:
+            shapes = [f"{k}: file {list(sd[k].shape)} vs model {list(expected[k].shape)}" for k in other_shape]
+            parts.append(f"{len(other_shape)} with another shape ({_few(shapes, 2)})")
+        raise MissingWeightsError(
+            f"weights in {source} do not fit {what}: {'; '.join(parts)}; pass --allow-partial-weights "
+            "(API: allow_partial=True) to load the rest and leave the others random"
+        )
+    return to_load, missing + other_shape, unexpected
+
+
+def _load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    allow_partial: bool = False,
+    model_name: str | None = None,
+    ignore_prefixes: tuple[str, ...] = (),
+) -> tuple[list[str], list[str]]:
+    """Load a weights file into ``model`` (strict unless ``allow_partial``; see
+    :func:`check_state_dict`). Returns ``(random_keys, ignored_keys)``."""
     sd = load_state_dict_file(path)
-    try:
-        model.load_state_dict(sd, strict=strict)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise MissingWeightsError(f"weights in {path} do not fit this model: {first}") from e
+    to_load, random_keys, ignored = check_state_dict(
+        model, sd, str(path), allow_partial=allow_partial, model_name=model_name, ignore_prefixes=ignore_prefixes
+    )
+    result = model.load_state_dict(to_load, strict=False)
+    leftover = sorted(
+        k for k in set(result.missing_keys) - set(random_keys) if not k.endswith("num_batches_tracked")
+    ) + list(result.unexpected_keys)
+    if leftover:  # cannot happen after check_state_dict; never load silently if it does
+        raise MissingWeightsError(f"weights in {path} did not load into {model_name or 'the model'}: {_few(leftover)}")
+    return random_keys, ignored
 
 
-def _download(url: str, dest: Path, sha256_prefix: str | None) -> Path:
-    """Fetch ``url`` to ``dest`` atomically, checking the sha256 prefix. Raises on any failure."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(path: Path, sha256: str) -> Path:
+    """Check ``path`` against a known sha256 (full, or the prefix a file name carries)."""
+    digest = _sha256(path)
+    if not digest.startswith(sha256.lower()):
+        raise MissingWeightsError(
+            f"checksum mismatch for {path}: sha256 {digest} != expected {sha256}; delete or replace the file"
+        )
+    return path
+
+
+def _download(url: str, dest: Path, sha256: str) -> Path:
+    """Fetch ``url`` to ``dest`` atomically if its full sha256 matches. Raises on any failure.
+
+    Nothing unverified is kept: the bytes go to ``dest.part`` and are renamed into place only
+    after the checksum matched.
+    """
+    if len(sha256) != 64:
+        raise MissingWeightsError(f"refusing to download {url}: no full sha256 is known for it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + ".part")
-    with urllib.request.urlopen(url, timeout=20) as r, open(tmp, "wb") as f:  # noqa: S310
-        f.write(r.read())
-    if sha256_prefix:
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        if not digest.startswith(sha256_prefix):
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r, open(tmp, "wb") as f:  # noqa: S310
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                h.update(chunk)
+                f.write(chunk)
+        if h.hexdigest() != sha256:
+            raise MissingWeightsError(f"checksum mismatch for {url}: sha256 {h.hexdigest()} != expected {sha256}")
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
             tmp.unlink()
-            raise MissingWeightsError(f"checksum mismatch for {url}: {digest[:8]} != {sha256_prefix}")
-    os.replace(tmp, dest)
     return dest
 
 
-def _find_or_fetch(relpath: str, url: str | None, sha: str | None, hint: str) -> Path:
-    """Weights in $FVSANITY_DATA or the cache; else download to the cache; else a clear error."""
+def _find_or_fetch(relpath: str, url: str | None, sha256: str | None, hint: str) -> Path:
+    """A known weights file: ``$FVSANITY_DATA``, the user cache, the packaged copy (each checked
+    against ``sha256`` when known), else a download to the cache, only when the full sha256 is
+    known; else a one-line error saying where it looked and what to do."""
     p = find_data_file(relpath)
     if p is not None:
-        return p
-    if url and os.environ.get("FVSANITY_OFFLINE", "0") != "1":
+        return _verify(p, sha256) if sha256 else p
+    where = f"no weights for {hint}: looked in {searched_locations(relpath)}"
+    todo = f"pass --weights FILE (state dict or .safetensors) or put the file at $FVSANITY_DATA/{relpath}"
+    if url and (sha256 is None or len(sha256) != 64):
+        raise MissingWeightsError(
+            f"{where}; fvsanity knows no full sha256 for {url}, so it does not download it: fetch it "
+            f"yourself, check it, and {todo}"
+        )
+    if url and os.environ.get("FVSANITY_OFFLINE", "0") == "1":
+        raise MissingWeightsError(f"{where}; not downloading {url} (FVSANITY_OFFLINE=1); {todo}")
+    if url:
         try:
-            return _download(url, cache_dir() / relpath, sha)
-        except Exception:  # noqa: BLE001 - offline: fall through to the error below
-            pass
-    raise MissingWeightsError(
-        f"no weights for {hint}: looked in {searched_locations(relpath)}"
-        + (f" and {url}" if url else "")
-        + "; pass --weights FILE (state dict or .safetensors) or set FVSANITY_DATA"
-    )
+            return _download(url, cache_dir() / relpath, sha256)
+        except MissingWeightsError as e:
+            raise MissingWeightsError(f"{where}; {e}; {todo}") from e
+        except Exception as e:  # noqa: BLE001 - offline, proxy, ...: one clear message
+            raise MissingWeightsError(f"{where} and the download of {url} failed ({type(e).__name__}); {todo}") from e
+    raise MissingWeightsError(f"{where}; {todo} or set FVSANITY_DATA")
 
 
 # --------------------------------------------------------------------------------- registered
-_CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-_CIFAR_URLS = {
-    20: ("cifar10_resnet20-12fca82f.th", "12fca82f"),
+#: CIFAR-10's classes in label order (what the packaged default images are labelled with).
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+#: Known files: depth -> (file name, sha256). ResNet-20: the full sha256 (its bytes are packaged
+#: and in the shared data). ResNet-56: only the sha256 prefix its file name carries is known here, so
+#: a local copy is checked against that prefix and it is never downloaded (see _find_or_fetch).
+_CIFAR_FILES = {
+    20: ("cifar10_resnet20-12fca82f.th", "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
     56: ("cifar10_resnet56-4bfd9763.th", "4bfd9763"),
 }
+_CIFAR_URL = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
 
 
-def _cifar_resnet(depth: int, weights: str | None, pretrained: bool) -> LoadedModel:
+def _cifar_resnet(depth: int, pretrained: bool) -> LoadedModel:
     net = CifarResNet(depth)
     source = "random"
-    if weights:
-        _load_weights(net, weights)
-        source = str(weights)
-    elif pretrained:
-        fname, sha = _CIFAR_URLS[depth]
-        url = (
-            "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
-            + fname.removeprefix("cifar10_")
-        )
+    if pretrained:
+        fname, sha = _CIFAR_FILES[depth]
+        url = _CIFAR_URL + fname.removeprefix("cifar10_")
         path = _find_or_fetch(f"weights/{fname}", url, sha, f"cifar10-resnet{depth}")
-        _load_weights(net, path)
+        _load_weights(net, path, model_name=f"cifar10-resnet{depth}")
         source = str(path)
     return LoadedModel(
         name=f"cifar10-resnet{depth}",
@@ -235,19 +420,19 @@ def _cifar_resnet(depth: int, weights: str | None, pretrained: bool) -> LoadedMo
         preprocess=CIFAR10,
         block_layers=net.block_names(),
         output_layer="linear",
-        class_names=list(_CIFAR_CLASSES),
+        class_names=list(CIFAR10_CLASSES),
         weights_source=source,
     )
 
 
 @register_model("cifar10-resnet20")
-def _resnet20(weights: str | None = None, pretrained: bool = True) -> LoadedModel:
-    return _cifar_resnet(20, weights, pretrained)
+def _resnet20(pretrained: bool = True) -> LoadedModel:
+    return _cifar_resnet(20, pretrained)
 
 
 @register_model("cifar10-resnet56")
-def _resnet56(weights: str | None = None, pretrained: bool = True) -> LoadedModel:
-    return _cifar_resnet(56, weights, pretrained)
+def _resnet56(pretrained: bool = True) -> LoadedModel:
+    return _cifar_resnet(56, pretrained)
 
 
 def _squeezenet_blocks() -> list[str]:
@@ -255,18 +440,15 @@ def _squeezenet_blocks() -> list[str]:
 
 
 @register_model("imagenet-squeezenet")
-def _squeezenet(weights: str | None = None, pretrained: bool = True) -> LoadedModel:
+def _squeezenet(pretrained: bool = True) -> LoadedModel:
     import torchvision
 
     net = torchvision.models.squeezenet1_0()
     source = "random"
-    path = weights
-    if path is None and pretrained:
-        path = _find_or_fetch(
-            "weights/imagenet_squeezenet1_0_deepcompression.pt", None, None, "imagenet-squeezenet"
-        )
-    if path is not None:
-        _load_weights(net, path)
+    if pretrained:
+        # no public download: the shared data's decoding of the Deep Compression Caffe model
+        path = _find_or_fetch("weights/imagenet_squeezenet1_0_deepcompression.pt", None, None, "imagenet-squeezenet")
+        _load_weights(net, path, model_name="imagenet-squeezenet")
         source = str(path)
     return LoadedModel(
         name="imagenet-squeezenet",
@@ -279,19 +461,19 @@ def _squeezenet(weights: str | None = None, pretrained: bool = True) -> LoadedMo
     )
 
 
+#: lucent's InceptionV1 weights: no full sha256 is known here, so they are never downloaded.
+_INCEPTION5H_URL = "https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth"
+
+
 @register_model("inceptionv1")
-def _inceptionv1(weights: str | None = None, pretrained: bool = True) -> LoadedModel:
+def _inceptionv1(pretrained: bool = True) -> LoadedModel:
     from lucent.modelzoo import inceptionv1
 
     net = inceptionv1(pretrained=False)
     source = "random"
-    if weights:
-        _load_weights(net, weights)
-        source = str(weights)
-    elif pretrained:
-        url = "https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth"
-        path = _find_or_fetch("weights/inception5h.pth", url, None, "inceptionv1 (lucent)")
-        _load_weights(net, path)
+    if pretrained:
+        path = _find_or_fetch("weights/inception5h.pth", _INCEPTION5H_URL, None, "inceptionv1 (lucent)")
+        _load_weights(net, path, model_name="inceptionv1")
         source = str(path)
     blocks = [
         n
@@ -309,10 +491,10 @@ def _inceptionv1(weights: str | None = None, pretrained: bool = True) -> LoadedM
 
 
 @register_model("toy-procedural")
-def _toy(weights: str | None = None, pretrained: bool = True) -> LoadedModel:
+def _toy(pretrained: bool = True) -> LoadedModel:
     from .toy import load_toy
 
-    return load_toy(weights=weights, pretrained=pretrained)
+    return load_toy(pretrained=pretrained)
 
 
 def _imagenet_class_names() -> list[str]:
@@ -343,32 +525,38 @@ def _last_layer(net: nn.Module) -> str:
     return last
 
 
-def _torchvision(name: str, weights: str | None, pretrained: bool) -> LoadedModel:
+#: Heads that torchvision's builders drop after loading pretrained weights (aux_logits=False):
+#: a full checkpoint's keys for them are not "unexpected".
+_AUX_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def _torchvision(name: str, pretrained: bool) -> LoadedModel:
+    """A torchvision classifier; pretrained weights through torchvision's own builder, which
+    loads them strictly and downloads with ``check_hash=True`` (torch.hub checks the sha256
+    prefix in the file name)."""
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise UnknownModelError(_unknown_msg(name, available))
-    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
-    net = torchvision.models.get_model(name, weights=None, **kwargs)
     source = "random"
     categories: list[str] = []
-    if weights:
-        _load_weights(net, weights, strict=False)
-        source = str(weights)
-    elif pretrained:
+    if pretrained:
         w = torchvision.models.get_model_weights(name).DEFAULT
         categories = list(w.meta.get("categories", []))
         hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
         try:
-            sd = w.get_state_dict(progress=False, check_hash=False)
-        except Exception as e:  # noqa: BLE001 - offline, proxy, ...: one clear message
+            net = torchvision.models.get_model(name, weights=w, progress=False)
+        except Exception as e:  # noqa: BLE001 - offline, proxy, bad bytes, ...: one clear message
+            state = "cached at" if hub.is_file() else "not cached at"
             raise MissingWeightsError(
-                f"no weights for {name}: not cached at {hub} and download of {w.url} failed "
-                f"({type(e).__name__}); pass --weights FILE or use --random-weights"
+                f"torchvision weights for {name} ({state} {hub}; {w.url}) did not load: {type(e).__name__}: "
+                f"{_one_line(e, 160)}; pass --weights FILE or use --random-weights"
             ) from e
-        net.load_state_dict(sd, strict=False)
         source = str(hub)
+    else:
+        kwargs = {"aux_logits": False, "init_weights": False} if name in _AUX_PREFIXES else {}
+        net = torchvision.models.get_model(name, weights=None, **kwargs)
     pre = IMAGENET
     if name == "inception_v3":
         pre = Preprocess(size=(299, 299), resize=342)
@@ -383,24 +571,22 @@ def _torchvision(name: str, weights: str | None, pretrained: bool) -> LoadedMode
     )
 
 
-def _timm(name: str, weights: str | None, pretrained: bool) -> LoadedModel:
+def _timm(name: str, pretrained: bool) -> LoadedModel:
+    """A timm model; pretrained weights through ``timm.create_model`` (timm loads them strictly)."""
     import timm
 
     if not timm.list_models(name) and not timm.list_models(name.split(".")[0]):
         raise UnknownModelError(_unknown_msg(name, timm.list_models(), prefix="timm:"))
     source = "random"
     try:
-        net = timm.create_model(name, pretrained=pretrained and not weights)
-        if pretrained and not weights:
+        net = timm.create_model(name, pretrained=pretrained)
+        if pretrained:
             source = f"timm:{name}"
     except Exception as e:  # noqa: BLE001
         raise MissingWeightsError(
             f"no weights for timm:{name}: not in the Hugging Face cache and the download failed "
             f"({type(e).__name__}); pass --weights FILE or use --random-weights"
         ) from e
-    if weights:
-        _load_weights(net, weights, strict=False)
-        source = str(weights)
     cfg = timm.data.resolve_data_config({}, model=net)
     size = tuple(cfg["input_size"][1:])
     pre = Preprocess(
@@ -432,6 +618,7 @@ def load_model(
     pretrained: bool = True,
     device: str | torch.device | None = None,
     seed: int = 0,
+    allow_partial: bool = False,
 ) -> LoadedModel:
     """Load a model by name, ready for fvsanity.
 
@@ -439,14 +626,23 @@ def load_model(
         spec: registry name (see module doc), a torchvision name, ``timm:NAME``, or the ``model/``
             folder ``fvsanity fool`` wrote (a manipulated model; ``manipulated.json`` inside).
         weights: a local state dict file (``.pt``/``.pth``/``.th`` via ``weights_only=True``, or
-            ``.safetensors``); overrides the named model's own weights.
+            ``.safetensors``); overrides the named model's own weights. Loaded strictly: missing,
+            unexpected or other-shaped keys and NaN/inf values are a one-line
+            :class:`~fvsanity.errors.MissingWeightsError`.
         pretrained: False gives random weights (structural tests); True looks the weights up
-            (``$FVSANITY_DATA``, the cache, then the public URL) and raises
-            :class:`~fvsanity.errors.MissingWeightsError` with where it looked if none are found.
+            (``$FVSANITY_DATA``, the user cache, the packaged copy, then a download checked
+            against a full sha256) and raises :class:`~fvsanity.errors.MissingWeightsError` with
+            where it looked if none are found.
         device: where to put the model (default: CPU).
-        seed: seeds the random initialisation (what ``pretrained=False`` leaves), without
-            touching the global RNG state.
+        seed: seeds the random initialisation (what ``pretrained=False`` or a partial ``weights``
+            file leaves), without touching the global RNG state.
+        allow_partial: with ``weights``, load the entries that fit and leave the model's missing
+            or other-shaped entries at their (seeded) random initialisation: printed on stderr,
+            listed in ``lm.random_parameters``, noted in ``lm.weights_source`` and
+            ``lm.provenance()``. Unexpected keys of the file are ignored (printed too).
     """
+    if allow_partial and weights is None:
+        raise FVSanityError("--allow-partial-weights applies to a --weights FILE only; none was given")
     if spec not in _REGISTRY and os.path.isfile(os.path.join(str(spec), "manipulated.json")):
         # a model saved by ``fvsanity fool`` (model/ folder): rebuilt from its own full state dict
         from ..fool.model import load_manipulated
@@ -457,12 +653,32 @@ def load_model(
     weights = str(weights) if weights is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        own = pretrained and weights is None  # a weights file replaces the model's own weights
         if spec in _REGISTRY:
-            lm = _REGISTRY[spec](weights=weights, pretrained=pretrained)
+            lm = _REGISTRY[spec](pretrained=own)
         elif spec.startswith("timm:"):
-            lm = _timm(spec[5:], weights, pretrained)
+            lm = _timm(spec[5:], own)
         else:
-            lm = _torchvision(spec, weights, pretrained)
+            lm = _torchvision(spec, own)
+    if weights is not None:
+        random_keys, ignored = _load_weights(
+            lm.model, weights, allow_partial=allow_partial, model_name=lm.name,
+            ignore_prefixes=_AUX_PREFIXES.get(spec, ()),
+        )
+        lm.weights_source = weights
+        lm.random_parameters = list(random_keys)
+        if random_keys or ignored:
+            n_all = len(lm.model.state_dict())
+            note = f"partial: {len(random_keys)} of {n_all} state-dict entries left random"
+            lm.weights_source = f"{weights} ({note})"
+            print(
+                f"fvsanity: warning: --allow-partial-weights: {len(random_keys)} of {n_all} state-dict entries of "
+                f"{lm.name} are not in {weights} (or have another shape) and stay random"
+                + (f": {_few(random_keys, 10)}" if random_keys else "")
+                + (f"; ignored {len(ignored)} key(s) the model lacks: {_few(ignored, 5)}" if ignored else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     if device is not None:
         lm.to(device)
     return lm
