@@ -72,7 +72,7 @@ def _int(text: str, spec: str) -> int:
     try:
         return int(text)
     except ValueError as e:
-        raise UnitError(f"bad unit {_show(spec)}: a number with {len(text)} digits; {_FORMS}") from e
+        raise UnitError(f"bad unit {_show(spec)}; {_FORMS} (a number with {len(text)} digits)") from e
 
 
 def _num(v: int) -> str:
@@ -186,12 +186,12 @@ def parse_unit(spec: str | Unit, lm) -> Unit:
         else:
             if any(c.isspace() for c in spec):
                 raise UnitError(
-                    f"bad unit {_show(spec)}: no spaces inside a unit spec (write {_show(''.join(spec.split()))}); "
-                    f"{_FORMS}"
+                    f"bad unit {_show(spec)}; {_FORMS} (no spaces inside a unit spec: write "
+                    f"{_show(''.join(spec.split()))})"
                 )
             m = _SPEC.match(spec)
             if not m:
-                raise UnitError(f"bad unit {_show(spec)}: {_spec_problem(spec)}; {_FORMS}")
+                raise UnitError(f"bad unit {_show(spec)}; {_FORMS} ({_spec_problem(spec)})")
             y = m.group("y")
             unit = Unit(
                 layer=m.group("layer"),
