@@ -47,6 +47,7 @@ asked for.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import functools
@@ -234,9 +235,8 @@ class _LabelSpace:
 class _Labelled:
     """How names were turned into labels (internal)."""
 
-    index: dict[str, int]
-    sources: tuple[str, ...]
-    n_matched: int  # class names matched to the label space
+    index: dict[str, int]  # name -> class index, -1 for unlabelled
+    sources: tuple[str, ...]  # labels_from entries
 
 
 def _label_names(names: Sequence[str], space: _LabelSpace, where: str, context: str) -> _Labelled:
@@ -249,7 +249,6 @@ def _label_names(names: Sequence[str], space: _LabelSpace, where: str, context: 
     sources: set[str] = set()
     unknown: list[str] = []
     unverifiable: list[str] = []
-    n_matched = 0
     for name in names:
         if _WNID.match(name) and not space.is_class_name(name):
             if not space and not space.is_imagenet_wnid(name):
@@ -263,12 +262,11 @@ def _label_names(names: Sequence[str], space: _LabelSpace, where: str, context: 
             index[name] = -1
             unverifiable.append(name)
             continue
-        i, _ = space.lookup(name)
+        i, _how = space.lookup(name)
         if i is None:
             unknown.append(name)
             continue
         index[name] = i
-        n_matched += 1
         sources.add(space.matched_source)
     if unknown:
         more = f" ({len(unknown)} of {len(names)} names unknown)" if len(unknown) > 1 else ""
@@ -283,7 +281,7 @@ def _label_names(names: Sequence[str], space: _LabelSpace, where: str, context: 
             "unlabelled",
             stacklevel=4,
         )
-    return _Labelled(index=index, sources=tuple(sorted(sources)), n_matched=n_matched)
+    return _Labelled(index=index, sources=tuple(sorted(sources)))
 
 
 def to_rgb(im):
@@ -303,30 +301,26 @@ def to_rgb(im):
 
         a = np.asarray(im).astype(np.float64)
         return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if mode == "P" and "transparency" in im.info or mode == "PA":
+    if (mode == "P" and "transparency" in im.info) or mode == "PA":
         return im.convert("RGBA").convert("RGB")
     return im.convert("RGB")
 
 
-def _open_checked(path: str | os.PathLike):
-    """Context manager: ``PIL.Image.open`` that refuses decompression bombs at PIL's warning limit.
+@contextlib.contextmanager
+def _open_checked(path: str | os.PathLike) -> Iterator:
+    """``PIL.Image.open`` that refuses decompression bombs already at PIL's warning limit.
 
     PIL warns (``DecompressionBombWarning``) above ``Image.MAX_IMAGE_PIXELS`` pixels and only
-    raises above twice that; both are an error here, so a huge image is never decoded.
+    raises above twice that; both are an error here, so a huge image is never decoded. PIL's
+    per-file warnings (EXIF, palette) are silenced inside the block.
     """
-    import contextlib
-
     from PIL import Image
 
-    @contextlib.contextmanager
-    def cm():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's per-file chatter (EXIF, palette) is not ours to relay
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                yield im
-
-    return cm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            yield im
 
 
 def _reason(e: BaseException) -> str:
