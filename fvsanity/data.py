@@ -714,7 +714,8 @@ def load_images(
 def _label_space(lm_or_preprocess, class_names: Sequence[str] | None) -> _LabelSpace:
     """The class names labels must index: ``class_names`` if given, else the model's."""
     if class_names is not None:
-        return _LabelSpace(class_names, "the given class_names", "class names matched to the given class_names")
+        owner = "the given class_names" if len(class_names) else "the given class_names are empty"
+        return _LabelSpace(class_names, owner, "class names matched to the given class_names")
     names = getattr(lm_or_preprocess, "class_names", None) or ()
     model = getattr(lm_or_preprocess, "name", None)
     if names:
