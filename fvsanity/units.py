@@ -57,7 +57,46 @@ class Unit:
         return d
 
 
-_SPEC = re.compile(r"^(?P<layer>[^:@]+):(?P<ch>-?\d+)(@(?P<y>-?\d+),(?P<x>-?\d+))?$")
+_SPEC = re.compile(r"^(?P<layer>[^:@]+):(?P<ch>-?[0-9]+)(@(?P<y>-?[0-9]+),(?P<x>-?[0-9]+))?$")
+_FORMS = "expected LAYER:CHANNEL (e.g. 'layer3.2:5'), LAYER:CHANNEL@Y,X or LAYER:dir=FILE.pt"
+
+
+def _show(value: str, limit: int = 60) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters for one-line messages."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 5] + "...'" + f" ({len(value)} chars)"
+
+
+def _int(text: str, spec: str) -> int:
+    """``int(text)``; UnitError naming ``spec`` if it has more digits than Python converts (4300)."""
+    try:
+        return int(text)
+    except ValueError as e:
+        raise UnitError(f"bad unit {_show(spec)}; {_FORMS} (a number with {len(text)} digits)") from e
+
+
+def _num(v: int) -> str:
+    """An integer for a message: in full up to 20 digits, else abbreviated with its length."""
+    s = str(v)
+    digits = len(s.lstrip("-"))
+    return s if digits <= 20 else f"{s[:9]}... ({digits} digits)"
+
+
+def _spec_problem(spec: str) -> str:
+    """Why ``spec`` (stripped, no whitespace) does not match ``_SPEC``: for the error message."""
+    if ":" not in spec:
+        return "missing ':CHANNEL'"
+    layer, _, rest = spec.partition(":")
+    if not layer or "@" in layer:
+        return "missing the layer name before ':'"
+    ch, at, pos = rest.partition("@")
+    if not ch:
+        return "missing the channel after ':'"
+    if not re.fullmatch(r"-?[0-9]+", ch):
+        return f"channel {_show(ch)} is not a whole number"
+    if at and not re.fullmatch(r"-?[0-9]+,-?[0-9]+", pos):
+        return f"position {_show('@' + pos)} must be @Y,X (two whole numbers)"
+    return "malformed"
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -132,7 +171,11 @@ def parse_unit(spec: str | Unit, lm) -> Unit:
     if isinstance(spec, Unit):
         unit = spec
     else:
-        spec = spec.strip()
+        if not isinstance(spec, str):
+            raise UnitError(f"bad unit {spec!r} ({type(spec).__name__}); {_FORMS}")
+        spec = spec.strip()  # spaces around the spec are forgiven, spaces inside it are not
+        if not spec:
+            raise UnitError(f"empty unit spec; {_FORMS}")
         if ":dir=" in spec:
             layer, path = spec.split(":dir=", 1)
             try:
@@ -141,17 +184,20 @@ def parse_unit(spec: str | Unit, lm) -> Unit:
                 raise UnitError(f"cannot read direction file {path!r}: {type(e).__name__}") from e
             unit = Unit(layer=layer, direction=torch.as_tensor(vec, dtype=torch.float32).flatten())
         else:
+            if any(c.isspace() for c in spec):
+                raise UnitError(
+                    f"bad unit {_show(spec)}; {_FORMS} (no spaces inside a unit spec: write "
+                    f"{_show(''.join(spec.split()))})"
+                )
             m = _SPEC.match(spec)
             if not m:
-                raise UnitError(
-                    f"bad unit {spec!r}; expected LAYER:CHANNEL, LAYER:CHANNEL@Y,X or LAYER:dir=FILE.pt"
-                )
+                raise UnitError(f"bad unit {_show(spec)}; {_FORMS} ({_spec_problem(spec)})")
             y = m.group("y")
             unit = Unit(
                 layer=m.group("layer"),
-                channel=int(m.group("ch")),
-                y=int(y) if y is not None else None,
-                x=int(m.group("x")) if y is not None else None,
+                channel=_int(m.group("ch"), spec),
+                y=_int(y, spec) if y is not None else None,
+                x=_int(m.group("x"), spec) if y is not None else None,
             )
     model = lm.model
     layer = resolve_layer(model, unit.layer)
@@ -163,13 +209,15 @@ def parse_unit(spec: str | Unit, lm) -> Unit:
         if unit.direction.numel() != n_ch:
             raise UnitError(f"direction for {layer!r} has {unit.direction.numel()} entries, layer has {n_ch} channels")
     elif not 0 <= unit.channel < n_ch:
-        raise UnitError(f"channel {unit.channel} out of range for {layer!r}: valid 0..{n_ch - 1}")
+        raise UnitError(f"channel {_num(unit.channel)} out of range for {layer!r}: valid 0..{n_ch - 1}")
     if unit.y is not None:
         if len(shape) < 3:
             raise UnitError(f"layer {layer!r} has no spatial dims (shape {shape}); drop the @y,x")
         h, w = shape[1], shape[2]
         if not (0 <= unit.y < h and 0 <= unit.x < w):
-            raise UnitError(f"position @{unit.y},{unit.x} out of range for {layer!r}: valid y 0..{h - 1}, x 0..{w - 1}")
+            raise UnitError(
+                f"position @{_num(unit.y)},{_num(unit.x)} out of range for {layer!r}: valid y 0..{h - 1}, x 0..{w - 1}"
+            )
     return Unit(layer=layer, channel=unit.channel, y=unit.y, x=unit.x, direction=unit.direction)
 
 
@@ -178,12 +226,16 @@ def parse_units(specs, lm) -> list[Unit]:
     out: list[Unit] = []
     for s in [specs] if isinstance(specs, (str, Unit)) else specs:
         if isinstance(s, str):
+            if not s.strip():
+                raise UnitError(f"empty unit spec {s!r}; {_FORMS}")
             parts: list[str] = []
             for piece in s.split(","):
                 if parts and ":" not in piece and "@" in parts[-1] and "," not in parts[-1].split("@")[1]:
                     parts[-1] += "," + piece  # the x of a "@y,x"
                 elif piece.strip():
                     parts.append(piece)
+                else:
+                    raise UnitError(f"empty unit in {_show(s)} (a doubled, leading or trailing comma); {_FORMS}")
             out += [parse_unit(part, lm) for part in parts]
         else:
             out.append(parse_unit(s, lm))

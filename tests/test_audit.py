@@ -22,6 +22,17 @@ def images(tmp_path):
     return toy.write_procedural_folder(tmp_path / "imgs", per_class=4)
 
 
+@pytest.fixture
+def tiny():
+    """The tiny test model with the toy model's 10 classes: the procedural folders' names are its
+    classes (folder names are matched to the model's class names, issue 10)."""
+    from fvsanity.testing import tiny_model
+
+    lm = tiny_model(num_classes=10)
+    lm.class_names = list(toy.CLASSES)
+    return lm
+
+
 def _snapshot(out):
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted((out / "units").rglob("*")) if p.is_file()}
 

@@ -82,7 +82,7 @@ def test_missing_image_folder(tmp_path, capsys):
 def test_folder_of_corrupt_images(tmp_path, previous, capsys):
     out, snap = previous
     bad = tmp_path / "corrupt"
-    for c in ("cat", "dog"):
+    for c in ("disc", "ring"):  # toy class names: class folders are matched to the model's classes (issue 10)
         (bad / c).mkdir(parents=True)
         for i in range(3):
             (bad / c / f"{i}.jpg").write_bytes(b"\xff\xd8 this is not a jpeg " + bytes([i]) * 50)

@@ -13,6 +13,7 @@ from fvsanity.errors import DataError, FVSanityError
 from fvsanity.models import Preprocess
 
 PRE = Preprocess(size=(8, 8), mean=(0.5,) * 3, std=(0.25,) * 3)
+NAMES = ("cat", "dog", "eel")  # the label space of the class-folder tests (a bare Preprocess has none)
 
 
 def _img(path, color, size=(10, 12)):
@@ -31,10 +32,11 @@ def _classes(tmp_path, names=("cat", "dog", "eel"), per=4):
 
 def test_class_folders_labels_and_decoding(tmp_path):
     root = _classes(tmp_path)
-    nat = load_images(root, PRE)
+    nat = load_images(root, PRE, class_names=NAMES)
     assert nat.layout == "classes"
     assert len(nat) == 12 and nat.class_names == ("cat", "dog", "eel")
     assert nat.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert nat.to_json()["labels_from"] == "class names matched to the given class_names"
     x = nat.decode([0, 5])
     assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
     # decoded with the preprocess' load_pil: the solid colour, in [0, 1]
@@ -44,7 +46,7 @@ def test_class_folders_labels_and_decoding(tmp_path):
 
 
 def test_streaming_batches_cover_everything_in_order(tmp_path):
-    nat = load_images(_classes(tmp_path), PRE)
+    nat = load_images(_classes(tmp_path), PRE, class_names=NAMES)
     batches = list(nat.batches(5))
     assert [b.shape[0] for b in batches] == [5, 5, 2]
     assert nat.images is None  # nothing was kept in memory
@@ -60,7 +62,7 @@ def test_corrupt_files_are_counted_not_fatal(tmp_path):
     good = root / "cat" / "000.png"
     (root / "cat" / "trunc.png").write_bytes(good.read_bytes()[:40])  # truncated PNG
     with pytest.warns(UserWarning, match="2 unreadable"):
-        nat = load_images(root, PRE)
+        nat = load_images(root, PRE, class_names=NAMES)
     assert len(nat) == 12 and nat.n_unreadable == 2
     assert sorted(p.split("/")[-1] for p in nat.unreadable) == ["bad.jpg", "trunc.png"]
     assert nat.to_json()["n_unreadable"] == 2
@@ -96,13 +98,13 @@ def test_flat_folder_with_and_without_labels(tmp_path):
     assert nat.layout == "flat" and (nat.labels == -1).all()
     csv = tmp_path / "labels.csv"
     csv.write_text("filename,label\nimg0.png,dog\nimg1.png,cat\nimg2.png,dog\n")
-    nat = load_images(root, PRE, labels=csv)
+    nat = load_images(root, PRE, labels=csv, class_names=["cat", "dog"])
     assert nat.class_names == ("cat", "dog")
     assert nat.labels.tolist() == [1, 0, 1, -1, -1, -1]
     (root / "labels.csv").write_text("img3.png,2\nimg4.png,0\n")  # auto-detected, integer labels
     nat = load_images(root, PRE)
     assert nat.labels.tolist() == [-1, -1, -1, 2, 0, -1]
-    with pytest.raises(DataError, match="unknown class 'dog'"):
+    with pytest.raises(DataError, match="label 'dog' is not a class of the given class_names"):
         load_images(root, PRE, labels=csv, class_names=["cat", "bird"])
 
 
@@ -117,12 +119,14 @@ def test_imagenet_samples_layout_uses_imagenet_indices(tmp_path):
     if wn:
         assert sorted(nat.labels.tolist()) == [0, 1, 999]
         assert nat.class_names[999] == "toilet_tissue"
-    # non-ImageNet wnids: position among the folder's sorted wnids
+    # non-ImageNet wnids: no class index can be verified without a model: unlabelled, with a warning
+    # (before issue 10 they got their position among the folder's sorted wnids)
     other = tmp_path / "other"
     for w in ("n99999992", "n99999991"):
         _img(other / f"{w}_thing.jpg", (0, 0, 0))
-    nat = load_images(other, PRE)
-    assert nat.layout == "imagenet-samples" and nat.labels.tolist() == [0, 1]
+    with pytest.warns(UserWarning, match="labels need the model's class names"):
+        nat = load_images(other, PRE)
+    assert nat.layout == "imagenet-samples" and nat.labels.tolist() == [-1, -1]
 
 
 def test_imagenet_synset_folders_use_imagenet_indices(tmp_path):
@@ -138,17 +142,17 @@ def test_imagenet_synset_folders_use_imagenet_indices(tmp_path):
 
 def test_subsampling_is_deterministic_by_seed(tmp_path):
     root = _classes(tmp_path, per=6)
-    a = load_images(root, PRE, max_per_class=2, seed=3)
-    b = load_images(root, PRE, max_per_class=2, seed=3)
-    c = load_images(root, PRE, max_per_class=2, seed=4)
+    a = load_images(root, PRE, max_per_class=2, seed=3, class_names=NAMES)
+    b = load_images(root, PRE, max_per_class=2, seed=3, class_names=NAMES)
+    c = load_images(root, PRE, max_per_class=2, seed=4, class_names=NAMES)
     assert a.paths == b.paths and len(a) == 6
     assert torch.bincount(a.labels).tolist() == [2, 2, 2]
     assert a.paths != c.paths  # another seed, another draw (6 choose 2 per class: collision unlikely)
-    d = load_images(root, PRE, limit=5, seed=1)
-    assert len(d) == 5 and d.paths == load_images(root, PRE, limit=5, seed=1).paths
+    d = load_images(root, PRE, limit=5, seed=1, class_names=NAMES)
+    assert len(d) == 5 and d.paths == load_images(root, PRE, limit=5, seed=1, class_names=NAMES).paths
     assert list(d.paths) == sorted(d.paths)  # kept in folder order
     with pytest.raises(DataError, match="max_per_class"):
-        load_images(root, PRE, max_per_class=0)
+        load_images(root, PRE, max_per_class=0, class_names=NAMES)
 
 
 def test_from_tensor_and_subset():
@@ -162,9 +166,9 @@ def test_from_tensor_and_subset():
 
 
 def test_real_cifar_folder(data_root):
-    from fvsanity.models import CIFAR10
+    from fvsanity.models import load_model
 
-    nat = load_images(data_root / "cifar10-test", CIFAR10, max_per_class=3)
+    nat = load_images(data_root / "cifar10-test", load_model("cifar10-resnet20", pretrained=False), max_per_class=3)
     assert nat.layout == "classes" and len(nat) == 30
     assert nat.class_names[0] == "airplane" and nat.class_names[9] == "truck"
     assert next(nat.batches(4)).shape == (4, 3, 32, 32)

@@ -279,16 +279,20 @@ def test_figure_panels_and_mean(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
+
+
 def _folder(tmp_path, classes=3, per=8, size=32):
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
     root = tmp_path / "imgs"
     for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
+        name = CIFAR_CLASSES[c]  # class folders are matched to the model's class names (issue 10)
+        (root / name).mkdir(parents=True)
         for i in range(per):
             arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(root / f"class{c}" / f"{i}.png")
+            Image.fromarray(arr).save(root / name / f"{i}.png")
     return root
 
 
