@@ -501,3 +501,25 @@ def test_cli_fool_on_real_cifar_model(data_root, tmp_path):
     assert "+circuit" in json.dumps(chk) and chk["units"][0]["unit"] == "linear:0"
     assert main(["fool", "--model", "cifar10-resnet20", "--shift", "10", "--train-images",
                  str(data_root / "cifar10-test"), "--limit", "10", "--out", str(tmp_path / "x")]) == 2
+
+
+# ---------------------------------------------------------------------------------- target picture
+def test_load_picture_closes_its_file(tmp_path):
+    import gc
+    import warnings
+
+    from PIL import Image
+
+    from fvsanity.fool.routes import load_picture
+
+    # PIL closes a single-frame PNG after loading; a GIF (multi-frame format) stays open until closed
+    path = tmp_path / "target.gif"
+    Image.fromarray(np.full((6, 4, 3), (255, 0, 51), dtype=np.uint8)).save(path)
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        pic = load_picture(path, size=(3, 2))
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert pic.shape == (3, 3, 2)
+    assert torch.equal(pic, torch.tensor([1.0, 0.0, 0.2]).view(3, 1, 1).expand(3, 3, 2))
