@@ -160,7 +160,7 @@ def _check_value(where: str, key: str, action: argparse.Action, v: Any) -> Any:
     return float(v) if typ is float else v
 
 
-def load_config_defaults(parser: argparse.ArgumentParser, argv: list[str], command: str | None = None) -> None:
+def load_config_defaults(parser: argparse.ArgumentParser, argv: list[str], command: str | None = None) -> dict:
     """If ``--config FILE`` (or ``--config=FILE``) is in ``argv``, make its keys ``parser``'s
     defaults (explicit flags still override them).
 
@@ -168,13 +168,18 @@ def load_config_defaults(parser: argparse.ArgumentParser, argv: list[str], comma
     ``config.json`` round-trips: its ``command`` must be ``command``; ``config`` and other keys
     the command records but that are no flag (``parser``'s ``set_defaults``) are not applied.
 
+    Returns:
+        {dest: list} for repeatable flags (``--unit``): argparse would append command-line values
+        to a default list, so these are applied by :func:`apply_config_lists` after parsing, only
+        where the flag was not given.
+
     Raises:
         ConfigError: unreadable/malformed file, an unknown key (named with the closest flag and
             the valid ones), or a value of the wrong type or not among the flag's choices.
     """
     path = config_path(argv)
     if path is None or not any(a.dest == "config" for a in parser._actions):
-        return  # a command without --config: argparse refuses the flag
+        return {}  # a command without --config: argparse refuses the flag
     where = f"--config {str(path)!r}"
     cfg = read_config(path)
     flags = _flag_actions(parser)
@@ -192,7 +197,18 @@ def load_config_defaults(parser: argparse.ArgumentParser, argv: list[str], comma
             close = difflib.get_close_matches(key.replace("_", "-"), names, n=1, cutoff=0.6)
             hint = f"; closest: {close[0]}" if close else ""
             raise ConfigError(f"{where}: unknown key {str(raw)!r}{hint}; valid: {', '.join(names)}")
-    parser.set_defaults(**defaults)
+    lists = {k: v for k, v in defaults.items() if isinstance(flags[k], argparse._AppendAction)}
+    for k in defaults:
+        flags[k].required = False  # the config gives it
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k not in lists})
+    return lists
+
+
+def apply_config_lists(args: argparse.Namespace, lists: dict) -> None:
+    """Repeatable flags from the config (see :func:`load_config_defaults`) where none were given."""
+    for k, v in lists.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, list(v))
 
 
 def save_config(args: argparse.Namespace, out: str | Path, name: str = "config.json") -> Path:
@@ -234,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-        if argv and argv[0] in commands:
-            load_config_defaults(commands[argv[0]], argv[1:], command=argv[0])
+        lists = load_config_defaults(commands[argv[0]], argv[1:], command=argv[0]) if argv and argv[0] in commands else {}
         args = parser.parse_args(argv)
+        apply_config_lists(args, lists)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
