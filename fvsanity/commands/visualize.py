@@ -28,10 +28,10 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import resolve_device, save_config
+    from ..errors import FVSanityError
     from ..generate import render
     from ..io import ensure_writable_dir
     from ..models import load_model
-    from ..errors import FVSanityError
     from ..units import parse_units
 
     for flag, v in (("--steps", args.steps), ("--seeds", args.seeds), ("--size", args.size), ("--batch-size", args.batch_size)):
