@@ -1,23 +1,49 @@
 """``fvsanity <command>``: the command line.
 
 Each command lives in ``fvsanity/commands/<name>.py`` and exposes ``register(subparsers)``,
-which adds its parser and sets ``func(args) -> int``. Common flags (``--device``, ``--seed``,
-``--out``, ``--config``) come from :func:`add_common`; a ``--config`` JSON/YAML file supplies
-defaults that explicit flags override, and the final config is saved beside the outputs.
-Errors that users cause print one line and exit 2.
+which adds its parser and sets ``func(args) -> int``; the command list is the set of those
+modules (:func:`list_commands`). Common flags (``--device``, ``--seed``, ``--out``,
+``--config``) come from :func:`add_common`; a ``--config FILE`` (or ``--config=FILE``) JSON/YAML
+file supplies defaults that explicit flags override, and the final config is saved beside the
+outputs. Every error a user causes (bad flags, a malformed config, bad values) prints one line
+``fvsanity: error: ...`` on stderr and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
+import pkgutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import FVSanityError
 
-COMMANDS = ["layers", "visualize", "check", "fool", "audit", "demo", "bench"]
+
+class UsageError(FVSanityError):
+    """A command line argparse refuses (unknown flag, invalid choice, missing value)."""
+
+
+class ConfigError(FVSanityError):
+    """A ``--config`` file that cannot be read, parsed or applied."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is a :class:`UsageError` (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        command = self.prog.removeprefix("fvsanity").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def list_commands() -> list[str]:
+    """Names of the command modules in ``fvsanity/commands`` (each exposes ``register``), sorted."""
+    from . import commands
+
+    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
 
 
 def add_common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
@@ -33,28 +59,162 @@ def add_common(p: argparse.ArgumentParser, out_default: str | None = None) -> No
     p.add_argument("--config", default=None, help="JSON/YAML file of defaults; flags override it")
 
 
-def load_config_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """If ``--config FILE`` is on the command line, make its keys the parser's defaults."""
-    if "--config" not in argv:
-        return
-    i = argv.index("--config")
-    if i + 1 >= len(argv):
-        return
-    path = Path(argv[i + 1])
-    if not path.is_file():
-        raise FVSanityError(f"--config file not found: {path}")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml  # optional dependency
+# ------------------------------------------------------------------------------ --config
+def config_path(argv: list[str]) -> Path | None:
+    """The ``--config FILE`` / ``--config=FILE`` named on the command line (the last one wins, as
+    in argparse), or None. A ``--config`` without a value is left to argparse to refuse."""
+    path = None
+    for i, a in enumerate(argv):
+        if a == "--":
+            break
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    return None if path is None else Path(path)
 
-        cfg = yaml.safe_load(text) or {}
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict: YAML for ``.yaml``/``.yml``, JSON otherwise.
+
+    Raises:
+        ConfigError: missing or unreadable file, a parse error (with line and column), or a
+            document that is not a mapping of flag names to values.
+    """
+    path = Path(path)
+    where = f"--config {str(path)!r}"
+    if not path.exists():
+        raise ConfigError(f"{where}: file not found")
+    if not path.is_file():
+        raise ConfigError(f"{where} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {e.start})") from e
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read: {e.strerror or type(e).__name__}") from e
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError as e:  # declared in pyproject; a broken install
+            raise ConfigError(f"{where}: reading YAML needs PyYAML (pip install pyyaml), or use a .json file") from e
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from e
+        cfg = {} if cfg is None else cfg  # an empty YAML file sets nothing
+        kind = "YAML"
     else:
-        cfg = json.loads(text)
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        kind = "JSON"
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: the {kind} must be a mapping of flag names to values, got {type(cfg).__name__}")
+    return cfg
+
+
+# keys a saved config.json holds that are not flags: accepted in a --config, never applied
+_RECORD_KEYS = ("command", "config")
+
+
+def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "version", "config")}
+
+
+def _check_value(where: str, key: str, action: argparse.Action, v: Any) -> Any:
+    """The config value ``v`` for the flag ``action``, checked as argparse checks the flag."""
+    flag = action.option_strings[-1]
+
+    def bad(what: str):
+        return ConfigError(f"{where}: {key!r} ({flag}) must be {what}, got {json.dumps(v)}")
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(v, bool):
+            raise bad("true or false")
+        return v
+    if isinstance(action, argparse._AppendAction):
+        vals = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, str) for x in vals):
+            raise bad("a string or a list of strings")
+        return vals
+    typ = action.type
+    if v is None:
+        return v
+    if isinstance(v, str) and typ not in (None, str):
+        try:
+            v = typ(v)  # what argparse does with the same string on the command line
+        except (TypeError, ValueError):
+            raise bad(f"{'an integer' if typ is int else 'a number'}") from None
+    if typ is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise bad("an integer")
+    if typ is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise bad("a number")
+    if typ in (None, str) and not isinstance(v, str):
+        raise bad("a string")
+    if action.choices is not None and v not in action.choices:
+        raise ConfigError(f"{where}: {key!r} ({flag}) {json.dumps(v)} is not valid; valid: "
+                          f"{', '.join(map(str, action.choices))}")
+    return float(v) if typ is float else v
+
+
+def load_config_defaults(parser: argparse.ArgumentParser, argv: list[str], command: str | None = None) -> dict:
+    """If ``--config FILE`` (or ``--config=FILE``) is in ``argv``, make its keys ``parser``'s
+    defaults (explicit flags still override them).
+
+    Keys are flag names with ``_`` or ``-`` (``n_boot``, ``n-boot``, ``--n-boot``). A saved
+    ``config.json`` round-trips: its ``command`` must be ``command``; ``config`` and other keys
+    the command records but that are no flag (``parser``'s ``set_defaults``) are not applied.
+
+    Returns:
+        {dest: list} for repeatable flags (``--unit``): argparse would append command-line values
+        to a default list, so these are applied by :func:`apply_config_lists` after parsing, only
+        where the flag was not given.
+
+    Raises:
+        ConfigError: unreadable/malformed file, an unknown key (named with the closest flag and
+            the valid ones), or a value of the wrong type or not among the flag's choices.
+    """
+    path = config_path(argv)
+    if path is None or not any(a.dest == "config" for a in parser._actions):
+        return {}  # a command without --config: argparse refuses the flag
+    where = f"--config {str(path)!r}"
+    cfg = read_config(path)
+    flags = _flag_actions(parser)
+    recorded = set(_RECORD_KEYS) | (set(parser._defaults) - {"func"})
+    defaults = {}
+    for raw, v in cfg.items():
+        key = str(raw).lstrip("-").replace("-", "_")
+        if key in flags:
+            defaults[key] = _check_value(where, str(raw), flags[key], v)
+        elif key == "command":
+            if command is not None and v != command:
+                raise ConfigError(f"{where} is a config of 'fvsanity {v}', not of 'fvsanity {command}'")
+        elif key not in recorded:
+            names = sorted(k.replace("_", "-") for k in flags)
+            close = difflib.get_close_matches(key.replace("_", "-"), names, n=1, cutoff=0.6)
+            hint = f"; closest: {close[0]}" if close else ""
+            raise ConfigError(f"{where}: unknown key {str(raw)!r}{hint}; valid: {', '.join(names)}")
+    lists = {k: v for k, v in defaults.items() if isinstance(flags[k], argparse._AppendAction)}
+    for k in defaults:
+        flags[k].required = False  # the config gives it
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k not in lists})
+    return lists
+
+
+def apply_config_lists(args: argparse.Namespace, lists: dict) -> None:
+    """Repeatable flags from the config (see :func:`load_config_defaults`) where none were given."""
+    for k, v in lists.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, list(v))
 
 
 def save_config(args: argparse.Namespace, out: str | Path, name: str = "config.json") -> Path:
-    """Write the final (merged) config beside the outputs."""
+    """Write the final (merged) config beside the outputs (a valid ``--config`` for a rerun)."""
     from .io import atomic_write_json
 
     cfg = {k: v for k, v in vars(args).items() if k != "func" and not callable(v)}
@@ -76,19 +236,14 @@ def resolve_device(name: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fvsanity", description="Sanity checks for feature visualizations.")
+    """The ``fvsanity`` parser with one subparser per module of :func:`list_commands`."""
+    parser = _Parser(prog="fvsanity", description="Sanity checks for feature visualizations.")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"fvsanity {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(f"commands.{name}"):
-                continue  # command not built yet
-            raise
-        mod.register(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in list_commands():
+        importlib.import_module(f".commands.{name}", __package__).register(sub)
     return parser
 
 
@@ -96,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()
-        if argv and argv[0] in parser._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
-            load_config_defaults(parser._subparsers._group_actions[0].choices[argv[0]], argv)  # type: ignore[union-attr]
+        commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        lists = load_config_defaults(commands[argv[0]], argv[1:], command=argv[0]) if argv and argv[0] in commands else {}
         args = parser.parse_args(argv)
+        apply_config_lists(args, lists)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import pytest
@@ -62,7 +63,11 @@ def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
     assert [u["unit"] for u in audit["units"]] == UNITS
     assert audit["fv_settings_hash"] == settings_hash(audit["fv_settings"])
     assert audit["fv_settings"]["steps"] == 8 and audit["seeds"]["fv_seeds"] == [0, 1]
-    assert audit["provenance"]["versions"]["torch"] == torch.__version__.split("+")[0] or audit["provenance"]["versions"]["torch"]
+    # the installed distribution's version; its release part is the one torch reports (a local
+    # suffix such as +cu130 may be in torch.__version__ only)
+    torch_version = audit["provenance"]["versions"]["torch"]
+    assert torch_version == importlib.metadata.version("torch")
+    assert torch_version.split("+")[0] == torch.__version__.split("+")[0]
     assert audit["images"]["n_images"] == 40
     assert audit["summary"]["n_units"] == 4
     # the paired design across the 4 units, on the layers every path shares

@@ -151,3 +151,237 @@ def test_interrupted_run_resumes(tmp_path, images, monkeypatch, capsys):
     assert [u["unit"] for u in audit["units"]] == ["fc:1", "fc:2", "block4:3"]
     assert audit["timing"]["units_computed_this_call"] == ["fc_c2", "block4_c3"]
     assert not [p for p in (out / "units").iterdir() if p.name.startswith(".")]  # no half-written unit
+
+
+# ------------------------------------------------------------------------------ every command
+def _one_error_line(capsys, argv) -> str:
+    """Run ``main(argv)``: exit 2, exactly one non-empty stderr line ``fvsanity: error: ...``."""
+    capsys.readouterr()
+    rc = main(argv)
+    cap = capsys.readouterr()
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert rc == 2, (rc, cap.err)
+    assert len(lines) == 1 and lines[0].startswith("fvsanity: error: "), cap.err
+    assert "Traceback" not in cap.err + cap.out
+    return lines[0]
+
+
+R20 = ["--model", "cifar10-resnet20"]
+U = ["--unit", "linear:1"]
+S3 = ["--shift", "3"]  # fool: the default --shift 100 is an identity on 10 classes
+
+BAD_INPUTS = [
+    # layers
+    (["layers", "resnet5O"], r"unknown model 'resnet5O'.*closest: resnet50"),
+    (["layers", "--weights", "{tmp}/nope.th"], r"weights file not found"),
+    (["layers", "--frobnicate"], r"unrecognized arguments: --frobnicate"),
+    # visualize
+    (["visualize", "--model", "nope", *U], r"unknown model 'nope'"),
+    (["visualize", *R20, "--device", "tpu", *U], r"unknown --device 'tpu'; valid: cpu, cuda, cuda:N"),
+    (["visualize", *R20, "--steps", "-1", *U], r"--steps must be >= 1, got -1"),
+    (["visualize", *R20, "--seeds", "0", *U], r"--seeds must be >= 1, got 0"),
+    (["visualize", *R20, "--size", "0", *U], r"--size must be >= 1, got 0"),
+    (["visualize", *R20, "--lr", "-1", *U], r"--lr must be > 0, got -1.0"),
+    (["visualize", *R20, "--batch-size", "0", *U], r"--batch-size must be >= 1, got 0"),
+    (["visualize", *R20, "--checkpoints", "abc", *U], r"--checkpoints must be comma-separated step numbers, got 'abc'"),
+    (["visualize", *R20, "--checkpoints", "-3", *U], r"--checkpoints -3 out of range; valid: 1\.\.512"),
+    (["visualize", *R20, "--out", "{file}/out", *U], r"is not writable"),
+    (["visualize", *R20, "--unit", "linear:99"], r"channel 99 out of range for 'linear': valid 0\.\.9"),
+    (["visualize", *R20, "--unit", "bogus"], r"bad unit 'bogus'; expected LAYER:CHANNEL"),
+    (["visualize", *R20, "--param", "png", *U], r"visualize: argument --param: invalid choice: 'png'"),
+    (["visualize", *R20], r"visualize: the following arguments are required: --unit"),
+    (["visualize", *R20, "--steps", "many", *U], r"visualize: argument --steps: invalid int value: 'many'"),
+    # check
+    (["check", "--model", "nope", *U], r"unknown model 'nope'"),
+    (["check", *R20, "--steps", "-1", *U], r"--steps must be >= 1, got -1"),
+    (["check", *R20, "--seeds", "0", *U], r"--seeds must be >= 1, got 0"),
+    (["check", *R20, "--alpha", "2", *U], r"--alpha must be in \(0, 1\), got 2\.0"),
+    (["check", *R20, "--n-perm", "0", *U], r"--n-perm must be >= 1, got 0"),
+    (["check", *R20, "--n-boot", "-1", *U], r"--n-boot must be >= 0, got -1"),
+    (["check", *R20, "--out", "{file}/out", *U], r"is not writable"),
+    (["check", *R20, "--images", "{tmp}/nope", *U], r"image folder not found"),
+    (["check", *R20, "--labels", "{tmp}/nope.csv", *U], r"--labels file not found"),
+    (["check", *R20, "--metric", "spearmann", *U], r"check: argument --metric: invalid choice: 'spearmann'"),
+    (["check", *R20, "--unit", "linear:x"], r"bad unit 'linear:x'"),
+    (["check", *R20, "--layers", "layer9", *U], r"unknown layer 'layer9'"),
+    (["check", *R20], r"pass at least one --unit"),
+    # fool
+    (["fool", "--model", "nope"], r"unknown model 'nope'"),
+    (["fool", *R20, "--split", "2"], r"--split must be in \(0, 1\), got 2\.0"),
+    (["fool", *R20, "--det-steps", "-1", *S3], r"--det-steps must be >= 1, got -1"),
+    (["fool", *R20, "--eval-seeds", "0", *S3], r"--eval-seeds must be >= 1, got 0"),
+    (["fool", *R20, "--fv-size", "0", *S3], r"--fv-size must be >= 1, got 0"),
+    (["fool", *R20, "--k", "-1", *S3], r"--k must be > 0, got -1\.0"),
+    (["fool", *R20, "--margin-sd", "-1", *S3], r"--margin-sd must be >= 0, got -1\.0"),
+    (["fool", *R20, "--out", "{file}/out", *S3], r"is not writable"),
+    (["fool", *R20, "--train-images", "{tmp}/nope", *S3], r"image folder not found"),
+    (["fool", *R20, "--method", "magic"], r"fool: argument --method: invalid choice: 'magic'"),
+    # audit
+    (["audit", "--model", "nope", "--units", "linear:1"], r"unknown model 'nope'"),
+    (["audit", *R20, "--steps", "-1", "--units", "linear:1"], r"--steps must be >= 1, got -1"),
+    (["audit", *R20, "--seeds", "0", "--units", "linear:1"], r"--seeds must be >= 1, got 0"),
+    (["audit", *R20, "--size", "0", "--units", "linear:1"], r"--size must be >= 1, got 0"),
+    (["audit", *R20, "--alpha", "2", "--units", "linear:1"], r"--alpha must be in \(0, 1\), got 2\.0"),
+    (["audit", *R20, "--n-perm", "0", "--units", "linear:1"], r"--n-perm must be >= 1, got 0"),
+    (["audit", *R20, "--n-boot", "-1", "--units", "linear:1"], r"--n-boot must be >= 0, got -1"),
+    (["audit", *R20, "--n-other", "0", "--units", "linear:1"], r"--n-other must be >= 1, got 0"),
+    (["audit", *R20, "--out", "{file}/out", "--units", "linear:1"], r"is not writable"),
+    (["audit", *R20, "--images", "{tmp}/nope", "--units", "linear:1"], r"image folder not found"),
+    (["audit", *R20, "--units", "linear:x"], r"bad unit 'linear:x'"),
+    # demo
+    (["demo", "--steps", "-1"], r"--steps must be >= 1, got -1"),
+    (["demo", "--seeds", "0"], r"--seeds must be >= 1, got 0"),
+    (["demo", "--class-units", "-1"], r"--class-units must be >= 0, got -1"),
+    (["demo", "--class-units", "0", "--block-units", "0"], r"no units to audit"),
+    (["demo", "--out", "{file}/out"], r"is not writable"),
+    # the command itself
+    (["bench"], r"argument COMMAND: invalid choice: 'bench' \(choose from .*'audit'"),
+]
+
+
+@pytest.mark.parametrize("argv, expect", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_every_command_bad_input_is_one_line_exit_2(argv, expect, tmp_path, data_root, capsys):
+    import re
+
+    f = tmp_path / "a_file.txt"
+    f.write_text("keep me")
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{file}", str(f)) for a in argv]
+    if argv[0] not in ("layers", "bench") and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    line = _one_error_line(capsys, argv)
+    assert re.search(expect, line), line
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["visualize", "check", "fool", "audit", "demo"])
+def test_device_cuda_without_cuda_is_one_line(command, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [command, "--device", "cuda", "--out", str(tmp_path / "o")]
+    argv += {"visualize": U, "check": U, "audit": ["--units", "linear:1"], "fool": S3}.get(command, [])
+    line = _one_error_line(capsys, argv)
+    assert "--device 'cuda' requested but CUDA is not available; valid here: cpu" in line
+
+
+# ------------------------------------------------------------------------------ --config
+def _cfg(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "name, text, expect",
+    [
+        ("bad.json", '{"steps": 3,\n "seeds": }', r"invalid JSON at line 2, column 11: Expecting value"),
+        ("bad.yaml", "steps: 3\n seeds: [1\n", r"invalid YAML at line 2, column 7: mapping values are not allowed"),
+        ("list.json", "[1, 2]", r"the JSON must be a mapping of flag names to values, got list"),
+        ("scalar.yml", "42\n", r"the YAML must be a mapping of flag names to values, got int"),
+        ("typo.json", '{"stpes": 3}', r"unknown key 'stpes'; closest: steps; valid: alpha, batch-size, .*top-k, unit"),
+        ("type.json", '{"steps": "abc"}', r"'steps' \(--steps\) must be an integer, got \"abc\""),
+        ("type2.json", '{"alpha": [0.1]}', r"'alpha' \(--alpha\) must be a number, got \[0\.1\]"),
+        ("flag.yaml", "no-progress: 1\n", r"'no-progress' \(--no-progress\) must be true or false, got 1"),
+        ("choice.json", '{"metric": "spearmann"}', r"'metric' \(--metric\) \"spearmann\" is not valid; valid: .*spearman"),
+        ("other.json", '{"command": "audit", "steps": 3}', r"is a config of 'fvsanity audit', not of 'fvsanity check'"),
+        ("binary.json", None, r"not UTF-8 text"),
+    ],
+)
+def test_config_errors_are_one_line(name, text, expect, tmp_path, capsys):
+    import re
+
+    path = tmp_path / name
+    if text is None:
+        path.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        path.write_text(text)
+    for form in (["--config", str(path)], [f"--config={path}"]):
+        line = _one_error_line(capsys, ["check", *U, *form, "--out", str(tmp_path / "o")])
+        assert re.search(expect, line), line
+        assert str(path) in line
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_config_missing_file_and_folder(tmp_path, capsys):
+    line = _one_error_line(capsys, ["check", *U, "--config", str(tmp_path / "nope.json")])
+    assert "file not found" in line and "nope.json" in line
+    line = _one_error_line(capsys, ["check", *U, f"--config={tmp_path}"])
+    assert "is not a file" in line
+
+
+def test_config_equals_form_is_applied_and_flags_override(tmp_path, monkeypatch):
+    """``--config=FILE`` sets defaults like ``--config FILE`` (it was ignored); flags win."""
+    from fvsanity import cli
+    from fvsanity.commands import visualize
+
+    seen = []
+    monkeypatch.setattr(visualize, "run", lambda args: seen.append(vars(args).copy()) or 0)
+    cfg = _cfg(tmp_path, "c.yaml", "steps: 7\nseeds: 3\nlr: 0.5\nunit: linear:2\nno-progress: true\n")
+    assert cli.main(["visualize", f"--config={cfg}", "--seeds", "2"]) == 0
+    assert cli.main(["visualize", "--config", str(cfg), "--unit", "linear:5"]) == 0
+    assert [(s["steps"], s["seeds"], s["lr"], s["unit"], s["no_progress"]) for s in seen] == [
+        (7, 2, 0.5, ["linear:2"], True), (7, 3, 0.5, ["linear:5"], True)]
+
+
+def test_saved_config_roundtrips_as_config(tmp_path, monkeypatch):
+    """The config.json a run saves is a valid --config for the same command (its ``command`` and
+    ``config`` keys, and what a command records, are accepted and not applied)."""
+    from fvsanity import cli
+    from fvsanity.commands import fool
+
+    seen = []
+
+    def fake_run(args):
+        args.eval_split = {"train": 5, "eval": 5}  # as fool.run records it
+        cli.save_config(args, tmp_path)
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(fool, "run", fake_run)
+    assert cli.main(["fool", "--shift", "3", "--det-steps", "9", "--k", "50"]) == 0
+    assert cli.main(["fool", "--config", str(tmp_path / "config.json")]) == 0
+    a, b = seen
+    assert (b.shift, b.det_steps, b.k, b.config) == (3, 9, 50.0, str(tmp_path / "config.json"))
+    assert {k: v for k, v in vars(a).items() if k not in ("config", "func")} == {
+        k: v for k, v in vars(b).items() if k not in ("config", "func")}
+
+
+def test_commands_are_the_modules_that_exist():
+    """The command list comes from fvsanity/commands/*.py: no phantom 'bench', each one registered."""
+    from fvsanity import cli
+
+    names = cli.list_commands()
+    assert names == ["audit", "check", "demo", "fool", "layers", "visualize"]
+    sub = cli.build_parser()._subparsers._group_actions[0].choices
+    assert sorted(sub) == names
+    assert not hasattr(cli, "COMMANDS")
+
+
+def test_a_broken_command_module_is_not_silently_skipped(monkeypatch):
+    import sys
+    import types
+
+    from fvsanity import cli
+
+    monkeypatch.setattr(cli, "list_commands", lambda: ["layers", "ghost"])
+    broken = types.ModuleType("fvsanity.commands.ghost")  # no register()
+    monkeypatch.setitem(sys.modules, "fvsanity.commands.ghost", broken)
+    with pytest.raises(AttributeError, match="register"):
+        cli.build_parser()
+
+
+# ------------------------------------------------------------------------------ --n-boot 0
+@pytest.mark.parametrize("command", ["check", "audit"])
+def test_n_boot_zero_is_valid_no_intervals(command, tmp_path, data_root, capsys):
+    """--n-boot 0 = no bootstrap intervals (null CIs); the verdict still comes from the test."""
+    out = tmp_path / "out"
+    unit = ["--unit" if command == "check" else "--units", "linear:1"]
+    argv = [command, *R20, *unit, "--images", str(data_root / "cifar10-test"), "--limit", "40", "--steps", "2",
+            "--seeds", "2", "--top-k", "3", "--n-other", "10", "--n-boot", "0", "--n-perm", "20", "--no-progress",
+            "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    doc = json.loads((out / ("check.json" if command == "check" else "audit.json")).read_text())
+    unit_doc = doc["units"][0]
+    layers = unit_doc["layers"] if command == "check" else unit_doc["path"]["layers"]
+    assert layers and all(r["ci_low"] is None and r["ci_high"] is None for r in layers)
+    assert all(r["p_value"] is not None for r in layers)

@@ -410,10 +410,14 @@ def test_detector_rejects_empty_input():
 
 
 # ---------------------------------------------------------------------------------- pipeline
-def test_pipeline_smoke_on_tiny_model(tmp_path):
+def test_pipeline_smoke_on_tiny_model(tmp_path, monkeypatch):
+    import fvsanity.fool.model as fool_model
     from fvsanity.data import from_tensor
     from fvsanity.fool.pipeline import FoolSettings, run_fool
 
+    saved = []  # the manipulated model the pipeline built and saved, in memory
+    real_save = fool_model.save_manipulated
+    monkeypatch.setattr(fool_model, "save_manipulated", lambda m, *a, **k: saved.append(m) or real_save(m, *a, **k))
     lm = tiny_model()
     g = torch.Generator().manual_seed(0)
     train = torch.rand(24, 3, 16, 16, generator=g)
@@ -424,15 +428,29 @@ def test_pipeline_smoke_on_tiny_model(tmp_path):
                      check_n_perm=20, progress=False)
     res = run_fool(lm, make_routes(lm, "all", shift=1), train, from_tensor(ev, labels), s, tmp_path / "out")
     d = json.loads((tmp_path / "out" / "fool.json").read_text())
-    for key in ("identical_top1_fraction", "top1_original", "top1_manipulated", "detector_heldout_accuracy",
-                "ssim_manipulated_fv_to_target", "ssim_original_fv_to_target", "inference_time_ratio",
-                "check_flags_manipulation", "check_control_flagged_fraction"):
-        assert key in d, key
-    assert "control" in d["check"] and 0.0 <= d["check_control_flagged_fraction"] <= 1.0
+    assert d == json.loads(json.dumps(res.to_json()))
     assert (tmp_path / "out" / "fool.png").is_file()
+    assert d["n_eval_images"] == 16 and d["n_routes"] == 5  # every class unit of the tiny model
+    # the fooling circuit keeps every natural logit bit for bit: identical predictions, zero difference
+    with torch.no_grad():
+        top1 = float((lm(ev).argmax(1) == labels).double().mean())
+    assert d["identical_top1_fraction"] == 1.0 and d["max_abs_logit_diff"] == 0.0
+    assert d["top1_original"] == d["top1_manipulated"] == top1
+    assert d["predictions"]["n_exactly_equal_logits"] == 16 and d["predictions"]["n_different_top1"] == 0
+    # the closed-loop check: summary mirrors the per-unit flags
+    chk = d["check"]
+    assert chk["available"] is True and len(chk["units"]) == 2  # eval_units=2
+    assert d["check_flags_manipulation"] == chk["flags_manipulation"] == any(u["flagged"] for u in chk["units"])
+    assert d["check_flagged_fraction"] == sum(u["flagged"] for u in chk["units"]) / len(chk["units"])
+    ctrl = chk["control"]["units"]
+    assert len(ctrl) >= 1 and d["check_control_flagged_fraction"] == sum(u["flagged"] for u in ctrl) / len(ctrl)
+    # what was saved is the model that was built; loading rebuilds it whatever the base's weights
+    assert len(saved) == 1
     back = load_manipulated(tmp_path / "out" / "model", base=tiny_model(seed=5))
     with torch.no_grad():
-        assert torch.equal(back(ev), res and load_manipulated(tmp_path / "out" / "model", base=lm)(ev))
+        assert torch.equal(back(ev), saved[0](ev))
+        assert torch.equal(back(ev), lm(ev))  # on natural images the circuit is exactly the original
+        assert torch.equal(back(train), saved[0](train))
 
 
 def test_pipeline_picture_route_trains_detector_on_template_trajectories(tmp_path):
@@ -455,7 +473,9 @@ def test_pipeline_picture_route_trains_detector_on_template_trajectories(tmp_pat
     assert bundle.picture_key and (tmp_path / "work" / f"fv_picture_{bundle.picture_key}_train" / "fv.json").is_file()
     res = run_fool(lm, routes, train, from_tensor(ev, torch.arange(16) % 5), s, tmp_path / "out", bundle=bundle)
     assert res.summary["detector_heldout_picture_recall"] == bundle.heldout_picture.fv_recall
-    assert res.summary["identical_top1_fraction"] <= 1.0
+    # the picture route keeps natural predictions too: bit-identical logits on the eval images
+    assert res.summary["identical_top1_fraction"] == 1.0 and res.summary["max_abs_logit_diff"] == 0.0
+    assert res.summary["top1_original"] == res.summary["top1_manipulated"]
 
 
 @pytest.mark.parametrize("name", ["fooling_circuit", "silent_units"])
@@ -470,8 +490,9 @@ def test_experiment_smoke(name, tmp_path):
     assert mod.main(["--smoke", "--figures", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["runs"]) == {"tiny_permute", "tiny_picture"}
-    for r in res["runs"].values():
-        assert 0.0 <= r["summary"]["identical_top1_fraction"] <= 1.0
+    for r in res["runs"].values():  # both manipulations leave natural logits bit-identical on the tiny model
+        assert r["summary"]["identical_top1_fraction"] == 1.0 and r["summary"]["max_abs_logit_diff"] == 0.0
+        assert r["summary"]["top1_original"] == r["summary"]["top1_manipulated"]
     assert (tmp_path / "tiny_permute.png").is_file()
 
 
@@ -487,8 +508,9 @@ def test_cli_fool_on_real_cifar_model(data_root, tmp_path):
     ])
     assert rc == 0
     d = json.loads((out / "fool.json").read_text())
-    if d["max_abs_logit_diff"] == 0:  # equal logits must mean equal predictions
-        assert d["identical_top1_fraction"] == 1.0 and d["top1_original"] == d["top1_manipulated"]
+    # the fooling circuit leaves the real ResNet-20's natural logits bit-identical
+    assert d["max_abs_logit_diff"] == 0.0 and d["identical_top1_fraction"] == 1.0
+    assert d["top1_original"] == d["top1_manipulated"] and d["predictions"]["n_exactly_equal_logits"] == 60
     assert d["n_eval_images"] == 60 and d["n_routes"] == 10
     back = load_manipulated(out / "model")  # rebuilt from the registered base name
     assert back.output_layer == "linear"
@@ -501,3 +523,25 @@ def test_cli_fool_on_real_cifar_model(data_root, tmp_path):
     assert "+circuit" in json.dumps(chk) and chk["units"][0]["unit"] == "linear:0"
     assert main(["fool", "--model", "cifar10-resnet20", "--shift", "10", "--train-images",
                  str(data_root / "cifar10-test"), "--limit", "10", "--out", str(tmp_path / "x")]) == 2
+
+
+# ---------------------------------------------------------------------------------- target picture
+def test_load_picture_closes_its_file(tmp_path):
+    import gc
+    import warnings
+
+    from PIL import Image
+
+    from fvsanity.fool.routes import load_picture
+
+    # PIL closes a single-frame PNG after loading; a GIF (multi-frame format) stays open until closed
+    path = tmp_path / "target.gif"
+    Image.fromarray(np.full((6, 4, 3), (255, 0, 51), dtype=np.uint8)).save(path)
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        pic = load_picture(path, size=(3, 2))
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert pic.shape == (3, 3, 2)
+    assert torch.equal(pic, torch.tensor([1.0, 0.0, 0.2]).view(3, 1, 1).expand(3, 3, 2))

@@ -210,3 +210,37 @@ def test_circuit_error_is_reported_not_tabulated(tmp_path):
     text = render_html(audit, tmp_path)
     assert "Circuit comparison failed for this unit: every edge score is zero for fc:7" in text
     assert "Circuit" not in to_markdown(audit).splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------- path figure
+def _check_doc():
+    names = ["block0", "block1", "block2"]
+    units = []
+    for spec, flags in (("fc:1", [True, True, False]), ("fc:7", [False, True, True])):
+        u = [_layer(n, 0.5 + 0.1 * a, 0.8, 0.5, a, 0.01 if a else 0.9) for n, a in zip(names, flags)]
+        units.append({"unit": spec, "class_name": None, "layers": u,
+                      "verdict": {"label": "diverges from natural images for 1 of 3 layers", "n_not_above": 1,
+                                  "n_layers": 3}})
+    return {"model": "tiny_model", "settings": {"metric": "spearman"}, "units": units}
+
+
+@pytest.mark.parametrize("suffix, magic", [(".pdf", b"%PDF"), (".svg", b"<?xml"), (".png", b"\x89PNG\r\n\x1a\n")])
+def test_path_figure_writes_the_format_its_suffix_names(tmp_path, suffix, magic):
+    from fvsanity.report.path_figure import plot_path_similarity
+
+    for mode in ("panels", "mean"):
+        path = plot_path_similarity(_check_doc(), tmp_path / f"fig_{mode}{suffix}", mode=mode)
+        assert path == tmp_path / f"fig_{mode}{suffix}"
+        assert path.read_bytes().startswith(magic), path.read_bytes()[:16]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"fig_mean{suffix}", f"fig_panels{suffix}"]  # no temp left
+
+
+def test_path_figure_unknown_suffix_is_refused_and_nothing_is_written(tmp_path):
+    from fvsanity.errors import FVSanityError
+    from fvsanity.report.path_figure import plot_path_similarity
+
+    (tmp_path / "fig.jpg").write_bytes(b"keep me")
+    with pytest.raises(FVSanityError, match=r"unknown suffix '\.jpg'; valid: \.png, \.pdf, \.svg"):
+        plot_path_similarity(_check_doc(), tmp_path / "fig.jpg")
+    assert (tmp_path / "fig.jpg").read_bytes() == b"keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["fig.jpg"]

@@ -74,13 +74,29 @@ def get_fvs(lm, units, cfg, fv_dir: Path | None, allow_generate: bool, progress:
     if fv_dir is not None:
         tmp = fv_dir.with_name(fv_dir.name + "_tmp")
         res.save(tmp)
-        if fv_dir.exists():
-            import shutil
-
-            shutil.rmtree(fv_dir)
-        os.replace(tmp, fv_dir)
+        replace_dir(tmp, fv_dir)
         log(f"saved FVs to {fv_dir}")
     return res
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Move the folder ``new`` to ``dest``, replacing any folder there, without a moment where
+    neither exists: the old ``dest`` is renamed aside, ``new`` renamed in, and only then is the
+    old one deleted. If moving ``new`` in fails, the old folder is put back and the error raised.
+    """
+    import shutil
+    import uuid
+
+    aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    if dest.exists():
+        os.replace(dest, aside)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        if aside.exists():
+            os.replace(aside, dest)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def trace_stats(traces: torch.Tensor) -> dict:

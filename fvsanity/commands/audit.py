@@ -62,11 +62,12 @@ def config_from_args(args: argparse.Namespace):
     from ..audit import AuditConfig
     from ..errors import FVSanityError
 
-    for name in ("steps", "seeds", "fv_batch", "top_k", "n_boot", "n_perm", "batch_size", "circuit_images",
-                 "circuit_steps"):
+    for name in ("steps", "seeds", "size", "fv_batch", "top_k", "n_other", "n_boot", "n_perm", "batch_size",
+                 "circuit_images", "circuit_steps"):
         v = getattr(args, name)
-        if v is not None and v < (0 if name in ("n_boot", "n_perm") else 1):
-            raise FVSanityError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        lo = 0 if name == "n_boot" else 1  # --n-boot 0: no CIs; the verdict needs a test, so --n-perm >= 1
+        if v is not None and v < lo:
+            raise FVSanityError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
     if not 0 < args.alpha < 1:
         raise FVSanityError(f"--alpha must be in (0, 1), got {args.alpha}")
     return AuditConfig(

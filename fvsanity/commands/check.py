@@ -201,11 +201,13 @@ def run(args: argparse.Namespace) -> int:
 
     for flag, v, lo in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1), ("--top-k", args.top_k, 0),
                         ("--n-other", args.n_other, 1), ("--batch-size", args.batch_size, 1),
-                        ("--n-boot", args.n_boot, 0), ("--n-perm", args.n_perm, 0)):
+                        ("--n-boot", args.n_boot, 0), ("--n-perm", args.n_perm, 1)):  # n-boot 0: no CIs
         if v < lo:
             raise FVSanityError(f"{flag} must be >= {lo}, got {v}")
     if not 0 < args.alpha < 1:
         raise FVSanityError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if args.labels is not None and not Path(args.labels).is_file():
+        raise FVSanityError(f"--labels file not found: {args.labels!r}")
     if not args.unit and not args.fv:
         raise FVSanityError("pass at least one --unit LAYER:CHANNEL (or --fv with saved FVs)")
     # the metric's design decides its role; refused here, before the model or any image is loaded
@@ -220,6 +222,11 @@ def run(args: argparse.Namespace) -> int:
         lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                         allow_partial=args.allow_partial_weights)
     units = parse_units(args.unit, lm) if args.unit else []
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
+    if layers:  # before any FV work
+        from ..units import resolve_layer
+
+        layers = [resolve_layer(lm.model, name) for name in layers]
 
     images_dir = args.images
     if images_dir is None:
@@ -244,11 +251,6 @@ def run(args: argparse.Namespace) -> int:
         )
     if fv is None:
         fv = _generate(lm, units, args, out, device)
-    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
-    if layers:
-        from ..units import resolve_layer
-
-        layers = [resolve_layer(lm.model, name) for name in layers]
 
     res = path_check(
         lm, units, fv, natural, metric=per_unit_metric, layers=layers, top_k=args.top_k,

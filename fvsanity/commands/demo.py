@@ -58,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import FVSanityError
     from ..io import ensure_writable_dir
 
-    if args.steps < 1 or args.seeds < 1:
-        raise FVSanityError(f"--steps and --seeds must be >= 1, got {args.steps} and {args.seeds}")
+    for flag, v, lo in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1), ("--class-units", args.class_units, 0),
+                        ("--block-units", args.block_units, 0)):
+        if v < lo:
+            raise FVSanityError(f"{flag} must be >= {lo}, got {v}")
+    if args.class_units + args.block_units < 1:
+        raise FVSanityError("--class-units and --block-units are both 0: no units to audit")
     out = ensure_writable_dir(args.out)
     device = resolve_device(args.device)
     lm = default_model(device=device)

@@ -58,7 +58,7 @@ def register(sub) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the closed-loop path check")
     p.add_argument("--work", default=None, help="cache folder for FVs and the detector [OUT/work]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, eval_split=None)  # eval_split: recorded in config.json by run
 
 
 def _images(lm, folder, limit, seed):
@@ -78,6 +78,18 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..units import _shapes_for
 
+    for flag in ("det_units", "det_heldout_units", "det_seeds", "det_steps", "det_epochs", "eval_units", "eval_seeds",
+                 "eval_steps", "fv_size", "limit"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise FVSanityError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    for flag, v, lo, strict in (("--k", args.k, 0, True), ("--strength", args.strength, 0, True),
+                                ("--silent-width", args.silent_width, 0, True), ("--margin", args.margin, 0, False),
+                                ("--margin-sd", args.margin_sd, 0, False)):
+        if not (v > lo if strict else v >= lo):
+            raise FVSanityError(f"{flag} must be {'>' if strict else '>='} {lo}, got {v}")
+    if not 0 < args.split < 1:
+        raise FVSanityError(f"--split must be in (0, 1), got {args.split}")
     out = ensure_writable_dir(args.out or "runs/fool")
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
@@ -86,8 +98,6 @@ def run(args: argparse.Namespace) -> int:
         from ..defaults import default_images
 
         args.train_images = str(default_images(lm))
-    if not 0 < args.split < 1:
-        raise FVSanityError(f"--split must be in (0, 1), got {args.split}")
     train = _images(lm, args.train_images, args.limit, args.seed)
     if args.eval_images is None or Path(args.eval_images).resolve() == Path(args.train_images).resolve():
         tr, ev = split_indices(len(train), args.split, args.seed)
@@ -109,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         ckpts = tuple(int(c) for c in args.det_checkpoints.split(",") if c.strip())
     except ValueError as e:
         raise FVSanityError(f"--det-checkpoints must be comma-separated step numbers, got {args.det_checkpoints!r}") from e
+    if any(not 1 <= c <= args.det_steps for c in ckpts):
+        raise FVSanityError(f"--det-checkpoints {args.det_checkpoints!r} out of range; valid: 1..{args.det_steps} (--det-steps)")
     settings = FoolSettings(
         method=args.method, seed=args.seed, fv_size=args.fv_size, det_units=args.det_units,
         det_heldout_units=args.det_heldout_units, det_seeds=args.det_seeds, det_steps=args.det_steps,

@@ -28,11 +28,24 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import resolve_device, save_config
+    from ..errors import FVSanityError
     from ..generate import render
     from ..io import ensure_writable_dir
     from ..models import load_model
     from ..units import parse_units
 
+    for flag, v in (("--steps", args.steps), ("--seeds", args.seeds), ("--size", args.size), ("--batch-size", args.batch_size)):
+        if v is not None and v < 1:
+            raise FVSanityError(f"{flag} must be >= 1, got {v}")
+    if not args.lr > 0:
+        raise FVSanityError(f"--lr must be > 0, got {args.lr}")
+    try:
+        checkpoints = [int(c) for c in str(args.checkpoints).split(",") if c.strip()]
+    except ValueError:
+        raise FVSanityError(f"--checkpoints must be comma-separated step numbers, got {args.checkpoints!r}") from None
+    bad = [c for c in checkpoints if not 1 <= c <= args.steps]
+    if bad:
+        raise FVSanityError(f"--checkpoints {bad[0]} out of range; valid: 1..{args.steps} (--steps)")
     out = ensure_writable_dir(args.out)
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device, seed=args.seed,
@@ -43,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         lm, units, seeds=seeds, steps=args.steps, size=args.size, lr=args.lr, param=args.param,
         transforms=args.transforms, diversity=args.diversity, batch_size=args.batch_size,
         progress=not args.no_progress,
-        checkpoints=[int(c) for c in str(args.checkpoints).split(",") if c.strip()],
+        checkpoints=checkpoints,
     )
     res.save(out)
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random

@@ -44,7 +44,8 @@ def load_picture(path: str | Path, size: tuple[int, int] | None = None) -> torch
     if not path.is_file():
         raise FVSanityError(f"target picture not found: {str(path)!r} (give an image file or unit:LAYER:CHANNEL)")
     try:
-        img = Image.open(path).convert("RGB")
+        with Image.open(path) as im:  # closes the file (Image.open alone leaks it until GC)
+            img = im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise FVSanityError(f"cannot read target picture {str(path)!r}: {type(e).__name__}") from e
     if size is not None:

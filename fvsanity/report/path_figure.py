@@ -70,6 +70,9 @@ def _short(name: str) -> str:
     return name if len(name) <= 14 else "…" + name[-13:]
 
 
+FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}  # suffix -> matplotlib format
+
+
 def plot_path_similarity(
     check,
     path: str | Path,
@@ -79,7 +82,10 @@ def plot_path_similarity(
     max_panels: int = 12,
     dpi: int = 110,
 ) -> Path:
-    """Draw the path-similarity figure to ``path`` (PNG; matplotlib Agg) and return the path.
+    """Draw the path-similarity figure to ``path`` and return the path.
+
+    The format is the one ``path``'s suffix names (``.png``, ``.pdf``, ``.svg``; matplotlib Agg),
+    written atomically (a temporary file beside it, then renamed).
 
     Args:
         check: PathCheck or check.json dict.
@@ -87,13 +93,22 @@ def plot_path_similarity(
             ``auto`` (panels up to ``max_panels`` units, else mean).
         normalized: add the normalized-score row (clipped to [-1, 2] for display).
         title: figure title (default: model, metric, number of units).
-        dpi: resolution of the PNG.
+        dpi: resolution of the PNG (raster parts of PDF/SVG).
+
+    Raises:
+        FVSanityError: ``path`` has a suffix other than .png, .pdf or .svg.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    path = Path(path)
+    fmt = FIGURE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        from ..errors import FVSanityError
+
+        raise FVSanityError(f"figure path {str(path)!r}: unknown suffix {path.suffix!r}; valid: {', '.join(FIGURE_FORMATS)}")
     d = _as_dict(check)
     units = d["units"]
     if not units:
@@ -208,11 +223,10 @@ def plot_path_similarity(
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.suptitle(title or f"{d.get('model', '')}: path similarity ({metric}), {len(units)} unit(s)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=dpi)
+        fig.savefig(tmp, dpi=dpi, format=fmt)  # the format of path's suffix, not of the temp name
         tmp.replace(path)
     finally:
         plt.close(fig)
