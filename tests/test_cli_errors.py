@@ -278,7 +278,7 @@ def _cfg(tmp_path, name, text):
         ("bad.yaml", "steps: 3\n seeds: [1\n", r"invalid YAML at line 2, column 7: mapping values are not allowed"),
         ("list.json", "[1, 2]", r"the JSON must be a mapping of flag names to values, got list"),
         ("scalar.yml", "42\n", r"the YAML must be a mapping of flag names to values, got int"),
-        ("typo.json", '{"stpes": 3}', r"unknown key 'stpes'; closest: steps; valid: alpha, batch-size, .*top-k, unit"),
+        ("typo.json", '{"stpes": 3}', r"unknown key 'stpes'; closest: steps; valid: allow-partial-weights, alpha, batch-size, .*top-k, unit"),
         ("type.json", '{"steps": "abc"}', r"'steps' \(--steps\) must be an integer, got \"abc\""),
         ("type2.json", '{"alpha": [0.1]}', r"'alpha' \(--alpha\) must be a number, got \[0\.1\]"),
         ("flag.yaml", "no-progress: 1\n", r"'no-progress' \(--no-progress\) must be true or false, got 1"),
