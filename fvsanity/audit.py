@@ -539,7 +539,7 @@ def run_audit(
                                    "fv_batch_units", "batch_size", "fv_source")}
     run = {
         "format": FORMAT,
-        "model": {"name": lm.name, "weights": lm.weights_source},
+        "model": lm.provenance(),
         "images": {"root": str(getattr(natural, "root", None)), "n": len(natural)},
         "fv_settings": fvs,
         "fv_settings_hash": fv_hash,

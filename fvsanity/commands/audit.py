@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(args.out)  # fail before any slow work
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
-                    allow_partial=args.allow_partial_weights)
+                    allow_partial=args.allow_partial_weights, seed=args.seed)
     specs = args.units
     if args.fv and not args.units and not args.layer:
         from ..generate import FVResult

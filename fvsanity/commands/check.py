@@ -217,10 +217,9 @@ def run(args: argparse.Namespace) -> int:
     validate_metrics(per_unit_metric, paired)
     out = ensure_writable_dir(args.out)
     device = resolve_device(args.device)
-    with torch.random.fork_rng(devices=[]):  # --random-weights: the same weights for the same --seed
-        torch.manual_seed(args.seed)
-        lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
-                        allow_partial=args.allow_partial_weights)
+    # --random-weights: the same weights for the same --seed (load_model seeds without global state)
+    lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
+                    allow_partial=args.allow_partial_weights, seed=args.seed)
     units = parse_units(args.unit, lm) if args.unit else []
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
     if layers:  # before any FV work
@@ -230,12 +229,9 @@ def run(args: argparse.Namespace) -> int:
 
     images_dir = args.images
     if images_dir is None:
-        if lm.name.startswith("cifar10-") or lm.name == "toy-procedural":
-            from ..defaults import default_images
+        from ..defaults import default_images
 
-            images_dir = default_images(lm)
-        else:
-            raise FVSanityError(f"--images DIR is required for model {lm.name!r} (natural images of its classes)")
+        images_dir = default_images(lm)  # refuses a model the default (CIFAR-10) images do not fit
     natural = load_images(
         images_dir, lm, layout=args.layout, labels=args.labels, max_per_class=args.max_per_class,
         limit=args.limit, seed=args.seed,

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(args.out or "runs/fool")
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
-                    allow_partial=args.allow_partial_weights)
+                    allow_partial=args.allow_partial_weights, seed=args.seed)
     if args.train_images is None:
         from ..defaults import default_images
 

@@ -291,7 +291,7 @@ def load_manipulated(
     """
     from safetensors.torch import load_file
 
-    from ..models import load_model
+    from ..models import check_state_dict, load_model
     from .detector import FVDetector
 
     path = Path(path)
@@ -315,12 +315,13 @@ def load_manipulated(
         if kind not in _EDITS:
             raise FVSanityError(f"unknown edit kind {kind!r} in {mpath}; known: {', '.join(sorted(_EDITS))}")
         w.replace(e["layer"], _EDITS[kind].from_spec(w.module_at(e["layer"]), e))
-    missing = w.load_state_dict(load_file(str(wpath)), strict=False)
-    if missing.missing_keys or missing.unexpected_keys:
-        raise FVSanityError(
-            f"{wpath} does not fit the model described in {mpath}: missing {missing.missing_keys[:3]}, "
-            f"unexpected {missing.unexpected_keys[:3]}"
-        )
+    try:
+        sd = load_file(str(wpath))
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt safetensors: one line
+        raise FVSanityError(f"cannot read {wpath} (safetensors): {type(e).__name__}: {e}") from e
+    # strict: missing, unexpected or other-shaped entries and NaN/inf are one-line errors
+    to_load, _, _ = check_state_dict(w, sd, str(wpath), model_name=f"the model described in {mpath}")
+    w.load_state_dict(to_load, strict=True)
     w.info.update(man.get("info", {}))
     lm = LoadedModel(
         name=man["name"], model=_prepare(w), preprocess=pre, block_layers=list(man["block_layers"]),

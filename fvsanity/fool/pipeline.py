@@ -472,6 +472,7 @@ def run_fool(
     if s.method == "silent":
         summary["silent_zero_fraction_eval"] = details["silent_zero_eval"]["fraction"]
     details["provenance"] = provenance()
+    details["model_provenance"] = lm.provenance()
     result = FoolResult(summary, details, {"original": fv_o.images[:, 0], "manipulated": fv_m.images[:, 0],
                                            "target": targets_t[:, 0], "units": [str(u) for u in units]})
     atomic_write_json(out / "fool.json", result.to_json())

@@ -112,7 +112,7 @@ def _safe_name(u: Unit) -> str:
 
 def settings_hash(settings: dict) -> str:
     """Short hash of the settings that determine an FV (to refuse mixing different runs)."""
-    keys = {k: v for k, v in settings.items() if k not in ("device", "batch_size", "progress", "amp", "weights_source")}
+    keys = {k: v for k, v in settings.items() if k not in ("device", "batch_size", "progress", "amp", "weights_source", "seconds")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

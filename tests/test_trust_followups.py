@@ -1,0 +1,87 @@
+"""Issue 10 follow-ups found while merging: saved manipulated models load strictly, ``check``
+seeds random weights by ``--seed``, ``check`` refuses the CIFAR default images for other models,
+a render's wall time is not part of its settings hash, and audit.json records the model's
+structured provenance (the last is covered in tests/test_weights.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fvsanity.cli import main
+from fvsanity.errors import FVSanityError
+from fvsanity.fool import build_silent_units, load_manipulated, make_routes, save_manipulated
+from fvsanity.generate import render, settings_hash
+from fvsanity.testing import tiny_model
+
+
+def _saved_silent(tmp_path):
+    tiny = tiny_model()
+    calib = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.4
+    silent = build_silent_units(tiny, make_routes(tiny, "fc:0-1", shift=1), calib, mode="trigger", margin_range=1.0)
+    return save_manipulated(silent, tmp_path / "m")
+
+
+@pytest.mark.parametrize("tamper", ["nan", "shape", "missing", "unexpected", "truncated"])
+def test_saved_manipulated_model_loads_strictly(tamper, tmp_path):
+    folder = _saved_silent(tmp_path)
+    load_manipulated(folder, base=tiny_model(seed=3))  # the untouched folder loads
+    path = folder / "model.safetensors"
+    sd = load_file(str(path))
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.ndim >= 2)
+    if tamper == "nan":
+        sd[key] = sd[key].clone()
+        sd[key].view(-1)[0] = float("nan")
+    elif tamper == "shape":
+        sd[key] = sd[key][:1].clone()
+    elif tamper == "missing":
+        del sd[key]
+    elif tamper == "unexpected":
+        sd["extra.weight"] = torch.zeros(2)
+    if tamper == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        save_file(sd, str(path))
+    with pytest.raises(FVSanityError) as e:
+        load_manipulated(folder, base=tiny_model(seed=3))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert str(path) in msg
+    if tamper in ("nan", "shape", "missing"):
+        assert key in msg
+    if tamper == "unexpected":
+        assert "extra.weight" in msg
+
+
+def test_check_random_weights_follow_seed(data_root, tmp_path):
+    prints = {}
+    for seed in (1, 2, 1):
+        out = tmp_path / f"s{seed}_{len(prints)}"
+        rc = main(["check", "--model", "cifar10-resnet20", "--random-weights", "--seed", str(seed), "--unit", "linear:0",
+                   "--images", str(data_root / "cifar10-test"), "--limit", "30", "--steps", "1", "--seeds", "1",
+                   "--top-k", "3", "--n-other", "5", "--n-boot", "0", "--n-perm", "10", "--no-progress", "--out", str(out)])
+        assert rc == 0
+        prints[len(prints)] = json.loads((out / "fvs" / "fv.json").read_text())["settings"]["model_fingerprint"]
+    assert prints[0] != prints[1]  # --seed 1 vs --seed 2: other random weights
+    assert prints[0] == prints[2]  # --seed 1 twice: the same weights
+
+
+def test_check_refuses_cifar_default_images_for_imagenet_model(tmp_path, capsys):
+    rc = main(["check", "--model", "imagenet-squeezenet", "--random-weights", "--unit", "classifier.1:1",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("fvsanity: error: --images DIR is required for imagenet-squeezenet")
+
+
+def test_settings_hash_ignores_wall_time():
+    lm = tiny_model()
+    a = render(lm, ["fc:0"], seeds=1, steps=2, progress=False)
+    b = render(lm, ["fc:0"], seeds=1, steps=2, progress=False)
+    assert a.settings_hash == b.settings_hash
+    assert settings_hash(dict(a.settings, seconds=a.settings["seconds"] + 100.0)) == a.settings_hash
+    changed = dict(a.settings, steps=3)
+    assert settings_hash(changed) != a.settings_hash
