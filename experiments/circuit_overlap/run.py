@@ -87,7 +87,8 @@ def get_fvs(lm, units: list[str], cfg: dict, fv_dir: Path):
     if (fv_dir / "fv.json").is_file():
         res = FVResult.load(fv_dir)
         s = res.settings
-        if [str(u) for u in res.units] == units and s.get("steps") == cfg["fv_steps"] and len(res.seeds) == cfg["seeds"]:
+        if ([str(u) for u in res.units] == units and s.get("steps") == cfg["fv_steps"] and len(res.seeds) == cfg["seeds"]
+                and s.get("model_fingerprint") == lm.fingerprint()):  # other weights never reuse FVs
             log(f"loaded FVs from {fv_dir}")
             return res
     log(f"rendering FVs: {len(units)} units x {cfg['seeds']} seeds x {cfg['fv_steps']} steps")

@@ -58,7 +58,9 @@ def get_fvs(lm, units, cfg, fv_dir: Path | None, allow_generate: bool, progress:
     if fv_dir is not None and (fv_dir / "fv.json").is_file():
         res = FVResult.load(fv_dir)
         have = [str(u) for u in res.units]
-        if set(units) <= set(have) and res.settings.get("model") == lm.name:
+        want_seeds = list(range(cfg["seeds"])) if isinstance(cfg["seeds"], int) else list(cfg["seeds"])
+        if (set(units) <= set(have) and res.settings.get("model_fingerprint") == lm.fingerprint()
+                and res.settings.get("steps") == cfg["steps"] and list(res.seeds) == want_seeds):
             idx = torch.tensor([have.index(u) for u in units])
             log(f"loaded FVs from {fv_dir} ({res.settings.get('steps')} steps, seeds {res.seeds})")
             return replace(
@@ -66,7 +68,7 @@ def get_fvs(lm, units, cfg, fv_dir: Path | None, allow_generate: bool, progress:
                 activations=[res.activations[i] for i in idx.tolist()] if res.activations else [],
                 units=[res.units[i] for i in idx.tolist()], checkpoints={k: v[idx] for k, v in res.checkpoints.items()},
             )
-        log(f"FVs in {fv_dir} do not cover the units / model; generating")
+        log(f"FVs in {fv_dir} do not cover the units, or were made for other weights / steps / seeds; generating")
     if not allow_generate:
         raise SystemExit(f"no FVs at {fv_dir} and --no-generate given")
     log(f"generating FVs: {len(units)} units x {cfg['seeds']} seeds x {cfg['steps']} steps")
