@@ -137,7 +137,7 @@ def test_fv_like_natural_scores_one_and_fv_like_other_scores_zero(metric):
     res, verdict = compare_path(w["oth_fv"], w["natural"], w["other"], metric=metric, n_boot=300, n_perm=2000)
     for r in res:
         assert abs(r.normalized) < 0.15
-        assert r.ci_low < 0.0 < r.ci_high or abs(r.normalized) < 0.05
+        assert r.ci_low < 0.0 < r.ci_high  # the interval covers 0 (fixed seeds: deterministic)
         assert not r.above_baseline
     assert verdict.fraction_not_above == 1.0
     assert verdict.label == "diverges from natural images for 2 of 2 layers"
