@@ -501,7 +501,9 @@ def test_cli_fool_on_real_cifar_model(data_root, tmp_path):
 
     out = tmp_path / "fool"
     rc = main([
-        "fool", "--model", "cifar10-resnet20", "--unit", "all", "--shift", "3", "--method", "circuit",
+        # no --shift/--target: the default permutation (C // 10 = 1 on CIFAR-10; the old default 100 was the
+        # identity on 10 classes and always failed)
+        "fool", "--model", "cifar10-resnet20", "--unit", "all", "--method", "circuit",
         "--train-images", str(data_root / "cifar10-test"), "--limit", "120", "--det-units", "4",
         "--det-heldout-units", "2", "--det-steps", "8", "--det-checkpoints", "4", "--det-epochs", "3",
         "--eval-units", "2", "--eval-seeds", "1", "--eval-steps", "8", "--no-check", "--no-progress", "--out", str(out),

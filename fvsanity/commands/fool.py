@@ -25,7 +25,7 @@ def register(sub) -> None:
                    help="units to manipulate: LAYER:C[,LAYER:C], LAYER:a-b, LAYER:all or all "
                         "(every class unit of the output layer) [%(default)s]")
     p.add_argument("--target", default=None, help="unit:LAYER:CHANNEL or an image file [permutation by --shift]")
-    p.add_argument("--shift", type=int, default=None, help="unit c shows channel (c+shift) mod C [100 without --target]")
+    p.add_argument("--shift", type=int, default=None, help="unit c shows channel (c+shift) mod C [C // 10 without --target: 100 of 1000 classes]")
     p.add_argument("--method", choices=["circuit", "silent"], default="circuit", help="[%(default)s]")
     p.add_argument("--train-images", default=None, help="natural images for the detector / calibration [CIFAR-10 default]")
     p.add_argument("--eval-images", default=None, help="held-out natural images [a split of --train-images]")
@@ -106,12 +106,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         eval_nat, train_imgs = _images(lm, args.eval_images, args.limit, args.seed), train.images
     shift = args.shift
+    out_c = _shapes_for(lm.model, lm.input_size, lm.preprocess)[lm.output_layer][0]
     if args.target is None and shift is None:
-        shift = 100
+        shift = max(1, out_c // 10)  # 100 of ImageNet's 1000 classes, 1 of CIFAR-10's 10
     if args.target is not None and shift is not None:
         raise FVSanityError("give either --target or --shift, not both")
     if shift is not None:
-        out_c = _shapes_for(lm.model, lm.input_size, lm.preprocess)[lm.output_layer][0]
         if shift % out_c == 0 and args.unit in ("all", f"{lm.output_layer}:all"):
             raise FVSanityError(f"--shift {shift} is a multiple of the {out_c} class units (identity); valid: 1..{out_c - 1}")
     routes = make_routes(lm, args.unit, args.target, shift=shift, picture_size=lm.input_size)
