@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import FVSanityError
+from .io import file_sha256
 
 __all__ = [
     "KEY_FORMAT",
@@ -132,14 +133,6 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(_canonical(key).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _diff_keys(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if _canonical(old.get(k)) != _canonical(new.get(k)))
 
@@ -197,7 +190,7 @@ class CacheEntry:
         for p in self.files:
             if not p.is_file():
                 return f"{p.name} is missing"
-            if want.get(p.name) != _file_sha256(p):
+            if want.get(p.name) != file_sha256(p):
                 return f"{p.name} changed since it was cached"
         return None
 
@@ -217,7 +210,7 @@ class CacheEntry:
             raise FVSanityError(f"cache payload missing after writing: {', '.join(missing)} in {self.key_file.parent}")
         atomic_write_json(self.key_file, {
             "format": KEY_FORMAT, "digest": self.digest, "key": self.key,
-            "files": {p.name: _file_sha256(p) for p in self.files},
+            "files": {p.name: file_sha256(p) for p in self.files},
         })
 
 

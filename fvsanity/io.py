@@ -101,6 +101,17 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Full sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """[3,H,W] float in [0,1] -> HxWx3 uint8."""
     return (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)

@@ -32,6 +32,7 @@ from torch import nn
 
 from .._paths import cache_dir, find_data_file, searched_locations
 from ..errors import FVSanityError, MissingWeightsError, UnknownModelError
+from ..io import file_sha256
 from .preprocess import CAFFE_SQUEEZENET, CIFAR10, IMAGENET, LUCENT_INCEPTION, Preprocess
 from .resnet_cifar import CifarResNet
 
@@ -323,17 +324,9 @@ def _load_weights(
     return random_keys, ignored
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(path: Path, sha256: str) -> Path:
     """Check ``path`` against a known sha256 (full, or the prefix a file name carries)."""
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if not digest.startswith(sha256.lower()):
         raise MissingWeightsError(
             f"checksum mismatch for {path}: sha256 {digest} != expected {sha256}; delete or replace the file"
