@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 "variant": var,
                 "routed_units": var["units"] if var["units"] != "heldout" else want,
                 "split": {
+                    "held_out": True,
                     "images": split.to_json(),
                     "units": us.to_json(),
                     "numbers_from": {
