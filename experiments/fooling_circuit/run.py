@@ -4,10 +4,12 @@
     python experiments/fooling_circuit/run.py --only cifar10-resnet20
     python experiments/fooling_circuit/run.py --smoke    # tiny model, seconds
 
-Per model: one detector (trained and calibrated on one half of the natural images; FVs of many
-units, checkpoints from early to late steps), then one manipulated model per variant (all class
-units permuted; one class unit showing target.png), each evaluated on the other half of the
-images. Writes figures/fooling_circuit/<model>_<variant>.png and results.json; manipulated
+Three-way split of the natural images (fvsanity.splits): the tuning split is the half the
+settings were chosen on (the old evaluation half); the rest is divided into a building split (the
+detector is trained and calibrated on it) and an evaluation split (only measured). Per model: one
+detector (FVs of many units, checkpoints from early to late steps), then one manipulated model
+per variant (all class units permuted; one class unit showing target.png), each measured on the
+evaluation images and on evaluation units that no setting was chosen on. Writes figures/fooling_circuit/<model>_<variant>.png and results.json; manipulated
 models and cached FVs go to --work (gitignored runs/ by default). Calls only the public API.
 """
 
@@ -28,33 +30,91 @@ def _data_root() -> Path:
     return Path(os.environ.get("FVSANITY_DATA", ROOT.parent / "shared" / "data"))
 
 
-def _setup(name: str, run: dict, smoke: bool):
-    """(model, training images [N,3,H,W], held-out NaturalImages)."""
+def _setup(run: dict, split_cfg: dict, smoke: bool):
+    """(model, all NaturalImages, three-way Split).
+
+    The configs' settings were chosen by looking at results on the second part of
+    ``split_indices(n, 0.5, 0)`` (the old "held-out" half): that part is the tuning split. The
+    old first part was only used to build (train / calibrate), never to choose a setting, so it
+    is divided (seeded) into the new building and evaluation splits.
+    """
     import torch
 
     from fvsanity import load_model
     from fvsanity.data import from_tensor, load_images
     from fvsanity.fool import split_indices
+    from fvsanity.splits import split_with_tuning
     from fvsanity.testing import tiny_model
 
     if smoke:
         lm = tiny_model()
         g = torch.Generator().manual_seed(0)
-        imgs = torch.rand(40, 3, 16, 16, generator=g)
-        nat = from_tensor(imgs, torch.arange(40) % 5)
-        split = 0.5
+        nat = from_tensor(torch.rand(40, 3, 16, 16, generator=g), torch.arange(40) % 5)
     else:
         lm = load_model(run["model"])
         nat = load_images(_data_root() / run["images"], lm, into_memory=True)
-        split = run["split"]
-    tr, ev = split_indices(len(nat), split, 0)
-    return lm, nat.images[tr], nat.subset(ev)
+    t = split_cfg["tuned_on"]
+    _old_build, old_eval = split_indices(len(nat), t["fraction"], t["seed"])
+    split = split_with_tuning(len(nat), old_eval, split_cfg["evaluation_fraction"], split_cfg["seed"])
+    return lm, nat, split
+
+
+def _plan_routes(lm, var: dict, units_cfg: dict, n_eval: int, seed: int):
+    """(routes, evaluation units, UnitSplit) for one variant.
+
+    Evaluation units are drawn (seeded, ``fvsanity.splits.unit_split``) among the output layer's
+    class units that are not in ``units_cfg["tuning"]`` (units whose results informed a setting)
+    and whose source is not in ``units_cfg["tuning_sources"]``. A picture variant with
+    ``"units": "heldout"`` routes one such unit. The routes are ordered so that run_fool's seeded
+    pick of ``n_eval`` routes to evaluate (positions ``randperm(L, seed + 99)[:n_eval]``) lands on
+    exactly these units; the caller checks the units run_fool evaluated.
+    """
+    import torch
+
+    from fvsanity.errors import FVSanityError
+    from fvsanity.fool import make_routes, parse_unit_range
+    from fvsanity.splits import unit_split
+
+    target = var.get("target")
+    if target is not None and not target.startswith("unit:"):
+        target = str(HERE / target)
+    classes = [str(u) for u in parse_unit_range("all", lm) if u.layer == lm.output_layer]
+    shift = var.get("shift")
+    n_cls = len(classes)
+    bad_src = set(units_cfg.get("tuning_sources", []))
+    cands = [c for c in classes if shift is None or f"{lm.output_layer}:{(int(c.rsplit(':', 1)[1]) + shift) % n_cls}" not in bad_src]
+    spec = var["units"]
+    if spec == "heldout":
+        us = unit_split(cands, units_cfg.get("tuning", []), 1, units_cfg["seed"])
+        spec = us.evaluation[0]
+    routes = make_routes(lm, spec, target, shift=shift, picture_size=lm.input_size)
+    in_routes = [str(r.unit) for r in routes]
+    n = min(n_eval, len(routes))
+    if var["units"] != "heldout":
+        if len(routes) <= n_eval and ((set(in_routes) - set(cands)) | (set(in_routes) & set(units_cfg.get("tuning", [])))):
+            raise FVSanityError(f"eval_units={n_eval} would evaluate all {len(routes)} routes, tuning units included; "
+                                f"use fewer than {len(routes)}")
+        us = unit_split([c for c in cands if c in set(in_routes)], units_cfg.get("tuning", []), n, units_cfg["seed"])
+    want = list(us.evaluation)
+    if len(routes) > n_eval:  # run_fool evaluates the routes at these positions (fvsanity.fool.pipeline._eval_routes)
+        pos = torch.randperm(len(routes), generator=torch.Generator().manual_seed(int(seed) + 99))[:n_eval].sort().values.tolist()
+    else:
+        pos = list(range(len(routes)))
+    if len(pos) != len(want):
+        raise FVSanityError(f"run_fool would evaluate {len(pos)} routes, not the {len(want)} evaluation units")
+    by_unit = {str(r.unit): r for r in routes}
+    rest = [r for r in routes if str(r.unit) not in set(want)]
+    ordered, it = [], iter(rest)
+    for i in range(len(routes)):
+        ordered.append(by_unit[want[pos.index(i)]] if i in pos else next(it))
+    return ordered, want, us
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from fvsanity.fool import FoolSettings, make_routes, prepare_detector, run_fool
+    from fvsanity.errors import FVSanityError
+    from fvsanity.fool import FoolSettings, prepare_detector, run_fool
     from fvsanity.generate import FVResult
     from fvsanity.io import atomic_write_json, provenance
 
@@ -68,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = json.loads(Path(args.config).read_text())
     if args.smoke:
-        runs = {"tiny": {"variants": cfg["smoke"]["variants"], "settings": cfg["smoke"]["settings"]}}
+        runs = {"tiny": {k: cfg["smoke"][k] for k in ("variants", "settings", "split", "units")}}
         figures = Path(args.figures or ROOT / "runs" / "smoke" / "fooling_circuit")
         work = Path(args.work or figures / "work")
     else:
@@ -84,31 +144,51 @@ def main(argv: list[str] | None = None) -> int:
     results.update({"config": cfg, "provenance": provenance(), "smoke": args.smoke})
     results.setdefault("runs", {})
     for name, run in runs.items():
-        lm, train, ev = _setup(name, run, args.smoke)
+        lm, nat, split = _setup(run, run["split"], args.smoke)
+        build = nat.images[split.building]
+        ev = nat.subset(split.evaluation)
         settings = FoolSettings(**{**run["settings"], "det_checkpoints": tuple(run["settings"]["det_checkpoints"]),
                                    "progress": not args.smoke})
         shared = run.get("shared_fvs")
         extra = None
         if shared and (ROOT / shared / "fv.json").is_file():
             extra = [FVResult.load(ROOT / shared)]
-        variant_routes = []
-        for var in run["variants"]:
-            target = var.get("target")
-            if target is not None and not target.startswith("unit:"):
-                target = str(HERE / target)
-            variant_routes.append(make_routes(lm, var["units"], target, shift=var.get("shift"), picture_size=lm.input_size))
+        plans = [_plan_routes(lm, var, run["units"], settings.eval_units, settings.seed) for var in run["variants"]]
         # one detector per model, guarding every variant's routes (incl. picture trajectories)
-        bundle = prepare_detector(lm, train, ev.load().images, settings, work / name, extra_train_fvs=extra,
-                                  routes=[r for rs in variant_routes for r in rs])
-        for var, routes in zip(run["variants"], variant_routes):
+        bundle = prepare_detector(lm, build, ev.load().images, settings, work / name, extra_train_fvs=extra,
+                                  routes=[r for rs, _, _ in plans for r in rs])
+        seen = set(run["units"].get("tuning_detector_heldout", [])) & set(bundle.heldout_units)
+        if seen:
+            raise FVSanityError(f"detector held-out units {sorted(seen)} were held out while tuning; change settings.seed")
+        for var, (routes, want, us) in zip(run["variants"], plans):
             out = work / name / var["name"]
-            res = run_fool(lm, routes, train, ev, settings, out, bundle=bundle, work_dir=work / name)
+            res = run_fool(lm, routes, build, ev, settings, out, bundle=bundle, work_dir=work / name)
+            if list(res.figure_fvs["units"]) != want:
+                raise FVSanityError(f"run_fool evaluated {res.figure_fvs['units']}, not the evaluation units {want}")
             key = f"{name}_{var['name']}"
             shutil.copyfile(out / "fool.png", figures / f"{key}.png")
             d = res.to_json()
             results["runs"][key] = {
                 "summary": res.summary,
                 "variant": var,
+                "routed_units": var["units"] if var["units"] != "heldout" else want,
+                "split": {
+                    "held_out": True,
+                    "images": split.to_json(),
+                    "units": us.to_json(),
+                    "detector_train_units": bundle.train_units,
+                    "detector_heldout_units": bundle.heldout_units,
+                    "numbers_from": {
+                        "predictions, identical top-1, max logit diff, gate on naturals": "evaluation images",
+                        "detector held-out accuracy": "evaluation images + detector held-out units (FVs of units "
+                                                      "disjoint from those held out while tuning)",
+                        "detector held-out picture recall": "picture-trajectory seeds 1000+ (the same seeds as "
+                                                            "while tuning: NOT held out)",
+                        "FV similarity, target-class share, check": "evaluation units (not in units.tuning), "
+                                                                    "check on evaluation images",
+                        "detector training / threshold, circuit calibration": "building images",
+                    },
+                },
                 "shared_fvs": shared if extra else None,
                 "detector": d.get("detector", {}).get("heldout"),
                 "detector_heldout_picture_trajectories": d.get("detector", {}).get("heldout_picture_trajectories"),
