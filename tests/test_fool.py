@@ -440,10 +440,19 @@ def test_pipeline_smoke_on_tiny_model(tmp_path, monkeypatch):
     # the closed-loop check: summary mirrors the per-unit flags
     chk = d["check"]
     assert chk["available"] is True and len(chk["units"]) == 2  # eval_units=2
-    assert d["check_flags_manipulation"] == chk["flags_manipulation"] == any(u["flagged"] for u in chk["units"])
-    assert d["check_flagged_fraction"] == sum(u["flagged"] for u in chk["units"]) / len(chk["units"])
+    assert d["check_flags_manipulation"] == chk["flags_manipulation"] == any(bool(u["flagged"]) for u in chk["units"])
+
+    def fraction(units):  # over the units the rule could decide; a unit without enough references has no flag
+        decided = [u["flagged"] for u in units if u["flagged"] is not None]
+        return sum(decided) / len(decided) if decided else None
+
+    for u in chk["units"]:  # 16 images of 5 classes: too few references is reported, never a flag
+        unsound = [v["verdict"]["status"] for v in (u["original"], u["manipulated"]) if v["verdict"]["status"] != "ok"]
+        assert (u["flagged"] is None) == bool(unsound) and (not unsound or u["why"] == unsound[:1])
+    assert chk["n_undecided"] == sum(u["flagged"] is None for u in chk["units"])
+    assert d["check_flagged_fraction"] == fraction(chk["units"])
     ctrl = chk["control"]["units"]
-    assert len(ctrl) >= 1 and d["check_control_flagged_fraction"] == sum(u["flagged"] for u in ctrl) / len(ctrl)
+    assert len(ctrl) >= 1 and d["check_control_flagged_fraction"] == fraction(ctrl)
     # what was saved is the model that was built; loading rebuilds it whatever the base's weights
     assert len(saved) == 1
     back = load_manipulated(tmp_path / "out" / "model", base=tiny_model(seed=5))

@@ -6,6 +6,7 @@ structured provenance (the last is covered in tests/test_weights.py)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -85,3 +86,25 @@ def test_settings_hash_ignores_wall_time():
     assert settings_hash(dict(a.settings, seconds=a.settings["seconds"] + 100.0)) == a.settings_hash
     changed = dict(a.settings, steps=3)
     assert settings_hash(changed) != a.settings_hash
+
+
+def test_closed_loop_gives_no_flag_without_enough_references():
+    """A unit whose path check lacks references gets flagged=None and is left out of the fractions."""
+    from types import SimpleNamespace as NS
+
+    from fvsanity.compare.path import make_verdict
+    from fvsanity.fool.pipeline import _flag_units, _flagged_fraction
+
+    def unit(name, normalized, p, status="ok"):
+        layer = NS(name="fc", above_baseline=p <= 0.05, normalized=normalized, ci_low=-1.0, ci_high=1.0)
+        return NS(unit=name, layers=[layer], verdict=make_verdict(["fc"], [p], 0.05, status))
+
+    ref = NS(units=[unit("fc:0", 0.9, 0.01), unit("fc:1", 0.9, 0.01), unit("fc:2", 0.9, 0.01)])
+    bad = "insufficient references: 0 other natural image(s), need >= 2"
+    test = NS(units=[unit("fc:0", -0.5, 0.9), unit("fc:1", 0.9, 0.01), unit("fc:2", -0.5, 0.9, status=bad)])
+    flagged_any, per_unit = _flag_units(ref, test)
+    assert [p["flagged"] for p in per_unit] == [True, False, None]
+    assert per_unit[2]["why"] == [bad]
+    assert flagged_any is True
+    assert _flagged_fraction(per_unit) == 0.5  # 1 of the 2 decided units
+    assert math.isnan(_flagged_fraction([per_unit[2]]))

@@ -495,11 +495,15 @@ def _flag_units(c_ref, c_test) -> tuple[bool, list[dict]]:
         # images of other classes do, while the reference FV resembled them at least as much
         inverted = bool(norm_m < 0 <= norm_o)
         flag = more_layers or lost_own or inverted
-        flagged_any |= flag
+        why = [w for w, b in (("more_layers_at_baseline", more_layers), ("own_layer_lost", lost_own),
+                              ("own_layer_below_other_classes", inverted)) if b]
+        unsound = [v.status for v in (uo.verdict, um.verdict) if not v.sufficient]
+        if unsound:  # too few natural references: no flag either way (not counted in the fractions)
+            flag, why = None, unsound[:1]
+        flagged_any |= bool(flag)
         per_unit.append({
             "unit": um.unit, "flagged": flag,
-            "why": [w for w, b in (("more_layers_at_baseline", more_layers), ("own_layer_lost", lost_own),
-                                   ("own_layer_below_other_classes", inverted)) if b],
+            "why": why,
             "own_layer_normalized": {"original": norm_o, "manipulated": norm_m},
             "own_layer_ci": {"original": [uo.layers[-1].ci_low, uo.layers[-1].ci_high] if uo.layers else None,
                              "manipulated": [um.layers[-1].ci_low, um.layers[-1].ci_high] if um.layers else None},
@@ -508,6 +512,12 @@ def _flag_units(c_ref, c_test) -> tuple[bool, list[dict]]:
             "layers": [r.name for r in um.layers],
         })
     return flagged_any, per_unit
+
+
+def _flagged_fraction(per_unit: list[dict]) -> float:
+    """Flagged share of the units the rule could decide (NaN when none: every unit lacked references)."""
+    decided = [p["flagged"] for p in per_unit if p["flagged"] is not None]
+    return sum(decided) / len(decided) if decided else float("nan")
 
 
 def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_control=None) -> dict:
@@ -534,7 +544,8 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
     out = {
         "available": True,
         "flags_manipulation": flagged_any,
-        "flagged_fraction": sum(p["flagged"] for p in per_unit) / max(1, len(per_unit)),
+        "flagged_fraction": _flagged_fraction(per_unit),
+        "n_undecided": sum(p["flagged"] is None for p in per_unit),
         "manipulated_diverges_fraction": sum(p["manipulated"]["verdict"]["n_not_above"] > 0 for p in per_unit) / max(1, len(per_unit)),
         "original_diverges_fraction": sum(p["original"]["verdict"]["n_not_above"] > 0 for p in per_unit) / max(1, len(per_unit)),
         "rule": "flagged if the manipulated model's FVs fall to the unrelated-image baseline on more layers "
@@ -548,7 +559,8 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
         ctrl_any, ctrl_units = _flag_units(c_o, c_c)
         out["control"] = {
             "flags": ctrl_any,
-            "flagged_fraction": sum(p["flagged"] for p in ctrl_units) / max(1, len(ctrl_units)),
+            "flagged_fraction": _flagged_fraction(ctrl_units),
+            "n_undecided": sum(p["flagged"] is None for p in ctrl_units),
             "what": "the same rule on the original model with other FV seeds (original vs original): a flag here is "
                     "a false positive",
             "units": [{"unit": p["unit"], "flagged": p["flagged"], "why": p["why"]} for p in ctrl_units],
