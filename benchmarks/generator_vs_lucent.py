@@ -1,0 +1,164 @@
+"""fvsanity's batched generator vs lucent's ``render_vis`` looped over the same units.
+
+Run (from the repository root):
+    FVSANITY_DATA=../shared/data python benchmarks/generator_vs_lucent.py \
+        [--model cifar10-resnet20|imagenet-squeezenet] [--units 16] [--steps 64] [--device cpu]
+
+Both sides get the same model, the same class units of the model's output layer, the same
+number of Adam steps (lr 0.05), the same image size (the model's input size), the same
+Fourier parametrization (lucent's ``param.image(size)``: FFT, decorrelated colours), the same
+robustness transforms (lucent's standard set with its pixel magnitudes scaled to the image
+size, i.e. fvsanity's ``TransformSpec.standard(size)``, built from lucent's own transform
+functions) and the model's own preprocessing (``lm.preprocess``, as lucent's last transform;
+lucent's ``preprocess=True`` would apply ImageNet mean/std, which is wrong for SqueezeNet's
+Caffe input and for CIFAR). lucent is told ``fixed_image_size=size``, so after its transforms it
+resamples the canvas back to ``size`` px; fvsanity optimizes on the slightly larger transformed
+canvas (``size + 2 pad - jitters``, ~6-13% more pixels), which only handicaps fvsanity.
+
+lucent hooks every module on every ``render_vis`` call and never removes the hooks, so each of
+its units runs on a fresh deep copy of the model (copying is not timed). fvsanity renders all
+units in one batch (chunks of ``--batch-size`` on CPU).
+
+Measured side by side in one run:
+- ``throughput_ratio_vs_lucent``: lucent's total time / fvsanity's time for the same FVs.
+- ``overhead_vs_fwd_bwd``: fvsanity's time per optimization step / one forward+backward (input
+  gradient, model + preprocessing) of a batch of the same size at the same canvas size.
+- ``objective_ratio_vs_lucent``: mean final objective (untransformed image at the model's input
+  size, fvsanity's ``evaluate``) of fvsanity's FVs / lucent's.
+The last line printed is one JSON object with these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+
+def lucent_transforms(spec, preprocess) -> list:
+    """lucent's standard transforms with fvsanity's magnitudes, then the model's preprocessing."""
+    from lucent.optvis import transform as LT
+
+    out = [LT.pad(spec.pad, mode="constant", constant_value=0.5)] if spec.pad else []
+    out += [LT.jitter(spec.jitter1)] if spec.jitter1 > 1 else []  # a jitter of 1 px is no jitter
+    out += [LT.random_scale(list(spec.scales)), LT.random_rotate(list(spec.angles))]
+    out += [LT.jitter(spec.jitter2)] if spec.jitter2 > 1 else []
+    return out + [preprocess]
+
+
+def render_lucent(lm, unit, steps: int, size: int, spec, seed: int) -> tuple[torch.Tensor, float]:
+    """One lucent FV of ``unit``: (image [1, 3, H, W] RGB in [0, 1], seconds)."""
+    from lucent.optvis import objectives, param
+    from lucent.optvis import render as lrender
+
+    model = copy.deepcopy(lm.model).eval()
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    imgs = lrender.render_vis(
+        model, objectives.channel(unit.layer.replace(".", "_"), unit.channel),
+        param_f=lambda: param.image(size), transforms=lucent_transforms(spec, lm.preprocess), preprocess=False,
+        thresholds=(steps,), show_image=False, progress=False, fixed_image_size=size,
+    )
+    seconds = time.perf_counter() - t
+    return torch.as_tensor(np.asarray(imgs[-1])).permute(0, 3, 1, 2).float(), seconds
+
+
+def fwd_bwd_seconds(lm, batch: int, hw: tuple[int, int], device, repeats: int) -> float:
+    """Seconds per forward+backward (input gradient) of ``batch`` images of size ``hw``."""
+    x = torch.rand(batch, 3, *hw, device=device, requires_grad=True)
+    for _ in range(2):
+        lm(x).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        x.grad = None
+        lm(x).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeats
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cifar10-resnet20", help="cifar10-resnet20 | imagenet-squeezenet [%(default)s]")
+    ap.add_argument("--units", type=int, default=16, help="class units of the output layer [%(default)s]")
+    ap.add_argument("--steps", type=int, default=64, help="optimization steps [%(default)s]")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda [%(default)s]")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")),
+                    help="CPU threads [$OMP_NUM_THREADS or 2]")
+    ap.add_argument("--batch-size", type=int, default=None, help="fvsanity elements per batch [all units]")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random-weights", action="store_true", help="random weights (timing only, e.g. googlenet)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from fvsanity import load_model, parse_unit
+    from fvsanity.units import describe_layers
+    from fvsanity.generate import evaluate, render
+    from fvsanity.generate.transforms import TransformSpec
+
+    device = torch.device(args.device)
+    lm = load_model(args.model, device=device, pretrained=not args.random_weights)
+    size = lm.input_size[0]
+    spec = TransformSpec.standard(size)
+    n_ch = {name: shape for name, _, shape in describe_layers(lm)}[lm.output_layer][0]
+    units = [parse_unit(f"{lm.output_layer}:{(i * 7) % n_ch}", lm) for i in range(args.units)]
+    bs = args.batch_size or len(units)
+
+    render(lm, units[:1], seeds=[args.seed], steps=2, progress=False, transforms=spec)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    ours = render(lm, units, seeds=[args.seed], steps=args.steps, transforms=spec, batch_size=bs, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t_ours = time.perf_counter() - t
+
+    theirs, t_lucent = [], 0.0
+    for i, u in enumerate(units):
+        img, sec = render_lucent(lm, u, args.steps, size, spec, args.seed + i)
+        theirs.append(img)
+        t_lucent += sec
+    obj_theirs = torch.stack([evaluate(lm, img[None], [u], device)[0][0, 0] for img, u in zip(theirs, units)])
+    obj_ours = ours.final[:, 0]
+
+    canvas = spec.output_size(lm.input_size)
+    t_fb = fwd_bwd_seconds(lm, min(bs, len(units)), canvas, device, repeats=max(3, min(args.steps, 20)))
+    n_batches = (len(units) + bs - 1) // bs
+    per_step = t_ours / (args.steps * n_batches)
+    result = {
+        "throughput_ratio_vs_lucent": round(t_lucent / t_ours, 3),
+        "overhead_vs_fwd_bwd": round(per_step / t_fb, 3),
+        "objective_ratio_vs_lucent": round((obj_ours.mean() / obj_theirs.mean()).item(), 3),
+        "units": len(units),
+        "steps": args.steps,
+        "size": size,
+        "device": str(device),
+        "dtype": "bfloat16" if ours.settings.get("amp") else "float32",
+        "model": lm.name,
+        "threads": args.threads,
+        "seconds_fvsanity": round(t_ours, 3),
+        "seconds_lucent": round(t_lucent, 3),
+        "ms_per_step_fvsanity": round(1e3 * per_step, 2),
+        "ms_fwd_bwd": round(1e3 * t_fb, 2),
+    }
+    print(f"model {lm.name}: {len(units)} class units, {args.steps} steps, {size} px, {device}, {args.threads} threads")
+    print(f"fvsanity (batched): {t_ours:.2f} s   lucent render_vis (looped): {t_lucent:.2f} s   "
+          f"ratio {result['throughput_ratio_vs_lucent']:.2f}x")
+    print(f"fvsanity per step {1e3 * per_step:.1f} ms vs bare forward+backward {1e3 * t_fb:.1f} ms: "
+          f"overhead {result['overhead_vs_fwd_bwd']:.2f}x")
+    for u, a, b in zip(units, obj_ours.tolist(), obj_theirs.tolist()):
+        print(f"  {str(u):<18} objective fvsanity {a:9.3f}   lucent {b:9.3f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
