@@ -519,7 +519,7 @@ def run_audit(
     fv_given = None
     fvs = fv_settings(cfg, lm)
     if cfg.fv_source:
-        from .commands.check import load_fvs
+        from .generate.saved import load_fvs
 
         _, fv_given = load_fvs(cfg.fv_source, units, lm)
         if not hasattr(fv_given, "settings"):

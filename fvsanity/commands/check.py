@@ -16,8 +16,6 @@ import torch
 
 from ..errors import FVSanityError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
 
 def register(sub) -> None:
     from ..cli import add_common
@@ -60,85 +58,6 @@ def register(sub) -> None:
                    help="also compare FV and natural circuits (edge attribution; slower) into check.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-# ------------------------------------------------------------------------------ FV loading
-def _read_image(path: Path) -> torch.Tensor:
-    from PIL import Image
-    from torchvision.transforms.functional import to_tensor
-
-    try:
-        with Image.open(path) as im:
-            return to_tensor(im.convert("RGB"))
-    except OSError as e:
-        raise FVSanityError(f"--fv image {str(path)!r} cannot be read: {e}") from e
-
-
-def load_fvs(spec: str, units: list, lm):
-    """(units, FV source) from ``--fv``: an FVResult folder/file, a tensor file, or image(s).
-
-    Returns (units, images [U, S, 3, H, W] or FVResult). ``units`` may be empty when the FVResult
-    names its own units.
-    """
-    from ..generate import FVResult
-    from ..io import load_tensors
-    from ..units import parse_unit
-
-    path = Path(spec)
-    if not path.exists():
-        raise FVSanityError(f"--fv {spec!r} not found")
-    folder = path if path.is_dir() else path.parent
-    if (folder / "fv.json").is_file() and (folder / "fv.pt").is_file() and (path.is_dir() or path.name in ("fv.pt", "fv.json")):
-        res = FVResult.load(folder)
-        from ..cache import check_fv_model
-
-        check_fv_model(res, lm, spec)  # made for these weights, or refused
-        have = [str(u) for u in res.units]
-        if not units:
-            return [parse_unit(u, lm) for u in res.units], res
-        pick = []
-        for u in units:
-            if str(u) not in have:
-                raise FVSanityError(f"--fv {spec!r} has no FVs for unit {str(u)!r}; it has: {', '.join(have)}")
-            pick.append(have.index(str(u)))
-        if pick == list(range(len(have))):
-            return units, res
-        from dataclasses import replace
-
-        idx = torch.tensor(pick)
-        return units, replace(
-            res, images=res.images[idx], traces=res.traces[idx], final=res.final[idx],
-            activations=[res.activations[i] for i in pick] if res.activations else [],
-            units=[res.units[i] for i in pick], checkpoints={k: v[idx] for k, v in res.checkpoints.items()},
-        )
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FVSanityError(f"--fv folder {spec!r} holds neither fv.pt/fv.json nor images ({', '.join(IMAGE_SUFFIXES)})")
-        images = torch.stack([_read_image(p) for p in files])[None]
-    elif path.suffix.lower() in IMAGE_SUFFIXES:
-        images = _read_image(path)[None, None]
-    elif path.suffix in (".pt", ".pth", ".safetensors"):
-        try:
-            t = load_tensors(path)
-        except Exception as e:  # noqa: BLE001 - any unreadable tensor file
-            raise FVSanityError(f"--fv {spec!r} is not a readable tensor file: {type(e).__name__}") from e
-        images = t.get("images") if isinstance(t, dict) else t
-        if not isinstance(images, torch.Tensor):
-            raise FVSanityError(f"--fv {spec!r} has no 'images' tensor; keys: {', '.join(t) if isinstance(t, dict) else '-'}")
-        if images.ndim == 3:
-            images = images[None, None]
-        elif images.ndim == 4:
-            images = images[None]
-    else:
-        raise FVSanityError(f"--fv {spec!r}: unknown file type; valid: a folder, fv.pt, .pt/.safetensors, {', '.join(IMAGE_SUFFIXES)}")
-    if images.ndim != 5 or images.shape[2] != 3:
-        raise FVSanityError(f"--fv {spec!r}: images must be [U, S, 3, H, W], got {tuple(images.shape)}")
-    if not units:
-        raise FVSanityError(f"--fv {spec!r} does not name its units; pass --unit LAYER:CHANNEL")
-    if images.shape[0] != len(units):
-        raise FVSanityError(f"--fv {spec!r} holds FVs for {images.shape[0]} unit(s) but {len(units)} --unit given")
-    return units, images.float().clamp(0, 1)
 
 
 def _generate(lm, units, args, out: Path, device):
@@ -194,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from ..compare.path import path_check, validate_metrics
     from ..compare.similarity import metric_info
     from ..data import load_images
+    from ..generate.saved import load_fvs
     from ..io import atomic_write_json, ensure_writable_dir
     from ..models import load_model
     from ..report.path_figure import plot_path_similarity

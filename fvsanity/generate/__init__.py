@@ -6,6 +6,7 @@
 from . import objectives, param, transforms
 from .objectives import Objective, channel, direction, neuron, unit_activation
 from .render import FVResult, evaluate, render, settings_hash
+from .saved import load_fvs
 
 __all__ = [
     "FVResult",
@@ -13,6 +14,7 @@ __all__ = [
     "channel",
     "direction",
     "evaluate",
+    "load_fvs",
     "neuron",
     "objectives",
     "param",
