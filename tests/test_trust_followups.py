@@ -108,3 +108,11 @@ def test_closed_loop_gives_no_flag_without_enough_references():
     assert flagged_any is True
     assert _flagged_fraction(per_unit) == 0.5  # 1 of the 2 decided units
     assert math.isnan(_flagged_fraction([per_unit[2]]))
+
+
+def test_register_model_refuses_a_duplicate_name():
+    from fvsanity.models import list_models, register_model
+
+    assert "cifar10-resnet20" in list_models()
+    with pytest.raises(FVSanityError, match="'cifar10-resnet20' is already registered"):
+        register_model("cifar10-resnet20")

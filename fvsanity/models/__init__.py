@@ -131,7 +131,13 @@ def register_model(name: str):
 
     ``fn`` builds the model and, when ``pretrained``, loads its own weights; a ``--weights FILE``
     is applied afterwards by :func:`load_model` (strictly, for every model alike).
+
+    Raises:
+        FVSanityError: ``name`` is already registered (a second registration would silently
+            change what an existing name loads).
     """
+    if name in _REGISTRY:
+        raise FVSanityError(f"model {name!r} is already registered; pick another name (registered: {', '.join(sorted(_REGISTRY))})")
 
     def deco(fn):
         _REGISTRY[name] = fn
