@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=None, help="fvsanity elements per batch [all units]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--random-weights", action="store_true", help="random weights (timing only, e.g. googlenet)")
+    ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                    help="fvsanity's bf16 autocast + channels_last: auto = render's default (CUDA only) [%(default)s]")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -111,12 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
     n_ch = {name: shape for name, _, shape in describe_layers(lm)}[lm.output_layer][0]
     units = [parse_unit(f"{lm.output_layer}:{(i * 7) % n_ch}", lm) for i in range(args.units)]
     bs = args.batch_size or len(units)
+    amp = {"auto": None, "on": True, "off": False}[args.amp]
 
-    render(lm, units[:1], seeds=[args.seed], steps=2, progress=False, transforms=spec)  # warm-up
+    render(lm, units[:1], seeds=[args.seed], steps=2, progress=False, transforms=spec, amp=amp)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    ours = render(lm, units, seeds=[args.seed], steps=args.steps, transforms=spec, batch_size=bs, progress=False)
+    ours = render(lm, units, seeds=[args.seed], steps=args.steps, transforms=spec, batch_size=bs, progress=False, amp=amp)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_ours = time.perf_counter() - t
