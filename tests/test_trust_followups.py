@@ -116,3 +116,25 @@ def test_register_model_refuses_a_duplicate_name():
     assert "cifar10-resnet20" in list_models()
     with pytest.raises(FVSanityError, match="'cifar10-resnet20' is already registered"):
         register_model("cifar10-resnet20")
+
+
+def test_offline_torchvision_weights_are_not_downloaded(monkeypatch, tmp_path):
+    """FVSANITY_OFFLINE=1 means no network attempt: an uncached torchvision checkpoint is one line."""
+    import torch.hub
+
+    from fvsanity.errors import MissingWeightsError
+    from fvsanity.models import load_model
+
+    calls = []
+
+    def no_network(url, *args, **kwargs):
+        calls.append(url)
+        raise OSError("network")
+
+    monkeypatch.setenv("FVSANITY_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub cache
+    with pytest.raises(MissingWeightsError, match=r"not cached at .*FVSANITY_OFFLINE=1") as e:
+        load_model("resnet18")
+    assert "\n" not in str(e.value)
+    assert calls == []  # no download was attempted

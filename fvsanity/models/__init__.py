@@ -544,6 +544,11 @@ def _torchvision(name: str, pretrained: bool) -> LoadedModel:
         w = torchvision.models.get_model_weights(name).DEFAULT
         categories = list(w.meta.get("categories", []))
         hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+        if not hub.is_file() and os.environ.get("FVSANITY_OFFLINE", "0") == "1":
+            raise MissingWeightsError(
+                f"torchvision weights for {name} are not cached at {hub}; not downloading {w.url} "
+                "(FVSANITY_OFFLINE=1); pass --weights FILE or use --random-weights"
+            )
         try:
             net = torchvision.models.get_model(name, weights=w, progress=False)
         except Exception as e:  # noqa: BLE001 - offline, proxy, bad bytes, ...: one clear message
