@@ -138,3 +138,18 @@ def test_offline_torchvision_weights_are_not_downloaded(monkeypatch, tmp_path):
         load_model("resnet18")
     assert "\n" not in str(e.value)
     assert calls == []  # no download was attempted
+
+
+def test_fv_images_decode_like_natural_images(tmp_path):
+    """A 16-bit PNG given as --fv is scaled to [0, 1] like a natural image (PIL alone clips it to white)."""
+    import numpy as np
+    from PIL import Image
+
+    from fvsanity.generate import load_fvs
+
+    a = np.full((8, 8), 32896, dtype=np.uint16)  # 32896 / 65535 = 128 / 255
+    Image.fromarray(a).save(tmp_path / "fv.png")
+    lm = tiny_model()
+    units, images = load_fvs(str(tmp_path / "fv.png"), ["fc:0"], lm)
+    assert images.shape == (1, 1, 3, 8, 8)
+    assert torch.allclose(images, torch.full_like(images, 128 / 255))

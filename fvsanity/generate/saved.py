@@ -22,13 +22,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def _read_image(path: Path) -> torch.Tensor:
+    """[3, H, W] RGB in [0, 1], decoded like natural images (:func:`fvsanity.data.to_rgb`)."""
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
 
+    from ..data import to_rgb
+
     try:
         with Image.open(path) as im:
-            return to_tensor(im.convert("RGB"))
-    except OSError as e:
+            return to_tensor(to_rgb(im))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise FVSanityError(f"--fv image {str(path)!r} cannot be read: {e}") from e
 
 
