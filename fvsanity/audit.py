@@ -797,10 +797,9 @@ def finalize(
     out: Path, records: list[dict], run: dict, cfg: AuditConfig, natural, prov: dict, wall_s: float,
     computed: Sequence[str] = (), notes: Sequence[str] = (), calls: Sequence[dict] = (),
 ) -> dict:
-    """Write audit.json, table.md, table.tex and report.html from the finished units."""
-    from .io import atomic_write_json, atomic_write_text
-    from .report.html import write_report
-    from .report.tables import to_latex, to_markdown
+    """Write audit.json, table.md, table.tex, report.html (and every other writer registered for
+    the ``"audit"`` document, :mod:`fvsanity.report.writers`) from the finished units."""
+    from .report.writers import write_outputs
 
     audit = {
         "format": FORMAT,
@@ -833,10 +832,7 @@ def finalize(
                "settings": {"metric": cfg.metric}, "across_units": audit["across_units"]}
         plot_path_similarity(fig, out / "path_similarity.png", mode="mean")
         audit["figures"] = {"path_similarity": "path_similarity.png"}
-    atomic_write_json(out / "audit.json", audit)
-    atomic_write_text(out / "table.md", to_markdown(audit))
-    atomic_write_text(out / "table.tex", to_latex(audit))
-    write_report(audit, out)
+    write_outputs(audit, out, "audit")  # audit.json, table.md, table.tex, report.html, and any registered
     return audit
 
 

@@ -183,10 +183,7 @@ def natural_pass(
 
     def load():
         t = load_tensors(p)
-        acts = {k[4:]: v for k, v in t.items() if k.startswith("act:")}
-        if list(acts) != layers:
-            raise KeyError("layers")
-        return acts
+        return {name: t[f"act:{name}"] for name in layers}  # in forward order (the file sorts its keys)
 
     acts, reused = cached(entry, compute, load)
     if "resp" in fresh or not units:
