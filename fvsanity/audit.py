@@ -10,13 +10,20 @@ circuits (:mod:`fvsanity.compare.circuits`). Outputs in ``out``:
                      unit is complete: a crash or Ctrl-C never leaves half a unit
 ``run.json``         the run's settings and their hashes, written first: a rerun with the same
                      ``out`` resumes (finished units are skipped) and refuses different settings
-``natural_pass.safetensors``  pooled activations of every natural image (computed once)
+``natural_pass.safetensors``  pooled activations of every natural image (computed once; keyed by
+                     model fingerprint, images and layers, not by the units, so audits of other
+                     units of the same model and images reuse it)
 ``audit.json``       every number, the settings, seeds, package versions, the FV-settings hash
 ``report.html``      self-contained report (:mod:`fvsanity.report.html`)
 ``table.md``, ``table.tex``   the per-unit sanity table (:mod:`fvsanity.report.tables`)
 
-Public API: :class:`AuditConfig`, :func:`run_audit` -> :class:`AuditResult`,
-:func:`load_audit`, :func:`select_units`, :func:`unit_id`.
+The run flows one way: :func:`prepare_audit` (units resolved once into Units, images loaded,
+``out`` checked) -> :func:`audit_natural_pass` (one :class:`~fvsanity.compare.pipeline.NaturalPass`
+for all units) -> :func:`audit_units` / :func:`audit_unit` (per unit, handed the Units and the
+pass) -> :func:`finalize` (the registered report writers, :mod:`fvsanity.report.writers`).
+
+Public API: :class:`AuditConfig`, :func:`run_audit` -> :class:`AuditResult`, the four steps
+above, :func:`load_audit`, :func:`select_units`, :func:`unit_id`.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def natural_pass(
     """Run ``natural`` through ``lm`` once: pooled ``layers`` and the responses of ``units``.
 
     Args:
-        lm: a LoadedModel; natural: :class:`~fvsanity.data.NaturalImages` (or a Tensor [N,3,H,W]).
+        lm: a LoadedModel; natural: :class:`~fvsanity.data.NaturalImages`.
         layers: layers to pool (in forward order); units: resolved Units (strings are parsed).
         batch_size, device, progress: as :func:`fvsanity.activations.collect_with_responses`.
         cache_dir: a folder to reuse the pass from: ``natural_pass.safetensors`` keyed by
