@@ -932,10 +932,10 @@ def path_check(
     if fv_acts is None:
         fv_acts = fv_activations(lm, fv, union, st.batch_size, device)
 
-    unit_results = [
-        unit_path(lm, u, {name: fv_acts[name][i] for name in paths[i]}, nat_acts, resp[:, i], natural, paths[i], st)
-        for i, u in enumerate(units)
-    ]
+    unit_results = []
+    for i, u in enumerate(units):  # a loop, not a comprehension: warnings point at path_check's caller
+        unit_results.append(
+            unit_path(lm, u, {name: fv_acts[name][i] for name in paths[i]}, nat_acts, resp[:, i], natural, paths[i], st))
     common = [name for name in union if all(name in p for p in paths)]
     paired = paired_across_units(units, unit_results, fv_acts, nat_acts, common, st)
 
