@@ -26,6 +26,7 @@ POOLS = ("mean", "max", None)
 __all__ = [
     "collect",
     "collect_with_responses",
+    "iter_batches",
     "pooled_capture",
     "PooledStore",
     "run_pooled",
@@ -64,7 +65,9 @@ def unit_response(act: torch.Tensor, unit: Unit) -> torch.Tensor:
     return pooled[:, unit.channel]
 
 
-def _iter_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
+def iter_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
+    """Batches [B, 3, H, W] of ``images``: a Tensor [N, 3, H, W], NaturalImages (decoded batch by
+    batch), or any iterable of batches (returned as it is)."""
     from .data import NaturalImages
 
     if isinstance(images, NaturalImages):
@@ -74,6 +77,9 @@ def _iter_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
             raise DataError(f"expected images [N, 3, H, W], got shape {tuple(images.shape)}")
         return (images[s : s + batch_size] for s in range(0, images.shape[0], batch_size))
     return images  # any iterable of [B, 3, H, W] tensors
+
+
+_iter_batches = iter_batches  # deprecated private name
 
 
 @dataclass
@@ -271,7 +277,7 @@ def collect_with_responses(
     need = set(layers) | {u.layer for u in units}
     n_total = _known_length(images)
     sink = _Sink(lm, layers, len(units), pool, n_total)
-    batches = _iter_batches(images, batch_size)
+    batches = iter_batches(images, batch_size)
     if progress:
         from tqdm.auto import tqdm
 

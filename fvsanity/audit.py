@@ -10,13 +10,20 @@ circuits (:mod:`fvsanity.compare.circuits`). Outputs in ``out``:
                      unit is complete: a crash or Ctrl-C never leaves half a unit
 ``run.json``         the run's settings and their hashes, written first: a rerun with the same
                      ``out`` resumes (finished units are skipped) and refuses different settings
-``natural_pass.safetensors``  pooled activations of every natural image (computed once)
+``natural_pass.safetensors``  pooled activations of every natural image (computed once; keyed by
+                     model fingerprint, images and layers, not by the units, so audits of other
+                     units of the same model and images reuse it)
 ``audit.json``       every number, the settings, seeds, package versions, the FV-settings hash
 ``report.html``      self-contained report (:mod:`fvsanity.report.html`)
 ``table.md``, ``table.tex``   the per-unit sanity table (:mod:`fvsanity.report.tables`)
 
-Public API: :class:`AuditConfig`, :func:`run_audit` -> :class:`AuditResult`,
-:func:`load_audit`, :func:`select_units`, :func:`unit_id`.
+The run flows one way: :func:`prepare_audit` (units resolved once into Units, images loaded,
+``out`` checked) -> :func:`audit_natural_pass` (one :class:`~fvsanity.compare.pipeline.NaturalPass`
+for all units) -> :func:`audit_units` / :func:`audit_unit` (per unit, handed the Units and the
+pass) -> :func:`finalize` (the registered report writers, :mod:`fvsanity.report.writers`).
+
+Public API: :class:`AuditConfig`, :func:`run_audit` -> :class:`AuditResult`, the four steps
+above, :func:`load_audit`, :func:`select_units`, :func:`unit_id`.
 """
 
 from __future__ import annotations
@@ -43,6 +50,12 @@ __all__ = [
     "run_audit",
     "load_audit",
     "finalize",
+    "prepare_audit",
+    "audit_natural_pass",
+    "audit_units",
+    "audit_unit",
+    "AuditPlan",
+    "AuditContext",
     "select_units",
     "unit_id",
     "fv_settings",
@@ -105,6 +118,17 @@ class AuditConfig:
         d = asdict(self)
         d["paired_metrics"] = list(self.paired_metrics)
         return d
+
+    def path_settings(self):
+        """The per-unit :class:`~fvsanity.compare.path.PathCheckSettings` of this audit (the paired
+        design across units is computed in :func:`finalize`, from every unit's means)."""
+        from .compare.path import PathCheckSettings
+
+        return PathCheckSettings(
+            metric=self.metric, top_k=self.top_k, n_other=self.n_other, use_class_images=self.use_class_images,
+            n_boot=self.n_boot, n_perm=self.n_perm, alpha=self.alpha, confidence=self.confidence,
+            paired_metrics=(), seed=self.seed, batch_size=self.batch_size,
+        )
 
 
 def fv_settings(cfg: AuditConfig, lm) -> dict:
@@ -255,58 +279,78 @@ def _check_run(out: Path, run: dict) -> None:
     atomic_write_json(p, run)
 
 
-def _natural_pass(lm, natural, layers, units, cfg, out: Path, device, progress):
-    """({layer: [N, C]}, responses [N, U]) of every natural image, cached in ``out``.
+def audit_natural_pass(lm, natural, layers, units, cfg: AuditConfig, out: Path, device=None, progress: bool = False):
+    """The audit's one natural-image pass (a :class:`~fvsanity.compare.pipeline.NaturalPass`).
 
-    Reused only if ``out/natural_pass.safetensors`` was made for this model fingerprint, image
-    set (paths, sizes, mtimes), layers, units and pooling (:func:`fvsanity.cache.natural_pass_key`).
+    Reused from ``out/natural_pass.safetensors`` only if it was made for this model fingerprint,
+    image set (paths, sizes, mtimes), layers and pooling (:func:`fvsanity.cache.natural_pass_key`;
+    no unit list, so audits of other units of the same model and images share it).
     """
-    from .activations import collect_with_responses
-    from .cache import CacheEntry, cached, natural_pass_key
-    from .io import atomic_save_tensors, load_tensors
+    from .compare.pipeline import natural_pass
 
-    p = out / "natural_pass.safetensors"
-    entry = CacheEntry.file(p, natural_pass_key(lm, natural, layers, units, "mean"))
+    return natural_pass(lm, natural, layers, units, batch_size=cfg.batch_size, device=device, progress=progress,
+                        cache_dir=out)
 
-    def compute():
-        acts, resp = collect_with_responses(lm, natural, layers, units, "mean", cfg.batch_size, device, progress)
-        atomic_save_tensors(p, {**{f"act:{k}": v for k, v in acts.items()}, "responses": resp})
-        return acts, resp
 
-    def load():
-        t = load_tensors(p)
-        return {k[4:]: v for k, v in t.items() if k.startswith("act:")}, t["responses"]
-
-    return cached(entry, compute, load)[0]
+_natural_pass = audit_natural_pass  # deprecated private name
 
 
 # ------------------------------------------------------------------------------ one unit
-def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tensor) -> dict:
-    """Compute and atomically write unit ``i``; returns its record. ``fv_images`` [S,3,H,W]."""
+@dataclass
+class AuditContext:
+    """What every unit step of one :func:`run_audit` call reads (built once, handed down).
+
+    Attributes:
+        lm, units (resolved Units), cfg, natural (NaturalImages), natural_pass (the one
+        :class:`~fvsanity.compare.pipeline.NaturalPass` for all units), out, run (run.json),
+        device, circuit_fn, fv_seeds; fv_seconds_per_unit is updated per FV batch.
+    """
+
+    lm: object
+    units: list
+    cfg: AuditConfig
+    natural: object
+    natural_pass: object
+    out: Path
+    run: dict
+    device: object
+    circuit_fn: Callable
+    fv_seeds: list
+    fv_seconds_per_unit: float = 0.0
+
+    def __getitem__(self, key: str):  # the dict this used to be
+        return getattr(self, key)
+
+
+def audit_unit(ctx: AuditContext, i: int, fv_images: torch.Tensor, fv_final: torch.Tensor) -> dict:
+    """Compute and atomically write unit ``i`` of ``ctx.units``; returns its record.
+
+    ``fv_images`` [S, 3, H, W] its FVs, ``fv_final`` [S] their final objective values. Reads the
+    natural images' activations from ``ctx.natural_pass`` (no forward pass over them) and runs
+    the FVs through the model once (for the path check and the paired-design means alike).
+    """
     from safetensors.torch import save_file
 
-    from .compare.path import path_check, split_halves
+    from .compare.path import fv_activations, path_check, split_halves
     from .io import atomic_write_json, save_png
     from .report.path_figure import plot_path_similarity
 
     t0 = time.perf_counter()
-    lm, u, cfg, natural = ctx["lm"], ctx["units"][i], ctx["cfg"], ctx["natural"]
-    nat_acts, resp = ctx["natural_pass"]
+    lm, u, cfg, natural = ctx.lm, ctx.units[i], ctx.cfg, ctx.natural
+    nat = ctx.natural_pass.for_units([u])
+    nat_acts = nat.acts
     uid = unit_id(u)
-    final_dir = ctx["out"] / "units" / uid
-    tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=ctx["out"] / "units"))
+    final_dir = ctx.out / "units" / uid
+    tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=ctx.out / "units"))
     try:
         seed_u = _unit_seed(cfg.seed, u)
+        path = lm.path_to(u.layer)
+        fv_acts = fv_activations(lm, fv_images[None], path, cfg.batch_size, ctx.device)  # [1, S, C] per layer
         # the base seed: path_check seeds the unit from its name, exactly as `fvsanity check` does
-        check = path_check(
-            lm, [u], fv_images[None], natural, metric=cfg.metric, top_k=cfg.top_k, n_other=cfg.n_other,
-            use_class_images=cfg.use_class_images, n_boot=cfg.n_boot, n_perm=cfg.n_perm, alpha=cfg.alpha,
-            confidence=cfg.confidence, paired_metrics=(), seed=cfg.seed, batch_size=cfg.batch_size,
-            natural_pass=(nat_acts, resp[:, i : i + 1]),
-        )
+        check = path_check(lm, [u], fv_images[None], natural, cfg.path_settings(), natural_pass=nat, fv_acts=fv_acts)
         up = check.units[0]
         path_json = up.to_json()
-        fv_seeds = ctx["fv_seeds"]
+        fv_seeds = ctx.fv_seeds
         fv_files = []
         for j, s in enumerate(fv_seeds):
             name = f"fv_seed{s}.png"
@@ -327,11 +371,10 @@ def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tenso
 
         # means for the paired design across units (computed in finalize)
         refs = torch.tensor(up.natural_indices, dtype=torch.long)
-        fv_acts = ctx["collect"](lm, fv_images, up_layers(up), "mean", cfg.batch_size, ctx["device"])
         tensors = {"fv_images": fv_images.contiguous(), "fv_final": fv_final.contiguous()}
         h1, h2 = split_halves(refs, cfg.seed, u)  # as path_check's paired design
         for name in up_layers(up):
-            tensors[f"fv_mean:{name}"] = fv_acts[name].mean(0).contiguous()
+            tensors[f"fv_mean:{name}"] = fv_acts[name][0].mean(0).contiguous()
             tensors[f"nat_mean:{name}"] = nat_acts[name][refs].mean(0).contiguous()
             if h1.numel() and h2.numel():
                 tensors[f"half1:{name}"] = nat_acts[name][h1].mean(0).contiguous()
@@ -341,11 +384,11 @@ def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tenso
         circuit = None
         if cfg.circuits:
             try:
-                circuit = ctx["circuit_fn"](lm, u, fv_images, natural, up, tmp, cfg, seed_u)
+                circuit = ctx.circuit_fn(lm, u, fv_images, natural, up, tmp, cfg, seed_u)
             except FVSanityError as e:  # e.g. all edge scores zero: a finding for this unit, not a crash
                 circuit = {"error": str(e)}
 
-        r = resp[:, i]
+        r = nat.responses[:, 0]
         record = {
             "unit": str(u),
             "id": uid,
@@ -381,10 +424,10 @@ def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tenso
                     f"units/{uid}/circuit_profile.png" if (tmp / "circuit_profile.png").is_file() else None
                 ),
             },
-            "seconds": round(time.perf_counter() - t0 + ctx["fv_seconds_per_unit"], 3),
+            "seconds": round(time.perf_counter() - t0 + ctx.fv_seconds_per_unit, 3),
             "finished_at": _now(),
-            "run_hash": ctx["run"]["run_hash"],
-            "fv_settings_hash": ctx["run"]["fv_settings_hash"],
+            "run_hash": ctx.run["run_hash"],
+            "fv_settings_hash": ctx.run["fv_settings_hash"],
         }
         atomic_write_json(tmp / "unit.json", record)
         if final_dir.exists():  # a stale unit of this same run (e.g. killed between writes)
@@ -394,6 +437,9 @@ def _unit_step(ctx: dict, i: int, fv_images: torch.Tensor, fv_final: torch.Tenso
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return record
+
+
+_unit_step = audit_unit  # deprecated private name
 
 
 def up_layers(up) -> list[str]:
@@ -460,54 +506,55 @@ def _clean_stale_tmp(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def run_audit(
-    lm,
-    units,
-    images,
-    out: str | os.PathLike,
-    cfg: AuditConfig | None = None,
-    *,
-    device=None,
-    progress: bool = True,
-    image_options: dict | None = None,
-    circuit_fn: Callable | None = None,
-    render_fn: Callable | None = None,
-    log: Callable[[str], None] | None = None,
-) -> AuditResult:
-    """Audit ``units`` of ``lm`` against the natural images in ``images``; write to ``out``.
+@dataclass(frozen=True)
+class AuditPlan:
+    """What :func:`prepare_audit` decided before any forward pass (handed down to the later steps).
 
-    Args:
-        lm: a :class:`~fvsanity.models.LoadedModel`.
-        units: Unit objects or spec strings (see :func:`select_units`).
-        images: an image folder (see :func:`fvsanity.data.load_images`) or a NaturalImages.
-        out: output folder (created; resumed if it holds a run with the same settings).
-        cfg: :class:`AuditConfig` (default settings if None).
-        device: where to run (default: the model's device).
-        progress: tqdm bars on stderr.
-        image_options: extra keyword arguments for ``load_images`` (``max_per_class``, ``limit``,
-            ``layout``, ``labels``).
-        circuit_fn, render_fn: replace the circuit comparison / FV generator (tests).
-        log: one-line status messages (default: stderr).
-
-    Returns:
-        :class:`AuditResult`. Finished units are on disk even if the call is interrupted.
+    Attributes:
+        lm: the model (on ``device``); units: the resolved Units; ids: their folder ids.
+        natural: the NaturalImages; out: the output folder; cfg: the settings; device.
+        run: the run.json record (hashes of the settings); fv_settings: what the FVs are made
+            with (``seeds`` among them); fv_given: FVs from ``cfg.fv_source`` or None.
+        done: records of units already finished in ``out``; todo: indices of the units to compute.
+        notes: warnings for the report (e.g. a design that cannot reach ``alpha``).
     """
-    from .activations import collect
-    from .compare.path import _order_layers, validate_metrics
+
+    lm: object
+    units: list
+    ids: list
+    natural: object
+    out: Path
+    cfg: AuditConfig
+    device: object
+    run: dict
+    fv_settings: dict
+    fv_given: object
+    done: dict
+    todo: list
+    notes: list
+
+
+def prepare_audit(
+    lm, units, images, out, cfg: AuditConfig | None = None, *, device=None, image_options: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> AuditPlan:
+    """Select and prepare: resolve the units (once), load the images, check ``out`` (resume or
+    refuse other settings), find the finished units. No forward pass over the natural images.
+    Arguments as :func:`run_audit`."""
+    from .compare.path import validate_metrics
+    from .compare.pipeline import resolve_units
     from .data import NaturalImages, load_images
-    from .generate import render
-    from .io import ensure_writable_dir, provenance
-    from .units import parse_unit
+    from .generate import settings_hash
+    from .io import ensure_writable_dir
 
     cfg = cfg or AuditConfig()
     validate_metrics(cfg.metric, cfg.paired_metrics)  # before any forward pass
     say = log or (lambda m: print(f"fvsanity: {m}", file=sys.stderr, flush=True))
-    t_start = time.perf_counter()
     out = ensure_writable_dir(out)
     dev = torch.device(device) if device is not None else lm.device
     if dev != lm.device:
         lm.to(dev)
-    units = [parse_unit(u, lm) for u in units]
+    units = resolve_units(units, lm)
     if not units:
         raise FVSanityError("no units to audit")
     ids = [unit_id(u) for u in units]
@@ -519,18 +566,15 @@ def run_audit(
     fv_given = None
     fvs = fv_settings(cfg, lm)
     if cfg.fv_source:
+        from .cache import check_fv_model
         from .generate.saved import load_fvs
 
         _, fv_given = load_fvs(cfg.fv_source, units, lm)
         if not hasattr(fv_given, "settings"):
             raise FVSanityError(f"--fv {cfg.fv_source!r} must be a `fvsanity visualize` output (fv.pt + fv.json)")
-        from .cache import check_fv_model
-
         check_fv_model(fv_given, lm, str(cfg.fv_source))  # made for these weights, or refused
         fvs = dict(fv_given.settings) | {"model": lm.name, "seeds": list(fv_given.seeds), "source": str(cfg.fv_source)}
         fvs.pop("seconds", None)
-    from .generate import settings_hash
-
     fv_hash = settings_hash(fvs)
 
     natural = images if isinstance(images, NaturalImages) else load_images(images, lm, **(image_options or {}))
@@ -554,62 +598,122 @@ def run_audit(
     n_oth = max(0, min(cfg.n_other, len(natural) - cfg.top_k))
     n_lay = max(len(lm.path_to(u.layer)) for u in units)
     floor = min_holm_p(n_fv, n_oth, n_lay, cfg.n_perm)
-    run_note = None
+    notes = []
     if floor > cfg.alpha:
-        run_note = (
+        notes.append(
             f"with {n_fv} FV(s) per unit, about {n_oth} other images and up to {n_lay} layers, the smallest "
             f"Holm-adjusted p is {floor:.3g} > alpha {cfg.alpha}: no layer can test significant; raise --seeds "
             "or --n-other"
         )
-        say("warning: " + run_note)
+        say("warning: " + notes[-1])
     done = _load_units_done(out, run["run_hash"])
     todo = [i for i, uid in enumerate(ids) if uid not in done]
     if done:
         say(f"resuming in {out}: {len(ids) - len(todo)} of {len(ids)} units already finished")
-    computed: list[str] = []
-    if todo:
-        paths = [lm.path_to(u.layer) for u in units]
-        union = _order_layers(lm, [n for p in paths for n in p])
-        nat_pass = _natural_pass(lm, natural, union, units, cfg, out, dev, progress)
-        ctx = {
-            "lm": lm, "units": units, "cfg": cfg, "natural": natural, "natural_pass": nat_pass, "out": out,
-            "run": run, "device": dev, "collect": collect, "circuit_fn": circuit_fn or _default_circuit_fn,
-            "fv_seeds": fvs["seeds"], "fv_seconds_per_unit": 0.0,
-        }
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+    return AuditPlan(lm, units, ids, natural, out, cfg, dev, run, fvs, fv_given, done, todo, notes)
 
-            bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="audit units", unit="unit", file=sys.stderr)
-        try:
-            step = max(1, cfg.fv_batch_units)
-            for s in range(0, len(todo), step):
-                chunk = todo[s : s + step]
-                t0 = time.perf_counter()
-                if fv_given is not None:
-                    imgs = fv_given.images[chunk]
-                    final = fv_given.final[chunk]
-                else:
-                    res = (render_fn or render)(
-                        lm, [units[i] for i in chunk], seeds=fvs["seeds"], steps=cfg.steps, size=cfg.size,
-                        lr=cfg.lr, param=cfg.param, transforms=cfg.transforms, diversity=cfg.diversity,
-                        device=dev, progress=progress,
-                    )
-                    imgs, final = res.images, res.final
-                ctx["fv_seconds_per_unit"] = (time.perf_counter() - t0) / len(chunk)
-                for k, i in enumerate(chunk):
-                    rec = _unit_step(ctx, i, imgs[k], final[k])
-                    done[rec["id"]] = rec
-                    computed.append(rec["id"])
-                    if bar is not None:
-                        bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
+
+def audit_units(
+    plan: AuditPlan, nat_pass, *, progress: bool = True, circuit_fn: Callable | None = None,
+    render_fn: Callable | None = None,
+) -> list[str]:
+    """The per-unit steps: FVs in batches of ``cfg.fv_batch_units`` units (rendered, or taken from
+    ``plan.fv_given``), then :func:`audit_unit` for each; fills ``plan.done``. Returns the ids
+    computed (in order). ``nat_pass``: the run's :class:`~fvsanity.compare.pipeline.NaturalPass`."""
+    from .generate import render
+
+    cfg, units = plan.cfg, plan.units
+    ctx = AuditContext(
+        lm=plan.lm, units=units, cfg=cfg, natural=plan.natural, natural_pass=nat_pass, out=plan.out, run=plan.run,
+        device=plan.device, circuit_fn=circuit_fn or _default_circuit_fn, fv_seeds=plan.fv_settings["seeds"],
+    )
+    computed: list[str] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan.ids), initial=len(plan.ids) - len(plan.todo), desc="audit units", unit="unit",
+                   file=sys.stderr)
+    try:
+        step = max(1, cfg.fv_batch_units)
+        for s in range(0, len(plan.todo), step):
+            chunk = plan.todo[s : s + step]
+            t0 = time.perf_counter()
+            if plan.fv_given is not None:
+                imgs = plan.fv_given.images[chunk]
+                final = plan.fv_given.final[chunk]
+            else:
+                res = (render_fn or render)(
+                    plan.lm, [units[i] for i in chunk], seeds=plan.fv_settings["seeds"], steps=cfg.steps,
+                    size=cfg.size, lr=cfg.lr, param=cfg.param, transforms=cfg.transforms, diversity=cfg.diversity,
+                    device=plan.device, progress=progress,
+                )
+                imgs, final = res.images, res.final
+            ctx.fv_seconds_per_unit = (time.perf_counter() - t0) / len(chunk)
+            for k, i in enumerate(chunk):
+                rec = audit_unit(ctx, i, imgs[k], final[k])
+                plan.done[rec["id"]] = rec
+                computed.append(rec["id"])
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return computed
+
+
+def run_audit(
+    lm,
+    units,
+    images,
+    out: str | os.PathLike,
+    cfg: AuditConfig | None = None,
+    *,
+    device=None,
+    progress: bool = True,
+    image_options: dict | None = None,
+    circuit_fn: Callable | None = None,
+    render_fn: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+) -> AuditResult:
+    """Audit ``units`` of ``lm`` against the natural images in ``images``; write to ``out``.
+
+    Four steps, each a public function: :func:`prepare_audit` (units resolved once, images,
+    resume), :func:`audit_natural_pass` (every natural image through the model once),
+    :func:`audit_units` (per unit: FVs, path check, figures, atomically written) and
+    :func:`finalize` (audit.json, tables, report).
+
+    Args:
+        lm: a :class:`~fvsanity.models.LoadedModel`.
+        units: Unit objects or spec strings (see :func:`select_units`).
+        images: an image folder (see :func:`fvsanity.data.load_images`) or a NaturalImages.
+        out: output folder (created; resumed if it holds a run with the same settings).
+        cfg: :class:`AuditConfig` (default settings if None).
+        device: where to run (default: the model's device).
+        progress: tqdm bars on stderr.
+        image_options: extra keyword arguments for ``load_images`` (``max_per_class``, ``limit``,
+            ``layout``, ``labels``).
+        circuit_fn, render_fn: replace the circuit comparison / FV generator (tests).
+        log: one-line status messages (default: stderr).
+
+    Returns:
+        :class:`AuditResult`. Finished units are on disk even if the call is interrupted.
+    """
+    from .compare.path import order_layers
+    from .io import provenance
+
+    t_start = time.perf_counter()
+    plan = prepare_audit(lm, units, images, out, cfg, device=device, image_options=image_options, log=log)
+    computed: list[str] = []
+    if plan.todo:
+        union = order_layers(lm, [n for u in plan.units for n in lm.path_to(u.layer)])
+        nat_pass = audit_natural_pass(lm, plan.natural, union, plan.units, plan.cfg, plan.out, plan.device, progress)
+        computed = audit_units(plan, nat_pass, progress=progress, circuit_fn=circuit_fn, render_fn=render_fn)
     wall = time.perf_counter() - t_start
-    calls = _record_call(out, wall, computed)
-    audit = finalize(out, [done[x] for x in ids], run, cfg, natural, provenance(), wall,
-                     computed, notes=[run_note] if run_note else [], calls=calls)
+    calls = _record_call(plan.out, wall, computed)
+    audit = finalize(plan.out, [plan.done[x] for x in plan.ids], plan.run, plan.cfg, plan.natural, provenance(), wall,
+                     computed, notes=plan.notes, calls=calls)
+    out = plan.out
     return AuditResult(out, audit, tuple(computed), out / "report.html", out / "table.md", out / "table.tex", out / "audit.json")
 
 
@@ -700,10 +804,9 @@ def finalize(
     out: Path, records: list[dict], run: dict, cfg: AuditConfig, natural, prov: dict, wall_s: float,
     computed: Sequence[str] = (), notes: Sequence[str] = (), calls: Sequence[dict] = (),
 ) -> dict:
-    """Write audit.json, table.md, table.tex and report.html from the finished units."""
-    from .io import atomic_write_json, atomic_write_text
-    from .report.html import write_report
-    from .report.tables import to_latex, to_markdown
+    """Write audit.json, table.md, table.tex, report.html (and every other writer registered for
+    the ``"audit"`` document, :mod:`fvsanity.report.writers`) from the finished units."""
+    from .report.writers import write_outputs
 
     audit = {
         "format": FORMAT,
@@ -736,10 +839,7 @@ def finalize(
                "settings": {"metric": cfg.metric}, "across_units": audit["across_units"]}
         plot_path_similarity(fig, out / "path_similarity.png", mode="mean")
         audit["figures"] = {"path_similarity": "path_similarity.png"}
-    atomic_write_json(out / "audit.json", audit)
-    atomic_write_text(out / "table.md", to_markdown(audit))
-    atomic_write_text(out / "table.tex", to_latex(audit))
-    write_report(audit, out)
+    write_outputs(audit, out, "audit")  # audit.json, table.md, table.tex, report.html, and any registered
     return audit
 
 

@@ -319,15 +319,19 @@ def image_set_identity(natural) -> dict:
     return ident
 
 
-def natural_pass_key(lm, natural, layers: Sequence[str], units, pooling: str = "mean") -> dict:
-    """The cache key of a natural-image pass: model fingerprint, image set, layers, units, pooling."""
+def natural_pass_key(lm, natural, layers: Sequence[str], units=None, pooling: str = "mean") -> dict:
+    """The cache key of a natural-image pass: model fingerprint, image set, layers, pooling.
+
+    No unit list: shards of one sweep with different units share one pass (the units'
+    responses are keyed on their own, :func:`fvsanity.compare.pipeline.natural_pass`).
+    ``units`` is accepted for old callers and ignored.
+    """
     return {
         "kind": "natural_pass",
         "model": lm.name,
         "model_fingerprint": lm.fingerprint(),
         "images": image_set_identity(natural),
         "layers": list(layers),
-        "units": _units_json(units),
         "pooling": pooling,
         **_library_versions(),
     }

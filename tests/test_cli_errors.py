@@ -128,7 +128,7 @@ def test_interrupted_run_resumes(tmp_path, images, monkeypatch, capsys):
     # 2 FVs vs 25 other images: a design that can reach significance (no power warning on stderr)
     argv = ["audit", *TOY, "--units", "fc:1,fc:2,block4:3", "--images", str(images), "--out", str(out), *FAST,
             "--seeds", "2", "--n-other", "25"]
-    real = A._unit_step
+    real = A.audit_unit
     calls = []
 
     def step_then_ctrl_c(ctx, i, *a):
@@ -137,14 +137,14 @@ def test_interrupted_run_resumes(tmp_path, images, monkeypatch, capsys):
         calls.append(i)
         return real(ctx, i, *a)
 
-    monkeypatch.setattr(A, "_unit_step", step_then_ctrl_c)
+    monkeypatch.setattr(A, "audit_unit", step_then_ctrl_c)
     line = _run_error(capsys, argv, code=130)
     assert "interrupted" in line and "run again to resume" in line
     done = [p.name for p in (out / "units").iterdir() if not p.name.startswith(".")]
     assert done == ["fc_c1"]
     first = _snapshot(out / "units" / "fc_c1")
 
-    monkeypatch.setattr(A, "_unit_step", real)
+    monkeypatch.setattr(A, "audit_unit", real)
     assert main(argv) == 0
     assert _snapshot(out / "units" / "fc_c1") == first  # the finished unit was not redone
     audit = json.loads((out / "audit.json").read_text())

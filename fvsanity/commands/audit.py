@@ -43,6 +43,8 @@ def register(sub) -> None:
     p.add_argument("--metric", default="spearman", choices=list_metrics(design="unpaired"),
                    help="per-unit (unpaired) metric for the path check; the paired design across units uses "
                         "cka and rsa [%(default)s]")
+    p.add_argument("--paired-metrics", nargs="+", default=["cka", "rsa"], choices=list_metrics(design="paired"),
+                   help="paired-design metrics compared across >= 4 units [%(default)s]")
     p.add_argument("--top-k", type=int, default=10, help="top natural exemplars per unit [%(default)s]")
     p.add_argument("--n-other", type=int, default=200, help="other natural images per unit [%(default)s]")
     p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
@@ -74,6 +76,7 @@ def config_from_args(args: argparse.Namespace):
         steps=args.steps, seeds=args.seeds, size=args.size, seed=args.seed, metric=args.metric, top_k=args.top_k,
         n_other=args.n_other, use_class_images=not args.no_class_images, n_boot=args.n_boot, n_perm=args.n_perm,
         alpha=args.alpha, circuits=args.circuits, fv_batch_units=args.fv_batch, batch_size=args.batch_size,
+        paired_metrics=tuple(getattr(args, "paired_metrics", None) or ("cka", "rsa")),
         fv_source=args.fv,
         circuit_kwargs=(
             {"max_natural": args.circuit_images, "n_other": args.circuit_images, "steps": args.circuit_steps}

@@ -44,6 +44,8 @@ def register(sub) -> None:
                    help="a per-unit (unpaired) metric for the curves (paper: spearman), or a paired-design metric "
                         "(%s) compared across >= 4 units, with spearman per unit [%%(default)s]"
                         % ", ".join(list_metrics(design="paired")))
+    p.add_argument("--paired-metrics", nargs="+", default=None, choices=list_metrics(design="paired"),
+                   help="paired-design metrics compared across >= 4 units [cka rsa; with a paired --metric: it]")
     p.add_argument("--top-k", type=int, default=10, help="top-k natural exemplars per unit [%(default)s]")
     p.add_argument("--n-other", type=int, default=200, help="other natural images per unit [%(default)s]")
     p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
@@ -110,13 +112,14 @@ def _circuits(lm, units, fv, natural, check, args, max_images: int = 16) -> dict
 # ------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
     from ..cli import resolve_device, save_config
-    from ..compare.path import path_check, validate_metrics
+    from ..compare.path import PathCheckSettings, path_check, validate_metrics
     from ..compare.similarity import metric_info
     from ..data import load_images
     from ..generate.saved import load_fvs
-    from ..io import atomic_write_json, ensure_writable_dir
+    from ..io import ensure_writable_dir
     from ..models import load_model
     from ..report.path_figure import plot_path_similarity
+    from ..report.writers import write_outputs
     from ..units import parse_units
 
     for flag, v, lo in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1), ("--top-k", args.top_k, 0),
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     # the metric's design decides its role; refused here, before the model or any image is loaded
     paired_design = "paired" in metric_info(args.metric).designs
     per_unit_metric = "spearman" if paired_design else args.metric
-    paired = (args.metric,) if paired_design else ("cka", "rsa")
+    paired = (args.metric,) if paired_design else tuple(getattr(args, "paired_metrics", None) or ("cka", "rsa"))
     validate_metrics(per_unit_metric, paired)
     out = ensure_writable_dir(args.out)
     device = resolve_device(args.device)
@@ -168,18 +171,18 @@ def run(args: argparse.Namespace) -> int:
     if fv is None:
         fv = _generate(lm, units, args, out, device)
 
-    res = path_check(
-        lm, units, fv, natural, metric=per_unit_metric, layers=layers, top_k=args.top_k,
-        n_other=args.n_other, use_class_images=not args.no_class_images, n_boot=args.n_boot,
-        n_perm=args.n_perm, alpha=args.alpha, paired_metrics=paired if len(units) >= 4 else (),
-        seed=args.seed, batch_size=args.batch_size, device=device, progress=not args.no_progress,
+    settings = PathCheckSettings(
+        metric=per_unit_metric, layers=layers, top_k=args.top_k, n_other=args.n_other,
+        use_class_images=not args.no_class_images, n_boot=args.n_boot, n_perm=args.n_perm, alpha=args.alpha,
+        paired_metrics=paired if len(units) >= 4 else (), seed=args.seed, batch_size=args.batch_size,
     )
+    res = path_check(lm, units, fv, natural, settings, device=device, progress=not args.no_progress)
     doc = res.to_json()
     doc["settings"]["requested_metric"] = args.metric
     if args.circuits:
         doc["circuits"] = _circuits(lm, units, fv, natural, res, args)
     doc["model_provenance"] = lm.provenance()  # weights, and any entries a partial load left random
-    atomic_write_json(out / "check.json", doc)
+    written = write_outputs(doc, out, "check")  # check.json and any other registered check output
     fig = plot_path_similarity(doc, out / "path_similarity.png", mode=args.figure_mode)
     args.model_provenance = lm.provenance()
     save_config(args, out)
@@ -192,5 +195,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"{u.unit:<{width}}  {u.verdict.label}  (natural refs {len(u.natural_indices)}, other {u.n_other}){why}")
     for name, rows in res.paired.items():
         print(f"paired {name} across {len(units)} units: " + "  ".join(f"{r.name}={r.value:.2f}" for r in rows))
-    print(f"wrote {out / 'check.json'}, {fig}, {out / 'config.json'}")
+    print(f"wrote {', '.join(str(p) for p in written.values())}, {fig}, {out / 'config.json'}")
     return 0

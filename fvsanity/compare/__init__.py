@@ -5,6 +5,7 @@ Each module adds one import block below (a plain list; no logic in this file).
 
 from .attribution import (  # noqa: F401
     AttributionError,
+    AttributionSettings,
     EdgeAttribution,
     LayerEdges,
     edge_attribution,
@@ -19,7 +20,10 @@ from .circuits import (  # noqa: F401
     circuit_overlap,
     circuit_stats,
     compare_circuits,
+    edge_rank_correlation,
 )
+from .path import PathCheckSettings, path_check  # noqa: F401
+from .pipeline import NaturalPass, natural_pass, resolve_units  # noqa: F401
 from .similarity import (  # noqa: F401
     DESIGNS,
     METRIC_KINDS,
@@ -39,6 +43,7 @@ from .similarity import (  # noqa: F401
     pearson,
     register_metric,
     rsa,
+    unregister_metric,
     soft_spearman,
     spearman,
 )

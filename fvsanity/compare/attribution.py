@@ -63,6 +63,12 @@ __all__ = [
     "LayerEdges",
     "EdgeAttribution",
     "edge_attribution",
+    "AttributionSettings",
+    "discover_edges",
+    "record_edge_batch",
+    "score_edges",
+    "check_edge_scores",
+    "EdgeBatch",
     "node_attribution",
     "patch_edges",
     "reference_images",
@@ -573,6 +579,142 @@ def _scores(spec: _Spec, delta_in, delta_out, g_out, sdt) -> torch.Tensor:
     return s[:, rows] if rows is not None else s
 
 
+@dataclass(frozen=True)
+class AttributionSettings:
+    """The settings of :func:`edge_attribution` (one object instead of a long argument list).
+
+    Attributes:
+        layers: None (all edge modules up to the unit), an int k (the last k conv/linear layers
+            and the shortcuts among them) or module names (blocks expand to their convs).
+        method: "eap" (gradient at the clean input) or "eap-ig" (gradient averaged over ``steps``
+            midpoints of the straight line from the reference image to the clean image).
+        steps: EAP-IG steps. reference: "mean" (dataset-mean grey), "zeros", "blur", or images
+            (see :func:`reference_images`). batch_size: images per forward. blur_sigma: for "blur".
+        allow_zero: do not raise if every score is exactly zero.
+    """
+
+    layers: object = None
+    method: str = "eap-ig"
+    steps: int = 8
+    reference: object = "mean"
+    batch_size: int = 16
+    blur_sigma: float | None = None
+    allow_zero: bool = False
+
+
+def discover_edges(lm, unit, layers=None, image_shape: tuple[int, ...] | None = None) -> list:
+    """Discovery: the edge-carrying modules (specs), in forward order, on the way to ``unit``
+    (a resolved Unit) for inputs of ``image_shape`` [3, H, W] (default: the model's input size)."""
+    shape = tuple(image_shape) if image_shape is not None else (3, *lm.input_size)
+    return _discover(lm, unit, layers, shape)
+
+
+@dataclass
+class EdgeBatch:
+    """Recording of one batch: per spec, edge scores [B, c_out', c_in], node scores in [B, c_in]
+    and out [B, c_out']; the metric on the clean and reference images [B]; layer shapes."""
+
+    scores: dict[str, torch.Tensor]
+    node_in: dict[str, torch.Tensor]
+    node_out: dict[str, torch.Tensor]
+    m_clean: torch.Tensor
+    m_ref: torch.Tensor
+    shapes: dict[str, tuple[int, int]]
+
+
+def record_edge_batch(lm, rec: dict, specs: Sequence, x: torch.Tensor, r: torch.Tensor, alphas: Sequence[float], sdt) -> EdgeBatch:
+    """Recording: clean ``x`` and reference ``r`` [B, 3, H, W] (model device/dtype) through the
+    model inside :func:`_recording`, gradients averaged over ``alphas``, edge and node scores."""
+    with torch.no_grad():
+        m_ref = _forward(lm, rec, r).detach().to(sdt).cpu()
+        io_ref = {k: (a.detach(), b.detach()) for k, (a, b) in rec["io"].items()}
+        m_clean = _forward(lm, rec, x).detach().to(sdt).cpu()
+        io_clean = {k: (a.detach(), b.detach()) for k, (a, b) in rec["io"].items()}
+    g_in = {s.name: None for s in specs}
+    g_out = {s.name: None for s in specs}
+    for a in alphas:
+        xa = (r + a * (x - r)).detach().requires_grad_(True)
+        with torch.enable_grad():
+            m = _forward(lm, rec, xa)
+            names = [s.name for s in specs]
+            tens = [rec["io"][n][0] for n in names] + [rec["io"][n][1] for n in names]
+            want = [t for t in tens if t.requires_grad]
+            grads = torch.autograd.grad(m.sum(), want, allow_unused=True) if want else []
+        gmap = {id(t): gr for t, gr in zip(want, grads, strict=True)}
+        for i, n in enumerate(names):
+            for store, t in ((g_in, tens[i]), (g_out, tens[len(names) + i])):
+                gr = gmap.get(id(t))
+                gr = torch.zeros_like(t, dtype=sdt) if gr is None else gr.detach().to(sdt)
+                store[n] = gr / len(alphas) if store[n] is None else store[n] + gr / len(alphas)
+        del m, tens, want, grads, gmap
+    out = EdgeBatch({}, {}, {}, m_clean, m_ref, {})
+    for s in specs:
+        a_c, z_c = io_clean[s.name]
+        a_r, z_r = io_ref[s.name]
+        d_in = (a_r - a_c).to(sdt)
+        d_out = (z_r - z_c).to(sdt)
+        if s.kind == "linear":
+            out.shapes[s.name] = (z_c.shape[-1], a_c.shape[-1])
+        else:
+            out.shapes[s.name] = (z_c.shape[1], a_c.shape[1])
+        out.scores[s.name] = _scores(s, d_in, d_out, g_out[s.name], sdt).cpu()
+        ni = -d_in * g_in[s.name]
+        no = -d_out * g_out[s.name]
+        if s.kind == "linear":
+            ni = ni.reshape(ni.shape[0], -1, ni.shape[-1]).sum(1)
+            no = no.reshape(no.shape[0], -1, no.shape[-1]).sum(1)
+        else:
+            ni, no = _spatial_sum(ni), _spatial_sum(no)
+        if s.rows is not None:
+            no = no[:, list(s.rows)]
+        out.node_in[s.name] = ni.cpu()
+        out.node_out[s.name] = no.cpu()
+    return out
+
+
+def score_edges(unit, specs: Sequence, batches: Sequence[EdgeBatch], method: str, ref_name: str, steps: int) -> EdgeAttribution:
+    """Scoring: the recorded batches -> one :class:`EdgeAttribution` (layers in forward order)."""
+    out = []
+    for s in specs:
+        c_out, c_in = batches[0].shapes[s.name]
+        weight = getattr(s.module, "weight", None)
+        rows = s.rows if s.rows is not None else tuple(range(c_out))
+        out.append(
+            LayerEdges(
+                name=s.name,
+                kind=s.kind,
+                rows=tuple(rows),
+                in_channels=c_in,
+                scores=torch.cat([bt.scores[s.name] for bt in batches]),
+                mask=_mask(s, weight, c_in, c_out),
+                node_in=torch.cat([bt.node_in[s.name] for bt in batches]),
+                node_out=torch.cat([bt.node_out[s.name] for bt in batches]),
+                input_from=s.input_from,
+            )
+        )
+    return EdgeAttribution(
+        unit=unit,
+        method=method,
+        reference=ref_name,
+        steps=steps,
+        layers=tuple(out),
+        metric_clean=torch.cat([bt.m_clean for bt in batches]),
+        metric_ref=torch.cat([bt.m_ref for bt in batches]),
+    )
+
+
+def check_edge_scores(res: EdgeAttribution) -> None:
+    """Refuse non-finite scores, or scores that are all exactly zero (a vanished metric gradient)."""
+    total = sum(float(lay.scores.abs().sum()) for lay in res.layers)
+    if not math.isfinite(total):
+        raise AttributionError(f"non-finite edge scores for unit {res.unit} (method {res.method})")
+    if total == 0.0:
+        raise AttributionError(
+            f"all edge scores are zero for unit {res.unit} (method {res.method}, reference {res.reference}): "
+            "the metric's gradient vanishes or the images equal their reference"
+        )
+
+
 def edge_attribution(
     lm,
     unit: Unit | str,
@@ -584,127 +726,49 @@ def edge_attribution(
     batch_size: int = 16,
     blur_sigma: float | None = None,
     allow_zero: bool = False,
+    *,
+    settings: AttributionSettings | None = None,
 ) -> EdgeAttribution:
     """Edge scores of every conv/linear/shortcut edge on the way to ``unit``, per image.
+
+    Three steps, each public: :func:`discover_edges` (which modules carry edges),
+    :func:`record_edge_batch` (per batch: forwards, gradients, edge and node scores) and
+    :func:`score_edges` (assembled per layer), then :func:`check_edge_scores`.
 
     Args:
         lm: a :class:`~fvsanity.models.LoadedModel` (its device and dtype are used).
         unit: the target unit (spec or :class:`Unit`); m = its activation (pre-ReLU if the layer
             is a conv).
         images: [N, 3, H, W] RGB in [0, 1], the clean inputs.
-        layers: None (all edge modules up to the unit), an int k (the last k conv/linear layers
-            and the shortcuts among them) or a list of module names (blocks expand to their convs).
-        method: "eap" (gradient at the clean input) or "eap-ig" (gradient averaged over ``steps``
-            midpoints of the straight line from the reference image to the clean image).
-        reference: "mean" (dataset-mean grey, default), "zeros", "blur", or images (see
-            :func:`reference_images`).
-        batch_size: images per forward (memory stays bounded by it).
-        allow_zero: do not raise if every score is exactly zero.
+        layers, method, steps, reference, batch_size, blur_sigma, allow_zero: see
+            :class:`AttributionSettings`; ``settings`` (keyword) replaces them all.
     Returns:
         :class:`EdgeAttribution` (tensors on CPU, float32, or float64 for a float64 model).
     Raises:
         AttributionError if every score is zero (a vanished metric gradient or clean == reference)
         unless ``allow_zero``.
     """
-    unit = parse_unit(unit, lm)
+    st = settings or AttributionSettings(layers, method, steps, reference, batch_size, blur_sigma, allow_zero)
+    unit = unit if isinstance(unit, Unit) else parse_unit(unit, lm)
     _check_images(images)
-    alphas = _alphas(method, steps)
+    alphas = _alphas(st.method, st.steps)
     model = lm.model
     dev = lm.device
     mdt = next(model.parameters()).dtype
     sdt = torch.promote_types(mdt, torch.float32)
-    specs = _discover(lm, unit, layers, tuple(images.shape[1:]))
-    ref_name = reference if isinstance(reference, str) else "given"
-    refs_all = reference_images(lm, images, reference, blur_sigma)
+    specs = discover_edges(lm, unit, st.layers, tuple(images.shape[1:]))
+    ref_name = st.reference if isinstance(st.reference, str) else "given"
+    refs_all = reference_images(lm, images, st.reference, st.blur_sigma)
 
-    parts: dict[str, dict[str, list]] = {s.name: {"s": [], "ni": [], "no": []} for s in specs}
-    m_clean, m_ref = [], []
-    shapes: dict[str, tuple[int, int]] = {}
+    batches = []
     with _recording(model, specs, unit) as rec:
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size].to(dev, mdt)
-            r = refs_all[start : start + batch_size].to(dev, mdt)
-            with torch.no_grad():
-                m_ref.append(_forward(lm, rec, r).detach().to(sdt).cpu())
-                io_ref = {k: (a.detach(), b.detach()) for k, (a, b) in rec["io"].items()}
-                m_clean.append(_forward(lm, rec, x).detach().to(sdt).cpu())
-                io_clean = {k: (a.detach(), b.detach()) for k, (a, b) in rec["io"].items()}
-            g_in = {s.name: None for s in specs}
-            g_out = {s.name: None for s in specs}
-            for a in alphas:
-                xa = (r + a * (x - r)).detach().requires_grad_(True)
-                with torch.enable_grad():
-                    m = _forward(lm, rec, xa)
-                    names = [s.name for s in specs]
-                    tens = [rec["io"][n][0] for n in names] + [rec["io"][n][1] for n in names]
-                    want = [t for t in tens if t.requires_grad]
-                    grads = torch.autograd.grad(m.sum(), want, allow_unused=True) if want else []
-                gmap = {id(t): gr for t, gr in zip(want, grads, strict=True)}
-                for i, n in enumerate(names):
-                    for store, t in ((g_in, tens[i]), (g_out, tens[len(names) + i])):
-                        gr = gmap.get(id(t))
-                        gr = torch.zeros_like(t, dtype=sdt) if gr is None else gr.detach().to(sdt)
-                        store[n] = gr / len(alphas) if store[n] is None else store[n] + gr / len(alphas)
-                del m, tens, want, grads, gmap
-            for s in specs:
-                a_c, z_c = io_clean[s.name]
-                a_r, z_r = io_ref[s.name]
-                d_in = (a_r - a_c).to(sdt)
-                d_out = (z_r - z_c).to(sdt)
-                if s.kind == "linear":
-                    shapes[s.name] = (z_c.shape[-1], a_c.shape[-1])
-                else:
-                    shapes[s.name] = (z_c.shape[1], a_c.shape[1])
-                parts[s.name]["s"].append(_scores(s, d_in, d_out, g_out[s.name], sdt).cpu())
-                ni = -d_in * g_in[s.name]
-                no = -d_out * g_out[s.name]
-                if s.kind == "linear":
-                    ni = ni.reshape(ni.shape[0], -1, ni.shape[-1]).sum(1)
-                    no = no.reshape(no.shape[0], -1, no.shape[-1]).sum(1)
-                else:
-                    ni, no = _spatial_sum(ni), _spatial_sum(no)
-                if s.rows is not None:
-                    no = no[:, list(s.rows)]
-                parts[s.name]["ni"].append(ni.cpu())
-                parts[s.name]["no"].append(no.cpu())
-            del io_ref, io_clean, g_in, g_out
-
-    out = []
-    for s in specs:
-        c_out, c_in = shapes[s.name]
-        weight = getattr(s.module, "weight", None)
-        rows = s.rows if s.rows is not None else tuple(range(c_out))
-        out.append(
-            LayerEdges(
-                name=s.name,
-                kind=s.kind,
-                rows=tuple(rows),
-                in_channels=c_in,
-                scores=torch.cat(parts[s.name]["s"]),
-                mask=_mask(s, weight, c_in, c_out),
-                node_in=torch.cat(parts[s.name]["ni"]),
-                node_out=torch.cat(parts[s.name]["no"]),
-                input_from=s.input_from,
-            )
-        )
-    res = EdgeAttribution(
-        unit=unit,
-        method=method,
-        reference=ref_name,
-        steps=len(alphas),
-        layers=tuple(out),
-        metric_clean=torch.cat(m_clean),
-        metric_ref=torch.cat(m_ref),
-    )
-    if not allow_zero:
-        total = sum(float(lay.scores.abs().sum()) for lay in res.layers)
-        if not math.isfinite(total):
-            raise AttributionError(f"non-finite edge scores for unit {unit} (method {method})")
-        if total == 0.0:
-            raise AttributionError(
-                f"all edge scores are zero for unit {unit} (method {method}, reference {ref_name}): "
-                "the metric's gradient vanishes or the images equal their reference"
-            )
+        for start in range(0, images.shape[0], st.batch_size):
+            x = images[start : start + st.batch_size].to(dev, mdt)
+            r = refs_all[start : start + st.batch_size].to(dev, mdt)
+            batches.append(record_edge_batch(lm, rec, specs, x, r, alphas, sdt))
+    res = score_edges(unit, specs, batches, st.method, ref_name, len(alphas))
+    if not st.allow_zero:
+        check_edge_scores(res)
     return res
 
 

@@ -53,7 +53,7 @@ __all__ = [
     "CircuitOverlap",
     "top_k_jaccard",
     "weighted_jaccard",
-    "spearman",
+    "edge_rank_correlation",
     "shared_mass",
     "circuit_stats",
     "compare_circuits",
@@ -153,9 +153,15 @@ def weighted_jaccard(a, b) -> float:
     return float(_weighted_jaccard_many(_vec(a)[None], _vec(b))[0])
 
 
-def spearman(a, b) -> float:
-    """Spearman rank correlation (average ranks); 0.0 when either vector is constant."""
+def edge_rank_correlation(a, b) -> float:
+    """Spearman rank correlation of two edge-score vectors, flattened (average ranks): a float;
+    0.0 when either is constant. The circuit statistic ``"spearman"``; not the vector metric
+    :func:`fvsanity.compare.similarity.spearman` (batched over leading dims, a tensor, NaN in ->
+    NaN out)."""
     return float(_spearman_many(_vec(a)[None], _vec(b))[0])
+
+
+spearman = edge_rank_correlation  # deprecated name: one name per concept
 
 
 def shared_mass(fv, natural, frac: float = 0.01) -> float:

@@ -85,6 +85,12 @@ __all__ = [
     "make_verdict",
     "paired_similarity",
     "path_check",
+    "PathCheckSettings",
+    "unit_layers",
+    "fv_activations",
+    "unit_path",
+    "paired_across_units",
+    "order_layers",
     "safe_ratio",
     "References",
     "select_references",
@@ -613,9 +619,13 @@ def across_units(units: Sequence[UnitPath], alpha: float = 0.05) -> tuple[Across
 
 
 # ------------------------------------------------------------------------------ the check
-def _order_layers(lm, names: Sequence[str]) -> list[str]:
+def order_layers(lm, names: Sequence[str]) -> list[str]:
+    """``names`` without repeats, in the model's module order (``named_modules``)."""
     order = {n: i for i, (n, _) in enumerate(lm.model.named_modules())}
     return sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order)))
+
+
+_order_layers = order_layers  # deprecated private name
 
 
 def _fv_tensor(fv_images) -> torch.Tensor:
@@ -727,47 +737,167 @@ def validate_metrics(metric: str, paired_metrics: Sequence[str] = ()) -> None:
         check_design(pm, "paired")
 
 
-def path_check(
-    lm,
-    units,
-    fv_images,
-    natural,
-    *,
-    metric: str = "spearman",
-    layers: Sequence[str] | None = None,
-    top_k: int = 10,
-    n_other: int = 200,
-    use_class_images: bool = True,
-    n_boot: int = 1000,
-    n_perm: int = 1000,
-    alpha: float = 0.05,
-    confidence: float = 0.95,
-    paired_metrics: Sequence[str] = ("cka", "rsa"),
-    seed: int = 0,
-    batch_size: int = 64,
-    device=None,
-    progress: bool = False,
-    natural_pass: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
-) -> PathCheck:
-    """Run the path-similarity sanity check for several units at once.
+@dataclass(frozen=True)
+class PathCheckSettings:
+    """Every setting of the path-similarity check that changes its numbers.
 
-    Args:
-        lm: a LoadedModel.
-        units: Unit objects or spec strings (``"classifier.1:7"``), U of them.
-        fv_images: Tensor [U, S, 3, H, W] RGB in [0, 1] (S seeds per unit) or an FVResult.
-        natural: :class:`~fvsanity.data.NaturalImages` (labels used for class units).
+    Attributes:
         metric: vector metric for the per-unit curves (``spearman``, ``pearson``, ``cosine``:
             the metrics of the ``unpaired`` design).
-        layers: layers to compare (default: ``lm.path_to(unit.layer)`` per unit).
+        layers: layers to compare (None: ``lm.path_to(unit.layer)`` per unit).
         top_k: exemplars per unit added to its natural references (0: class images only).
         n_other: other natural images per unit (the lower reference and the permutation pool).
         use_class_images: add the images of the unit's class (class units, labelled data).
         n_boot, n_perm, alpha, confidence: bootstrap size, permutations, test level, interval level.
         paired_metrics: representation metrics for the paired design across units (U >= 4;
             metrics of the ``paired`` design).
-        seed: base seed; each unit's random choices use :func:`unit_seed` (seed, unit name), so
-            a unit's numbers do not depend on the other units or their order.
-        natural_pass: precomputed ({layer: [N, C]}, responses [N, U]) for ``natural``.
+        seed: base seed; each unit's random choices use :func:`unit_seed` (seed, unit name).
+        batch_size: images per forward pass (no effect on the numbers).
+    """
+
+    metric: str = "spearman"
+    layers: tuple[str, ...] | None = None
+    top_k: int = 10
+    n_other: int = 200
+    use_class_images: bool = True
+    n_boot: int = 1000
+    n_perm: int = 1000
+    alpha: float = 0.05
+    confidence: float = 0.95
+    paired_metrics: tuple[str, ...] = ("cka", "rsa")
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self):
+        object.__setattr__(self, "paired_metrics", tuple(self.paired_metrics))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers) or None)
+
+    @classmethod
+    def from_kwargs(cls, settings: PathCheckSettings | None = None, **kw) -> PathCheckSettings:
+        """``settings`` (default: the defaults) with the given fields replaced; an unknown name is
+        a TypeError naming the valid ones (the old keyword calls of :func:`path_check`)."""
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(kw) - names)
+        if bad:
+            raise TypeError(f"unknown path-check setting {bad[0]!r}; valid: {', '.join(sorted(names))}")
+        return dataclasses.replace(settings or cls(), **kw)
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["paired_metrics"] = list(self.paired_metrics)
+        d["layers"] = list(self.layers) if self.layers else None
+        return d
+
+
+def unit_layers(lm, units, settings: PathCheckSettings) -> tuple[list[list[str]], list[str]]:
+    """(each unit's comparison path, their union in forward order)."""
+    paths = [list(settings.layers) if settings.layers else lm.path_to(u.layer) for u in units]
+    return paths, order_layers(lm, [name for p in paths for name in p])
+
+
+def fv_activations(lm, fv: torch.Tensor, layers: Sequence[str], batch_size: int = 64, device=None) -> dict[str, torch.Tensor]:
+    """Pooled activations of FVs ``fv`` [U, S, 3, H, W] -> {layer: [U, S, C]} (one streamed pass)."""
+    from ..activations import collect
+
+    U, S = fv.shape[:2]
+    flat = collect(lm, fv.flatten(0, 1), list(layers), "mean", batch_size, device)
+    return {k: v.view(U, S, -1) for k, v in flat.items()}
+
+
+def unit_path(
+    lm,
+    unit,
+    fv_acts: dict[str, torch.Tensor],
+    nat_acts: dict[str, torch.Tensor],
+    responses: torch.Tensor,
+    natural,
+    layers: Sequence[str],
+    settings: PathCheckSettings,
+) -> UnitPath:
+    """One unit's check: reference selection, per-layer statistics, verdict.
+
+    Args:
+        unit: a resolved Unit. fv_acts: {layer: [S, C]} its FVs. nat_acts: {layer: [N, C]} every
+        natural image (the natural pass). responses: [N] the unit's responses. layers: its path.
+    """
+    st = settings
+    sel = select_references(lm, unit, natural, responses, top_k=st.top_k, n_other=st.n_other,
+                            use_class_images=st.use_class_images, seed=st.seed)
+    ref, pool_idx = sel.natural, sel.other
+    if sel.status != "ok":
+        warnings.warn(f"unit {unit}: {sel.status}; its verdict reads {INSUFFICIENT_LABEL!r}", stacklevel=3)
+    res, verdict = compare_path(
+        {name: fv_acts[name] for name in layers},
+        {name: nat_acts[name][ref] for name in layers},
+        {name: nat_acts[name][pool_idx] for name in layers},
+        layers, metric=st.metric, n_boot=st.n_boot, n_perm=st.n_perm, alpha=st.alpha,
+        confidence=st.confidence, seed=unit_seed(st.seed, unit), status=sel.status,
+    )
+    S = next(iter(fv_acts.values())).shape[0] if fv_acts else 0
+    return UnitPath(
+        unit=str(unit), class_index=sel.class_index, class_name=sel.class_name, n_fv=S,
+        natural_indices=tuple(ref.tolist()), n_class_images=int(sel.class_indices.numel()),
+        top_k_indices=tuple(sel.top_k_indices.tolist()),
+        top_k_values=tuple(float(v) for v in sel.top_k_values),
+        n_other=int(pool_idx.numel()), layers=res, verdict=verdict,
+        natural_paths=tuple(natural.paths[j] for j in ref.tolist()) if natural.paths else (),
+    )
+
+
+def paired_across_units(
+    units, unit_results: Sequence[UnitPath], fv_acts: dict[str, torch.Tensor], nat_acts: dict[str, torch.Tensor],
+    common: Sequence[str], settings: PathCheckSettings,
+) -> dict[str, tuple[PairedLayer, ...]]:
+    """The paired design across >= 4 units at their ``common`` layers (rows in unit-name order).
+
+    fv_acts: {layer: [U, S, C]}; nat_acts: {layer: [N, C]}. Empty if fewer than 4 units."""
+    paired: dict[str, tuple[PairedLayer, ...]] = {}
+    if len(units) < 4 or not common:
+        return paired
+    refs = [torch.tensor(up.natural_indices, dtype=torch.long) for up in unit_results]
+    order = sorted(range(len(units)), key=lambda k: str(units[k]))
+    fv_means = {name: fv_acts[name][order].mean(1) for name in common}
+    nat_means = {name: torch.stack([nat_acts[name][refs[k]].mean(0) for k in order]) for name in common}
+    halves = _split_halves(nat_acts, [refs[k] for k in order], common, settings.seed, [units[k] for k in order])
+    for pm in settings.paired_metrics:
+        paired[pm] = paired_similarity(fv_means, nat_means, halves, common, metric=pm, n_perm=settings.n_perm,
+                                       seed=settings.seed)
+    return paired
+
+
+def path_check(
+    lm,
+    units,
+    fv_images,
+    natural,
+    settings: PathCheckSettings | None = None,
+    *,
+    device=None,
+    progress: bool = False,
+    natural_pass=None,
+    fv_acts: dict[str, torch.Tensor] | None = None,
+    **kwargs,
+) -> PathCheck:
+    """Run the path-similarity sanity check for several units at once.
+
+    Args:
+        lm: a LoadedModel.
+        units: Unit objects or spec strings (``"classifier.1:7"``), U of them (strings are
+            resolved here, once; Units are used as they are).
+        fv_images: Tensor [U, S, 3, H, W] RGB in [0, 1] (S seeds per unit) or an FVResult.
+        natural: :class:`~fvsanity.data.NaturalImages` (labels used for class units).
+        settings: :class:`PathCheckSettings`; the old keyword arguments (``metric=``, ``top_k=``,
+            ``layers=``, ``seed=``, ...) still work and replace its fields.
+        device, progress: where to run the forward passes; progress bars.
+        natural_pass: a :class:`~fvsanity.compare.pipeline.NaturalPass` made for ``natural`` with
+            these units (or the older tuple ({layer: [N, C]}, responses [N, U])); computed here
+            if None.
+        fv_acts: precomputed {layer: [U, S, C]} pooled FV activations (skips the FV pass).
 
     Returns:
         :class:`PathCheck`.
@@ -775,80 +905,50 @@ def path_check(
     Raises:
         DesignError: a metric outside its design (checked before any forward pass).
     """
-    from ..activations import collect, collect_with_responses
     from ..io import provenance
-    from ..units import parse_unit
+    from .pipeline import NaturalPass, natural_pass as make_pass, resolve_units
 
-    validate_metrics(metric, paired_metrics)
-    units = [parse_unit(u, lm) for u in units]
+    st = PathCheckSettings.from_kwargs(settings, **kwargs)
+    validate_metrics(st.metric, st.paired_metrics)
+    units = resolve_units(units, lm)
     if not units:
         raise FVSanityError("no units to check; pass at least one --unit LAYER:CHANNEL")
     fv = _fv_tensor(fv_images)
     if fv.shape[0] != len(units):
         raise FVSanityError(f"got FVs for {fv.shape[0]} units but {len(units)} units to check")
-    paths = [list(layers) if layers else lm.path_to(u.layer) for u in units]
-    union = _order_layers(lm, [name for p in paths for name in p])
+    paths, union = unit_layers(lm, units, st)
     n_nat = len(natural)
     if n_nat < 2:
         raise FVSanityError(f"need >= 2 natural images, got {n_nat}")
 
     if natural_pass is None:
-        nat_acts, resp = collect_with_responses(lm, natural, union, units, "mean", batch_size, device, progress)
-    else:
-        nat_acts, resp = natural_pass
+        natural_pass = make_pass(lm, natural, union, units, batch_size=st.batch_size, device=device, progress=progress)
+    if isinstance(natural_pass, NaturalPass):
+        natural_pass.require(union, n_nat)
+        if natural_pass.units and [str(u) for u in natural_pass.units] != [str(u) for u in units]:
+            natural_pass = natural_pass.for_units(units)
+    nat_acts, resp = natural_pass
     U, S = fv.shape[:2]
-    fv_flat = collect(lm, fv.flatten(0, 1), union, "mean", batch_size, device)
-    fv_acts = {k: v.view(U, S, -1) for k, v in fv_flat.items()}
+    if fv_acts is None:
+        fv_acts = fv_activations(lm, fv, union, st.batch_size, device)
 
     unit_results = []
-    refs: list[torch.Tensor] = []
-    for i, u in enumerate(units):
-        sel = select_references(
-            lm, u, natural, resp[:, i], top_k=top_k, n_other=n_other, use_class_images=use_class_images, seed=seed
-        )
-        ref, pool_idx = sel.natural, sel.other
-        if sel.status != "ok":
-            warnings.warn(f"unit {u}: {sel.status}; its verdict reads {INSUFFICIENT_LABEL!r}", stacklevel=2)
-        refs.append(ref)
-        res, verdict = compare_path(
-            {name: fv_acts[name][i] for name in paths[i]},
-            {name: nat_acts[name][ref] for name in paths[i]},
-            {name: nat_acts[name][pool_idx] for name in paths[i]},
-            paths[i], metric=metric, n_boot=n_boot, n_perm=n_perm, alpha=alpha,
-            confidence=confidence, seed=unit_seed(seed, u), status=sel.status,
-        )
+    for i, u in enumerate(units):  # a loop, not a comprehension: warnings point at path_check's caller
         unit_results.append(
-            UnitPath(
-                unit=str(u), class_index=sel.class_index, class_name=sel.class_name, n_fv=S,
-                natural_indices=tuple(ref.tolist()), n_class_images=int(sel.class_indices.numel()),
-                top_k_indices=tuple(sel.top_k_indices.tolist()),
-                top_k_values=tuple(float(v) for v in sel.top_k_values),
-                n_other=int(pool_idx.numel()), layers=res, verdict=verdict,
-                natural_paths=tuple(natural.paths[j] for j in ref.tolist()) if natural.paths else (),
-            )
-        )
-
-    paired: dict[str, tuple[PairedLayer, ...]] = {}
+            unit_path(lm, u, {name: fv_acts[name][i] for name in paths[i]}, nat_acts, resp[:, i], natural, paths[i], st))
     common = [name for name in union if all(name in p for p in paths)]
-    if len(units) >= 4 and common:
-        # rows in the order of the unit names: the paired numbers do not depend on the unit order
-        order = sorted(range(len(units)), key=lambda k: str(units[k]))
-        fv_means = {name: fv_acts[name][order].mean(1) for name in common}
-        nat_means = {name: torch.stack([nat_acts[name][refs[k]].mean(0) for k in order]) for name in common}
-        halves = _split_halves(nat_acts, [refs[k] for k in order], common, seed, [units[k] for k in order])
-        for pm in paired_metrics:
-            paired[pm] = paired_similarity(fv_means, nat_means, halves, common, metric=pm, n_perm=n_perm, seed=seed)
+    paired = paired_across_units(units, unit_results, fv_acts, nat_acts, common, st)
 
-    settings = {
-        "metric": metric, "layers": union, "top_k": int(top_k), "n_other": int(n_other),
-        "use_class_images": use_class_images, "n_boot": n_boot, "n_perm": n_perm, "alpha": alpha,
-        "confidence": confidence, "paired_metrics": list(paired), "seed": int(seed),
+    settings_json = {
+        "metric": st.metric, "layers": union, "top_k": int(st.top_k), "n_other": int(st.n_other),
+        "use_class_images": st.use_class_images, "n_boot": st.n_boot, "n_perm": st.n_perm, "alpha": st.alpha,
+        "confidence": st.confidence, "paired_metrics": list(paired), "seed": int(st.seed),
         "fv_seeds": list(getattr(fv_images, "seeds", range(S))), "pool": "mean",
         "fv_settings": getattr(fv_images, "settings", None),
     }
     return PathCheck(
-        model=lm.name, units=tuple(unit_results), paired=paired, settings=settings,
-        across_units=across_units(unit_results, alpha) if len(unit_results) >= 2 else (),
+        model=lm.name, units=tuple(unit_results), paired=paired, settings=settings_json,
+        across_units=across_units(unit_results, st.alpha) if len(unit_results) >= 2 else (),
         data=natural.to_json(), provenance=provenance(),
     )
 

@@ -57,6 +57,7 @@ __all__ = [
     "pearson",
     "rankdata",
     "register_metric",
+    "unregister_metric",
     "rsa",
     "soft_spearman",
     "spearman",
@@ -159,6 +160,13 @@ def register_metric(name: str, kind: str, *, designs=None, differentiable: bool 
         return fn
 
     return deco
+
+
+def unregister_metric(name: str) -> MetricInfo:
+    """Remove the metric ``name`` (tests and plug-ins that clean up); returns what it held."""
+    info = metric_info(name)
+    del _METRICS[name]
+    return info
 
 
 def list_metrics(kind: str | None = None, design: str | None = None) -> list[str]:
