@@ -93,7 +93,7 @@ def method_settings_from_args(method, args: argparse.Namespace):
         elif isinstance(v, list):  # from a --config file
             v = tuple(v)
         vals[f.name] = v
-    return method.Settings(**vals)
+    return method.make_settings(**vals)
 
 
 def register(sub) -> None:

@@ -131,6 +131,15 @@ class Manipulation:
 
     # ------------------------------------------------------------------ settings
     @classmethod
+    def make_settings(cls, **values: Any) -> Any:
+        """``Settings(**values)``, checked (:func:`check_settings`) even if ``Settings`` does not
+        derive from :class:`MethodSettings` (which checks itself when built)."""
+        obj = cls.Settings(**values)
+        if not isinstance(obj, MethodSettings):
+            check_settings(obj)
+        return obj
+
+    @classmethod
     def settings_from(cls, fool_settings: Any) -> Any:
         """This method's ``Settings`` from a :class:`~fvsanity.fool.FoolSettings`: fields it also
         has are read from it, the others from its ``method_options`` (or their defaults).
@@ -153,7 +162,7 @@ class Manipulation:
         for f in dataclasses.fields(cls.Settings):  # JSON configs give lists where tuples are meant
             if isinstance(f.default, tuple) and isinstance(vals.get(f.name), list):
                 vals[f.name] = tuple(vals[f.name])
-        return cls.Settings(**vals)
+        return cls.make_settings(**vals)
 
     # ------------------------------------------------------------------ hooks
     def prepare(self, lm, routes, train_images: torch.Tensor, eval_images: torch.Tensor, settings, *, fool,
