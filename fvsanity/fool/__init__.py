@@ -54,6 +54,12 @@ from .manipulation import (
     setting,
     unregister_manipulation,
 )
+from .methods import (  # registers circuit, silent
+    CircuitSettings,
+    FoolingCircuit,
+    SilentSettings,
+    SilentUnits,
+)
 from .metrics import pixel_correlation, ssim
 from .model import ManipulatedModel, load_manipulated, register_edit, save_manipulated, wrap_loaded
 from .pipeline import (
@@ -73,7 +79,6 @@ from .pipeline import (
     save_fool,
     split_indices,
 )
-from .methods import CircuitSettings, FoolingCircuit, SilentSettings, SilentUnits  # registers circuit, silent
 from .routes import Route, load_picture, make_routes, parse_unit_range
 from .silent import SilentEdit, build_silent_units, silent_zero_fraction
 
