@@ -209,11 +209,11 @@ def test_a_plugin_whose_flag_clashes_is_refused_in_one_line(tmp_path, capsys):
 def test_registry_refuses_duplicates_and_unknown_names():
     with pytest.raises(FVSanityError, match="'circuit' is already registered"):
         register_manipulation(FoolingCircuit)
-    with pytest.raises(FVSanityError, match=r"unknown method 'magic'; valid: circuit, silent"):
+    with pytest.raises(FVSanityError, match=r"unknown manipulation 'magic' \(choices: circuit, silent\)"):
         get_manipulation("magic")
     with pytest.raises(FVSanityError, match="has no name"):
         register_manipulation(type("Nameless", (Manipulation,), {}))
-    with pytest.raises(FVSanityError, match="unknown method 'magic'"):
+    with pytest.raises(FVSanityError, match="unknown manipulation 'magic'"):
         run_fool(tiny_model(), [], torch.rand(2, 3, 16, 16), _natural(4), FoolSettings(method="magic"), "unused")
 
 

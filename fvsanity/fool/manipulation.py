@@ -32,8 +32,8 @@ configs and ``fool.json``) is read from it; other fields from ``FoolSettings.met
         def build(self, lm, routes, train_images, settings, *, prepared=None):
             return wrap_loaded(lm, ManipulatedModel(lm.model, lm.preprocess), self.name)
 
-The registry is a small local dict (:func:`register_manipulation` refuses a taken name, like
-:func:`~fvsanity.models.register_model`).
+The registry is :data:`MANIPULATIONS`, a :class:`fvsanity.registry.Registry` (refuses a taken
+name; an unknown one is a one-line error naming the choices).
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import FVSanityError
+from ..registry import Registry
 
 __all__ = [
+    "MANIPULATIONS",
     "Manipulation",
     "MethodSettings",
     "NoSettings",
@@ -218,43 +220,41 @@ class Manipulation:
         return load_manipulated(folder, base=base, device=device)
 
 
-_METHODS: dict[str, type[Manipulation]] = {}
+#: The manipulation methods by name (``fvsanity fool --method`` choices), in registration order.
+MANIPULATIONS = Registry("manipulation")
 
 
 def register_manipulation(cls: type[Manipulation]) -> type[Manipulation]:
     """Class decorator: make ``cls`` a ``fvsanity fool --method`` choice under ``cls.name``.
 
     Raises:
-        FVSanityError: no name, a taken name, or ``Settings`` is not a dataclass.
+        FVSanityError: not a Manipulation, no name, a taken name (:class:`~fvsanity.registry.RegistryError`),
+            or ``Settings`` is not a dataclass.
     """
     if not isinstance(cls, type) or not issubclass(cls, Manipulation):
         raise FVSanityError(f"{cls!r} is not a Manipulation subclass")
     if not cls.name:
         raise FVSanityError(f"manipulation {cls.__name__} has no name")
-    if cls.name in _METHODS:
-        raise FVSanityError(f"manipulation {cls.name!r} is already registered; registered: {', '.join(sorted(_METHODS))}")
     if not dataclasses.is_dataclass(cls.Settings):
         raise FVSanityError(f"manipulation {cls.name!r}: Settings must be a (frozen) dataclass")
-    _METHODS[cls.name] = cls
-    return cls
+    return MANIPULATIONS.register(cls.name, cls)
 
 
 def unregister_manipulation(name: str) -> None:
     """Remove a method (tests, plug-ins reloaded); unknown names are ignored."""
-    _METHODS.pop(name, None)
+    if name in MANIPULATIONS:
+        MANIPULATIONS.unregister(name)
 
 
 def list_manipulations() -> list[str]:
     """Registered method names in registration order (the built-ins first: circuit, silent)."""
-    return list(_METHODS)
+    return list(MANIPULATIONS.names())
 
 
 def get_manipulation(name: str) -> Manipulation:
     """The registered method ``name`` (an instance).
 
     Raises:
-        FVSanityError: unknown name (one line listing the registered ones).
+        RegistryError: unknown name (one line naming the registered ones and the closest).
     """
-    if name not in _METHODS:
-        raise FVSanityError(f"unknown method {name!r}; valid: {', '.join(_METHODS)}")
-    return _METHODS[name]()
+    return MANIPULATIONS.get(name)()

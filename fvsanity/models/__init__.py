@@ -33,6 +33,7 @@ from torch import nn
 from .._paths import cache_dir, find_data_file, searched_locations
 from ..errors import FVSanityError, MissingWeightsError, UnknownModelError
 from ..io import file_sha256
+from ..registry import Registry
 from .preprocess import CAFFE_SQUEEZENET, CIFAR10, IMAGENET, LUCENT_INCEPTION, Preprocess
 from .resnet_cifar import CifarResNet
 
@@ -148,9 +149,9 @@ def register_model(name: str):
 
 
 #: Other kinds of model spec (e.g. the ``model/`` folder ``fvsanity fool`` writes), by loader
-#: name: ``(can_load(spec) -> bool, load(spec, *, weights, device) -> LoadedModel)``. A small local
-#: registry: the packages that own such specs register here, so this module never imports them.
-_LOADERS: dict[str, tuple[Callable[[str], bool], Callable[..., LoadedModel]]] = {}
+#: name: ``(can_load(spec) -> bool, load(spec, *, weights, device) -> LoadedModel)``. The packages
+#: that own such specs register here, so this module never imports them.
+LOADERS = Registry("model loader")
 
 
 def register_loader(name: str, can_load: Callable[[str], bool], load: Callable[..., LoadedModel]) -> None:
@@ -165,11 +166,9 @@ def register_loader(name: str, can_load: Callable[[str], bool], load: Callable[.
             carries its own weights).
 
     Raises:
-        FVSanityError: ``name`` is already registered.
+        RegistryError: ``name`` is already registered.
     """
-    if name in _LOADERS:
-        raise FVSanityError(f"model loader {name!r} is already registered; registered: {', '.join(sorted(_LOADERS))}")
-    _LOADERS[name] = (can_load, load)
+    LOADERS.register(name, (can_load, load))
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -685,7 +684,8 @@ def load_model(
         raise FVSanityError("--allow-partial-weights applies to a --weights FILE only; none was given")
     if spec not in _REGISTRY:
         # other kinds of spec (register_loader): e.g. the model/ folder ``fvsanity fool`` wrote
-        for can_load, load in _LOADERS.values():
+        for loader in LOADERS:
+            can_load, load = LOADERS.get(loader)
             if can_load(str(spec)):
                 return load(str(spec), weights=weights, device=device)
     weights = str(weights) if weights is not None else None
