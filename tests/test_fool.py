@@ -431,6 +431,10 @@ def test_pipeline_smoke_on_tiny_model(tmp_path, monkeypatch):
     assert d == json.loads(json.dumps(res.to_json()))
     assert (tmp_path / "out" / "fool.png").is_file()
     assert d["n_eval_images"] == 16 and d["n_routes"] == 5  # every class unit of the tiny model
+    # the circuit's own records come from its method class: settings, detector, gate diagnostics
+    assert d["method"] == "circuit" and d["method_settings"]["k"] == s.k and d["method_settings"]["det_units"] == 4
+    assert d["detector_heldout_accuracy"] == d["detector"]["heldout"]["accuracy"]
+    assert set(d["gate_on_manipulated_fvs"]) == {"open_fraction", "mean_gate", "n"} and "silent_zero_eval" not in d
     # the fooling circuit keeps every natural logit bit for bit: identical predictions, zero difference
     with torch.no_grad():
         top1 = float((lm(ev).argmax(1) == labels).double().mean())

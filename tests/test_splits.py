@@ -116,25 +116,28 @@ def test_experiment_configs_evaluate_units_and_images_no_setting_was_chosen_on(n
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_route_order_makes_run_fool_evaluate_the_chosen_units(name):
-    """``_plan_routes`` orders the routes so run_fool's seeded pick lands on the evaluation units."""
-    from fvsanity.fool.pipeline import _eval_routes
+def test_experiments_hand_run_fool_the_evaluation_units(name):
+    """The experiments choose their evaluation units and pass them to run_fool (``eval_units=``),
+    which evaluates exactly those routes, in that order."""
+    from fvsanity.fool import pick_eval_routes
+    from fvsanity.splits import SplitError
     from fvsanity.testing import tiny_model
 
     mod = _load(ROOT / "experiments" / name / "run.py", f"exp_plan_{name}")
     lm = tiny_model(num_classes=9)
     units_cfg = {"tuning": ["fc:0", "fc:4", "fc:5"], "tuning_sources": ["fc:8"], "seed": 0}
-    for seed in (0, 1, 7):
-        routes, want, us = mod._plan_routes(lm, {"name": "permute", "units": "all", "shift": 1}, units_cfg, 3, seed)
-        assert sorted(str(r.unit) for r in routes) == [f"fc:{c}" for c in range(9)]
-        assert all(r.source.channel == (r.unit.channel + 1) % 9 for r in routes)
-        assert [str(r.unit) for r in _eval_routes(routes, 3, seed)] == want
-        assert len(want) == 3 and not set(want) & {"fc:0", "fc:4", "fc:5", "fc:7"}  # fc:7 shows fc:8
-        assert us.evaluation == tuple(want)
-    routes, want, _ = mod._plan_routes(lm, {"name": "picture", "units": "heldout", "target": "target.png"}, units_cfg, 3, 0)
+    routes, want, us = mod._routes_and_eval_units(lm, {"name": "permute", "units": "all", "shift": 1}, units_cfg, 3)
+    assert [str(r.unit) for r in routes] == [f"fc:{c}" for c in range(9)]
+    assert all(r.source.channel == (r.unit.channel + 1) % 9 for r in routes)
+    for seed in (0, 1, 7):  # the seeded pick no longer matters: the units are handed over
+        assert [str(r.unit) for r in pick_eval_routes(routes, 3, seed, units=want)] == want
+    assert len(want) == 3 and not set(want) & {"fc:0", "fc:4", "fc:5", "fc:7"}  # fc:7 shows fc:8
+    assert us.evaluation == tuple(want)
+    routes, want, _ = mod._routes_and_eval_units(lm, {"name": "picture", "units": "heldout", "target": "target.png"},
+                                                 units_cfg, 3)
     assert len(routes) == 1 and [str(routes[0].unit)] == want and want[0] not in units_cfg["tuning"]
-    with pytest.raises(FVSanityError, match="tuning units included"):
-        mod._plan_routes(lm, {"name": "permute", "units": "all", "shift": 1}, units_cfg, 9, 0)
+    with pytest.raises(SplitError, match="1..5"):  # 9 requested, 5 units are neither tuning units nor show one
+        mod._routes_and_eval_units(lm, {"name": "permute", "units": "all", "shift": 1}, units_cfg, 9)
 
 
 def test_silent_smoke_records_splits_and_evaluates_held_out_units(tmp_path):

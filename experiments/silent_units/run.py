@@ -58,19 +58,15 @@ def _setup(run: dict, split_cfg: dict, smoke: bool):
     return lm, nat, split
 
 
-def _plan_routes(lm, var: dict, units_cfg: dict, n_eval: int, seed: int):
-    """(routes, evaluation units, UnitSplit) for one variant.
+def _routes_and_eval_units(lm, var: dict, units_cfg: dict, n_eval: int):
+    """(routes, evaluation units, UnitSplit) for one variant; run_fool evaluates exactly these units
+    (``eval_units=``).
 
-    Evaluation units are drawn (seeded, ``fvsanity.splits.unit_split``) among the output layer's
-    class units that are not in ``units_cfg["tuning"]`` (units whose results informed a setting)
-    and whose source is not in ``units_cfg["tuning_sources"]``. A picture variant with
-    ``"units": "heldout"`` routes one such unit. The routes are ordered so that run_fool's seeded
-    pick of ``n_eval`` routes to evaluate (positions ``randperm(L, seed + 99)[:n_eval]``) lands on
-    exactly these units; the caller checks the units run_fool evaluated.
+    Evaluation units are drawn (seeded, ``fvsanity.splits.unit_split``) among the routed class
+    units of the output layer that are not in ``units_cfg["tuning"]`` (units whose results
+    informed a setting) and whose source is not in ``units_cfg["tuning_sources"]``; at most
+    ``n_eval`` of them. A picture variant with ``"units": "heldout"`` routes one such unit.
     """
-    import torch
-
-    from fvsanity.errors import FVSanityError
     from fvsanity.fool import make_routes, parse_unit_range
     from fvsanity.splits import unit_split
 
@@ -87,26 +83,11 @@ def _plan_routes(lm, var: dict, units_cfg: dict, n_eval: int, seed: int):
         us = unit_split(cands, units_cfg.get("tuning", []), 1, units_cfg["seed"])
         spec = us.evaluation[0]
     routes = make_routes(lm, spec, target, shift=shift, picture_size=lm.input_size)
-    in_routes = [str(r.unit) for r in routes]
-    n = min(n_eval, len(routes))
     if var["units"] != "heldout":
-        if len(routes) <= n_eval and ((set(in_routes) - set(cands)) | (set(in_routes) & set(units_cfg.get("tuning", [])))):
-            raise FVSanityError(f"eval_units={n_eval} would evaluate all {len(routes)} routes, tuning units included; "
-                                f"use fewer than {len(routes)}")
-        us = unit_split([c for c in cands if c in set(in_routes)], units_cfg.get("tuning", []), n, units_cfg["seed"])
-    want = list(us.evaluation)
-    if len(routes) > n_eval:  # run_fool evaluates the routes at these positions (fvsanity.fool.pipeline._eval_routes)
-        pos = torch.randperm(len(routes), generator=torch.Generator().manual_seed(int(seed) + 99))[:n_eval].sort().values.tolist()
-    else:
-        pos = list(range(len(routes)))
-    if len(pos) != len(want):
-        raise FVSanityError(f"run_fool would evaluate {len(pos)} routes, not the {len(want)} evaluation units")
-    by_unit = {str(r.unit): r for r in routes}
-    rest = [r for r in routes if str(r.unit) not in set(want)]
-    ordered, it = [], iter(rest)
-    for i in range(len(routes)):
-        ordered.append(by_unit[want[pos.index(i)]] if i in pos else next(it))
-    return ordered, want, us
+        routed = {str(r.unit) for r in routes}
+        us = unit_split([c for c in cands if c in routed], units_cfg.get("tuning", []), min(n_eval, len(routes)),
+                        units_cfg["seed"])
+    return routes, list(us.evaluation), us
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         ev = nat.subset(split.evaluation)
         settings = FoolSettings(**{**run["settings"], "progress": not args.smoke})
         for var in run["variants"]:
-            routes, want, us = _plan_routes(lm, var, run["units"], settings.eval_units, settings.seed)
+            routes, want, us = _routes_and_eval_units(lm, var, run["units"], settings.eval_units)
             out = work / name / var["name"]
-            res = run_fool(lm, routes, calib, ev, settings, out, work_dir=work / name)
+            res = run_fool(lm, routes, calib, ev, settings, out, work_dir=work / name, eval_units=want)
             if list(res.figure_fvs["units"]) != want:
                 raise FVSanityError(f"run_fool evaluated {res.figure_fvs['units']}, not the evaluation units {want}")
             key = f"{name}_{var['name']}"

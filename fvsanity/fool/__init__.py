@@ -21,10 +21,18 @@ target), picture templates and their FV trajectories for the detector (circuit.p
 (model.py; a saved ``model/`` folder is also a ``load_model`` spec), metrics (SSIM, pixel
 correlation, an LPIPS-form distance on a local backbone; metrics.py), the evaluation
 (evaluate.py) and the whole experiment as ``fvsanity fool`` runs it (pipeline.py:
-:func:`prepare_detector`, :func:`run_fool`, with the closed-loop check and its control).
+:func:`prepare_detector`, :func:`run_fool` and its steps, with the closed-loop check and its
+control).
+
+Methods are plug-ins (manipulation.py): one :class:`Manipulation` subclass per method with a
+frozen settings dataclass, registered with :func:`register_manipulation`; ``run_fool`` and
+``fvsanity fool --method`` (choices and flags) take them from the registry. The built-ins
+(methods.py): :class:`FoolingCircuit` (``circuit``) and :class:`SilentUnits` (``silent``).
+Importing this package also registers the loader that lets ``load_model("out/model")`` read a
+saved manipulated model (``fvsanity`` imports it).
 """
 
-from .circuit import GatedEdit, build_fooling_circuit, fooling_gate, gated_value
+from .circuit import GatedEdit, build_fooling_circuit, gated_value
 from .detector import (
     DetectorReport,
     DetectorTraining,
@@ -36,27 +44,74 @@ from .detector import (
     save_detector,
     train_detector,
 )
+from .gate import fooling_gate
+from .manipulation import (
+    Manipulation,
+    MethodSettings,
+    get_manipulation,
+    list_manipulations,
+    register_manipulation,
+    setting,
+    unregister_manipulation,
+)
+from .methods import (  # registers circuit, silent
+    CircuitSettings,
+    FoolingCircuit,
+    SilentSettings,
+    SilentUnits,
+)
 from .metrics import pixel_correlation, ssim
-from .model import ManipulatedModel, load_manipulated, save_manipulated
+from .model import ManipulatedModel, load_manipulated, register_edit, save_manipulated, wrap_loaded
 from .pipeline import (
     DetectorBundle,
+    FoolEvaluation,
+    FoolFVs,
     FoolResult,
     FoolSettings,
+    build_manipulated,
+    closed_loop_check,
+    evaluate_fool,
+    pick_eval_routes,
     prepare_detector,
+    prepare_manipulation,
+    render_fool_fvs,
     run_fool,
+    save_fool,
     split_indices,
 )
 from .routes import Route, load_picture, make_routes, parse_unit_range
 from .silent import SilentEdit, build_silent_units, silent_zero_fraction
 
 __all__ = [
+    "CircuitSettings",
     "DetectorBundle",
     "DetectorReport",
+    "FoolEvaluation",
+    "FoolFVs",
     "FoolResult",
     "FoolSettings",
+    "FoolingCircuit",
+    "Manipulation",
+    "MethodSettings",
+    "SilentSettings",
+    "SilentUnits",
+    "build_manipulated",
+    "closed_loop_check",
+    "evaluate_fool",
+    "get_manipulation",
+    "list_manipulations",
+    "pick_eval_routes",
     "prepare_detector",
+    "prepare_manipulation",
+    "register_edit",
+    "register_manipulation",
+    "render_fool_fvs",
     "run_fool",
+    "save_fool",
+    "setting",
     "split_indices",
+    "unregister_manipulation",
+    "wrap_loaded",
     "DetectorTraining",
     "FVDetector",
     "GatedEdit",

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import FVSanityError
 from ..models import LoadedModel
+from .gate import fooling_gate
 from .model import ManipulatedModel, PictureTemplates, register_edit, wrap_loaded
 from .routes import Route
 
@@ -30,26 +31,6 @@ __all__ = [
     "fooling_gate", "gated_value", "GatedEdit", "build_fooling_circuit", "picture_templates", "template_model",
     "picture_key",
 ]
-
-_Z_LIMIT = 100.0
-
-
-def fooling_gate(
-    logit: torch.Tensor, threshold: float | torch.Tensor, k: float | torch.Tensor = 1000.0,
-    offset: float | torch.Tensor = 30.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gate [N] in [0,1], is_fv [N] bool)`` from detector logits ``[N]``.
-
-    ``is_fv = logit > threshold``; ``gate = sigmoid(clamp(k (logit - threshold) - offset))``
-    where ``is_fv``, else exactly 0. NaN logits count as natural.
-    """
-    is_fv = logit > threshold
-    z = k * (logit - threshold) - offset
-    z = torch.where(is_fv, z, torch.full_like(z, -_Z_LIMIT))  # safe value first ...
-    z = z.clamp(-_Z_LIMIT, _Z_LIMIT)
-    gate = torch.where(is_fv, torch.sigmoid(z), torch.zeros_like(z))  # ... then select
-    return gate, is_fv
-
 
 def gated_value(original: torch.Tensor, target: torch.Tensor, gate: torch.Tensor, is_fv: torch.Tensor) -> torch.Tensor:
     """``original`` where not ``is_fv`` (exactly), else ``gate*target + (1-gate)*original``.

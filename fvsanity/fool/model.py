@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FVSanityError
-from ..models import LoadedModel, Preprocess, _prepare
+from ..models import LoadedModel, Preprocess, _prepare, register_loader
+from .gate import fooling_gate
 
 __all__ = [
     "ManipulatedModel",
@@ -36,6 +37,7 @@ __all__ = [
     "save_manipulated",
     "load_manipulated",
     "register_edit",
+    "is_manipulated_folder",
     "FORMAT",
 ]
 
@@ -196,8 +198,6 @@ class ManipulatedModel(nn.Module):
             if self.fool.detector is not None or self.fool.pictures is not None:
                 rgb = self.fool.unpreprocess(x)
                 if self.fool.detector is not None:
-                    from .circuit import fooling_gate
-
                     logit = self.fool.detector(rgb)
                     gate, is_fv = fooling_gate(
                         logit, self.fool.threshold.to(logit.dtype), self.fool.k.to(logit.dtype),
@@ -215,11 +215,11 @@ class ManipulatedModel(nn.Module):
     def fingerprint(self) -> str:
         """Short hash (12 hex) of the whole manipulated model: every parameter and buffer of the
         base network, the edits and the fooling machinery (names, dtypes, shapes, bytes; see
-        :func:`fvsanity.cache.model_fingerprint`), the module types, and the manifest (edit specs,
+        :func:`fvsanity.fingerprint.model_fingerprint`), the module types, and the manifest (edit specs,
         gate, detector and template configs). Changing any weight changes it."""
         import hashlib
 
-        from ..cache import model_fingerprint
+        from ..fingerprint import model_fingerprint
 
         man = {k: v for k, v in self.manifest().items() if k != "info"}  # info: a description, paths
         h = hashlib.sha256(json.dumps(man, sort_keys=True, default=str).encode())
@@ -328,3 +328,20 @@ def load_manipulated(
         output_layer=man["output_layer"], class_names=list(base.class_names), weights_source=str(wpath),
     )
     return lm.to(device) if device is not None else lm
+
+
+def is_manipulated_folder(spec: str) -> bool:
+    """Whether ``spec`` is a folder :func:`save_manipulated` wrote (it holds ``manipulated.json``)."""
+    return os.path.isfile(os.path.join(str(spec), "manipulated.json"))
+
+
+def _load_folder(spec: str, *, weights=None, device=None) -> LoadedModel:
+    """``load_model(folder)``: a saved manipulated model, rebuilt from its own full state dict."""
+    if weights is not None:
+        raise FVSanityError(f"{spec} is a saved manipulated model with its own weights; drop --weights")
+    return load_manipulated(spec, device=device)
+
+
+# the model registry loads ``model/`` folders through this hook (fvsanity imports fvsanity.fool)
+register_loader("manipulated", is_manipulated_folder, _load_folder)
+

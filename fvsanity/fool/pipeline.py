@@ -1,14 +1,21 @@
-"""The whole fooling experiment, as ``fvsanity fool`` runs it.
+"""The whole fooling experiment, as ``fvsanity fool`` runs it, for any registered method.
 
-1. :func:`prepare_detector`: render FVs of the original model for many units (several seeds,
-   checkpoints from early to late steps), train the detector on them against the training split
-   of natural images (minus a calibration part), set the gate threshold above every calibration
-   image, and evaluate on FVs of *other* units and on the held-out natural images.
-2. :func:`run_fool`: build the manipulated model (fooling circuit or silent units), compare its
-   natural-image predictions with the original's on the evaluation split, render FVs of some
-   manipulated units on both models, measure their similarity to the targets, time both
-   models, run the path sanity check (``fvsanity.compare.path``) on both, save the manipulated
-   model, ``fool.json`` and a figure.
+:func:`run_fool` runs these steps, each a public function (what differs between methods comes
+from the method's class, :mod:`fvsanity.fool.manipulation`; nothing here names a method):
+
+1. pick and prepare: :func:`pick_eval_routes` (the units to evaluate: a seeded pick, or the
+   caller's ``eval_units``), :func:`prepare_manipulation` (the method's ``prepare``; the fooling
+   circuit's is :func:`prepare_detector`: render FVs of the original model for many units with
+   checkpoints from early to late steps, train the detector on them against the training split
+   of natural images minus a calibration part, set the gate threshold above every calibration
+   image, and evaluate it on FVs of *other* units and on the held-out natural images);
+2. :func:`build_manipulated`: the method's ``build``;
+3. :func:`render_fool_fvs`: FVs of the evaluated units on both models, and their targets;
+4. :func:`evaluate_fool`: natural-image predictions of both models on the evaluation split, the
+   FVs' similarity to the targets, inference time, and the method's diagnostics;
+5. :func:`closed_loop_check`: the path sanity check (``fvsanity.compare.path``) on both models
+   and its unmanipulated control;
+6. :func:`save_fool`: the manipulated model, ``fool.json`` and a figure.
 
 Long steps cache their results in ``work_dir`` (FVs via ``FVResult.save``, the detector as
 safetensors) and are reused when the settings match, so an interrupted run resumes.
@@ -20,6 +27,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,14 +45,40 @@ from .detector import (
     save_detector,
     train_detector,
 )
+from .manipulation import Manipulation
 from .routes import Route
 
-__all__ = ["FoolSettings", "DetectorBundle", "FoolResult", "prepare_detector", "run_fool", "split_indices", "plot_fool"]
+__all__ = [
+    "DetectorBundle",
+    "FoolEvaluation",
+    "FoolFVs",
+    "FoolResult",
+    "FoolSettings",
+    "build_manipulated",
+    "closed_loop_check",
+    "evaluate_fool",
+    "fool_log",
+    "pick_eval_routes",
+    "plot_fool",
+    "prepare_detector",
+    "prepare_manipulation",
+    "render_fool_fvs",
+    "run_fool",
+    "save_fool",
+    "split_indices",
+    "summarize_fool",
+]
 
 
 @dataclass(frozen=True)
 class FoolSettings:
     """Every knob of a fooling run (saved into fool.json).
+
+    ``method`` names a registered manipulation (:func:`~fvsanity.fool.list_manipulations`); it
+    reads its own settings dataclass from the fields here that share its fields' names (the
+    built-in methods' knobs below, kept flat for configs and fool.json: ``det_*``, ``margin*``,
+    ``k``, ``offset`` for ``circuit``; ``lam``, ``strength``, ``silent_*`` for ``silent``) and
+    from ``method_options`` (field name -> value) for any other method.
 
     Detector: ``det_units`` units (half class units of the output layer, half channels of the
     block layers) x ``det_seeds`` seeds, ``det_steps`` steps, images kept at ``det_checkpoints``
@@ -94,6 +128,7 @@ class FoolSettings:
     check_n_boot: int = 200
     check_n_perm: int = 500
     progress: bool = True
+    method_options: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -125,11 +160,12 @@ class DetectorBundle:
 
 @dataclass(frozen=True)
 class FoolResult:
-    """What fool.json holds (``to_json``) plus the FVs for the figure."""
+    """What fool.json holds (``to_json``) plus the FVs for the figure and the method's line under it."""
 
     summary: dict
     details: dict
     figure_fvs: dict = field(default_factory=dict, repr=False)
+    figure_note: str = ""
 
     def to_json(self) -> dict:
         return {**self.summary, **self.details}
@@ -143,7 +179,8 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return perm[:k].sort().values, perm[k:].sort().values
 
 
-def _log(msg: str) -> None:
+def fool_log(msg: str) -> None:
+    """One timestamped progress line of a fooling run (stdout, flushed)."""
     print(f"[fool {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
@@ -224,7 +261,7 @@ def prepare_detector(
     train_units = _pick_units(lm, max(0, n_own), s.seed, exclude)
     held_units = _pick_units(lm, s.det_heldout_units, s.seed + 1, exclude)
     seeds = list(range(s.det_seeds))
-    _log(f"detector FVs: {len(train_units)} training units (+ {sum(len(r.units) for r in (extra or []))} shared) + "
+    fool_log(f"detector FVs: {len(train_units)} training units (+ {sum(len(r.units) for r in (extra or []))} shared) + "
          f"{len(held_units)} held-out units, {len(seeds)} seed(s), {s.det_steps} steps, checkpoints {s.det_checkpoints}")
     fv_held = _render_cached(lm, held_units, [x + 1000 for x in seeds], s.det_steps, s.fv_size, s.det_checkpoints,
                              work / "fv_detector_heldout", progress)
@@ -255,7 +292,7 @@ def prepare_detector(
         tm = template_model(lm, picture_templates(lm, pic_routes, train_images))
         n_pic = tm.model.templates.pictures.shape[0]
         pic_units = [Unit(layer="values", channel=p) for p in range(n_pic)]
-        _log(f"detector: FV trajectories of {n_pic} picture template(s), {s.det_picture_seeds} seeds (+ held-out seeds)")
+        fool_log(f"detector: FV trajectories of {n_pic} picture template(s), {s.det_picture_seeds} seeds (+ held-out seeds)")
         traj_train = _render_cached(tm, pic_units, list(range(s.det_picture_seeds)), s.det_steps, s.fv_size,
                                     s.det_picture_checkpoints, work / f"fv_picture_{pkey}_train", progress)
         traj_held = _render_cached(tm, pic_units, [1000 + x for x in range(max(2, s.det_picture_seeds // 2))],
@@ -281,7 +318,7 @@ def prepare_detector(
 
         fv_imgs = torch.cat([_all_stages(r, s.det_checkpoints) for r in fv_parts]
                             + ([_all_stages(traj_train)] if traj_train is not None else []))
-        _log(f"detector: training on {len(fv_imgs)} FV images vs {len(nat_fit)} natural images, {s.det_epochs} epochs")
+        fool_log(f"detector: training on {len(fv_imgs)} FV images vs {len(nat_fit)} natural images, {s.det_epochs} epochs")
         det, tr = train_detector(fv_imgs, nat_fit, size=size, epochs=s.det_epochs, stem_stride=s.det_stem_stride,
                                  seed=s.seed, progress=progress)
         save_detector(det, det_path)
@@ -293,26 +330,236 @@ def prepare_detector(
 
     (det, training), reused = cached(entry, train, load)
     if reused:
-        _log(f"detector: reused {det_path}")
+        fool_log(f"detector: reused {det_path}")
     threshold = calibrate_threshold(detector_logits(det, nat_cal), s.margin, s.margin_sd)
     held = evaluate_detector(det, _all_stages(fv_held, s.det_checkpoints), eval_images, threshold)
     held_final = evaluate_detector(det, fv_held.images.flatten(0, 1), eval_images, threshold)
-    _log(f"detector: threshold {threshold:.3f}; held-out accuracy {held.accuracy:.4f} "
+    fool_log(f"detector: threshold {threshold:.3f}; held-out accuracy {held.accuracy:.4f} "
          f"(FV recall {held.fv_recall:.4f}, natural specificity {held.natural_specificity:.4f})")
     held_pic = None
     if traj_held is not None:
         held_pic = evaluate_detector(det, _all_stages(traj_held), eval_images, threshold)
-        _log(f"detector: held-out picture trajectories: recall {held_pic.fv_recall:.4f} ({held_pic.n_fv} images)")
+        fool_log(f"detector: held-out picture trajectories: recall {held_pic.fv_recall:.4f} ({held_pic.n_fv} images)")
     return DetectorBundle(det, threshold, training, held, held_final, [str(u) for u in train_units],
                           [str(u) for u in held_units], held_pic, pkey)
 
 
-def _eval_routes(routes: list[Route], n: int, seed: int) -> list[Route]:
+def pick_eval_routes(routes: list[Route], n: int, seed: int, units=None) -> list[Route]:
+    """Step 1 (pick): the routes whose units get FVs, a comparison and the closed-loop check.
+
+    Args:
+        routes: every route of the run.
+        n: how many to pick (all if there are no more than ``n``).
+        seed: picks ``randperm(len(routes), seed + 99)[:n]``, in route order.
+        units: the units to evaluate instead (Units or ``"layer:channel"`` strings, each a routed
+            unit, in this order); ``n`` and ``seed`` are then unused.
+
+    Raises:
+        FVSanityError: ``units`` is empty, repeats a unit or names one no route manipulates.
+    """
+    if units is not None:
+        by_unit = {str(r.unit): r for r in routes}
+        names = [str(u) for u in units]
+        if not names:
+            raise FVSanityError("eval_units is empty; give at least one routed unit (or None for a seeded pick)")
+        for u in names:
+            if u not in by_unit:
+                raise FVSanityError(f"eval unit {u!r} is not a manipulated unit; routed: {', '.join(list(by_unit)[:8])}"
+                                    + (f" (+{len(by_unit) - 8} more)" if len(by_unit) > 8 else ""))
+        if len(set(names)) != len(names):
+            raise FVSanityError(f"eval_units repeats a unit: {', '.join(names)}")
+        return [by_unit[u] for u in names]
     if len(routes) <= n:
         return list(routes)
     g = torch.Generator().manual_seed(int(seed) + 99)
     idx = torch.randperm(len(routes), generator=g)[:n].sort().values.tolist()
     return [routes[i] for i in idx]
+
+
+def prepare_manipulation(method: Manipulation, method_settings, lm: LoadedModel, routes: list[Route],
+                         train_images: torch.Tensor, eval_images: torch.Tensor, settings: FoolSettings,
+                         work_dir: str | Path, prepared=None):
+    """Step 1 (prepare): what ``method`` needs before it builds (the fooling circuit: its
+    detector bundle, trained in ``work_dir`` or reused), or ``prepared`` if already made.
+
+    ``train_images`` build it, ``eval_images`` (``[N,3,H,W]``) only measure it.
+    """
+    return method.prepare(lm, routes, train_images, eval_images, method_settings, fool=settings,
+                          work_dir=Path(work_dir), prepared=prepared)
+
+
+def build_manipulated(method: Manipulation, method_settings, lm: LoadedModel, routes: list[Route],
+                      train_images: torch.Tensor, prepared=None) -> LoadedModel:
+    """Step 2 (build): the manipulated model (a LoadedModel with ``lm``'s preprocess, layer names
+    and classes; ``lm`` unchanged), calibrated on ``train_images`` ``[N,3,H,W]`` in [0,1]."""
+    fooled = method.build(lm, routes, train_images, method_settings, prepared=prepared)
+    fool_log(f"built {fooled.name}: {len(routes)} routed unit(s)")
+    return fooled
+
+
+@dataclass(frozen=True)
+class FoolFVs:
+    """FVs of the evaluated units (step 3): on the manipulated and on the original model, the
+    source units' FVs on the original model (unit targets), and what each should show.
+
+    Attributes:
+        units: the evaluated (manipulated) units, ``U`` of them.
+        seeds: the FV seeds, ``S`` of them.
+        manipulated, original: FVResults ``[U, S, 3, H, W]`` on the two models.
+        targets: ``[U, S, 3, H, W]``: the source unit's FV on the original model, or the picture
+            resized to the FV size.
+        tag: names the cache folders of these units (``<method>_<units>``).
+    """
+
+    units: list[Unit]
+    seeds: list[int]
+    manipulated: Any
+    original: Any
+    targets: torch.Tensor
+    tag: str
+
+
+def render_fool_fvs(lm: LoadedModel, fooled: LoadedModel, eval_routes: list[Route], settings: FoolSettings,
+                    work_dir: str | Path) -> FoolFVs:
+    """Step 3 (render FVs): FVs of the evaluated units on both models, and their targets
+    (``settings.eval_seeds`` seeds from 2000, ``eval_steps`` steps, ``fv_size`` px), through the
+    content-addressed FV cache in ``work_dir``."""
+    s, work = settings, Path(work_dir)
+    units = [r.unit for r in eval_routes]
+    seeds = [2000 + i for i in range(s.eval_seeds)]
+    fool_log(f"rendering FVs of {len(units)} manipulated unit(s) x {len(seeds)} seed(s), {s.eval_steps} steps, on both models")
+    tag = f"{s.method}_" + "_".join(str(u).replace(":", "c") for u in units)[:80]
+    fp = fooled.model.fingerprint()
+    fv_m = _render_cached(fooled, units, seeds, s.eval_steps, s.fv_size, (), work / f"fv_manip_{fp}" / tag, s.progress)
+    fv_o = _render_cached(lm, units, seeds, s.eval_steps, s.fv_size, (), work / "fv_orig" / tag, s.progress)
+    src = [r.source for r in eval_routes if r.source is not None]
+    fv_src = _render_cached(lm, src, seeds, s.eval_steps, s.fv_size, (), work / "fv_orig_src" / tag, s.progress) if src else None
+    targets, j = [], 0
+    for r in eval_routes:
+        if r.source is not None:
+            targets.append(fv_src.images[j])
+            j += 1
+        else:
+            pic = torch.nn.functional.interpolate(r.picture[None].float(), size=fv_m.images.shape[-2:], mode="bilinear",
+                                                  antialias=True, align_corners=False)[0]
+            targets.append(pic[None].expand(len(seeds), *pic.shape))
+    return FoolFVs(units, seeds, fv_m, fv_o, torch.stack(targets), tag)
+
+
+@dataclass(frozen=True)
+class FoolEvaluation:
+    """Step 4's numbers: predictions on held-out natural images, FV similarity to the targets,
+    inference time, and ``details`` (what ``fool.json`` records of them, the method's own
+    diagnostics included)."""
+
+    predictions: Any
+    similarity: Any
+    timing: Any
+    details: dict
+
+
+def evaluate_fool(lm: LoadedModel, fooled: LoadedModel, method: Manipulation, method_settings, fvs: FoolFVs,
+                  eval_routes: list[Route], eval_natural, train_images: torch.Tensor,
+                  settings: FoolSettings) -> FoolEvaluation:
+    """Step 4 (evaluate): on ``eval_natural`` (NaturalImages never used to build), top-1/top-5 of
+    both models and identical predictions; the method's natural-image diagnostics; SSIM,
+    correlation and LPIPS-form distance of both models' FVs to the targets; for class units, how
+    often the original model calls each FV the route's target class; the method's FV
+    diagnostics; the manipulated/original inference-time ratio."""
+    from .evaluate import evaluate_predictions, fv_similarity, inference_time_ratio, lpips_backbone
+
+    s = settings
+    eval_images = eval_natural.images
+    details: dict = {}
+    pred = evaluate_predictions(lm, fooled, eval_natural)
+    details["predictions"] = pred.to_json()
+    fool_log(f"eval naturals: identical top-1 {pred.identical_top1_fraction:.4f}, top-1 {pred.top1_original:.4f} -> "
+             f"{pred.top1_manipulated:.4f}, max |dlogit| {pred.max_abs_logit_diff:.3g}")
+    details.update(method.natural_diagnostics(fooled, eval_images, train_images, method_settings))
+    fv_m, fv_o = fvs.manipulated, fvs.original
+    backbone = lpips_backbone(lm.device) if s.lpips else None
+    sim = fv_similarity(fv_m.images.flatten(0, 1), fv_o.images.flatten(0, 1), fvs.targets.flatten(0, 1), backbone)
+    details["fv_similarity"] = sim.to_json()
+    details["fv_objective"] = {"manipulated_final": fv_m.final.tolist(), "original_final": fv_o.final.tolist()}
+    fool_log(f"SSIM to target: manipulated {sim.ssim_manipulated_fv_to_target:.3f} vs original "
+             f"{sim.ssim_original_fv_to_target:.3f}")
+    cls_routes = [i for i, r in enumerate(eval_routes) if r.source is not None and r.unit.layer == lm.output_layer]
+    if cls_routes:
+        # what the ORIGINAL model sees in each FV: its top-1 class vs the route's target class
+        with torch.no_grad():
+            want = torch.tensor([eval_routes[i].source.channel for i in cls_routes])[:, None]
+            pm = torch.stack([lm(fv_m.images[i].to(lm.device)).argmax(1).cpu() for i in cls_routes])
+            po = torch.stack([lm(fv_o.images[i].to(lm.device)).argmax(1).cpu() for i in cls_routes])
+        details["fv_top1_is_target_class"] = {
+            "manipulated": float((pm == want).float().mean()), "original": float((po == want).float().mean()),
+            "n": int(pm.numel()),
+        }
+    details.update(method.fv_diagnostics(fooled, fv_m.images.flatten(0, 1), eval_images, method_settings))
+    n_t = min(s.timing_batch, len(eval_images))
+    timing = inference_time_ratio(lm, fooled, eval_images[:n_t], repeats=s.timing_repeats)
+    details["timing"] = timing.to_json()
+    fool_log(f"inference time ratio {timing.ratio:.3f} (batch {n_t}, median of {s.timing_repeats})")
+    return FoolEvaluation(pred, sim, timing, details)
+
+
+def closed_loop_check(lm: LoadedModel, fooled: LoadedModel, fvs: FoolFVs, eval_natural, settings: FoolSettings,
+                      work_dir: str | Path) -> dict:
+    """Step 5 (closed loop): fvsanity's path check of the evaluated units on both models, and the
+    same rule on the original model with other FV seeds (3000+) as its false-positive control
+    (see :func:`_closed_loop`); ``eval_natural``: the held-out NaturalImages."""
+    s = settings
+    ctrl_seeds = [3000 + i for i in range(s.eval_seeds)]
+    fv_c = _render_cached(lm, fvs.units, ctrl_seeds, s.eval_steps, s.fv_size, (),
+                          Path(work_dir) / "fv_orig_control" / fvs.tag, s.progress)
+    return _closed_loop(lm, fooled, fvs.units, fvs.original, fvs.manipulated, eval_natural, s, fv_control=fv_c)
+
+
+def summarize_fool(lm: LoadedModel, fooled: LoadedModel, settings: FoolSettings, n_routes: int,
+                   evaluation: FoolEvaluation, check: dict | None, method_summary: dict) -> dict:
+    """The summary fields of ``fool.json`` (method-independent ones, then the method's own)."""
+    pred, sim, timing = evaluation.predictions, evaluation.similarity, evaluation.timing
+    top1 = evaluation.details.get("fv_top1_is_target_class", {})
+    return {
+        "model": lm.name,
+        "manipulated_model": fooled.name,
+        "manipulated_fingerprint": fooled.model.fingerprint(),
+        "method": settings.method,
+        "n_routes": n_routes,
+        "n_eval_images": pred.n,
+        "identical_top1_fraction": pred.identical_top1_fraction,
+        "top1_original": pred.top1_original,
+        "top1_manipulated": pred.top1_manipulated,
+        "top1_change_points": 100 * (pred.top1_manipulated - pred.top1_original),
+        "top5_original": pred.top5_original,
+        "top5_manipulated": pred.top5_manipulated,
+        "max_abs_logit_diff": pred.max_abs_logit_diff,
+        "ssim_manipulated_fv_to_target": sim.ssim_manipulated_fv_to_target,
+        "ssim_original_fv_to_target": sim.ssim_original_fv_to_target,
+        "corr_manipulated_fv_to_target": sim.corr_manipulated_fv_to_target,
+        "corr_original_fv_to_target": sim.corr_original_fv_to_target,
+        "lpips_uniform_manipulated_fv_to_target": sim.lpips_uniform_manipulated_fv_to_target,
+        "lpips_uniform_original_fv_to_target": sim.lpips_uniform_original_fv_to_target,
+        "fv_top1_is_target_class_manipulated": top1.get("manipulated"),
+        "fv_top1_is_target_class_original": top1.get("original"),
+        "inference_time_ratio": timing.ratio,
+        "check_flags_manipulation": check["flags_manipulation"] if check else None,
+        "check_flagged_fraction": check.get("flagged_fraction") if check else None,
+        "check_control_flagged_fraction": check["control"]["flagged_fraction"] if check and "control" in check else None,
+        **method_summary,
+    }
+
+
+def save_fool(result: FoolResult, fooled: LoadedModel, method: Manipulation, out_dir: str | Path) -> Path:
+    """Step 6 (save): the manipulated model (``model/``, by the method's ``save``), ``fool.json``
+    and ``fool.png`` in ``out_dir``; returns the folder."""
+    from ..io import atomic_write_json
+
+    out = Path(out_dir)
+    method.save(fooled, out / "model")
+    atomic_write_json(out / "fool.json", result.to_json())
+    plot_fool(result, out / "fool.png")
+    fool_log(f"wrote {out / 'fool.json'}, {out / 'fool.png'} and the model in {out / 'model'}")
+    return out
 
 
 def run_fool(
@@ -323,161 +570,69 @@ def run_fool(
     settings: FoolSettings,
     out_dir: str | Path,
     *,
+    prepared=None,
     bundle: DetectorBundle | None = None,
     work_dir: str | Path | None = None,
+    eval_units=None,
 ) -> FoolResult:
-    """Build, evaluate and save one manipulated model (see module doc).
+    """Build, evaluate and save one manipulated model with the method ``settings.method``.
+
+    The steps, each a public function: :func:`pick_eval_routes` and :func:`prepare_manipulation`,
+    :func:`build_manipulated`, :func:`render_fool_fvs`, :func:`evaluate_fool`,
+    :func:`closed_loop_check` (if ``settings.check``), :func:`save_fool`. What differs between
+    methods comes from the method's class (:mod:`fvsanity.fool.manipulation`).
 
     Args:
         routes: what the manipulated units show (:func:`~fvsanity.fool.make_routes`).
-        train_images: ``[N,3,H,W]`` natural images for the detector / calibration.
+        train_images: ``[N,3,H,W]`` natural images in [0,1] to build from (detector, calibration).
         eval_natural: :class:`~fvsanity.data.NaturalImages` never used to build the model.
-        bundle: a prepared detector (circuit only; prepared here if None).
+        settings: the run's settings; the method's own come from it (``Manipulation.settings_from``).
+        out_dir: where ``model/``, ``fool.json`` and ``fool.png`` go.
+        prepared: what the method's ``prepare`` made elsewhere (the circuit: a
+            :class:`DetectorBundle`, e.g. one detector shared by several runs); made here if None.
+        bundle: the same as ``prepared`` (its older name, for the circuit).
         work_dir: cache folder (default ``out_dir/work``).
+        eval_units: the routed units to render and check (Units or ``"layer:channel"``), in this
+            order; default a seeded pick of ``settings.eval_units`` routes.
+
+    Raises:
+        FVSanityError: unknown method, bad method settings, ``eval_natural`` not NaturalImages,
+            an ``eval_units`` entry that is not a routed unit.
     """
     from ..data import NaturalImages
-    from ..io import atomic_write_json, provenance
-    from .circuit import build_fooling_circuit
-    from .evaluate import (
-        evaluate_predictions,
-        fv_similarity,
-        gate_fraction,
-        inference_time_ratio,
-        lpips_backbone,
-    )
-    from .model import save_manipulated
-    from .silent import build_silent_units, silent_zero_fraction
+    from ..io import provenance
+    from .manipulation import get_manipulation
 
     if not isinstance(eval_natural, NaturalImages):
         raise FVSanityError("eval_natural must be NaturalImages (fvsanity.data.load_images / from_tensor)")
+    if prepared is not None and bundle is not None:
+        raise FVSanityError("give prepared= or bundle= (the same thing), not both")
     s = settings
+    method = get_manipulation(s.method)
+    ms = method.settings_from(s)
     out = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out / "work"
     eval_natural = eval_natural.load()
-    eval_images = eval_natural.images
-    details: dict = {"settings": s.to_json(), "routes": {"count": len(routes), "first": [r.to_json() for r in routes[:5]]}}
-    if s.method == "circuit":
-        if bundle is None:
-            bundle = prepare_detector(lm, train_images, eval_images, s, work, routes=routes)
-        elif not bundle.picture_key and any(r.picture is not None for r in routes):
-            _log("warning: the detector was not trained on these routes' picture trajectories; "
-                 "the picture route may close early (pass routes= to prepare_detector)")
-        fooled = build_fooling_circuit(
-            lm, bundle.detector, routes, threshold=bundle.threshold, k=s.k, offset=s.offset, calibration_images=train_images,
-        )
-        details["detector"] = bundle.to_json()
-    elif s.method == "silent":
-        fooled = build_silent_units(lm, routes, train_images, lam=s.lam, strength=s.strength, margin_sd=s.silent_margin_sd,
-                                    margin_range=s.silent_margin_range,
-                                    mode=s.silent_mode, offset=s.silent_offset,
-                                    width=s.silent_width)
-    else:
-        raise FVSanityError(f"unknown method {s.method!r}; valid: circuit, silent")
-    _log(f"built {fooled.name}: {len(routes)} routed unit(s)")
-
-    pred = evaluate_predictions(lm, fooled, eval_natural)
-    details["predictions"] = pred.to_json()
-    _log(f"eval naturals: identical top-1 {pred.identical_top1_fraction:.4f}, top-1 {pred.top1_original:.4f} -> "
-         f"{pred.top1_manipulated:.4f}, max |dlogit| {pred.max_abs_logit_diff:.3g}")
-    if s.method == "silent":
-        details["silent_zero_eval"] = silent_zero_fraction(fooled, eval_images)
-        details["silent_zero_calibration"] = silent_zero_fraction(fooled, train_images)
-
-    # FVs of some manipulated units on both models, and the targets
-    ev = _eval_routes(routes, s.eval_units, s.seed)
-    units = [r.unit for r in ev]
-    seeds = [2000 + i for i in range(s.eval_seeds)]
-    _log(f"rendering FVs of {len(units)} manipulated unit(s) x {len(seeds)} seed(s), {s.eval_steps} steps, on both models")
-    tag = f"{s.method}_" + "_".join(str(u).replace(":", "c") for u in units)[:80]
-    fp = fooled.model.fingerprint()
-    fv_m = _render_cached(fooled, units, seeds, s.eval_steps, s.fv_size, (), work / f"fv_manip_{fp}" / tag, s.progress)
-    fv_o = _render_cached(lm, units, seeds, s.eval_steps, s.fv_size, (), work / "fv_orig" / tag, s.progress)
-    src = [r.source for r in ev if r.source is not None]
-    fv_src = _render_cached(lm, src, seeds, s.eval_steps, s.fv_size, (), work / "fv_orig_src" / tag, s.progress) if src else None
-    targets, j = [], 0
-    for r in ev:
-        if r.source is not None:
-            targets.append(fv_src.images[j])
-            j += 1
-        else:
-            pic = torch.nn.functional.interpolate(r.picture[None].float(), size=fv_m.images.shape[-2:], mode="bilinear",
-                                                  antialias=True, align_corners=False)[0]
-            targets.append(pic[None].expand(len(seeds), *pic.shape))
-    targets_t = torch.stack(targets)  # [U, S, 3, H, W]
-    backbone = lpips_backbone(lm.device) if s.lpips else None
-    sim = fv_similarity(fv_m.images.flatten(0, 1), fv_o.images.flatten(0, 1), targets_t.flatten(0, 1), backbone)
-    details["fv_similarity"] = sim.to_json()
-    details["fv_objective"] = {"manipulated_final": fv_m.final.tolist(), "original_final": fv_o.final.tolist()}
-    _log(f"SSIM to target: manipulated {sim.ssim_manipulated_fv_to_target:.3f} vs original {sim.ssim_original_fv_to_target:.3f}")
-    cls_routes = [i for i, r in enumerate(ev) if r.source is not None and r.unit.layer == lm.output_layer]
-    if cls_routes:
-        # what the ORIGINAL model sees in each FV: its top-1 class vs the route's target class
-        with torch.no_grad():
-            want = torch.tensor([ev[i].source.channel for i in cls_routes])[:, None]
-            pm = torch.stack([lm(fv_m.images[i].to(lm.device)).argmax(1).cpu() for i in cls_routes])
-            po = torch.stack([lm(fv_o.images[i].to(lm.device)).argmax(1).cpu() for i in cls_routes])
-        details["fv_top1_is_target_class"] = {
-            "manipulated": float((pm == want).float().mean()), "original": float((po == want).float().mean()),
-            "n": int(pm.numel()),
-        }
-    if s.method == "silent":
-        details["silent_fired_on_manipulated_fvs"] = 1.0 - silent_zero_fraction(fooled, fv_m.images.flatten(0, 1))["fraction"]
-    if s.method == "circuit":
-        details["gate_on_manipulated_fvs"] = gate_fraction(fooled, fv_m.images.flatten(0, 1))
-        details["gate_on_eval_naturals"] = gate_fraction(fooled, eval_images, transform_seed=None)
-
-    n_t = min(s.timing_batch, len(eval_images))
-    timing = inference_time_ratio(lm, fooled, eval_images[:n_t], repeats=s.timing_repeats)
-    details["timing"] = timing.to_json()
-    _log(f"inference time ratio {timing.ratio:.3f} (batch {n_t}, median of {s.timing_repeats})")
-
+    ev = pick_eval_routes(routes, s.eval_units, s.seed, units=eval_units)
+    prepared = prepare_manipulation(method, ms, lm, routes, train_images, eval_natural.images, s, work,
+                                    prepared if prepared is not None else bundle)
+    fooled = build_manipulated(method, ms, lm, routes, train_images, prepared)
+    fvs = render_fool_fvs(lm, fooled, ev, s, work)
+    evaluation = evaluate_fool(lm, fooled, method, ms, fvs, ev, eval_natural, train_images, s)
+    details: dict = {"settings": s.to_json(), "method_settings": ms.to_json() if hasattr(ms, "to_json") else asdict(ms),
+                     "routes": {"count": len(routes), "first": [r.to_json() for r in routes[:5]]},
+                     **method.describe(prepared, ms), **evaluation.details}
     check = None
     if s.check:
-        ctrl_seeds = [3000 + i for i in range(s.eval_seeds)]
-        fv_c = _render_cached(lm, units, ctrl_seeds, s.eval_steps, s.fv_size, (), work / "fv_orig_control" / tag, s.progress)
-        check = _closed_loop(lm, fooled, units, fv_o, fv_m, eval_natural, s, fv_control=fv_c)
+        check = closed_loop_check(lm, fooled, fvs, eval_natural, s, work)
         details["check"] = check
-    save_manipulated(fooled, out / "model")
-    summary = {
-        "model": lm.name,
-        "manipulated_model": fooled.name,
-        "manipulated_fingerprint": fp,
-        "method": s.method,
-        "n_routes": len(routes),
-        "n_eval_images": pred.n,
-        "identical_top1_fraction": pred.identical_top1_fraction,
-        "top1_original": pred.top1_original,
-        "top1_manipulated": pred.top1_manipulated,
-        "top1_change_points": 100 * (pred.top1_manipulated - pred.top1_original),
-        "top5_original": pred.top5_original,
-        "top5_manipulated": pred.top5_manipulated,
-        "max_abs_logit_diff": pred.max_abs_logit_diff,
-        "detector_heldout_accuracy": bundle.heldout.accuracy if s.method == "circuit" else None,
-        "detector_heldout_picture_recall": (
-            bundle.heldout_picture.fv_recall if s.method == "circuit" and bundle.heldout_picture is not None else None
-        ),
-        "ssim_manipulated_fv_to_target": sim.ssim_manipulated_fv_to_target,
-        "ssim_original_fv_to_target": sim.ssim_original_fv_to_target,
-        "corr_manipulated_fv_to_target": sim.corr_manipulated_fv_to_target,
-        "corr_original_fv_to_target": sim.corr_original_fv_to_target,
-        "lpips_uniform_manipulated_fv_to_target": sim.lpips_uniform_manipulated_fv_to_target,
-        "lpips_uniform_original_fv_to_target": sim.lpips_uniform_original_fv_to_target,
-        "fv_top1_is_target_class_manipulated": details.get("fv_top1_is_target_class", {}).get("manipulated"),
-        "fv_top1_is_target_class_original": details.get("fv_top1_is_target_class", {}).get("original"),
-        "inference_time_ratio": timing.ratio,
-        "check_flags_manipulation": check["flags_manipulation"] if check else None,
-        "check_flagged_fraction": check.get("flagged_fraction") if check else None,
-        "check_control_flagged_fraction": check["control"]["flagged_fraction"] if check and "control" in check else None,
-    }
-    if s.method == "silent":
-        summary["silent_zero_fraction_eval"] = details["silent_zero_eval"]["fraction"]
+    summary = summarize_fool(lm, fooled, s, len(routes), evaluation, check, method.summary(details, prepared, ms))
     details["provenance"] = provenance()
     details["model_provenance"] = lm.provenance()
-    result = FoolResult(summary, details, {"original": fv_o.images[:, 0], "manipulated": fv_m.images[:, 0],
-                                           "target": targets_t[:, 0], "units": [str(u) for u in units]})
-    atomic_write_json(out / "fool.json", result.to_json())
-    plot_fool(result, out / "fool.png")
-    _log(f"wrote {out / 'fool.json'}, {out / 'fool.png'} and the model in {out / 'model'}")
+    result = FoolResult(summary, details, {"original": fvs.original.images[:, 0], "manipulated": fvs.manipulated.images[:, 0],
+                                           "target": fvs.targets[:, 0], "units": [str(u) for u in fvs.units]},
+                        figure_note=method.figure_note(summary))
+    save_fool(result, fooled, method, out)
     return result
 
 
@@ -537,7 +692,7 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
     except ImportError as e:  # pragma: no cover - the compare package ships with fvsanity
         return {"available": False, "error": str(e), "flags_manipulation": None}
     kw = dict(top_k=s.check_top_k, n_boot=s.check_n_boot, n_perm=s.check_n_perm, seed=s.seed, progress=False)
-    _log("closed loop: path check on the original and the manipulated model")
+    fool_log("closed loop: path check on the original and the manipulated model")
     c_o = path_check(lm, units, fv_o, natural, **kw)
     c_m = path_check(fooled, units, fv_m, natural, **kw)
     flagged_any, per_unit = _flag_units(c_o, c_m)
@@ -565,7 +720,7 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
                     "a false positive",
             "units": [{"unit": p["unit"], "flagged": p["flagged"], "why": p["why"]} for p in ctrl_units],
         }
-        _log(f"closed loop: flags {out['flagged_fraction']:.2f} of manipulated units, "
+        fool_log(f"closed loop: flags {out['flagged_fraction']:.2f} of manipulated units, "
              f"{out['control']['flagged_fraction']:.2f} of the unmanipulated control")
     return out
 
@@ -603,7 +758,7 @@ def plot_fool(result: FoolResult, path: str | Path, max_rows: int = 4) -> Path:
         f"max |dlogit| {s['max_abs_logit_diff']:.2g}",
         f"SSIM(FV, target): manipulated {s['ssim_manipulated_fv_to_target']:.3f} vs original {s['ssim_original_fv_to_target']:.3f}; "
         f"time x{s['inference_time_ratio']:.3f}",
-        f"detector held-out acc. {pct(s['detector_heldout_accuracy'])}; check flags it: {s['check_flags_manipulation']}"
+        (f"{result.figure_note}; " if result.figure_note else "") + f"check flags it: {s['check_flags_manipulation']}"
         + (f" ({pct(s.get('check_flagged_fraction'))} of units; unmanipulated control {pct(s.get('check_control_flagged_fraction'))})"
            if s.get("check_flagged_fraction") is not None else ""),
     ]

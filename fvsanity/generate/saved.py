@@ -2,7 +2,7 @@
 
 :func:`load_fvs` is what ``fvsanity check --fv`` and ``fvsanity audit --fv`` read. FVs with
 metadata (``fv.json``) must have been made for the same model weights (their
-``model_fingerprint``; :func:`fvsanity.cache.check_fv_model`), or they are refused; plain images
+``model_fingerprint``; :func:`fvsanity.fingerprint.check_fv_model`), or they are refused; plain images
 and bare tensors are taken as the user's own images, unchecked.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..cache import check_fv_model
 from ..errors import FVSanityError
+from ..fingerprint import check_fv_model
 from .render import FVResult
 
 __all__ = ["IMAGE_SUFFIXES", "load_fvs"]

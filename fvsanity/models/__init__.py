@@ -33,6 +33,7 @@ from torch import nn
 from .._paths import cache_dir, find_data_file, searched_locations
 from ..errors import FVSanityError, MissingWeightsError, UnknownModelError
 from ..io import file_sha256
+from ..registry import Registry
 from .preprocess import CAFFE_SQUEEZENET, CIFAR10, IMAGENET, LUCENT_INCEPTION, Preprocess
 from .resnet_cifar import CifarResNet
 
@@ -42,6 +43,7 @@ __all__ = [
     "load_model",
     "list_models",
     "register_model",
+    "register_loader",
     "load_state_dict_file",
     "DEFAULT_MODEL",
     "CIFAR10_CLASSES",
@@ -103,7 +105,7 @@ class LoadedModel:
         Two loads of the same weights agree; any changed weight element differs. Keys every
         cache (:mod:`fvsanity.cache`); recomputed on each call (ms: one pass over the weights).
         """
-        from ..cache import model_fingerprint
+        from ..fingerprint import model_fingerprint
 
         return model_fingerprint(self.model, self.preprocess)
 
@@ -144,6 +146,29 @@ def register_model(name: str):
         return fn
 
     return deco
+
+
+#: Other kinds of model spec (e.g. the ``model/`` folder ``fvsanity fool`` writes), by loader
+#: name: ``(can_load(spec) -> bool, load(spec, *, weights, device) -> LoadedModel)``. The packages
+#: that own such specs register here, so this module never imports them.
+LOADERS = Registry("model loader")
+
+
+def register_loader(name: str, can_load: Callable[[str], bool], load: Callable[..., LoadedModel]) -> None:
+    """Teach :func:`load_model` another kind of spec (a spec that is not a registered name).
+
+    Args:
+        name: the loader's name (e.g. ``"manipulated"``).
+        can_load: ``can_load(spec: str) -> bool``: whether ``spec`` is this loader's (cheap; e.g.
+            a folder holding ``manipulated.json``).
+        load: ``load(spec, *, weights, device) -> LoadedModel``; ``weights`` is the ``--weights``
+            file or None (refuse it with an :class:`~fvsanity.errors.FVSanityError` if the spec
+            carries its own weights).
+
+    Raises:
+        RegistryError: ``name`` is already registered.
+    """
+    LOADERS.register(name, (can_load, load))
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -491,9 +516,18 @@ def _inceptionv1(pretrained: bool = True) -> LoadedModel:
 
 @register_model("toy-procedural")
 def _toy(pretrained: bool = True) -> LoadedModel:
-    from .toy import load_toy
+    from . import toy
 
-    return load_toy(pretrained=pretrained)
+    net, source = toy.build_toy(pretrained, load_weights=_load_weights)
+    return LoadedModel(
+        name="toy-procedural",
+        model=_prepare(net),
+        preprocess=toy.TOY_PREPROCESS,
+        block_layers=list(toy.BLOCK_LAYERS),
+        output_layer="fc",
+        class_names=list(toy.CLASSES),
+        weights_source=source,
+    )
 
 
 def _imagenet_class_names() -> list[str]:
@@ -628,7 +662,8 @@ def load_model(
 
     Args:
         spec: registry name (see module doc), a torchvision name, ``timm:NAME``, or the ``model/``
-            folder ``fvsanity fool`` wrote (a manipulated model; ``manipulated.json`` inside).
+            folder ``fvsanity fool`` wrote (a manipulated model; ``manipulated.json`` inside; loaded
+            by the loader ``fvsanity.fool`` registers with :func:`register_loader`).
         weights: a local state dict file (``.pt``/``.pth``/``.th`` via ``weights_only=True``, or
             ``.safetensors``); overrides the named model's own weights. Loaded strictly: missing,
             unexpected or other-shaped keys and NaN/inf values are a one-line
@@ -647,13 +682,12 @@ def load_model(
     """
     if allow_partial and weights is None:
         raise FVSanityError("--allow-partial-weights applies to a --weights FILE only; none was given")
-    if spec not in _REGISTRY and os.path.isfile(os.path.join(str(spec), "manipulated.json")):
-        # a model saved by ``fvsanity fool`` (model/ folder): rebuilt from its own full state dict
-        from ..fool.model import load_manipulated
-
-        if weights is not None:
-            raise FVSanityError(f"{spec} is a saved manipulated model with its own weights; drop --weights")
-        return load_manipulated(spec, device=device)
+    if spec not in _REGISTRY:
+        # other kinds of spec (register_loader): e.g. the model/ folder ``fvsanity fool`` wrote
+        for loader in LOADERS:
+            can_load, load = LOADERS.get(loader)
+            if can_load(str(spec)):
+                return load(str(spec), weights=weights, device=device)
     weights = str(weights) if weights is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

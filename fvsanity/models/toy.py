@@ -13,7 +13,10 @@ Public API:
     ToyNet                                    the architecture (block1..block4, pool, fc)
     train_toy(steps, batch, seed, ...)        -> (ToyNet, TrainStats), trains from scratch
     evaluate_toy(net, n, seed)                -> held-out accuracy on fresh procedural images
-    load_toy(weights, pretrained)             -> LoadedModel (cache, else train and cache)
+    build_toy(pretrained, load_weights=...)   -> (ToyNet, weights source): cached, else trained
+                                              and cached; ``load_model("toy-procedural")`` wraps
+                                              it as a LoadedModel (this module never imports
+                                              ``fvsanity.models``, so the registry can import it)
     write_procedural_folder(dest, per_class)  class-folder PNGs matching the model's classes
 """
 
@@ -24,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +46,8 @@ __all__ = [
     "procedural_images",
     "train_toy",
     "evaluate_toy",
-    "load_toy",
+    "BLOCK_LAYERS",
+    "build_toy",
     "toy_weights_path",
     "write_procedural_folder",
 ]
@@ -373,16 +378,22 @@ def _cached_version(path: Path) -> str | None:
         return None
 
 
-def load_toy(
-    weights: str | os.PathLike | None = None,
+def build_toy(
     pretrained: bool = True,
     *,
+    load_weights: Callable[[nn.Module, str | os.PathLike], object],
+    weights: str | os.PathLike | None = None,
     steps: int | None = None,
     verbose: bool = True,
-):
-    """The toy model as a :class:`~fvsanity.models.LoadedModel`.
+) -> tuple[ToyNet, str]:
+    """The toy network and where its weights came from: ``(ToyNet in eval mode, source)``.
+
+    ``load_model("toy-procedural")`` wraps it as a :class:`~fvsanity.models.LoadedModel`
+    (preprocess :data:`TOY_PREPROCESS`, blocks :data:`BLOCK_LAYERS`, classes :data:`CLASSES`).
 
     Args:
+        load_weights: ``load_weights(net, path)`` loads a weights file strictly (the model
+            registry passes its own loader, so this module need not import the registry).
         weights: a local weights file (overrides everything).
         pretrained: False -> random weights. True -> ``toy_procedural.safetensors`` from
             ``$FVSANITY_DATA/weights`` or the cache; if absent (or from another generator
@@ -391,17 +402,16 @@ def load_toy(
         verbose: print one line to stderr before training.
     """
     from .._paths import find_data_file
-    from . import LoadedModel, _load_weights, _prepare
 
     net = ToyNet()
     source = "random"
     if weights:
-        _load_weights(net, weights)
+        load_weights(net, weights)
         source = str(weights)
     elif pretrained:
         path = find_data_file(WEIGHTS_RELPATH)
         if path is not None and _cached_version(path) == GENERATOR_VERSION:
-            _load_weights(net, path)
+            load_weights(net, path)
             source = str(path)
         else:
             dest = toy_weights_path()
@@ -419,15 +429,8 @@ def load_toy(
             except OSError:
                 source = "trained-in-memory (cache not writable)"
             net.load_state_dict(trained.state_dict())
-    return LoadedModel(
-        name="toy-procedural",
-        model=_prepare(net),
-        preprocess=TOY_PREPROCESS,
-        block_layers=list(BLOCK_LAYERS),
-        output_layer="fc",
-        class_names=list(CLASSES),
-        weights_source=source,
-    )
+    net.eval()
+    return net, source
 
 
 def write_procedural_folder(dest: str | os.PathLike, per_class: int = 50, seed: int = 777) -> Path:
