@@ -366,3 +366,35 @@ def test_wording_is_one_set_of_constants():
     assert V.OUTCOMES == ("natural-like", "diverges", "inconclusive")
     assert set(V.OWN_LAYER_SENTENCE) == set(V.OUTCOMES)
     assert V.unit_sentence(()) == "inconclusive at its own layer (no layers); natural-like at no layer"
+
+
+# ------------------------------------------------------------------- the path check's numbers
+def test_same_numbers_as_path_layer_stats_and_the_old_verdicts_flaw():
+    """The estimate is path.py's ``normalized`` on the same matrices; on a healthy unit with one
+    FV seed, 200 other images and 12 layers (the issue's case: smallest Holm p 12/201 > 0.05)
+    today's verdict reads "diverges" (absence of evidence), this one "inconclusive"."""
+    from fvsanity.compare.path import compare_path, layer_stats, pairwise
+
+    g = gen(13)
+    C, names = 16, tuple(f"l{i}" for i in range(12))
+    proto = {n: torch.randn(C, generator=g, dtype=F64) for n in names}
+    acts = {
+        kind: {n: proto[n] * (kind != "other") + torch.randn(k, C, generator=g, dtype=F64) for n in names}
+        for kind, k in (("fv", 1), ("natural", 20), ("other", 200))
+    }
+    old_layers, old = compare_path(acts["fv"], acts["natural"], acts["other"], metric="cosine", n_boot=50, n_perm=200)
+    assert old.label == "diverges from natural images for 12 of 12 layers"  # today's verdict
+    mats = {
+        n: (pairwise("cosine", acts["fv"][n], acts["natural"][n]), pairwise("cosine", acts["natural"][n], acts["natural"][n]),
+            pairwise("cosine", acts["other"][n], acts["natural"][n]))
+        for n in names
+    }
+    uv = V.unit_verdict(mats)
+    for o, r in zip(uv.layers, old_layers):
+        assert o.estimate == pytest.approx(r.normalized, abs=1e-12)
+        assert o.estimate == pytest.approx(layer_stats(*mats[o.name], n_boot=0, n_perm=0)["normalized"], abs=1e-12)
+        # 1 seed: natural-like needs 5 (2^-5 <= 0.05), diverges over 12 layers 8 (12 / 2^8 <= 0.05)
+        assert o.outcome == V.INCONCLUSIVE and o.needed == (5 if o.estimate >= 0.8 else 8)
+        assert o.reason == f"needs >= {o.needed} FV seeds (smallest attainable p {0.5 if o.needed == 5 else 1:.3g} > alpha 0.05)"
+    assert sum(o.estimate for o in uv.layers) / 12 > 0.8
+    assert uv.sentence.startswith("inconclusive at its own layer (needs >= ")
