@@ -398,3 +398,20 @@ def test_same_numbers_as_path_layer_stats_and_the_old_verdicts_flaw():
         assert o.reason == f"needs >= {o.needed} FV seeds (smallest attainable p {0.5 if o.needed == 5 else 1:.3g} > alpha 0.05)"
     assert sum(o.estimate for o in uv.layers) / 12 > 0.8
     assert uv.sentence.startswith("inconclusive at its own layer (needs >= ")
+
+
+def test_union_bound_setting_is_more_careful_and_reports_its_floor():
+    """natural_share > 0: the natural side's confidence bound takes that share of alpha, the exact
+    sign-flip test the rest (valid whatever the distributions; floor 2^-S / (1 - share))."""
+    st = V.VerdictSettings(natural_share=0.2)
+    g = gen(14)
+    uv = V.unit_verdict({n: feature_layer(g, fv="natural") for n in ("a", "b")}, settings=st)
+    assert [o.outcome for o in uv.layers] == [V.NATURAL_LIKE] * 2
+    for o in uv.layers:
+        assert V.NATURAL_LIKE_MARGIN < o.evidence.ci_low < o.estimate < o.evidence.ci_high
+        assert o.evidence.natural_share == 0.2
+    default = V.unit_verdict({n: feature_layer(gen(14), fv="natural") for n in ("a", "b")})
+    for o, d in zip(uv.layers, default.layers):
+        assert o.evidence.ci_low <= d.evidence.ci_low and o.p_natural_like_adj >= d.p_natural_like_adj
+    four = V.unit_verdict({"a": feature_layer(g, S=4, fv="natural")}, settings=st).own
+    assert four.floor_natural_like == pytest.approx(0.078125) and four.needed == 5
