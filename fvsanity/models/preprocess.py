@@ -67,3 +67,33 @@ LUCENT_INCEPTION = Preprocess(size=(224, 224), mean=(117.0,) * 3, std=(1.0,) * 3
 CAFFE_SQUEEZENET = Preprocess(
     size=(227, 227), mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), scale=255.0, bgr=True
 )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model's input conventions, like timm's ``pretrained_cfg`` (recorded on ``LoadedModel.config``).
+
+    Attributes:
+        input_size: (H, W) in px the model was trained on.
+        mean, std: normalisation (see :class:`Preprocess`).
+        interpolation: how natural images are resized (``"bilinear"``, ``"bicubic"``).
+        crop_pct: resize side = input side / crop_pct before the center crop (None: no crop).
+        fixed_input_size: the model accepts ``input_size`` only (a ViT whose patch grid and
+            position embedding are fixed): FV transforms then keep the canvas at that size
+            (``fvsanity.generate.transforms.apply(..., out_size=...)``) and ``--size`` must equal it.
+    """
+
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
+    fixed_input_size: bool = False
+
+    @classmethod
+    def from_preprocess(cls, pre: Preprocess, fixed_input_size: bool = False, interpolation: str = "bilinear") -> ModelConfig:
+        crop = pre.size[0] / pre.resize if pre.resize else None
+        return cls(tuple(pre.size), tuple(pre.mean), tuple(pre.std), interpolation, crop, fixed_input_size)
+
+    def to_json(self) -> dict:
+        return asdict(self)
