@@ -227,16 +227,18 @@ def _patches(act: torch.Tensor, layout: Layout) -> torch.Tensor:
     return act[:, layout.prefix_tokens :]
 
 
-def pool(act: torch.Tensor, layout: Layout | None = None, how: str = "mean") -> torch.Tensor:
+def pool(act: torch.Tensor, layout: Layout | None = None, how: str = "mean", prefix: bool = False) -> torch.Tensor:
     """Pool a layer output to ``[B, C]`` (C = ``layout.channels``).
 
     conv ``[B, C, *space]``: ``how`` over space; tokens ``[B, N, D]``: over the patch tokens
-    (prefix tokens excluded); vector ``[B, C]``: returned as is.
+    (prefix tokens excluded unless ``prefix``); vector ``[B, C]``: returned as is.
 
     Args:
         act: the layer's output.
         layout: its layout (None: :func:`layout_from_tensor`, i.e. channel dim 1).
         how: ``"mean"``, ``"max"`` or ``"sum"``.
+        prefix: tokens: pool over every token, prefix tokens included (attribution sums, which
+            must account for every position).
     """
     if how not in POOLS:
         raise FVSanityError(f"unknown pool {how!r}; valid: {', '.join(POOLS)}")
@@ -245,7 +247,7 @@ def pool(act: torch.Tensor, layout: Layout | None = None, how: str = "mean") -> 
     if layout.kind == "vector":
         return act
     if layout.kind == "tokens":
-        flat, dim = _patches(act, layout), 1
+        flat, dim = (act if prefix else _patches(act, layout)), 1
     else:
         flat, dim = act.flatten(2), 2
     if how == "mean":

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import FVSanityError
+from ..layouts import pool, require
 from ..models import LoadedModel
 from .model import ManipulatedModel, PictureTemplates, register_edit, wrap_loaded
 from .routes import Route
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 _Z_LIMIT = 100.0
+#: layer layouts the channel edits (gate, silent units) are defined on: they index channel dim 1
+EDIT_LAYOUTS = ("conv", "vector")
 
 
 def fooling_gate(
@@ -147,11 +150,11 @@ def _channel_means(lm: LoadedModel, layer: str, channels: list[int], images: tor
     out = []
     dev = lm.device
     idx = torch.as_tensor(channels, dtype=torch.long, device=dev)
+    layout = lm.layer_info(layer).layout
     with capture(lm.model, [layer], detach=True) as store:
         for i in range(0, len(images), batch):
             lm(images[i : i + batch].to(dev))
-            y = store[layer].index_select(1, idx)
-            out.append((y.flatten(2).mean(2) if y.ndim > 2 else y).float().cpu())
+            out.append(pool(store[layer], layout).index_select(1, idx).float().cpu())
     return torch.cat(out)
 
 
@@ -267,6 +270,8 @@ def build_fooling_circuit(
         a :class:`LoadedModel` with the same preprocess, layer names and classes.
     """
     by_layer, pics, names, index = _group(routes)
+    for layer in by_layer:  # the gate edits channel dim 1
+        require(lm.layer_info(layer).layout, EDIT_LAYOUTS, "the fooling circuit's gated edit", layer)
     w = ManipulatedModel(lm.model, lm.preprocess)
     w.set_detector(detector, threshold, k, offset)
     if pics:

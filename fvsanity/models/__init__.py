@@ -656,24 +656,35 @@ def _timm(name: str, pretrained: bool) -> LoadedModel:
     return timm_loaded(net, f"timm:{name}", source)
 
 
-def timm_loaded(net: nn.Module, name: str, source: str = "random", class_names: list[str] | None = None) -> LoadedModel:
+def timm_loaded(
+    net: nn.Module,
+    name: str,
+    source: str = "random",
+    class_names: list[str] | None = None,
+    preprocess: Preprocess | None = None,
+) -> LoadedModel:
     """Wrap a built timm model (e.g. a tiny ``VisionTransformer`` for tests) as a :class:`LoadedModel`.
 
-    Input conventions come from timm's data config for ``net``; class names default to ImageNet's
-    for a 1000-class model.
+    Input conventions come from timm's data config for ``net`` (a ViT built without a pretrained
+    config takes its ``patch_embed.img_size``), or from ``preprocess`` when given. Class names
+    default to ImageNet's for a 1000-class model.
     """
     import timm
 
     cfg = timm.data.resolve_data_config({}, model=net)
-    size = tuple(cfg["input_size"][1:])
-    crop = cfg.get("crop_pct", 0.875) or 1.0
-    pre = Preprocess(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), resize=int(size[0] / crop))
+    size = tuple(int(v) for v in cfg["input_size"][1:])
     pcfg = getattr(net, "pretrained_cfg", None) or {}
+    img = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    if "input_size" not in pcfg and img is not None and len(img) == 2:
+        size = (int(img[0]), int(img[1]))
+    crop = cfg.get("crop_pct", 0.875) or 1.0
+    if preprocess is None:
+        preprocess = Preprocess(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), resize=int(size[0] / crop))
     fixed = bool(pcfg.get("fixed_input_size", False)) or _fixed_input_size(net)
-    config = ModelConfig(
-        input_size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-        interpolation=str(cfg.get("interpolation", "bilinear")), crop_pct=crop, fixed_input_size=fixed,
+    config = ModelConfig.from_preprocess(
+        preprocess, fixed_input_size=fixed, interpolation=str(cfg.get("interpolation", "bilinear"))
     )
+    pre = preprocess
     head = pcfg.get("classifier")
     head = head[0] if isinstance(head, (tuple, list)) and head else head
     mods = dict(net.named_modules())
