@@ -208,7 +208,7 @@ def parse_unit(spec: str | Unit, lm) -> Unit:
         raise UnitError(f"channel {_num(unit.channel)} out of range for {layer!r}: valid 0..{n_ch - 1}")
     if unit.y is not None:
         if layout.grid is None:
-            raise UnitError(f"layer {layer!r} has no spatial dims (shape {shape}, {layout.kind} layout); drop the @y,x")
+            raise UnitError(f"layer {layer!r} has no spatial dims (shape {shape}); drop the @y,x")
         h, w = layout.grid
         grid = "patch grid " if layout.kind == "tokens" else ""
         if not (0 <= unit.y < h and 0 <= unit.x < w):
