@@ -133,20 +133,29 @@ def layer_shapes(model: nn.Module, input_size: tuple[int, int], preprocess=None)
     return {n: info.shape for n, info in layer_infos(model, input_size, preprocess).items()}
 
 
+def cached_layer_infos(model: nn.Module, input_size: tuple[int, int], preprocess=None) -> dict:
+    """:func:`fvsanity.layouts.layer_infos`, cached on ``model`` per input size (one forward per
+    model and size; shared by ``LoadedModel.layers`` and the deprecated :func:`_shapes_for`).
+
+    The key also counts the modules, so an edit that wraps a layer (``fvsanity.fool``) recomputes.
+    """
+    key = (tuple(input_size), sum(1 for _ in model.modules()))
+    cache = getattr(model, "_fvsanity_layers", None)
+    if cache is None or cache[0] != key:
+        cache = (key, layer_infos(model, key[0], preprocess))
+        try:
+            object.__setattr__(model, "_fvsanity_layers", cache)
+        except Exception:  # noqa: BLE001 - a module that refuses attributes: recompute next time
+            pass
+    return cache[1]
+
+
 def _shapes_for(model, input_size, preprocess) -> dict[str, tuple]:
     """Deprecated: use ``LoadedModel.layers`` / ``LoadedModel.layer_info(name).shape``.
 
     ``{layer: output shape without batch}``, cached on ``model`` per input size.
     """
-    cache = getattr(model, "_fvsanity_shapes", None)
-    key = tuple(input_size)
-    if cache is None or cache[0] != key:
-        cache = (key, layer_shapes(model, input_size, preprocess))
-        try:
-            object.__setattr__(model, "_fvsanity_shapes", cache)
-        except Exception:  # noqa: BLE001
-            pass
-    return cache[1]
+    return {n: info.shape for n, info in cached_layer_infos(model, input_size, preprocess).items()}
 
 
 def _layer_info(lm, layer: str):

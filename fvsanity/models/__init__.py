@@ -33,8 +33,8 @@ from torch import nn
 from .._paths import cache_dir, find_data_file, searched_locations
 from ..errors import FVSanityError, MissingWeightsError, UnitError, UnknownModelError
 from ..io import file_sha256
-from ..layouts import LayerInfo, layer_infos
-from ..units import resolve_layer
+from ..layouts import LayerInfo
+from ..units import cached_layer_infos, resolve_layer
 from .preprocess import CAFFE_SQUEEZENET, CIFAR10, IMAGENET, LUCENT_INCEPTION, ModelConfig, Preprocess
 from .resnet_cifar import CifarResNet
 
@@ -98,15 +98,7 @@ class LoadedModel:
         Computed by one forward of a grey image at :attr:`input_size` and cached on the model
         (per input size; a model whose structure changes must be reloaded).
         """
-        key = tuple(self.input_size)
-        cache = getattr(self.model, "_fvsanity_layers", None)
-        if cache is None or cache[0] != key:
-            cache = (key, layer_infos(self.model, key, self.preprocess))
-            try:
-                object.__setattr__(self.model, "_fvsanity_layers", cache)
-            except Exception:  # noqa: BLE001 - a module that refuses attributes: recompute next time
-                pass
-        return cache[1]
+        return cached_layer_infos(self.model, self.input_size, self.preprocess)
 
     def layer_info(self, name: str) -> LayerInfo:
         """The :class:`~fvsanity.layouts.LayerInfo` (name, module type, shape, layout) of ``name``.
