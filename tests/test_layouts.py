@@ -252,13 +252,18 @@ def test_cli_visualize_check_audit_on_a_tiny_vit(tmp_path, capsys):
     assert (vis / "grid.png").is_file() and (vis / "blocks.1_c3_seed0.png").is_file()
 
     chk = tmp_path / "check"
-    assert main(["check", *model, "--unit", "blocks.1:3", *FAST, "--out", str(chk)]) == 0
+    assert main(["check", *model, "--unit", "blocks.1:3", *FAST, "--circuits", "--out", str(chk)]) == 0
     res = json.loads((chk / "check.json").read_text())
     (unit,) = res["units"]
     assert unit["unit"] == "blocks.1:3" and unit["verdict"]["label"]
     assert [lay["name"] for lay in unit["layers"]] == ["blocks.0", "blocks.1"]
     assert json.loads((chk / "fvs" / "fv.json").read_text())["units"][0]["layout"] == "tokens"
     assert (chk / "path_similarity.png").is_file()
+    # circuits: edges of the ViT's patch embedding and Linear modules (attention mixing is not an edge)
+    circ = res["circuits"]["blocks.1:3"]
+    names = [lay["name"] for lay in circ["layers"]]
+    assert names[0] == "patch_embed.proj" and names[-2:] == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    assert all(lay["n_edges"] > 0 and math.isfinite(lay["spearman"]) for lay in circ["layers"])
 
     aud = tmp_path / "audit"
     assert main(["audit", *model, "--units", "blocks.1:3,head:2", *FAST, "--out", str(aud)]) == 0
