@@ -290,5 +290,14 @@ def test_timm_vit_config_and_imagenet_class_names():
 
     lm = load_model("timm:vit_tiny_patch16_224", pretrained=False)
     assert lm.config.fixed_input_size and lm.config.interpolation == "bicubic" and lm.config.input_size == (224, 224)
+    assert lm.preprocess.interpolation == "bicubic" and lm.preprocess.to_json()["interpolation"] == "bicubic"
+    # natural images are resized as timm does (bicubic), not torchvision's bilinear
+    from PIL import Image
+
+    img = Image.fromarray((torch.rand(300, 260, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    bilinear = type(lm.preprocess)(**(lm.preprocess.to_json() | {"interpolation": "bilinear"}))
+    assert lm.preprocess.load_pil(img).shape == (3, 224, 224)
+    assert not torch.equal(lm.preprocess.load_pil(img), bilinear.load_pil(img))
+    assert "interpolation" not in bilinear.to_json()  # older models' fingerprints unchanged
     assert len(lm.class_names) == 1000 and lm.class_names[0] == "tench"
     assert lm.block_layers == [f"blocks.{i}" for i in range(12)] + ["norm"] and lm.output_layer == "head"

@@ -671,11 +671,13 @@ def timm_loaded(
         size = (int(img[0]), int(img[1]))
     crop = cfg.get("crop_pct", 0.875) or 1.0
     if preprocess is None:
-        preprocess = Preprocess(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), resize=int(size[0] / crop))
+        interp = str(cfg.get("interpolation", "bilinear"))
+        preprocess = Preprocess(
+            size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), resize=int(size[0] / crop),
+            interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
+        )
     fixed = bool(pcfg.get("fixed_input_size", False)) or _fixed_input_size(net)
-    config = ModelConfig.from_preprocess(
-        preprocess, fixed_input_size=fixed, interpolation=str(cfg.get("interpolation", "bilinear"))
-    )
+    config = ModelConfig.from_preprocess(preprocess, fixed_input_size=fixed)
     pre = preprocess
     head = pcfg.get("classifier")
     head = head[0] if isinstance(head, (tuple, list)) and head else head
