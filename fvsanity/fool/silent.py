@@ -25,8 +25,8 @@ from torch import nn
 
 from ..errors import FVSanityError
 from ..hooks import capture
-from ..models import LoadedModel
 from ..layouts import pool, require
+from ..models import LoadedModel
 from .circuit import EDIT_LAYOUTS, _group
 from .model import ManipulatedModel, register_edit, wrap_loaded
 from .routes import Route

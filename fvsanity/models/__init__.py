@@ -35,7 +35,14 @@ from ..errors import FVSanityError, MissingWeightsError, UnitError, UnknownModel
 from ..io import file_sha256
 from ..layouts import LayerInfo
 from ..units import cached_layer_infos, resolve_layer
-from .preprocess import CAFFE_SQUEEZENET, CIFAR10, IMAGENET, LUCENT_INCEPTION, ModelConfig, Preprocess
+from .preprocess import (
+    CAFFE_SQUEEZENET,
+    CIFAR10,
+    IMAGENET,
+    LUCENT_INCEPTION,
+    ModelConfig,
+    Preprocess,
+)
 from .resnet_cifar import CifarResNet
 
 __all__ = [
