@@ -19,6 +19,8 @@ from torch import nn
 
 from .errors import DataError, FVSanityError
 from .hooks import StopForward, get_module, run_partial
+from .layouts import Layout, infer_layout, unit_values
+from .layouts import pool as _layout_pool
 from .units import Unit, parse_unit
 
 POOLS = ("mean", "max", None)
@@ -31,6 +33,7 @@ __all__ = [
     "PooledStore",
     "run_pooled",
     "unit_response",
+    "unit_values",
     "top_k_exemplars",
     "pool_activation",
     "release_freed_memory",
@@ -38,31 +41,22 @@ __all__ = [
 ]
 
 
-def pool_activation(act: torch.Tensor, pool: str | None) -> torch.Tensor:
-    """Pool [B, C, *spatial] over space: ``mean`` / ``max`` -> [B, C]; ``None`` -> unchanged.
+def pool_activation(act: torch.Tensor, pool: str | None, layout: Layout | None = None) -> torch.Tensor:
+    """Pool a layer output to [B, C] (``mean`` / ``max``; ``None`` -> unchanged).
 
-    Outputs without spatial dims ([B, C]) are returned as they are.
+    Goes through :func:`fvsanity.layouts.pool`: conv [B, C, *space] over space, tokens [B, N, D]
+    over the patch tokens, vector [B, C] as is. ``layout`` None reads channel dim 1.
     """
     if pool not in POOLS:
         raise FVSanityError(f"unknown pool {pool!r}; valid: mean, max, None")
-    if pool is None or act.ndim <= 2:
+    if pool is None:
         return act
-    flat = act.flatten(2)
-    return flat.mean(2) if pool == "mean" else flat.amax(2)
+    return _layout_pool(act, layout, pool)
 
 
-def unit_response(act: torch.Tensor, unit: Unit) -> torch.Tensor:
-    """A unit's scalar response per image, from its layer's output ``act`` [B, C(, H, W)] -> [B].
-
-    channel: mean over space of the channel; neuron: the value at (y, x); direction: the dot
-    product of the direction [C] with the spatially averaged activation.
-    """
-    pooled = pool_activation(act, "mean")
-    if unit.direction is not None:
-        return pooled @ unit.direction.to(pooled.dtype).to(pooled.device)
-    if unit.y is not None:
-        return act[:, unit.channel, unit.y, unit.x]
-    return pooled[:, unit.channel]
+def unit_response(act: torch.Tensor, unit: Unit, layout: Layout | None = None) -> torch.Tensor:
+    """Deprecated name of :func:`fvsanity.layouts.unit_values`: a unit's value per image, [B]."""
+    return unit_values(act, unit, layout)
 
 
 def iter_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
@@ -104,7 +98,11 @@ class PooledStore:
 
 @contextlib.contextmanager
 def pooled_capture(
-    model: nn.Module, layers: Sequence[str], units: Sequence[Unit] = (), pool: str | None = "mean"
+    model: nn.Module,
+    layers: Sequence[str],
+    units: Sequence[Unit] = (),
+    pool: str | None = "mean",
+    layouts: dict[str, Layout] | None = None,
 ) -> Iterator[PooledStore]:
     """Hooks that pool each layer's output AS IT IS PRODUCED and stop the forward early.
 
@@ -113,6 +111,9 @@ def pooled_capture(
     forward goes on (:func:`fvsanity.hooks.capture` would hold every hooked layer's full output
     at once). The forward raises :class:`~fvsanity.hooks.StopForward` once every needed layer has
     run. Hooks are removed in ``finally``, also when the forward raises.
+
+    ``layouts``: {layer: Layout} (e.g. from ``LoadedModel.layer_info``); a layer not in it gets
+    :func:`fvsanity.layouts.infer_layout` from its first output.
     """
     if pool not in POOLS:
         raise FVSanityError(f"unknown pool {pool!r}; valid: mean, max, None")
@@ -122,6 +123,7 @@ def pooled_capture(
     for j, u in enumerate(units):
         units_at.setdefault(u.layer, []).append((j, u))
     need = want | set(units_at)
+    known = dict(layouts or {})
     handles = []
     try:
         for name in need:
@@ -131,10 +133,13 @@ def pooled_capture(
                 if isinstance(out, (tuple, list)):
                     out = out[0]
                 out = out.detach()
+                lay = known.get(_name)
+                if lay is None:
+                    lay = known[_name] = infer_layout(model, _name, tuple(out.shape[1:]))
                 if _name in want:
-                    store.pooled[_name] = pool_activation(out, pool)
+                    store.pooled[_name] = pool_activation(out, pool, lay)
                 for j, u in units_at.get(_name, ()):
-                    store.responses[j] = unit_response(out, u)
+                    store.responses[j] = unit_values(out, u, lay)
                 store.seen.add(_name)
                 if store.seen >= need:
                     raise StopForward
@@ -206,11 +211,9 @@ class _Sink:
         self.lists: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
         self.resp_list: list[torch.Tensor] = []
         if n_total is not None and pool is not None:
-            from .units import _shapes_for
-
-            shapes = _shapes_for(lm.model, lm.input_size, lm.preprocess)
-            if all(name in shapes for name in layers):
-                self.pre = {name: torch.empty(n_total, shapes[name][0]) for name in layers}
+            infos = lm.layers
+            if all(name in infos for name in layers):
+                self.pre = {name: torch.empty(n_total, infos[name].layout.channels) for name in layers}
                 self.resp_pre = torch.empty(n_total, n_units)
 
     def add(self, store: PooledStore, b: int) -> None:
@@ -255,8 +258,9 @@ def collect_with_responses(
         images: Tensor [N, 3, H, W] RGB in [0, 1], :class:`~fvsanity.data.NaturalImages`, or an
             iterable of such batches.
         layers: dotted layer names.
-        units: units whose scalar response (:func:`unit_response`) is recorded per image.
-        pool: ``mean`` | ``max`` over space, or None to keep full maps (memory grows with N).
+        units: units whose scalar response (:func:`fvsanity.layouts.unit_values`) is recorded per image.
+        pool: ``mean`` | ``max`` over space (over patch tokens for a token layout), or None to
+            keep full outputs (memory grows with N).
         batch_size: images per forward pass.
         device: where to run (default: the model's device).
         progress: show a tqdm bar.
@@ -264,7 +268,7 @@ def collect_with_responses(
             (:func:`release_freed_memory`; keeps the resident size flat with glibc).
 
     Returns:
-        ({layer: Tensor [N, C] (or [N, C, H, W] when pool is None)} on CPU float32,
+        ({layer: Tensor [N, C] (or the full [N, ...] output when pool is None)} on CPU float32,
         Tensor [N, len(units)] of unit responses on CPU float32).
     """
     if pool not in POOLS:
@@ -282,7 +286,8 @@ def collect_with_responses(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="activations", unit="batch")
-    with torch.no_grad(), pooled_capture(lm.model, layers, units, pool) as store:
+    layouts = {name: lm.layer_info(name).layout for name in need}
+    with torch.no_grad(), pooled_capture(lm.model, layers, units, pool, layouts) as store:
         for x in batches:
             run_pooled(lm.model, lm.preprocess(x.to(dev, torch.float32)), store)
             missing = sorted(need - store.seen)

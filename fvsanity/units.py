@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import UnitError
+from .layouts import Layout, layer_infos
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class Unit:
         y, x: spatial position for a neuron (None: channel = mean over space).
         direction: a [C] vector for a direction unit (dot product with the activation,
             averaged over space), else None.
+        layout: the layer's :class:`~fvsanity.layouts.Layout` (set by :func:`parse_unit`; None
+            for a unit built by hand, read then as channel-dim-1). ``channel`` ranges over
+            ``layout.channels`` (D for tokens) and ``y, x`` over ``layout.grid`` (the patch grid
+            for tokens).
     """
 
     layer: str
@@ -35,6 +40,7 @@ class Unit:
     y: int | None = None
     x: int | None = None
     direction: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    layout: Layout | None = field(default=None, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -54,6 +60,8 @@ class Unit:
             d.update(y=self.y, x=self.x)
         if self.direction is not None:
             d["direction"] = self.direction.tolist()
+        if self.layout is not None:
+            d["layout"] = self.layout.kind
         return d
 
 
@@ -122,44 +130,42 @@ def resolve_layer(model: nn.Module, name: str) -> str:
 
 def layer_shapes(model: nn.Module, input_size: tuple[int, int], preprocess=None) -> dict[str, tuple]:
     """Output shape (without batch) of every module, from one forward of a grey image."""
-    shapes: dict[str, tuple] = {}
-    handles = []
-    try:
-        for name, mod in model.named_modules():
-            if not name:
-                continue
+    return {n: info.shape for n, info in layer_infos(model, input_size, preprocess).items()}
 
-            def hook(_m, _i, out, _n=name):
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
-                if isinstance(out, torch.Tensor):
-                    shapes[_n] = tuple(out.shape[1:])
 
-            handles.append(mod.register_forward_hook(hook))
-        p0 = next(model.parameters(), None)
-        dev = p0.device if p0 is not None else torch.device("cpu")
-        dtype = p0.dtype if p0 is not None and p0.is_floating_point() else torch.float32
-        x = torch.full((1, 3, *input_size), 0.5, device=dev, dtype=dtype)
-        if preprocess is not None:
-            x = preprocess(x)
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
+def cached_layer_infos(model: nn.Module, input_size: tuple[int, int], preprocess=None) -> dict:
+    """:func:`fvsanity.layouts.layer_infos`, cached on ``model`` per input size (one forward per
+    model and size; shared by ``LoadedModel.layers`` and the deprecated :func:`_shapes_for`).
+
+    The key also counts the modules, so an edit that wraps a layer (``fvsanity.fool``) recomputes.
+    """
+    key = (tuple(input_size), sum(1 for _ in model.modules()))
+    cache = getattr(model, "_fvsanity_layers", None)
+    if cache is None or cache[0] != key:
+        cache = (key, layer_infos(model, key[0], preprocess))
+        try:
+            object.__setattr__(model, "_fvsanity_layers", cache)
+        except Exception:  # noqa: BLE001 - a module that refuses attributes: recompute next time
+            pass
+    return cache[1]
 
 
 def _shapes_for(model, input_size, preprocess) -> dict[str, tuple]:
-    cache = getattr(model, "_fvsanity_shapes", None)
-    key = tuple(input_size)
-    if cache is None or cache[0] != key:
-        cache = (key, layer_shapes(model, input_size, preprocess))
-        try:
-            object.__setattr__(model, "_fvsanity_shapes", cache)
-        except Exception:  # noqa: BLE001
-            pass
-    return cache[1]
+    """Deprecated: use ``LoadedModel.layers`` / ``LoadedModel.layer_info(name).shape``.
+
+    ``{layer: output shape without batch}``, cached on ``model`` per input size.
+    """
+    return {n: info.shape for n, info in cached_layer_infos(model, input_size, preprocess).items()}
+
+
+def _layer_info(lm, layer: str):
+    """``lm.layer_info(layer)``, or the same computed here for a LoadedModel-like object without it."""
+    if hasattr(lm, "layer_info"):
+        return lm.layer_info(layer)
+    infos = layer_infos(lm.model, lm.input_size, lm.preprocess)
+    if layer not in infos:
+        raise UnitError(f"layer {layer!r} produced no tensor output in a forward pass")
+    return infos[layer]
 
 
 def parse_unit(spec: str | Unit, lm) -> Unit:
@@ -199,26 +205,27 @@ def parse_unit(spec: str | Unit, lm) -> Unit:
                 y=_int(y, spec) if y is not None else None,
                 x=_int(m.group("x"), spec) if y is not None else None,
             )
-    model = lm.model
-    layer = resolve_layer(model, unit.layer)
-    shape = _shapes_for(model, lm.input_size, lm.preprocess).get(layer)
-    if shape is None:
-        raise UnitError(f"layer {layer!r} produced no tensor output in a forward pass")
-    n_ch = shape[0]
+    layer = resolve_layer(lm.model, unit.layer)
+    info = _layer_info(lm, layer)
+    layout, shape = info.layout, info.shape
+    n_ch = layout.channels
+    what = "token width (D)" if layout.kind == "tokens" else "channels"
     if unit.direction is not None:
         if unit.direction.numel() != n_ch:
-            raise UnitError(f"direction for {layer!r} has {unit.direction.numel()} entries, layer has {n_ch} channels")
+            raise UnitError(f"direction for {layer!r} has {unit.direction.numel()} entries, layer has {n_ch} {what}")
     elif not 0 <= unit.channel < n_ch:
         raise UnitError(f"channel {_num(unit.channel)} out of range for {layer!r}: valid 0..{n_ch - 1}")
     if unit.y is not None:
-        if len(shape) < 3:
+        if layout.grid is None:
             raise UnitError(f"layer {layer!r} has no spatial dims (shape {shape}); drop the @y,x")
-        h, w = shape[1], shape[2]
+        h, w = layout.grid
+        grid = "patch grid " if layout.kind == "tokens" else ""
         if not (0 <= unit.y < h and 0 <= unit.x < w):
             raise UnitError(
-                f"position @{_num(unit.y)},{_num(unit.x)} out of range for {layer!r}: valid y 0..{h - 1}, x 0..{w - 1}"
+                f"position @{_num(unit.y)},{_num(unit.x)} out of range for {layer!r}: valid {grid}y 0..{h - 1}, "
+                f"x 0..{w - 1}"
             )
-    return Unit(layer=layer, channel=unit.channel, y=unit.y, x=unit.x, direction=unit.direction)
+    return Unit(layer=layer, channel=unit.channel, y=unit.y, x=unit.x, direction=unit.direction, layout=layout)
 
 
 def parse_units(specs, lm) -> list[Unit]:
@@ -244,9 +251,5 @@ def parse_units(specs, lm) -> list[Unit]:
 
 def describe_layers(lm) -> list[tuple[str, str, tuple]]:
     """(name, module type, output shape) for every module, in forward-registration order."""
-    shapes = _shapes_for(lm.model, lm.input_size, lm.preprocess)
-    return [
-        (n, type(m).__name__, shapes.get(n, ()))
-        for n, m in lm.model.named_modules()
-        if n and n in shapes
-    ]
+    infos = lm.layers if hasattr(lm, "layers") else layer_infos(lm.model, lm.input_size, lm.preprocess)
+    return [(i.name, i.module_type, i.shape) for i in infos.values()]

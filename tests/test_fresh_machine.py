@@ -130,6 +130,10 @@ def test_default_images_for_cifar_models_and_unknown_class_sets(bare):
     lm = load_model("cifar10-resnet56", pretrained=False)
     assert defaults.default_images(lm, stream=io.StringIO()) == ASSETS / "cifar10-test"
     timm_lm = load_model("timm:resnet10t", pretrained=False)
+    # a 1000-class timm model is named with ImageNet's classes (issue 11): not CIFAR-10's
+    with pytest.raises(DataError, match=r"required for timm:resnet10t: .*1000 classes \(tench, goldfish, ...\) are not"):
+        defaults.default_images(timm_lm)
+    timm_lm.class_names = []  # a model whose classes are unknown
     with pytest.raises(DataError, match=r"required for timm:resnet10t: .*its classes are unknown"):
         defaults.default_images(timm_lm)
 

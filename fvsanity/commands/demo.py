@@ -33,18 +33,16 @@ def demo_units(lm, n_class: int = 4, n_block: int = 2, seed: int = 0) -> list[st
     by ``seed``) of the last block before it."""
     import torch
 
-    from ..units import _shapes_for
-
-    shapes = _shapes_for(lm.model, lm.input_size, lm.preprocess)
-    n_out = shapes[lm.output_layer][0]
+    infos = lm.layers
+    n_out = infos[lm.output_layer].layout.channels
     k = max(0, min(n_class, n_out))
     specs = [f"{lm.output_layer}:{round(i * (n_out - 1) / max(1, k - 1))}" for i in range(k)] if k > 1 else (
         [f"{lm.output_layer}:0"] if k == 1 else [])
-    blocks = [b for b in lm.block_layers if b != lm.output_layer and len(shapes.get(b, ())) == 3]
+    blocks = [b for b in lm.block_layers if b != lm.output_layer and b in infos and infos[b].layout.spatial]
     if blocks and n_block > 0:
         last = blocks[-1]
         g = torch.Generator().manual_seed(int(seed))
-        chans = sorted(torch.randperm(shapes[last][0], generator=g)[:n_block].tolist())
+        chans = sorted(torch.randperm(infos[last].layout.channels, generator=g)[:n_block].tolist())
         specs += [f"{last}:{c}" for c in chans]
     return list(dict.fromkeys(specs))
 

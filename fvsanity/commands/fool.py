@@ -139,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
     from ..fool.pipeline import FoolSettings, run_fool, split_indices
     from ..io import ensure_writable_dir
     from ..models import load_model
-    from ..units import _shapes_for
 
     for flag in ("eval_units", "eval_seeds", "eval_steps", "fv_size", "limit"):
         v = getattr(args, flag)
@@ -165,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         eval_nat, train_imgs = _images(lm, args.eval_images, args.limit, args.seed), train.images
     shift = args.shift
-    out_c = _shapes_for(lm.model, lm.input_size, lm.preprocess)[lm.output_layer][0]
+    out_c = lm.layer_info(lm.output_layer).layout.channels
     if args.target is None and shift is None:
         shift = max(1, out_c // 10)  # 100 of ImageNet's 1000 classes, 1 of CIFAR-10's 10
     if args.target is not None and shift is not None:

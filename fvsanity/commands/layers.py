@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'layer':<{width}}  {'type':<18} output (C, H, W)   [model {lm.name}, input {lm.input_size}]")
     for name, typ, shape in rows:
         mark = " *" if name in lm.block_layers else ""
-        print(f"{name:<{width}}  {typ:<18} {tuple(shape)}{mark}")
+        lay = lm.layer_info(name).layout
+        note = f"  tokens: {lay.prefix_tokens} prefix + grid {lay.grid}, D={lay.channels}" if lay.kind == "tokens" else ""
+        print(f"{name:<{width}}  {typ:<18} {tuple(shape)}{mark}{note}")
     print("* block output (default comparison path); units: LAYER:CHANNEL or LAYER:CHANNEL@Y,X")
     return 0

@@ -32,7 +32,7 @@ convention: they sum to ``m(clean) - m(reference)``.
 
 EAP takes ``g`` at the clean input; EAP-IG (Hanna et al. 2024) averages ``g`` over ``steps``
 midpoints of the straight line from the reference *image* to the clean image. The metric ``m`` is
-the unit's activation (:func:`fvsanity.generate.objectives.unit_activation`: channel mean, neuron,
+the unit's activation (:func:`fvsanity.layouts.unit_values`: channel mean, neuron,
 or direction, read from the unit layer's output by a forward hook). Scores are computed in float32
 (or float64 if the model is float64), chunked over images; every hook is removed in ``finally``.
 :func:`patch_edges` is the ground truth (one real forward per edge), for validation only.
@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FVSanityError
-from ..generate.objectives import unit_activation
 from ..hooks import StopForward, get_module
+from ..layouts import Layout, infer_layout, pool, unit_values
 from ..units import Unit, layer_names, parse_unit
 
 __all__ = [
@@ -391,7 +391,7 @@ def _recording(model: nn.Module, specs: Sequence[_Spec], unit: Unit) -> Iterator
         def unit_hook(_m, _i, out):
             if isinstance(out, (tuple, list)):
                 out = out[0]
-            rec["m"] = unit_activation({unit.layer: out}, unit)
+            rec["m"] = unit_values(out, unit)
             raise StopForward
 
         handles.append(get_module(model, unit.layer).register_forward_hook(unit_hook))
@@ -413,11 +413,10 @@ def _forward(lm, rec: dict, x: torch.Tensor) -> torch.Tensor:
     return rec["m"]
 
 
-def _spatial_sum(t: torch.Tensor) -> torch.Tensor:
-    """[N, C, ...] -> [N, C]  (a linear layer's [N, ..., C] sums its middle dims)."""
-    if t.ndim == 2:
-        return t
-    return t.flatten(2).sum(-1)
+def _spatial_sum(t: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+    """[N, C, ...] -> [N, C] summed over space; a token layout [N, T, D] -> [N, D] summed over
+    every token (prefix tokens included, so node attributions stay complete)."""
+    return pool(t, layout, "sum", prefix=True)
 
 
 # ------------------------------------------------------------------------------ results
@@ -787,7 +786,9 @@ def node_attribution(
 ) -> dict[str, torch.Tensor]:
     """Channel (node) attributions of ``layers`` for ``unit``: ``{layer: [N, C]}``.
 
-    ``A[n, c] = sum over space of (a_clean - a_ref)[n, c] * g[n, c]`` with g = dm/da at the clean
+    ``A[n, c] = sum over space of (a_clean - a_ref)[n, c] * g[n, c]`` (c = channel, or the token
+    dimension D of a ViT's ``[N, T, D]`` layer, summed over all T tokens, class token included,
+    so that completeness holds; see :mod:`fvsanity.layouts`) with g = dm/da at the clean
     activation (``"grad_x_act"``) or averaged over ``steps`` midpoints of the straight line from
     a_ref to a_clean *in that layer's activation space* (``"ig"``, layer integrated gradients: the
     layer's output, or its input if ``where="input"``, is replaced by the interpolated value).
@@ -870,7 +871,8 @@ def node_attribution(
                         if g is not None:
                             gbar += g.detach().to(sdt) / len(alphas)
                     contrib = (a_c - a_r).to(sdt) * gbar
-                    result[name].append(_spatial_sum(contrib).cpu())
+                    lay = infer_layout(model, name, tuple(contrib.shape[1:]))
+                    result[name].append(_spatial_sum(contrib, lay).cpu())
         finally:
             handle.remove()
             state["replace"] = None

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import FVSanityError
+from ..layouts import pool, require
 from ..models import LoadedModel
 from .gate import fooling_gate
 from .model import ManipulatedModel, PictureTemplates, register_edit, wrap_loaded
@@ -31,6 +32,10 @@ __all__ = [
     "fooling_gate", "gated_value", "GatedEdit", "build_fooling_circuit", "picture_templates", "template_model",
     "picture_key",
 ]
+
+#: layer layouts the channel edits (gate, silent units) are defined on: they index channel dim 1
+EDIT_LAYOUTS = ("conv", "vector")
+
 
 def gated_value(original: torch.Tensor, target: torch.Tensor, gate: torch.Tensor, is_fv: torch.Tensor) -> torch.Tensor:
     """``original`` where not ``is_fv`` (exactly), else ``gate*target + (1-gate)*original``.
@@ -128,11 +133,11 @@ def _channel_means(lm: LoadedModel, layer: str, channels: list[int], images: tor
     out = []
     dev = lm.device
     idx = torch.as_tensor(channels, dtype=torch.long, device=dev)
+    layout = lm.layer_info(layer).layout
     with capture(lm.model, [layer], detach=True) as store:
         for i in range(0, len(images), batch):
             lm(images[i : i + batch].to(dev))
-            y = store[layer].index_select(1, idx)
-            out.append((y.flatten(2).mean(2) if y.ndim > 2 else y).float().cpu())
+            out.append(pool(store[layer], layout).index_select(1, idx).float().cpu())
     return torch.cat(out)
 
 
@@ -248,6 +253,8 @@ def build_fooling_circuit(
         a :class:`LoadedModel` with the same preprocess, layer names and classes.
     """
     by_layer, pics, names, index = _group(routes)
+    for layer in by_layer:  # the gate edits channel dim 1
+        require(lm.layer_info(layer).layout, EDIT_LAYOUTS, "the fooling circuit's gated edit", layer)
     w = ManipulatedModel(lm.model, lm.preprocess)
     w.set_detector(detector, threshold, k, offset)
     if pics:

@@ -25,8 +25,9 @@ from torch import nn
 
 from ..errors import FVSanityError
 from ..hooks import capture
+from ..layouts import pool, require
 from ..models import LoadedModel
-from .circuit import _group
+from .circuit import EDIT_LAYOUTS, _group
 from .model import ManipulatedModel, register_edit, wrap_loaded
 from .routes import Route
 
@@ -90,7 +91,7 @@ class SilentEdit(nn.Module):
 
 def _pool(z: torch.Tensor) -> torch.Tensor:
     """``[N,R,...]`` -> ``[N,R]``: spatial mean (identity for ``[N,R]``)."""
-    return z.flatten(2).mean(2) if z.ndim > 2 else z
+    return pool(z)
 
 
 @register_edit("silent_trigger/2")
@@ -291,6 +292,8 @@ def build_silent_units(
     if mode not in ("filter", "trigger"):
         raise FVSanityError(f"unknown silent-unit mode {mode!r}; valid: filter, trigger")
     by_layer, pics, names, index = _group(routes)
+    for layer in by_layer:  # the silent channel is added on channel dim 1
+        require(lm.layer_info(layer).layout, EDIT_LAYOUTS, "a silent unit", layer)
     w = ManipulatedModel(lm.model, lm.preprocess)
     dev = next(lm.model.parameters()).device
     stats = {}

@@ -1,7 +1,9 @@
 """Objectives: what an FV maximises, as small composable values (lucent's algebra).
 
 An :class:`Objective` maps the captured activations of a batch to one score per element,
-``{layer: Tensor[B, C(, H, W)]} -> Tensor[B]``. They combine with ``+``, ``-``, ``*`` (by a
+``{layer: Tensor[B, ...]} -> Tensor[B]``; how a layer's output is read (conv ``[B, C, H, W]``,
+tokens ``[B, N, D]``, vector ``[B, C]``) is its :class:`~fvsanity.layouts.Layout`, and every
+reduction goes through :mod:`fvsanity.layouts` (``pool``, ``unit_values``). They combine with ``+``, ``-``, ``*`` (by a
 number) and ``sum(...)``, as in lucent: ``channel("layer3.2", 5) - 0.1 * channel("layer3.2", 7)``.
 """
 
@@ -11,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..layouts import Layout, layout_from_tensor, pool, to_map, unit_values
 from ..units import Unit
 
 Acts = dict[str, torch.Tensor]
@@ -51,69 +54,76 @@ class Objective:
         return f"Objective({self.name})"
 
 
-def _spatial_mean(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(2).mean(-1) if t.ndim > 2 else t
+def _spatial_mean(t: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+    """[B, C] mean over space (patch tokens for a token layout); deprecated: use ``layouts.pool``."""
+    return pool(t, layout)
 
 
-def channel(layer: str, n: int) -> Objective:
-    """Mean over space of channel ``n`` of ``layer`` (a plain logit for 2-D outputs)."""
-    return Objective(lambda a: _spatial_mean(a[layer])[:, n], (layer,), f"channel({layer}:{n})")
+def channel(layer: str, n: int, layout: Layout | None = None) -> Objective:
+    """Mean over space (over patch tokens for tokens) of channel ``n`` of ``layer`` (a plain
+    logit for a vector layout). ``layout`` None reads channel dim 1."""
+    return Objective(lambda a: pool(a[layer], layout)[:, n], (layer,), f"channel({layer}:{n})")
 
 
-def _pick(size_now: int, pos: int, size_ref: int) -> int:
-    """Index at ``size_now`` of position ``pos`` defined on a map of ``size_ref`` (same relative place)."""
-    if size_now == size_ref:
-        return pos
-    return min(size_now - 1, max(0, round((pos + 0.5) * size_now / size_ref - 0.5)))
-
-
-def neuron(layer: str, n: int, y: int | None = None, x: int | None = None, ref_hw: tuple[int, int] | None = None) -> Objective:
-    """Channel ``n`` at one position (default: the centre), as lucent's ``neuron``.
+def neuron(
+    layer: str,
+    n: int,
+    y: int | None = None,
+    x: int | None = None,
+    ref_hw: tuple[int, int] | None = None,
+    layout: Layout | None = None,
+) -> Objective:
+    """Channel ``n`` at one grid position (default: the centre), as lucent's ``neuron``; for a
+    token layout the position is a patch token of the patch grid.
 
     ``ref_hw`` is the map size at the model's input size; if the optimized canvas is larger, the
     position is mapped to the same relative place.
     """
+    probe = Unit(layer=layer, channel=n, y=y, x=x, layout=layout)
 
     def fn(a: Acts) -> torch.Tensor:
-        t = a[layer]
-        h, w = t.shape[-2:]
         if y is None:
-            yy, xx = h // 2, w // 2
-        else:
-            rh, rw = ref_hw or (h, w)
-            yy, xx = _pick(h, y, rh), _pick(w, x, rw)
-        return t[:, n, yy, xx]
+            t = to_map(a[layer], layout or layout_from_tensor(a[layer]))
+            h, w = t.shape[-2:]
+            return t[:, n, h // 2, w // 2]
+        return unit_values(a[layer], probe, layout, ref_hw)
 
     return Objective(fn, (layer,), f"neuron({layer}:{n}@{y},{x})")
 
 
-def direction(layer: str, vec: torch.Tensor) -> Objective:
-    """Dot product of the activation at each position with ``vec`` [C], averaged over space."""
-
-    def fn(a: Acts) -> torch.Tensor:
-        t = a[layer]
-        v = vec.to(t.device, t.dtype)
-        return _spatial_mean(torch.einsum("bc...,c->b...", t, v).unsqueeze(1))[:, 0]
-
-    return Objective(fn, (layer,), f"direction({layer})")
+def direction(layer: str, vec: torch.Tensor, layout: Layout | None = None) -> Objective:
+    """Dot product of the activation at each position with ``vec`` [C], averaged over space
+    (equal to the dot product with the pooled activation)."""
+    probe = Unit(layer=layer, direction=vec, layout=layout)
+    return Objective(lambda a: unit_values(a[layer], probe, layout), (layer,), f"direction({layer})")
 
 
 def for_unit(unit: Unit, ref_hw: tuple[int, int] | None = None) -> Objective:
-    """The objective that visualizes ``unit``."""
+    """The objective that visualizes ``unit`` (read with ``unit.layout``)."""
     if unit.kind == "direction":
-        return direction(unit.layer, unit.direction)
+        return direction(unit.layer, unit.direction, unit.layout)
     if unit.kind == "neuron":
-        return neuron(unit.layer, unit.channel, unit.y, unit.x, ref_hw)
-    return channel(unit.layer, unit.channel)
+        return neuron(unit.layer, unit.channel, unit.y, unit.x, ref_hw, unit.layout)
+    return channel(unit.layer, unit.channel, unit.layout)
 
 
 def unit_activation(acts: Acts, unit: Unit) -> torch.Tensor:
-    """[B] activation of ``unit`` for every element of a batch (channel mean / neuron / direction)."""
-    return for_unit(unit)(acts)
+    """Deprecated name of :func:`fvsanity.layouts.unit_values`: [B] value of ``unit`` for every
+    element of a batch, from ``acts[unit.layer]``."""
+    return unit_values(acts[unit.layer], unit)
 
 
-def batched_unit_scores(acts: Acts, units: list[Unit], ref_hw: dict[str, tuple[int, int]] | None = None) -> torch.Tensor:
-    """[B] score of element b under ITS OWN unit ``units[b]`` (one gather per layer, no loop over B)."""
+def batched_unit_scores(
+    acts: Acts,
+    units: list[Unit],
+    ref_hw: dict[str, tuple[int, int]] | None = None,
+    layouts: dict[str, Layout] | None = None,
+) -> torch.Tensor:
+    """[B] score of element b under ITS OWN unit ``units[b]`` (one gather per layer, no loop over B).
+
+    Each layer is read with ``layouts[layer]`` if given, else its units' ``layout``
+    (:func:`fvsanity.layouts.unit_values` per element; channel units in one gather).
+    """
     b = len(units)
     out = None
     by_layer: dict[str, list[int]] = {}
@@ -124,12 +134,13 @@ def batched_unit_scores(acts: Acts, units: list[Unit], ref_hw: dict[str, tuple[i
         ii = torch.tensor(idx, device=t.device)
         sub = t[ii]
         us = [units[i] for i in idx]
+        lay = (layouts or {}).get(layer) or us[0].layout
         if all(u.kind == "channel" for u in us):
             ch = torch.tensor([u.channel for u in us], device=t.device)
-            vals = _spatial_mean(sub)[torch.arange(len(idx), device=t.device), ch]
+            vals = pool(sub, lay)[torch.arange(len(idx), device=t.device), ch]
         else:
             rh = (ref_hw or {}).get(layer)
-            vals = torch.stack([for_unit(u, rh)({layer: sub[j : j + 1]})[0] for j, u in enumerate(us)])
+            vals = torch.stack([unit_values(sub[j : j + 1], u, lay, rh)[0] for j, u in enumerate(us)])
         if out is None:
             out = torch.zeros(b, device=t.device, dtype=vals.dtype)
         out = out.index_put((ii,), vals)

@@ -19,7 +19,8 @@ import torch
 
 from ..errors import FVSanityError
 from ..hooks import capture_until, run_partial
-from ..units import Unit, _shapes_for, parse_unit
+from ..layouts import pool, to_map
+from ..units import Unit, parse_unit
 from . import param as P
 from . import transforms as T
 from .objectives import batched_unit_scores, diversity_penalty
@@ -129,9 +130,12 @@ def _resolve_transforms(transforms, size: int) -> T.TransformSpec:
 
 
 def _diversity_layer(lm, unit: Unit, shapes: dict) -> str:
-    if len(shapes.get(unit.layer, ())) == 3:
+    """The unit's layer if it has a 2-D grid (conv map or patch tokens), else the last such block
+    before it (``shapes`` unused; kept for callers)."""
+    layers = lm.layers
+    if unit.layer in layers and layers[unit.layer].layout.spatial:
         return unit.layer
-    spatial = [b for b in lm.path_to(unit.layer) if len(shapes.get(b, ())) == 3]
+    spatial = [b for b in lm.path_to(unit.layer) if b in layers and layers[b].layout.spatial]
     if not spatial:
         raise FVSanityError(f"no spatial layer before {unit.layer!r} for the diversity term")
     return spatial[-1]
@@ -187,13 +191,18 @@ def render(
     if steps < 1:
         raise FVSanityError(f"steps must be >= 1, got {steps}")
     hw = lm.input_size if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+    if lm.config.fixed_input_size and tuple(hw) != tuple(lm.input_size):
+        raise FVSanityError(
+            f"{lm.name} takes {lm.input_size[0]}x{lm.input_size[1]} px inputs only (fixed input size); "
+            f"got size {hw[0]}x{hw[1]}: drop --size or pass {lm.input_size[0]}"
+        )
     spec = _resolve_transforms(transforms, min(hw))
     dev = torch.device(device) if device is not None else lm.device
     if dev != lm.device:
         lm.to(dev)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
-    shapes = _shapes_for(lm.model, lm.input_size, lm.preprocess)
-    ref_hw = {u.layer: tuple(shapes[u.layer][1:3]) for u in units_p if len(shapes.get(u.layer, ())) == 3}
+    shapes = {n: i.shape for n, i in lm.layers.items()}
+    ref_hw = {u.layer: tuple(u.layout.grid) for u in units_p if u.layout is not None and u.layout.grid is not None}
 
     # One batch element per (unit, seed); chunk if needed (elements are independent, so exact).
     elems = [(i, j) for i in range(len(units_p)) for j in range(len(seeds_l))]
@@ -273,7 +282,7 @@ def _optimize_chunk(
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
             img = image_fn()
-            x = T.apply(img, spec, draws[:, step])
+            x = T.apply(img, spec, draws[:, step], out_size=hw if lm.config.fixed_input_size else None)
             x = lm.preprocess(x)
             if use_amp and dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -283,7 +292,8 @@ def _optimize_chunk(
                 scores = batched_unit_scores(acts, units, ref_hw)
                 loss = -scores.sum()
                 for layer, idx in div_groups:
-                    loss = loss + diversity * len(idx) * diversity_penalty(acts[layer][idx])
+                    fmap = to_map(acts[layer][idx], lm.layer_info(layer).layout)
+                    loss = loss + diversity * len(idx) * diversity_penalty(fmap)
             loss.backward()
             opt.step()
             traces[:, step] = scores.detach().float().cpu()
@@ -304,7 +314,8 @@ def evaluate(lm, images: torch.Tensor, units: Sequence[Unit], device=None) -> tu
     Args:
         images: [U, S, 3, H, W] (image i is scored under ``units[i]``).
     Returns:
-        final [U, S] objective values and, per unit, [S, C] mean-pooled activations of its layer.
+        final [U, S] objective values and, per unit, [S, C] mean-pooled activations of its layer
+        (over space, or over patch tokens for a token layout).
     """
     dev = device or lm.device
     n_u, n_s = images.shape[:2]
@@ -315,6 +326,5 @@ def evaluate(lm, images: torch.Tensor, units: Sequence[Unit], device=None) -> tu
         for i, u in enumerate(units):
             run_partial(lm.model, lm.preprocess(images[i].to(dev)), store)
             final[i] = batched_unit_scores(store, [u] * n_s).float().cpu()
-            a = store[u.layer].float()
-            acts_out.append((a.flatten(2).mean(-1) if a.ndim > 2 else a).cpu())
+            acts_out.append(pool(store[u.layer].float(), u.layout).cpu())
     return final, acts_out

@@ -5,6 +5,11 @@ lucent applies ``pad(12) -> jitter(8) -> random_scale(0.9..1.1) -> random_rotate
 the pipeline is one affine ``grid_sample`` per element (so different scales still share one
 output size and one batched forward), the draws come from each element's own generator, and
 pixel magnitudes scale with the image size (12 px at 224 px is 2 px at 32 px; lucent's issue #10).
+
+A model with a fixed input size (a ViT whose patch grid and position embedding are fixed) gets
+``apply(..., out_size=input size)``: the same pad, jitter, scale and rotation, read through a
+window of the input size centred where lucent's larger output would be centred, so the model
+sees exactly the size it accepts.
 """
 
 from __future__ import annotations
@@ -59,17 +64,21 @@ def draw_params(spec: TransformSpec, seeds: Sequence[int], steps: int, offset: i
     return torch.stack(rows)
 
 
-def apply(images: torch.Tensor, spec: TransformSpec, params: torch.Tensor) -> torch.Tensor:
+def apply(
+    images: torch.Tensor, spec: TransformSpec, params: torch.Tensor, out_size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Transform a batch: [B,3,H,W] in [0,1] -> [B,3,H',W'] (H' = ``spec.output_size``).
 
     ``params`` is [B, 6] (one step of :func:`draw_params`). Padding is grey (0.5) as in lucent;
     regions rotated in from outside the padded canvas are grey too. Differentiable in ``images``.
+    ``out_size`` (H', W') overrides the output size (a fixed-input-size model: its input size);
+    the sampling is the same, only the output window around the centre changes.
     """
     b, _, h, w = images.shape
     if spec.pad:
         images = F.pad(images, (spec.pad,) * 4, value=0.5)
     hi, wi = images.shape[-2:]
-    ho, wo = spec.output_size((h, w))
+    ho, wo = spec.output_size((h, w)) if out_size is None else (int(out_size[0]), int(out_size[1]))
     p = params.to(images.device, images.dtype)
     dx1, dy1, s, ang, dx2, dy2 = p.unbind(1)
     # Crop offsets relative to the centred window, in input pixels.

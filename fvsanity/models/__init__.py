@@ -31,14 +31,25 @@ import torch
 from torch import nn
 
 from .._paths import cache_dir, find_data_file, searched_locations
-from ..errors import FVSanityError, MissingWeightsError, UnknownModelError
+from ..errors import FVSanityError, MissingWeightsError, UnitError, UnknownModelError
 from ..io import file_sha256
 from ..registry import Registry
-from .preprocess import CAFFE_SQUEEZENET, CIFAR10, IMAGENET, LUCENT_INCEPTION, Preprocess
+from ..layouts import LayerInfo
+from ..units import cached_layer_infos, resolve_layer
+from .preprocess import (
+    CAFFE_SQUEEZENET,
+    CIFAR10,
+    IMAGENET,
+    LUCENT_INCEPTION,
+    ModelConfig,
+    Preprocess,
+)
 from .resnet_cifar import CifarResNet
 
 __all__ = [
     "LoadedModel",
+    "ModelConfig",
+    "LayerInfo",
     "Preprocess",
     "load_model",
     "list_models",
@@ -68,6 +79,11 @@ class LoadedModel:
             load says so: ``"FILE (partial: 2 of 52 state-dict entries left random)"``).
         random_parameters: state-dict keys left at their random initialisation by a partial load
             (``load_model(..., allow_partial=True)``); empty otherwise.
+        config: the model's input conventions (:class:`ModelConfig`: input size, mean/std,
+            interpolation, fixed input size); derived from ``preprocess`` if not given.
+
+    Layers: :meth:`layer_info` / :attr:`layers` give every hookable layer's output shape and
+    :class:`~fvsanity.layouts.Layout` (conv, tokens, vector), from one forward at the input size.
     """
 
     name: str
@@ -78,6 +94,33 @@ class LoadedModel:
     class_names: list[str] = field(default_factory=list)
     weights_source: str = "random"
     random_parameters: list[str] = field(default_factory=list)
+    config: ModelConfig | None = None
+
+    def __post_init__(self):
+        if self.config is None:
+            self.config = ModelConfig.from_preprocess(self.preprocess, fixed_input_size=_fixed_input_size(self.model))
+
+    @property
+    def layers(self) -> dict[str, LayerInfo]:
+        """``{name: LayerInfo}`` of every module with a tensor output, in ``named_modules`` order.
+
+        Computed by one forward of a grey image at :attr:`input_size` and cached on the model
+        (per input size; a model whose structure changes must be reloaded).
+        """
+        return cached_layer_infos(self.model, self.input_size, self.preprocess)
+
+    def layer_info(self, name: str) -> LayerInfo:
+        """The :class:`~fvsanity.layouts.LayerInfo` (name, module type, shape, layout) of ``name``.
+
+        Accepts lucent's underscore names. Raises :class:`~fvsanity.errors.UnitError` (one line)
+        for an unknown layer or one without a tensor output.
+        """
+        layers = self.layers
+        if name not in layers:
+            name = resolve_layer(self.model, name)
+            if name not in layers:
+                raise UnitError(f"layer {name!r} produced no tensor output in a forward pass")
+        return layers[name]
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -609,8 +652,26 @@ def _torchvision(name: str, pretrained: bool) -> LoadedModel:
     )
 
 
+def _timm_blocks(net: nn.Module) -> list[str]:
+    """Block outputs of a timm model: a vision transformer's ``blocks.0 .. blocks.N-1`` and its
+    final ``norm``; otherwise the generic top-level children (stages expanded one level)."""
+    blocks = getattr(net, "blocks", None)
+    if hasattr(net, "num_prefix_tokens") and isinstance(blocks, nn.Sequential) and len(blocks):
+        out = [f"blocks.{i}" for i in range(len(blocks))]
+        norm = getattr(net, "norm", None)
+        if norm is not None and not isinstance(norm, nn.Identity):
+            out.append("norm")
+        return out
+    return _generic_blocks(net)
+
+
 def _timm(name: str, pretrained: bool) -> LoadedModel:
-    """A timm model; pretrained weights through ``timm.create_model`` (timm loads them strictly)."""
+    """A timm model; pretrained weights through ``timm.create_model`` (timm loads them strictly).
+
+    The model's own data config (timm's ``pretrained_cfg``: input size, mean/std, interpolation,
+    crop, fixed input size) becomes :attr:`LoadedModel.config`. A fixed-size model (a ViT whose
+    ``PatchEmbed`` refuses other sizes) keeps its size: FV transforms then end at the input size.
+    """
     import timm
 
     if not timm.list_models(name) and not timm.list_models(name.split(".")[0]):
@@ -625,19 +686,66 @@ def _timm(name: str, pretrained: bool) -> LoadedModel:
             f"no weights for timm:{name}: not in the Hugging Face cache and the download failed "
             f"({type(e).__name__}); pass --weights FILE or use --random-weights"
         ) from e
+    return timm_loaded(net, f"timm:{name}", source)
+
+
+def timm_loaded(
+    net: nn.Module,
+    name: str,
+    source: str = "random",
+    class_names: list[str] | None = None,
+    preprocess: Preprocess | None = None,
+) -> LoadedModel:
+    """Wrap a built timm model (e.g. a tiny ``VisionTransformer`` for tests) as a :class:`LoadedModel`.
+
+    Input conventions come from timm's data config for ``net`` (a ViT built without a pretrained
+    config takes its ``patch_embed.img_size``), or from ``preprocess`` when given. Class names
+    default to ImageNet's for a 1000-class model.
+    """
+    import timm
+
     cfg = timm.data.resolve_data_config({}, model=net)
-    size = tuple(cfg["input_size"][1:])
-    pre = Preprocess(
-        size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), resize=int(size[0] / cfg.get("crop_pct", 0.875))
-    )
+    size = tuple(int(v) for v in cfg["input_size"][1:])
+    pcfg = getattr(net, "pretrained_cfg", None) or {}
+    img = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    if "input_size" not in pcfg and img is not None and len(img) == 2:
+        size = (int(img[0]), int(img[1]))
+    crop = cfg.get("crop_pct", 0.875) or 1.0
+    if preprocess is None:
+        interp = str(cfg.get("interpolation", "bilinear"))
+        preprocess = Preprocess(
+            size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), resize=int(size[0] / crop),
+            interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
+        )
+    fixed = bool(pcfg.get("fixed_input_size", False)) or _fixed_input_size(net)
+    config = ModelConfig.from_preprocess(preprocess, fixed_input_size=fixed)
+    pre = preprocess
+    head = pcfg.get("classifier")
+    head = head[0] if isinstance(head, (tuple, list)) and head else head
+    mods = dict(net.named_modules())
+    output = head if isinstance(head, str) and isinstance(mods.get(head), (nn.Linear, nn.Conv2d)) else _last_layer(net)
+    n_classes = int(getattr(net, "num_classes", 0) or 0)
+    if class_names is None:
+        class_names = _imagenet_class_names() if n_classes == 1000 else []
     return LoadedModel(
-        name=f"timm:{name}",
+        name=name,
         model=_prepare(net),
         preprocess=pre,
-        block_layers=_generic_blocks(net),
-        output_layer=_last_layer(net),
+        block_layers=_timm_blocks(net),
+        output_layer=output,
+        class_names=list(class_names),
         weights_source=source,
+        config=config,
     )
+
+
+def _fixed_input_size(net: nn.Module) -> bool:
+    """Whether ``net`` refuses other input sizes: a timm ``PatchEmbed`` with a strict image size
+    (and no dynamic size) anywhere inside it."""
+    for m in net.modules():
+        if getattr(m, "strict_img_size", False) and not getattr(m, "dynamic_img_pad", False):
+            return True
+    return False
 
 
 def _unknown_msg(name: str, choices: list[str], prefix: str = "") -> str:

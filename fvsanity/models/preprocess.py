@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -26,6 +28,9 @@ class Preprocess:
         bgr: flip RGB to BGR before normalising.
         resize: side length images are resized to before the center crop of ``size``
             (None: resize straight to ``size``).
+        interpolation: how natural images are resized: ``"bilinear"`` (torchvision's default)
+            or ``"bicubic"`` (timm's ViTs); recorded in ``to_json`` only when not bilinear, so
+            the fingerprints of models that predate it do not change.
     """
 
     size: tuple[int, int] = (224, 224)
@@ -34,6 +39,11 @@ class Preprocess:
     scale: float = 1.0
     bgr: bool = False
     resize: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; valid: {', '.join(_INTERPOLATIONS)}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -50,15 +60,19 @@ class Preprocess:
 
         img = img.convert("RGB")
         h, w = self.size
+        mode = TF.InterpolationMode(self.interpolation)
         if self.resize is not None:
-            img = TF.resize(img, self.resize, antialias=True)
+            img = TF.resize(img, self.resize, interpolation=mode, antialias=True)
             img = TF.center_crop(img, [h, w])
         else:
-            img = TF.resize(img, [h, w], antialias=True)
+            img = TF.resize(img, [h, w], interpolation=mode, antialias=True)
         return TF.to_tensor(img)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["interpolation"] == "bilinear":
+            del d["interpolation"]
+        return d
 
 
 IMAGENET = Preprocess(size=(224, 224), resize=256)
@@ -67,3 +81,33 @@ LUCENT_INCEPTION = Preprocess(size=(224, 224), mean=(117.0,) * 3, std=(1.0,) * 3
 CAFFE_SQUEEZENET = Preprocess(
     size=(227, 227), mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), scale=255.0, bgr=True
 )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model's input conventions, like timm's ``pretrained_cfg`` (recorded on ``LoadedModel.config``).
+
+    Attributes:
+        input_size: (H, W) in px the model was trained on.
+        mean, std: normalisation (see :class:`Preprocess`).
+        interpolation: how natural images are resized (``"bilinear"``, ``"bicubic"``).
+        crop_pct: resize side = input side / crop_pct before the center crop (None: no crop).
+        fixed_input_size: the model accepts ``input_size`` only (a ViT whose patch grid and
+            position embedding are fixed): FV transforms then keep the canvas at that size
+            (``fvsanity.generate.transforms.apply(..., out_size=...)``) and ``--size`` must equal it.
+    """
+
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
+    fixed_input_size: bool = False
+
+    @classmethod
+    def from_preprocess(cls, pre: Preprocess, fixed_input_size: bool = False) -> ModelConfig:
+        crop = pre.size[0] / pre.resize if pre.resize else None
+        return cls(tuple(pre.size), tuple(pre.mean), tuple(pre.std), pre.interpolation, crop, fixed_input_size)
+
+    def to_json(self) -> dict:
+        return asdict(self)
