@@ -163,7 +163,7 @@ def select_units(lm, units: Sequence[str] | str | None = None, layer: str | None
     Raises:
         FVSanityError: neither or both given, an unknown layer, or a sample larger than the layer.
     """
-    from .units import _shapes_for, parse_units, resolve_layer
+    from .units import parse_units, resolve_layer
 
     if units and layer:
         raise FVSanityError("give either --units or --layer/--sample, not both")
@@ -172,10 +172,7 @@ def select_units(lm, units: Sequence[str] | str | None = None, layer: str | None
     if not layer:
         raise FVSanityError("no units: pass --units LAYER:CHANNEL,... or --layer LAYER --sample N")
     layer = resolve_layer(lm.model, layer)
-    shape = _shapes_for(lm.model, lm.input_size, lm.preprocess).get(layer)
-    if not shape:
-        raise FVSanityError(f"layer {layer!r} produced no tensor output")
-    n_ch = shape[0]
+    n_ch = lm.layer_info(layer).layout.channels  # D for a token layer, not the token count
     n = n_ch if sample is None else int(sample)
     if not 1 <= n <= n_ch:
         raise FVSanityError(f"--sample {n} out of range for {layer!r}: valid 1..{n_ch}")

@@ -236,6 +236,23 @@ def test_fooling_edits_refuse_a_token_layout_in_one_line():
         build_silent_units(lm, [route], torch.rand(4, 3, 32, 32))
 
 
+def test_fool_refuses_a_token_layer_before_any_training(tmp_path, capsys):
+    """`fvsanity fool` on a ViT block stops at route planning (one line, exit 2), before the
+    detector is trained: make_routes checks the layout first."""
+    from fvsanity.fool.routes import make_routes
+
+    lm = _tiny_vit()
+    msg = r"fooling edit is not defined on layer 'blocks.1' with a tokens layout; supported layouts: conv, vector"
+    with pytest.raises(FVSanityError, match=msg):
+        make_routes(lm, "blocks.1:3", shift=1)
+    out = tmp_path / "fool"
+    assert main(["fool", "--model", TINY_VIT, "--random-weights", "--units", "blocks.1:3", "--shift", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokens layout" in err[0]
+    assert not (out / "model").exists()
+
+
 # ------------------------------------------------------------------------------ CLI end to end
 FAST = ["--steps", "3", "--seeds", "2", "--top-k", "3", "--n-other", "10", "--n-boot", "10", "--n-perm", "10",
         "--limit", "60", "--no-progress"]

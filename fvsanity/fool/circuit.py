@@ -26,16 +26,12 @@ from ..layouts import pool, require
 from ..models import LoadedModel
 from .gate import fooling_gate
 from .model import ManipulatedModel, PictureTemplates, register_edit, wrap_loaded
-from .routes import Route
+from .routes import EDIT_LAYOUTS, Route
 
 __all__ = [
     "fooling_gate", "gated_value", "GatedEdit", "build_fooling_circuit", "picture_templates", "template_model",
     "picture_key",
 ]
-
-#: layer layouts the channel edits (gate, silent units) are defined on: they index channel dim 1
-EDIT_LAYOUTS = ("conv", "vector")
-
 
 def gated_value(original: torch.Tensor, target: torch.Tensor, gate: torch.Tensor, is_fv: torch.Tensor) -> torch.Tensor:
     """``original`` where not ``is_fv`` (exactly), else ``gate*target + (1-gate)*original``.

@@ -138,6 +138,7 @@ class ManipulatedModel(nn.Module):
         super().__init__()
         net = copy.deepcopy(base)
         net.__dict__.pop("_fvsanity_shapes", None)
+        net.__dict__.pop("_fvsanity_layers", None)
         object.__setattr__(self, "_net", net)
         object.__setattr__(self, "_state", ForwardState())
         object.__setattr__(self, "edits", {})  # layer name -> edit (plain dict, not modules)

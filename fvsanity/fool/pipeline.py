@@ -33,7 +33,7 @@ import torch
 
 from ..errors import FVSanityError
 from ..models import LoadedModel
-from ..units import Unit, _shapes_for
+from ..units import Unit
 from .circuit import picture_key, picture_templates, template_model
 from .detector import (
     DetectorReport,
@@ -186,10 +186,10 @@ def fool_log(msg: str) -> None:
 
 def _pick_units(lm: LoadedModel, n: int, seed: int, exclude: set[str]) -> list[Unit]:
     """``n`` units: half channels of the output layer, half spread over the other block layers."""
-    shapes = _shapes_for(lm.model, lm.input_size, lm.preprocess)
+    shapes = {name: info.layout.channels for name, info in lm.layers.items()}
     g = torch.Generator().manual_seed(int(seed) + 777)
     blocks = [b for b in lm.block_layers if b != lm.output_layer and b in shapes]
-    c_out = shapes[lm.output_layer][0]
+    c_out = shapes[lm.output_layer]
     free_out = sum(1 for c in range(c_out) if f"{lm.output_layer}:{c}" not in exclude)
     # at most 3/4 of the output channels go to the first (training) pick, so some stay held out
     n_out = min((n + 1) // 2 if blocks else n, free_out if exclude else max(1, (3 * c_out) // 4))
@@ -198,7 +198,7 @@ def _pick_units(lm: LoadedModel, n: int, seed: int, exclude: set[str]) -> list[U
     def take(layer: str, count: int) -> None:
         if count <= 0:
             return
-        c = shapes[layer][0]
+        c = shapes[layer]
         order = torch.randperm(c, generator=g).tolist()
         got = 0
         for ch in order:

@@ -53,16 +53,20 @@ def load_picture(path: str | Path, size: tuple[int, int] | None = None) -> torch
     return TF.to_tensor(img)
 
 
+#: layer layouts the channel edits (gate, silent units) are defined on: they index channel dim 1
+EDIT_LAYOUTS = ("conv", "vector")
+
+
 def parse_unit_range(spec: str, lm: LoadedModel, layer: str | None = None) -> list[Unit]:
     """``all`` (every channel of ``layer``, default the output layer), ``L:a-b`` or a unit list."""
-    from ..units import _shapes_for, parse_units, resolve_layer
+    from ..units import parse_units, resolve_layer
 
     spec = spec.strip()
     m = re.fullmatch(r"(?:(?P<layer>[^:]+):)?(?P<a>\d+)-(?P<b>\d+)", spec)
     if spec == "all" or spec.endswith(":all") or m:
         name = spec[:-4] if spec.endswith(":all") else (m.group("layer") if m and m.group("layer") else None)
         name = resolve_layer(lm.model, name or layer or lm.output_layer)
-        n_ch = _shapes_for(lm.model, lm.input_size, lm.preprocess)[name][0]
+        n_ch = lm.layer_info(name).layout.channels
         lo, hi = (int(m.group("a")), int(m.group("b"))) if m else (0, n_ch - 1)
         if not 0 <= lo <= hi < n_ch:
             raise UnitError(f"unit range {spec!r} out of range for {name!r}: valid 0..{n_ch - 1}")
@@ -86,7 +90,7 @@ def make_routes(
             a ``[3,H,W]`` tensor (every unit shows that picture), or None with ``shift``.
         shift: unit ``c`` shows channel ``(c + shift) % C`` of its layer (the paper's permutation).
     """
-    from ..units import _shapes_for
+    from ..layouts import require
 
     if isinstance(units, str):
         units = parse_unit_range(units, lm)
@@ -96,12 +100,13 @@ def make_routes(
     for u in units:
         if u.kind != "channel":
             raise UnitError(f"unit {u} is a {u.kind}; fooling manipulates whole channels (LAYER:CHANNEL)")
+        require(lm.layer_info(u.layer).layout, EDIT_LAYOUTS, "a fooling edit", u.layer)  # before any training
     if (target is None) == (shift is None):
         raise FVSanityError("give exactly one of target (unit:L:C or an image) and shift (permute channels)")
     routes: list[Route] = []
     if shift is not None:
         for u in units:
-            n_ch = _shapes_for(lm.model, lm.input_size, lm.preprocess)[u.layer][0]
+            n_ch = lm.layer_info(u.layer).layout.channels
             routes.append(Route(unit=u, source=Unit(layer=u.layer, channel=(u.channel + shift) % n_ch)))
         return routes
     if isinstance(target, str) and target.startswith("unit:"):
