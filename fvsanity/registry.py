@@ -1,0 +1,129 @@
+"""One registry convention for every plug-in family (parametrizations, objectives, optimizers,
+models, metrics, manipulations).
+
+A :class:`Registry` maps a short name to an object (a class or a function). Registering is a
+decorator; looking up an unknown name is a one-line :class:`RegistryError` that names the valid
+choices and the closest one; the CLI generates its ``choices`` from :meth:`Registry.names`::
+
+    PARAMS = Registry("parametrization")
+
+    @PARAMS.register("fft")
+    def fft_image(size, seeds, device, **opts): ...
+
+    PARAMS.get("fft")          # the function
+    PARAMS.get("ftt")          # RegistryError: unknown parametrization 'ftt'; did you mean 'fft'? (choices: fft)
+    "fft" in PARAMS, PARAMS.names()
+
+Names are kept in registration order (the first one registered is usually the default).
+Registering a name twice is refused, so a plug-in cannot silently replace a built-in; a test
+that registers a toy entry removes it with :meth:`Registry.unregister` (or uses
+:meth:`Registry.registered`, which undoes itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Any, Iterator, TypeVar
+
+from .errors import FVSanityError
+
+__all__ = ["Registry", "RegistryError"]
+
+T = TypeVar("T")
+
+
+class RegistryError(FVSanityError, KeyError):
+    """An unknown or duplicate registry name (one line, naming the valid choices)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class Registry:
+    """Name -> object for one kind of plug-in.
+
+    Args:
+        kind: what the entries are, singular (``"parametrization"``, ``"optimizer"``); used in
+            error messages.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Any] = {}
+
+    # -- registering ---------------------------------------------------------------------------
+    def register(self, name: str, obj: Any = None) -> Any:
+        """Register ``obj`` under ``name``; without ``obj``, return a decorator that does.
+
+        Returns ``obj`` itself (so the decorated function or class is unchanged).
+
+        Raises:
+            RegistryError: ``name`` is not a non-empty string, or is already registered.
+        """
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"{self.kind} name must be a non-empty string, got {name!r}")
+        if name in self._entries:
+            raise RegistryError(f"{self.kind} {name!r} is already registered; pick another name "
+                                f"(registered: {self._listing()})")
+
+        def deco(o: T) -> T:
+            if name in self._entries:  # registered between the call and the decoration
+                raise RegistryError(f"{self.kind} {name!r} is already registered; pick another name "
+                                    f"(registered: {self._listing()})")
+            self._entries[name] = o
+            return o
+
+        return deco if obj is None else deco(obj)
+
+    def unregister(self, name: str) -> Any:
+        """Remove ``name`` and return what it held (for tests and plug-ins that clean up)."""
+        self.get(name)  # one-line error when unknown
+        return self._entries.pop(name)
+
+    @contextlib.contextmanager
+    def registered(self, name: str, obj: Any) -> Iterator[Any]:
+        """``with reg.registered("toy", fn):`` registers ``fn`` and always removes it on exit."""
+        self.register(name, obj)
+        try:
+            yield obj
+        finally:
+            self._entries.pop(name, None)
+
+    # -- looking up ----------------------------------------------------------------------------
+    def get(self, name: str) -> Any:
+        """The object registered as ``name``.
+
+        Raises:
+            RegistryError: unknown name; the message names the valid choices and a close match.
+        """
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            pass
+        hint = ""
+        if isinstance(name, str):
+            close = difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean {close[0]!r}?"
+        raise RegistryError(f"unknown {self.kind} {name!r}{hint} (choices: {self._listing()})")
+
+    def names(self) -> tuple[str, ...]:
+        """Registered names, in registration order (what the CLI offers as ``choices``)."""
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {self._listing()})"
+
+    def _listing(self) -> str:
+        return ", ".join(self._entries) or "none registered"
+
