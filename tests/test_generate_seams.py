@@ -317,3 +317,49 @@ def test_cli_toy_optimizer_sgd_like(tmp_path):
     # a malformed option is a one-line error
     assert cli.main(["visualize", *R20, "--unit", "linear:1", "--steps", "1", "--optimizer-opt", "damp",
                      "--out", str(tmp_path / "x")]) == 2
+
+
+# -- the MACO must-show experiment -------------------------------------------------------------
+def test_maco_experiment_smoke(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "maco" / "run.py"
+    spec = importlib.util.spec_from_file_location("exp_maco", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--out", str(tmp_path)]) == 0
+    head = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "fft_vs_maco.png").is_file()
+    names = ["fft", "maco", "maco (CIFAR-10 spectrum)"]
+    assert head["smoke"] is True and set(names) <= set(head)
+    assert [u["unit"] for u in res["units"]] == ["conv3:1", "conv3:2", "fc:0", "fc:1"]
+    for u in res["units"]:
+        assert set(u["objective"]) == set(names) and all(len(v) == 1 for v in u["objective"].values())
+        assert set(u["objective_at_steps"]["maco"]) == {"2", "4"}
+    # the same units, seeds and steps under each parametrization; only param (and its options) differ
+    s = res["settings"]
+    assert s["fft"]["param"] == "fft" and s["maco"]["param"] == "maco" and "param_options" not in s["maco"]
+    assert s["maco (CIFAR-10 spectrum)"]["param_options"]["magnitude"]["shape"] == [3, 16, 9]
+    assert {k: v for k, v in s["fft"].items() if k not in ("param", "seconds")} == \
+        {k: v for k, v in s["maco"].items() if k not in ("param", "seconds")}
+    # the natural spectrum makes MACO's FVs as rich in high frequencies as the images it came from
+    assert abs(res["summary"]["maco (CIFAR-10 spectrum)"]["hf_share_mean"] - res["hf_share_natural_images"]) < 0.05
+
+
+def test_hf_share_known_answers():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "maco" / "run.py"
+    spec = importlib.util.spec_from_file_location("exp_maco_hf", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    low = (0.5 + 0.3 * torch.cos(2 * math.pi * xx / 16)).expand(1, 3, 16, 16)  # 1/16 cycles/px
+    high = (0.5 + 0.3 * torch.cos(2 * math.pi * 6 * xx / 16)).expand(1, 3, 16, 16)  # 6/16 cycles/px
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    got = mod.hf_share(torch.cat([low, high, flat]), 0.25)
+    assert torch.allclose(got, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
