@@ -64,6 +64,7 @@ def test_registry_unregister_and_registered_context_undo_themselves():
 
 
 # -- helpers -----------------------------------------------------------------------------------
+import json  # noqa: E402
 import math  # noqa: E402
 
 import torch  # noqa: E402
@@ -363,3 +364,20 @@ def test_hf_share_known_answers():
     flat = torch.full((1, 3, 16, 16), 0.5)
     got = mod.hf_share(torch.cat([low, high, flat]), 0.25)
     assert torch.allclose(got, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
+
+
+def test_cli_seam_flags_roundtrip_through_saved_config(tmp_path):
+    out = tmp_path / "a"
+    assert cli.main(["visualize", *R20, "--unit", "linear:1", "--steps", "2", "--param", "maco",
+                     "--param-opt", "contrast=1.5", "--optimizer", "sgd", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["param"] == "maco" and cfg["param_opt"] == ["contrast=1.5"] and cfg["optimizer_opt"] == []
+    again = tmp_path / "b"
+    assert cli.main(["visualize", "--config", str(out / "config.json"), "--out", str(again)]) == 0
+    a, b = FVResult.load(out), FVResult.load(again)
+    assert torch.equal(a.images, b.images) and a.settings_hash == b.settings_hash
+    assert b.settings["param_options"] == {"contrast": 1.5} and b.settings["optimizer"] == "sgd"
+    # a default run's saved config (no seam flags given) is a valid --config too
+    d = tmp_path / "d"
+    assert cli.main(["visualize", *R20, "--unit", "linear:1", "--steps", "1", "--out", str(d)]) == 0
+    assert cli.main(["visualize", "--config", str(d / "config.json"), "--out", str(tmp_path / "e")]) == 0

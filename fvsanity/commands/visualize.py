@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="elements per batch [all on CUDA, 64 on CPU]")
     p.add_argument("--checkpoints", default="", help="comma-separated steps at which to keep images too (e.g. 32,128)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, model_provenance=None)  # model_provenance: recorded in config.json by run
 
 
 def parse_options(flag: str, items) -> dict:
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [c for c in checkpoints if not 1 <= c <= args.steps]
     if bad:
         raise FVSanityError(f"--checkpoints {bad[0]} out of range; valid: 1..{args.steps} (--steps)")
+    args.param_opt, args.optimizer_opt = list(args.param_opt or []), list(args.optimizer_opt or [])  # config.json: lists
     param_options = parse_options("--param-opt", args.param_opt)
     optimizer_options = parse_options("--optimizer-opt", args.optimizer_opt)
     out = ensure_writable_dir(args.out)
