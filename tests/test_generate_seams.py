@@ -2,10 +2,30 @@
 objectives (lucent's algebra), optimizers, RenderSettings; toy entries registered from this file
 and run through the CLI."""
 
-import pytest
+import dataclasses
+import importlib.util
+import json
+import math
+from pathlib import Path
 
+import pytest
+import torch
+
+from fvsanity import cli
 from fvsanity.errors import FVSanityError
+from fvsanity.generate import (
+    OBJECTIVES,
+    OPTIMIZERS,
+    PARAMS,
+    FVResult,
+    RenderSettings,
+    render,
+    score_images,
+)
+from fvsanity.generate.objectives import channel
+from fvsanity.generate.param import _COLOR, maco_image, magnitude_spectrum
 from fvsanity.registry import Registry, RegistryError
+from fvsanity.units import parse_unit
 
 
 # -- the registry convention -------------------------------------------------------------------
@@ -63,27 +83,7 @@ def test_registry_unregister_and_registered_context_undo_themselves():
     assert "toy" not in reg
 
 
-# -- helpers -----------------------------------------------------------------------------------
-import json  # noqa: E402
-import math  # noqa: E402
-
-import torch  # noqa: E402
-
-from fvsanity import cli  # noqa: E402
-from fvsanity.generate import (  # noqa: E402
-    OBJECTIVES,
-    OPTIMIZERS,
-    PARAMS,
-    FVResult,
-    RenderSettings,
-    render,
-    score_images,
-    settings_hash,
-)
-from fvsanity.generate.objectives import channel  # noqa: E402
-from fvsanity.generate.param import _COLOR, maco_image, magnitude_spectrum  # noqa: E402
-from fvsanity.units import parse_unit  # noqa: E402
-
+# -- helpers ---------------------------------------------------------------------------------------
 R20 = ["--model", "cifar10-resnet20", "--random-weights", "--no-progress"]
 
 
@@ -102,8 +102,8 @@ def _choices(command: str, flag: str) -> list:
 # -- settings ----------------------------------------------------------------------------------
 def test_render_settings_object_equals_keywords_and_refuses_unknown(tiny):
     s = RenderSettings(steps=6, lr=0.1, progress=False)
-    with pytest.raises(Exception):
-        s.steps = 3  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.steps = 3
     a = render(tiny, ["conv3:1", "fc:2"], [4], s)
     b = render(tiny, ["conv3:1", "fc:2"], seeds=[4], steps=6, lr=0.1, progress=False)
     c = render(tiny, ["conv3:1", "fc:2"], [4], RenderSettings(steps=99, progress=False), steps=6, lr=0.1)  # overrides win
@@ -112,6 +112,8 @@ def test_render_settings_object_equals_keywords_and_refuses_unknown(tiny):
     with pytest.raises(FVSanityError) as e:
         render(tiny, ["conv3:1"], steps=2, progress=False, stepz=3)
     assert "unknown render setting 'stepz'" in str(e.value) and "steps" in str(e.value)
+    with pytest.raises(FVSanityError, match="settings must be a RenderSettings .* got int"):
+        render(tiny, ["conv3:1"], [0], 5)  # the old positional `steps`
 
 
 def test_default_settings_dict_and_hash_unchanged(tiny):
@@ -322,10 +324,6 @@ def test_cli_toy_optimizer_sgd_like(tmp_path):
 
 # -- the MACO must-show experiment -------------------------------------------------------------
 def test_maco_experiment_smoke(tmp_path, capsys):
-    import importlib.util
-    import json
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "experiments" / "maco" / "run.py"
     spec = importlib.util.spec_from_file_location("exp_maco", path)
     mod = importlib.util.module_from_spec(spec)
@@ -351,9 +349,6 @@ def test_maco_experiment_smoke(tmp_path, capsys):
 
 
 def test_hf_share_known_answers():
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "experiments" / "maco" / "run.py"
     spec = importlib.util.spec_from_file_location("exp_maco_hf", path)
     mod = importlib.util.module_from_spec(spec)

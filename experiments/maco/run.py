@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_natural = float(hf_share(natural, cfg["hf_cutoff"]).mean())
 
     names = [p["name"] for p in cfg["params"]]
-    ref, macos = names[0], names[1:]
+    ref = names[0]
     units_out = []
     for i, u in enumerate(cfg["units"]):
         units_out.append({

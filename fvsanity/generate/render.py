@@ -244,7 +244,10 @@ def _resolve_objectives(lm, units_l, objective, ref_hw_of) -> tuple[list[Unit], 
         if not units_l:
             raise FVSanityError(f"objective {objective!r} turns units into objectives; pass units too")
         units_p = [parse_unit(u, lm) for u in units_l]
-        return units_p, [factory(u, ref_hw_of(u.layer)) for u in units_p], objective
+        objs = [factory(u, ref_hw_of(u.layer)) for u in units_p]
+        if not all(isinstance(o, Objective) for o in objs):
+            raise FVSanityError(f"objective {objective!r} must turn each unit into an Objective")
+        return units_p, objs, objective
     objs = [objective] if isinstance(objective, Objective) else list(objective) if isinstance(objective, (list, tuple)) else None
     if not objs or not all(isinstance(o, Objective) for o in objs):
         raise FVSanityError(f"objective must be an Objective, a list of them (one per row) or a name "
@@ -292,6 +295,9 @@ def render(
     Returns:
         :class:`FVResult` with images [U, S, 3, H, W]; deterministic on CPU for fixed seeds.
     """
+    if settings is not None and not isinstance(settings, RenderSettings):
+        raise FVSanityError(f"settings must be a RenderSettings (or None), got {type(settings).__name__}; "
+                            "pass single options by keyword (steps=..., param=...)")
     st = (settings or RenderSettings()).replace(**overrides)
     steps, size, lr, transforms = st.steps, st.size, st.lr, st.transforms
     units_l = [] if units is None else [units] if isinstance(units, (str, Unit)) else list(units)
