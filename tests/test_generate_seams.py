@@ -376,3 +376,15 @@ def test_cli_seam_flags_roundtrip_through_saved_config(tmp_path):
     d = tmp_path / "d"
     assert cli.main(["visualize", *R20, "--unit", "linear:1", "--steps", "1", "--out", str(d)]) == 0
     assert cli.main(["visualize", "--config", str(d / "config.json"), "--out", str(tmp_path / "e")]) == 0
+
+
+def test_cli_bad_seam_options_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert cli.main(["visualize", *R20, "--unit", "linear:1", "--param", "maco", "--param-opt", "contrat=1.5",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fvsanity: error: parametrization 'maco' has no option 'contrat'; options: magnitude, decay_power, contrast"]
+    assert cli.main(["visualize", *R20, "--unit", "linear:1", "--optimizer", "sgd", "--optimizer-opt", "mom=0.1",
+                     "--out", str(out)]) == 2
+    assert "optimizer 'sgd' has no option 'mom'; options: momentum, nesterov" in capsys.readouterr().err
+    assert not out.exists()

@@ -57,7 +57,8 @@ def parse_options(flag: str, items) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..cli import resolve_device, save_config
     from ..errors import FVSanityError
-    from ..generate import RenderSettings, render
+    from ..generate import RenderSettings, optim, render
+    from ..generate import param as P
     from ..io import ensure_writable_dir
     from ..models import load_model
     from ..units import parse_units
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     args.param_opt, args.optimizer_opt = list(args.param_opt or []), list(args.optimizer_opt or [])  # config.json: lists
     param_options = parse_options("--param-opt", args.param_opt)
     optimizer_options = parse_options("--optimizer-opt", args.optimizer_opt)
+    P.check_options(args.param, param_options)  # before anything is loaded or written
+    optim.check_options(args.optimizer, optimizer_options)
     out = ensure_writable_dir(args.out)
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device, seed=args.seed,

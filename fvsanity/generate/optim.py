@@ -14,13 +14,14 @@ not). ``adam`` is the default (lucent's). Add one with ``@OPTIMIZERS.register("n
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 
 from ..errors import FVSanityError
 from ..registry import Registry
 
-__all__ = ["OPTIMIZERS", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "check_options", "make_optimizer"]
 
 OPTIMIZERS = Registry("optimizer")
 """name -> ``factory(params, lr, **options) -> torch.optim.Optimizer``."""
@@ -54,6 +55,31 @@ def _describe(opt) -> str:
     return repr(opt) if isinstance(opt, str) else getattr(opt, "__name__", type(opt).__name__)
 
 
+def check_options(optimizer, options=None) -> Callable:
+    """The factory of ``optimizer`` (a name in :data:`OPTIMIZERS` or a factory), after checking
+    that it takes every key of ``options``.
+
+    Raises:
+        FVSanityError: unknown name, not callable, or an option it does not take (one line
+            naming the options it has).
+    """
+    factory = OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
+    if not callable(factory):
+        raise FVSanityError(f"optimizer must be a registered name ({', '.join(OPTIMIZERS.names())}) or a factory, "
+                            f"got {type(optimizer).__name__}")
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return factory
+    if options and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        known = [n for n in sig.parameters if n not in ("params", "lr")]
+        bad = sorted(set(options) - set(known))
+        if bad:
+            raise FVSanityError(f"optimizer {_describe(optimizer)} has no option {bad[0]!r}; "
+                                f"options: {', '.join(known) or 'none'}")
+    return factory
+
+
 def make_optimizer(optimizer, params, lr: float, options=None) -> torch.optim.Optimizer:
     """An optimizer from a registered name or a factory.
 
@@ -65,22 +91,8 @@ def make_optimizer(optimizer, params, lr: float, options=None) -> torch.optim.Op
         FVSanityError: unknown name, an option the factory does not take, or a factory that
             does not return a ``torch.optim.Optimizer``.
     """
-    factory = OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
-    if not callable(factory):
-        raise FVSanityError(f"optimizer must be a registered name ({', '.join(OPTIMIZERS.names())}) or a factory, "
-                            f"got {type(optimizer).__name__}")
-    options = dict(options or {})
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        sig = None
-    if options and sig is not None and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        known = [n for n in sig.parameters if n not in ("params", "lr")]
-        bad = sorted(set(options) - set(known))
-        if bad:
-            raise FVSanityError(f"optimizer {_describe(optimizer)} has no option {bad[0]!r}; "
-                                f"options: {', '.join(known) or 'none'}")
-    opt = factory(params, lr, **options)
+    factory = check_options(optimizer, options)
+    opt = factory(params, lr, **dict(options or {}))
     if not isinstance(opt, torch.optim.Optimizer):
         raise FVSanityError(f"optimizer {_describe(optimizer)} must return a torch.optim.Optimizer, "
                             f"got {type(opt).__name__}")

@@ -35,6 +35,7 @@ from ..registry import Registry
 
 __all__ = [
     "PARAMS",
+    "check_options",
     "decorrelate_color",
     "fft_image",
     "fft_scale",
@@ -264,6 +265,32 @@ def _describe(param) -> str:
     return repr(param) if isinstance(param, str) else getattr(param, "__name__", type(param).__name__)
 
 
+def check_options(param, options=None) -> Callable:
+    """The parametrization function of ``param`` (a name in :data:`PARAMS` or a function), after
+    checking that it takes every key of ``options``.
+
+    Raises:
+        FVSanityError: unknown name, not callable, or an option it does not take (one line
+            naming the options it has).
+    """
+    fn = PARAMS.get(param) if isinstance(param, str) else param
+    if not callable(fn):
+        raise FVSanityError(f"param must be a registered name ({', '.join(PARAMS.names())}) or a function, "
+                            f"got {type(param).__name__}")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn
+    if options and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        known = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY or
+                 (p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("size", "seeds", "device"))]
+        bad = sorted(set(options) - set(known) - {"decorrelate"})
+        if bad:
+            raise FVSanityError(f"parametrization {_describe(param)} has no option {bad[0]!r}; "
+                                f"options: {', '.join(k for k in known if k != 'decorrelate') or 'none'}")
+    return fn
+
+
 def make_image(param, size, seeds, device=None, *, decorrelate: bool = True, options=None):
     """``(params, image_fn)`` from a registered name or a parametrization function.
 
@@ -276,23 +303,8 @@ def make_image(param, size, seeds, device=None, *, decorrelate: bool = True, opt
         FVSanityError: unknown name, an option the parametrization does not take, or a
             function that does not return ``(params, image_fn)``.
     """
-    fn = PARAMS.get(param) if isinstance(param, str) else param
-    if not callable(fn):
-        raise FVSanityError(f"param must be a registered name ({', '.join(PARAMS.names())}) or a function, "
-                            f"got {type(param).__name__}")
-    options = dict(options or {})
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is not None and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        known = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY or
-                 (p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("size", "seeds", "device"))]
-        bad = sorted(set(options) - set(known) - {"decorrelate"})
-        if bad:
-            raise FVSanityError(f"parametrization {_describe(param)} has no option {bad[0]!r}; "
-                                f"options: {', '.join(k for k in known if k != 'decorrelate') or 'none'}")
-    out = fn(tuple(size), list(seeds), device, decorrelate=decorrelate, **options)
+    fn = check_options(param, options)
+    out = fn(tuple(size), list(seeds), device, decorrelate=decorrelate, **dict(options or {}))
     if not (isinstance(out, tuple) and len(out) == 2 and callable(out[1])):
         raise FVSanityError(f"parametrization {_describe(param)} must return (params, image_fn)")
     params = list(out[0])
