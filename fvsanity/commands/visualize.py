@@ -8,6 +8,7 @@ from pathlib import Path
 
 def register(sub) -> None:
     from ..cli import add_common
+    from ..generate import OBJECTIVES, OPTIMIZERS, PARAMS
 
     p = sub.add_parser("visualize", help="generate feature visualizations", description=__doc__)
     add_common(p, out_default="runs/visualize")
@@ -15,21 +16,49 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per unit [%(default)s]")
     p.add_argument("--steps", type=int, default=512, help="optimization steps [%(default)s]")
     p.add_argument("--size", type=int, default=None, help="image side in px [model input size]")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate [%(default)s]")
-    p.add_argument("--param", choices=["fft", "pixel"], default="fft", help="parametrization [%(default)s]")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate [%(default)s]")
+    p.add_argument("--param", choices=list(PARAMS.names()), default="fft",
+                   help="image parametrization (maco = phase only, fixed magnitude spectrum) [%(default)s]")
+    p.add_argument("--param-opt", action="append", default=None, metavar="KEY=VALUE",
+                   help="parametrization option, repeatable (e.g. decay_power=1.5; maco: magnitude=SPECTRUM.pt, contrast=1.5)")
+    p.add_argument("--objective", choices=list(OBJECTIVES.names()), default=None,
+                   help="how each unit becomes an objective [the unit's own: channel mean, neuron at @Y,X, or direction]")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS.names()), default="adam", help="optimizer [%(default)s]")
+    p.add_argument("--optimizer-opt", action="append", default=None, metavar="KEY=VALUE",
+                   help="optimizer option, repeatable (e.g. momentum=0.5)")
     p.add_argument("--transforms", choices=["standard", "lucent", "none"], default="standard",
                    help="robustness transforms (standard = lucent's set scaled to the image size) [%(default)s]")
     p.add_argument("--diversity", type=float, default=0.0, help="diversity weight across seeds [%(default)s]")
     p.add_argument("--batch-size", type=int, default=None, help="elements per batch [all on CUDA, 64 on CPU]")
     p.add_argument("--checkpoints", default="", help="comma-separated steps at which to keep images too (e.g. 32,128)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, model_provenance=None)  # model_provenance: recorded in config.json by run
+
+
+def parse_options(flag: str, items) -> dict:
+    """``["k=v", ...]`` -> {k: v}; a value is read as JSON when it parses (numbers, true/false,
+    lists), else kept as a string (a file path)."""
+    import json
+
+    from ..errors import FVSanityError
+
+    out = {}
+    for item in items or ():
+        key, eq, value = str(item).partition("=")
+        if not eq or not key.strip():
+            raise FVSanityError(f"{flag} {item!r} must be KEY=VALUE (e.g. decay_power=1.5)")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import resolve_device, save_config
     from ..errors import FVSanityError
-    from ..generate import render
+    from ..generate import RenderSettings, optim, render
+    from ..generate import param as P
     from ..io import ensure_writable_dir
     from ..models import load_model
     from ..units import parse_units
@@ -46,18 +75,24 @@ def run(args: argparse.Namespace) -> int:
     bad = [c for c in checkpoints if not 1 <= c <= args.steps]
     if bad:
         raise FVSanityError(f"--checkpoints {bad[0]} out of range; valid: 1..{args.steps} (--steps)")
+    args.param_opt, args.optimizer_opt = list(args.param_opt or []), list(args.optimizer_opt or [])  # config.json: lists
+    param_options = parse_options("--param-opt", args.param_opt)
+    optimizer_options = parse_options("--optimizer-opt", args.optimizer_opt)
+    P.check_options(args.param, param_options)  # before anything is loaded or written
+    optim.check_options(args.optimizer, optimizer_options)
     out = ensure_writable_dir(args.out)
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device, seed=args.seed,
                     allow_partial=args.allow_partial_weights)
     units = parse_units(args.unit, lm)
     seeds = [args.seed + i for i in range(args.seeds)]
-    res = render(
-        lm, units, seeds=seeds, steps=args.steps, size=args.size, lr=args.lr, param=args.param,
-        transforms=args.transforms, diversity=args.diversity, batch_size=args.batch_size,
-        progress=not args.no_progress,
+    settings = RenderSettings(
+        steps=args.steps, size=args.size, lr=args.lr, param=args.param, param_options=param_options,
+        transforms=args.transforms, diversity=args.diversity, optimizer=args.optimizer,
+        optimizer_options=optimizer_options, batch_size=args.batch_size, progress=not args.no_progress,
         checkpoints=checkpoints,
     )
+    res = render(lm, units, seeds, settings, objective=args.objective)
     res.save(out)
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
     save_config(args, out)

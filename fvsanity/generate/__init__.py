@@ -1,24 +1,36 @@
 """Feature-visualization generator: lucent-quality FVs for many units x seeds in one batch.
 
 ``render(lm, ["layer3.2:5", "linear:3"], seeds=2, steps=512)`` -> :class:`FVResult`.
+
+Plug-in seams, each a :class:`~fvsanity.registry.Registry`: parametrizations
+(:data:`PARAMS`: fft, pixel, maco), objectives (:data:`OBJECTIVES`; or any lucent-style
+:class:`Objective` passed as ``render(objective=...)``), optimizers (:data:`OPTIMIZERS`).
 """
 
-from . import objectives, param, transforms
-from .objectives import Objective, channel, direction, neuron, unit_activation
-from .render import FVResult, evaluate, render, settings_hash
+from . import objectives, optim, param, transforms
+from .objectives import OBJECTIVES, Objective, channel, direction, neuron, unit_activation
+from .optim import OPTIMIZERS
+from .param import PARAMS
+from .render import FVResult, RenderSettings, evaluate, render, score_images, settings_hash
 from .saved import load_fvs
 
 __all__ = [
     "FVResult",
+    "OBJECTIVES",
+    "OPTIMIZERS",
     "Objective",
+    "PARAMS",
+    "RenderSettings",
     "channel",
     "direction",
     "evaluate",
     "load_fvs",
     "neuron",
     "objectives",
+    "optim",
     "param",
     "render",
+    "score_images",
     "settings_hash",
     "transforms",
     "unit_activation",

@@ -168,3 +168,40 @@ def diversity_penalty(t: torch.Tensor) -> torch.Tensor:
     grams = _safe_unit_rows(torch.bmm(f, f.transpose(1, 2)).flatten(1))
     sim = grams @ grams.T
     return (sim.sum() - sim.diagonal().sum()) / (s * (s - 1))
+
+
+# ---------------------------------------------------------------------------------- registry
+# Named objectives for ``render(objective="name")`` and ``fvsanity visualize --objective``: a
+# factory turns each unit into the Objective its FV maximises. Convention:
+#     factory(unit: Unit, ref_hw: tuple[int, int] | None = None) -> Objective
+# (``ref_hw``: the unit layer's map size at the model's input size, for neuron positions).
+# Add one with ``@OBJECTIVES.register("name")``; ``unit`` (the default) is ``for_unit``.
+from ..errors import UnitError  # noqa: E402
+from ..registry import Registry  # noqa: E402
+
+OBJECTIVES = Registry("objective")
+OBJECTIVES.register("unit", for_unit)
+
+
+@OBJECTIVES.register("channel")
+def _channel_of(unit: Unit, ref_hw: tuple[int, int] | None = None) -> Objective:
+    """The unit's channel, mean over space (a neuron spec's position is ignored)."""
+    if unit.channel is None:
+        raise UnitError(f"objective 'channel' needs a LAYER:CHANNEL unit, got {unit}")
+    return channel(unit.layer, unit.channel)
+
+
+@OBJECTIVES.register("neuron")
+def _neuron_of(unit: Unit, ref_hw: tuple[int, int] | None = None) -> Objective:
+    """The unit's channel at its @Y,X position, or at the centre of the map."""
+    if unit.channel is None:
+        raise UnitError(f"objective 'neuron' needs a LAYER:CHANNEL[@Y,X] unit, got {unit}")
+    return neuron(unit.layer, unit.channel, unit.y, unit.x, ref_hw)
+
+
+@OBJECTIVES.register("direction")
+def _direction_of(unit: Unit, ref_hw: tuple[int, int] | None = None) -> Objective:
+    """The unit's direction vector (``LAYER:dir=FILE.pt``), mean over space."""
+    if unit.direction is None:
+        raise UnitError(f"objective 'direction' needs a LAYER:dir=FILE.pt unit, got {unit}")
+    return direction(unit.layer, unit.direction)

@@ -1,29 +1,37 @@
 """Batched FV optimization: many units x seeds in one batch, each element with its own objective.
 
-Elements never interact (eval-mode model, per-element Adam state, per-element random transforms,
-per-element initial image), so optimizing K units together gives the same FVs as K separate runs
-with the same seeds, at the cost of one forward+backward of the batch per step.
+Elements never interact (eval-mode model, per-element optimizer state, per-element random
+transforms, per-element initial image), so optimizing K units together gives the same FVs as K
+separate runs with the same seeds, at the cost of one forward+backward of the batch per step.
+
+The seams are plug-ins, each a registry: the parametrization (``param.PARAMS``: fft, pixel,
+maco), the objective (``objectives.OBJECTIVES``, or any lucent-style ``Objective``), the
+optimizer (``optim.OPTIMIZERS``: adam, adamw, nadam, sgd). :class:`RenderSettings` holds every
+option; ``render(lm, units, seeds, settings, **overrides)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import FVSanityError
 from ..hooks import capture_until, run_partial
 from ..layouts import pool, to_map
-from ..units import Unit, parse_unit
+from ..units import Unit, layer_names, parse_unit, resolve_layer
 from . import param as P
 from . import transforms as T
-from .objectives import batched_unit_scores, diversity_penalty
+from .objectives import OBJECTIVES, Objective, batched_unit_scores, diversity_penalty
+from .optim import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class FVResult:
         units, seeds: what was visualized.
         settings: every option that affects the result (see ``settings_hash``).
         checkpoints: {step: [U, S, 3, H, W]} images after ``step`` optimization steps.
+        objectives: per row, the name of the objective it maximised when rendered with
+            ``objective=...`` (empty: each row maximised its unit's own objective).
     """
 
     images: torch.Tensor
@@ -49,13 +59,14 @@ class FVResult:
     seeds: list[int]
     settings: dict
     checkpoints: dict[int, torch.Tensor] = field(default_factory=dict)
+    objectives: list[str] = field(default_factory=list)
 
     @property
     def settings_hash(self) -> str:
         return settings_hash(self.settings)
 
     def to_json(self) -> dict:
-        return {
+        d = {
             "units": [u.to_json() for u in self.units],
             "seeds": list(self.seeds),
             "settings": self.settings,
@@ -64,6 +75,9 @@ class FVResult:
             "image_shape": list(self.images.shape),
             "checkpoint_steps": sorted(self.checkpoints),
         }
+        if self.objectives:
+            d["objectives"] = list(self.objectives)
+        return d
 
     def save(self, out: str | Path, pngs: bool = True) -> Path:
         """Write ``fv.pt`` (tensors), ``fv.json`` (settings, seeds, final objectives) and PNGs."""
@@ -81,7 +95,8 @@ class FVResult:
         if pngs:
             for i, u in enumerate(self.units):
                 for j, s in enumerate(self.seeds):
-                    save_png(out / f"{_safe_name(u)}_seed{s}.png", self.images[i, j])
+                    name = f"objective{i}" if self.objectives and u.channel is None and u.direction is None else _safe_name(u)
+                    save_png(out / f"{name}_seed{s}.png", self.images[i, j])
             n_u, n_s = self.images.shape[:2]
             save_png(out / "grid.png", image_grid(self.images.flatten(0, 1), nrow=n_s))
         atomic_write_json(out / "fv.json", self.to_json())
@@ -104,7 +119,8 @@ class FVResult:
             units.append(Unit(layer=u["layer"], channel=u.get("channel"), y=u.get("y"), x=u.get("x"), direction=d))
         acts = [t[f"act_{i}"] for i in range(len(units)) if f"act_{i}" in t]
         ckpts = {int(k[5:]): v for k, v in t.items() if k.startswith("ckpt_")}
-        return cls(t["images"], t["traces"], t["final"], acts, units, meta["seeds"], meta["settings"], ckpts)
+        return cls(t["images"], t["traces"], t["final"], acts, units, meta["seeds"], meta["settings"], ckpts,
+                   objectives=list(meta.get("objectives", [])))
 
 
 def _safe_name(u: Unit) -> str:
@@ -141,50 +157,156 @@ def _diversity_layer(lm, unit: Unit, shapes: dict) -> str:
     return spatial[-1]
 
 
-def render(
-    lm,
-    units: Sequence[Unit | str] | Unit | str,
-    seeds: int | Sequence[int] = 1,
-    steps: int = 512,
-    size: int | tuple[int, int] | None = None,
-    lr: float = 0.05,
-    param: str = "fft",
-    decorrelate: bool = True,
-    transforms: str | T.TransformSpec = "standard",
-    diversity: float = 0.0,
-    checkpoints: Sequence[int] = (),
-    batch_size: int | None = None,
-    device: str | torch.device | None = None,
-    amp: bool | None = None,
-    progress: bool = True,
-) -> FVResult:
-    """Feature visualizations of ``units`` x ``seeds``, optimized together in batches.
+@dataclass(frozen=True)
+class RenderSettings:
+    """Everything that says HOW FVs are rendered (what: the units or objectives, and the seeds).
 
-    Args:
-        lm: a :class:`~fvsanity.models.LoadedModel`.
-        units: unit specs (``"layer:c"``, ``"layer:c@y,x"``) or :class:`Unit`s (U of them).
-        seeds: number of seeds (0..n-1) or explicit seeds (S of them).
-        steps: Adam steps (paper/lucent default 512).
-        size: image side in px (default: the model's input size).
-        lr: Adam learning rate (0.05, lucent's default).
-        param: "fft" (Fourier, 1/f scaled, lucent default) or "pixel".
+    Attributes:
+        steps: optimization steps (paper/lucent default 512).
+        size: image side in px, or (H, W) (default: the model's input size).
+        lr: learning rate (0.05, lucent's default for Adam).
+        param: a parametrization name in ``param.PARAMS`` ("fft" = Fourier, 1/f scaled, lucent's
+            default; "pixel"; "maco" = phase only, fixed magnitude) or a parametrization function
+            ``(size, seeds, device, *, decorrelate, **options) -> (params, image_fn)``.
+        param_options: keyword options for the parametrization (e.g. ``{"decay_power": 1.5}``,
+            maco's ``{"magnitude": tensor_or_file}``).
         decorrelate: colour decorrelation (lucent default True).
         transforms: "standard" (lucent's set scaled to ``size``), "lucent" (224-px magnitudes),
-            "none", or a :class:`TransformSpec`.
+            "none", or a :class:`~fvsanity.generate.transforms.TransformSpec`.
         diversity: weight of lucent's diversity term across a unit's seeds (0 = off).
+        optimizer: a name in ``optim.OPTIMIZERS`` ("adam", the default; "adamw", "nadam", "sgd")
+            or a factory ``(params, lr, **options) -> torch.optim.Optimizer``.
+        optimizer_options: keyword options for the optimizer (e.g. ``{"momentum": 0.5}``).
         checkpoints: steps after which to keep a copy of the images.
         batch_size: elements per optimization batch (default: all on CUDA, 64 on CPU).
         device: default: the model's device.
         amp: bf16 autocast + channels_last (default: on for CUDA, off on CPU).
         progress: show a progress bar.
+    """
+
+    steps: int = 512
+    size: int | tuple[int, int] | None = None
+    lr: float = 0.05
+    param: str | Callable = "fft"
+    param_options: Mapping[str, Any] = field(default_factory=dict)
+    decorrelate: bool = True
+    transforms: str | T.TransformSpec = "standard"
+    diversity: float = 0.0
+    optimizer: str | Callable = "adam"
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    checkpoints: Sequence[int] = ()
+    batch_size: int | None = None
+    device: str | torch.device | None = None
+    amp: bool | None = None
+    progress: bool = True
+
+    def replace(self, **overrides) -> RenderSettings:
+        """A copy with ``overrides`` applied; an unknown name is a one-line error naming the fields."""
+        names = [f.name for f in fields(self)]
+        bad = sorted(set(overrides) - set(names))
+        if bad:
+            raise FVSanityError(f"unknown render setting {bad[0]!r}; valid: {', '.join(names)}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _describe(obj) -> str:
+    """A JSON-able name for a registered name or a plug-in function."""
+    if isinstance(obj, str):
+        return obj
+    mod, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", type(obj).__name__)
+    return f"callable:{mod}.{name}" if mod else f"callable:{name}"
+
+
+def _options_json(options: Mapping[str, Any]) -> dict:
+    """Options as JSON for the settings (tensors by content digest, paths as strings)."""
+    out = {}
+    for k in sorted(options):
+        v = options[k]
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            v = {"tensor_sha256": hashlib.sha256(str(t.dtype).encode() + str(list(t.shape)).encode()
+                                                 + t.numpy().tobytes()).hexdigest()[:16], "shape": list(t.shape)}
+        elif isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+def _objective_label(o: Objective) -> Unit:
+    """The row label of an FV rendered for a free-form objective: its first layer."""
+    return Unit(layer=o.layers[0])
+
+
+def _resolve_objectives(lm, units_l, objective, ref_hw_of) -> tuple[list[Unit], list[Objective] | None, Any]:
+    """Rows of the render: (units, objectives or None for the units' own, settings entry)."""
+    if objective is None:
+        return [parse_unit(u, lm) for u in units_l], None, None
+    if isinstance(objective, str):
+        factory = OBJECTIVES.get(objective)
+        if not units_l:
+            raise FVSanityError(f"objective {objective!r} turns units into objectives; pass units too")
+        units_p = [parse_unit(u, lm) for u in units_l]
+        objs = [factory(u, ref_hw_of(u.layer)) for u in units_p]
+        if not all(isinstance(o, Objective) for o in objs):
+            raise FVSanityError(f"objective {objective!r} must turn each unit into an Objective")
+        return units_p, objs, objective
+    objs = [objective] if isinstance(objective, Objective) else list(objective) if isinstance(objective, (list, tuple)) else None
+    if not objs or not all(isinstance(o, Objective) for o in objs):
+        raise FVSanityError(f"objective must be an Objective, a list of them (one per row) or a name "
+                            f"({', '.join(OBJECTIVES.names())}), got {type(objective).__name__}")
+    names = set(layer_names(lm.model))
+    for o in objs:
+        for layer in o.layers:
+            if layer not in names:
+                canon = resolve_layer(lm.model, layer)  # unknown: UnitError naming the closest layers
+                raise FVSanityError(f"objective {o.name} names layer {layer!r}; write it as {canon!r}")
+    if units_l:
+        if len(units_l) != len(objs):
+            raise FVSanityError(f"{len(units_l)} units label {len(objs)} objectives; pass one unit per objective "
+                                "(or no units)")
+        units_p = [parse_unit(u, lm) for u in units_l]
+    else:
+        units_p = [_objective_label(o) for o in objs]
+    return units_p, objs, [o.name for o in objs]
+
+
+def render(
+    lm,
+    units: Sequence[Unit | str] | Unit | str | None = None,
+    seeds: int | Sequence[int] = 1,
+    settings: RenderSettings | None = None,
+    *,
+    objective: Objective | Sequence[Objective] | str | None = None,
+    **overrides,
+) -> FVResult:
+    """Feature visualizations of ``units`` (or ``objective``s) x ``seeds``, optimized together in batches.
+
+    Args:
+        lm: a :class:`~fvsanity.models.LoadedModel`.
+        units: unit specs (``"layer:c"``, ``"layer:c@y,x"``) or :class:`Unit`s (U of them).
+        seeds: number of seeds (0..n-1) or explicit seeds (S of them).
+        settings: a :class:`RenderSettings` (default: ``RenderSettings()``).
+        objective: what each row maximises instead of its unit's own objective: an
+            :class:`~fvsanity.generate.objectives.Objective` (lucent's algebra, e.g.
+            ``channel("layer3.2", 5) - 0.1 * channel("layer3.2", 7)``; one row), a list of them
+            (one row each; ``units``, if given, label the rows one to one), or a name in
+            ``objectives.OBJECTIVES`` applied to each unit (``"channel"``, ``"neuron"``, ...).
+        overrides: any :class:`RenderSettings` field by keyword (``steps=64, param="maco"``),
+            applied on top of ``settings``: today's keyword calls keep working.
 
     Returns:
-        :class:`FVResult`; deterministic on CPU for fixed seeds.
+        :class:`FVResult` with images [U, S, 3, H, W]; deterministic on CPU for fixed seeds.
     """
-    units_l = [units] if isinstance(units, (str, Unit)) else list(units)
-    if not units_l:
-        raise FVSanityError("no units to visualize; pass at least one LAYER:CHANNEL")
-    units_p = [parse_unit(u, lm) for u in units_l]
+    if settings is not None and not isinstance(settings, RenderSettings):
+        raise FVSanityError(f"settings must be a RenderSettings (or None), got {type(settings).__name__}; "
+                            "pass single options by keyword (steps=..., param=...)")
+    st = (settings or RenderSettings()).replace(**overrides)
+    steps, size, lr, transforms = st.steps, st.size, st.lr, st.transforms
+    units_l = [] if units is None else [units] if isinstance(units, (str, Unit)) else list(units)
+    if not units_l and objective is None:
+        raise FVSanityError("no units to visualize; pass at least one LAYER:CHANNEL (or objective=...)")
     seeds_l = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds_l:
         raise FVSanityError("seeds must be >= 1")
@@ -197,81 +319,154 @@ def render(
             f"got size {hw[0]}x{hw[1]}: drop --size or pass {lm.input_size[0]}"
         )
     spec = _resolve_transforms(transforms, min(hw))
-    dev = torch.device(device) if device is not None else lm.device
+    dev = torch.device(st.device) if st.device is not None else lm.device
     if dev != lm.device:
         lm.to(dev)
-    use_amp = (dev.type == "cuda") if amp is None else bool(amp)
+    use_amp = (dev.type == "cuda") if st.amp is None else bool(st.amp)
     shapes = {n: i.shape for n, i in lm.layers.items()}
-    ref_hw = {u.layer: tuple(u.layout.grid) for u in units_p if u.layout is not None and u.layout.grid is not None}
+
+    def ref_hw_of(layer):
+        info = lm.layers.get(layer)
+        return tuple(info.layout.grid) if info is not None and info.layout.grid is not None else None
+
+    units_p, objs, objective_entry = _resolve_objectives(lm, units_l, objective, ref_hw_of)
+    ref_hw = {u.layer: ref_hw_of(u.layer) for u in units_p if ref_hw_of(u.layer) is not None}
 
     # One batch element per (unit, seed); chunk if needed (elements are independent, so exact).
     elems = [(i, j) for i in range(len(units_p)) for j in range(len(seeds_l))]
-    bs = batch_size or (len(elems) if dev.type == "cuda" else 64)
-    if diversity and len(seeds_l) > 1:
+    bs = st.batch_size or (len(elems) if dev.type == "cuda" else 64)
+    if st.diversity and len(seeds_l) > 1:
         bs = max(bs, len(seeds_l)) // len(seeds_l) * len(seeds_l)  # keep a unit's seeds together
-    settings = {
+    settings_d = {
         "model": lm.name,
         "model_fingerprint": lm.fingerprint(),  # the weights these FVs are for (checked on --fv reuse)
         "weights_source": lm.weights_source,  # provenance only: not hashed (the fingerprint is)
         "steps": steps,
         "size": list(hw),
         "lr": lr,
-        "param": param,
-        "decorrelate": decorrelate,
+        "param": _describe(st.param),
+        "decorrelate": st.decorrelate,
         "transforms": spec.__dict__ | {"scales": list(spec.scales), "angles": list(spec.angles)},
-        "diversity": diversity,
+        "diversity": st.diversity,
         "device": str(dev),
         "amp": use_amp,
         "batch_size": bs,
     }
+    # Keys added after the first release enter only when not at their default, so the settings
+    # (and settings_hash, which caches and --fv reuse key on) of a default render never change.
+    if st.param_options:
+        settings_d["param_options"] = _options_json(st.param_options)
+    if _describe(st.optimizer) != "adam":
+        settings_d["optimizer"] = _describe(st.optimizer)
+    if st.optimizer_options:
+        settings_d["optimizer_options"] = _options_json(st.optimizer_options)
+    if objective_entry is not None:
+        settings_d["objective"] = objective_entry
+    plan = _Plan(
+        settings=st, hw=tuple(hw), spec=spec, device=dev, amp=use_amp, ref_hw=ref_hw, shapes=shapes,
+        checkpoints=tuple(sorted({int(c) for c in st.checkpoints if 0 < int(c) <= steps})),
+    )
     n_u, n_s = len(units_p), len(seeds_l)
     images = torch.zeros(n_u, n_s, 3, *hw)
     traces = torch.zeros(n_u, n_s, steps)
-    ckpt_steps = sorted({int(c) for c in checkpoints if 0 < int(c) <= steps})
-    ckpts = {c: torch.zeros(n_u, n_s, 3, *hw) for c in ckpt_steps}
+    ckpts = {c: torch.zeros(n_u, n_s, 3, *hw) for c in plan.checkpoints}
 
     bar = None
-    if progress:
+    if st.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps * ((len(elems) + bs - 1) // bs), desc=f"FV {n_u}x{n_s}", unit="step", leave=False)
     t0 = time.perf_counter()
     try:
         for start in range(0, len(elems), bs):
-            chunk = elems[start : start + bs]
-            res = _optimize_chunk(
-                lm, [units_p[i] for i, _ in chunk], [seeds_l[j] for _, j in chunk], [i for i, _ in chunk],
-                steps, hw, lr, param, decorrelate, spec, diversity, ckpt_steps, dev, use_amp, ref_hw, shapes, bar,
+            part = elems[start : start + bs]
+            chunk = _Chunk(
+                units=[units_p[i] for i, _ in part], seeds=[seeds_l[j] for _, j in part], groups=[i for i, _ in part],
+                objectives=None if objs is None else [objs[i] for i, _ in part],
             )
-            for k, (i, j) in enumerate(chunk):
+            res = _optimize_chunk(lm, plan, chunk, bar)
+            for k, (i, j) in enumerate(part):
                 images[i, j] = res["images"][k]
                 traces[i, j] = res["traces"][k]
-                for c in ckpt_steps:
+                for c in plan.checkpoints:
                     ckpts[c][i, j] = res["ckpts"][c][k]
     finally:
         if bar is not None:
             bar.close()
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
-    final, acts = evaluate(lm, images, units_p, dev)
-    return FVResult(images, traces, final, acts, units_p, seeds_l, settings, ckpts)
+    settings_d["seconds"] = round(time.perf_counter() - t0, 3)
+    final, acts = score_images(lm, images, units_p, dev, objectives=objs)
+    return FVResult(images, traces, final, acts, units_p, seeds_l, settings_d, ckpts,
+                    objectives=[] if objs is None else [o.name for o in objs])
 
 
-def _optimize_chunk(
-    lm, units, seeds, groups, steps, hw, lr, param, decorrelate, spec, diversity, ckpt_steps, dev, use_amp, ref_hw, shapes, bar
-):
+@dataclass(frozen=True)
+class _Plan:
+    """What ``render`` resolved once for all chunks (settings, canvas, transforms, device, shapes)."""
+
+    settings: RenderSettings
+    hw: tuple[int, int]
+    spec: T.TransformSpec
+    device: torch.device
+    amp: bool
+    ref_hw: dict
+    shapes: dict
+    checkpoints: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One optimization batch: element k visualizes ``units[k]`` (or ``objectives[k]``) from
+    ``seeds[k]``; ``groups[k]`` is its row (a unit's seeds share the diversity term)."""
+
+    units: list[Unit]
+    seeds: list[int]
+    groups: list[int]
+    objectives: list[Objective] | None = None
+
+
+def _objective_scores(acts: dict, objectives: Sequence[Objective]) -> torch.Tensor:
+    """[B] score of element b under ITS OWN objective ``objectives[b]`` (one call per distinct objective)."""
+    b = len(objectives)
+    out = None
+    by_obj: dict[int, list[int]] = {}
+    for k, o in enumerate(objectives):
+        by_obj.setdefault(id(o), []).append(k)
+    for idx in by_obj.values():
+        o = objectives[idx[0]]
+        some = next(iter(acts.values()))
+        ii = torch.tensor(idx, device=some.device)
+        vals = o({layer: acts[layer][ii] for layer in o.layers})
+        if not isinstance(vals, torch.Tensor) or vals.shape != (len(idx),):
+            got = list(vals.shape) if isinstance(vals, torch.Tensor) else type(vals).__name__
+            raise FVSanityError(f"objective {o.name} must return one score per batch element ([{len(idx)}]), got {got}")
+        if out is None:
+            out = torch.zeros(b, device=vals.device, dtype=vals.dtype)
+        out = out.index_put((ii.to(vals.device),), vals.to(out.dtype))
+    return out
+
+
+def _optimize_chunk(lm, plan: _Plan, chunk: _Chunk, bar) -> dict:
+    """Optimize one batch; returns {"images": [B,3,H,W], "traces": [B, steps], "ckpts": {step: [B,3,H,W]}}."""
+    st, dev, use_amp, steps = plan.settings, plan.device, plan.amp, plan.settings.steps
+    units, groups, objectives = chunk.units, chunk.groups, chunk.objectives
     model = lm.model
-    params, image_fn = P.image(hw, seeds, param=param, decorrelate=decorrelate, device=dev)
-    opt = torch.optim.Adam(params, lr=lr)
-    draws = T.draw_params(spec, seeds, steps).to(dev)
-    layers = sorted({u.layer for u in units})
+    params, image_fn = P.make_image(st.param, plan.hw, chunk.seeds, dev, decorrelate=st.decorrelate,
+                                    options=st.param_options)
+    opt = make_optimizer(st.optimizer, params, st.lr, st.optimizer_options)
+    spec = plan.spec
+    draws = T.draw_params(spec, chunk.seeds, steps).to(dev)
+    if objectives is None:
+        layers = sorted({u.layer for u in units})
+    else:
+        layers = sorted({layer for o in objectives for layer in o.layers})
     div_groups: list[tuple[str, list[int]]] = []
-    if diversity:
+    if st.diversity:
         by_group: dict[int, list[int]] = {}
         for k, g in enumerate(groups):
             by_group.setdefault(g, []).append(k)
         for idx in by_group.values():
             if len(idx) > 1:
-                div_groups.append((_diversity_layer(lm, units[idx[0]], shapes), idx))
+                div_groups.append((_diversity_layer(lm, units[idx[0]], plan.shapes), idx))
         layers = sorted(set(layers) | {layer for layer, _ in div_groups})
     traces = torch.zeros(len(units), steps)
     ckpts = {}
@@ -282,22 +477,25 @@ def _optimize_chunk(
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
             img = image_fn()
-            x = T.apply(img, spec, draws[:, step], out_size=hw if lm.config.fixed_input_size else None)
+            x = T.apply(img, spec, draws[:, step], out_size=plan.hw if lm.config.fixed_input_size else None)
             x = lm.preprocess(x)
             if use_amp and dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 run_partial(model, x, store)
                 acts = {k: v.float() for k, v in store.items()}
-                scores = batched_unit_scores(acts, units, ref_hw)
+                if objectives is None:
+                    scores = batched_unit_scores(acts, units, plan.ref_hw)
+                else:
+                    scores = _objective_scores(acts, objectives)
                 loss = -scores.sum()
                 for layer, idx in div_groups:
                     fmap = to_map(acts[layer][idx], lm.layer_info(layer).layout)
-                    loss = loss + diversity * len(idx) * diversity_penalty(fmap)
+                    loss = loss + st.diversity * len(idx) * diversity_penalty(fmap)
             loss.backward()
             opt.step()
             traces[:, step] = scores.detach().float().cpu()
-            if step + 1 in ckpt_steps:
+            if step + 1 in plan.checkpoints:
                 with torch.no_grad():
                     ckpts[step + 1] = image_fn().float().cpu()
             if bar is not None:
@@ -308,23 +506,34 @@ def _optimize_chunk(
 
 
 @torch.no_grad()
-def evaluate(lm, images: torch.Tensor, units: Sequence[Unit], device=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def score_images(
+    lm, images: torch.Tensor, units: Sequence[Unit], device=None, objectives: Sequence[Objective] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Objective and pooled unit-layer activations of untransformed images.
 
     Args:
         images: [U, S, 3, H, W] (image i is scored under ``units[i]``).
+        objectives: optional, one per row: score row i under ``objectives[i]`` instead of its
+            unit's own objective (the unit then only names the layer whose activations are pooled).
     Returns:
         final [U, S] objective values and, per unit, [S, C] mean-pooled activations of its layer
         (over space, or over patch tokens for a token layout).
     """
     dev = device or lm.device
     n_u, n_s = images.shape[:2]
-    layers = sorted({u.layer for u in units})
+    layers = sorted({u.layer for u in units} | {layer for o in objectives or () for layer in o.layers})
     final = torch.zeros(n_u, n_s)
     acts_out = []
     with capture_until(lm.model, layers, detach=True) as store:
         for i, u in enumerate(units):
             run_partial(lm.model, lm.preprocess(images[i].to(dev)), store)
-            final[i] = batched_unit_scores(store, [u] * n_s).float().cpu()
-            acts_out.append(pool(store[u.layer].float(), u.layout).cpu())
+            if objectives is None:
+                final[i] = batched_unit_scores(store, [u] * n_s).float().cpu()
+            else:
+                final[i] = _objective_scores(dict(store), [objectives[i]] * n_s).float().cpu()
+            acts_out.append(pool(store[u.layer].float(), u.layout or lm.layer_info(u.layer).layout).cpu())
     return final, acts_out
+
+
+evaluate = score_images
+"""Deprecated alias of :func:`score_images` (one name per concept: ``evaluate`` meant three things)."""
