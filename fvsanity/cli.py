@@ -119,7 +119,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 # keys a saved config.json holds that are not flags: accepted in a --config, never applied
-_RECORD_KEYS = ("command", "config")
+_RECORD_KEYS = ("command", "config", "model_provenance")
 
 
 def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -142,9 +142,20 @@ def _check_value(where: str, key: str, action: argparse.Action, v: Any) -> Any:
         if not all(isinstance(x, str) for x in vals):
             raise bad("a string or a list of strings")
         return vals
-    typ = action.type
     if v is None:
         return v
+    if action.nargs in ("+", "*"):  # e.g. --paired-metrics cka rsa: a list of values
+        vals = v if isinstance(v, list) else [v]
+        if action.nargs == "+" and not vals:
+            raise bad("a non-empty list")
+        return [_check_scalar(where, key, action, x, bad) for x in vals]
+    return _check_scalar(where, key, action, v, bad)
+
+
+def _check_scalar(where: str, key: str, action: argparse.Action, v: Any, bad) -> Any:
+    """One value of the flag ``action`` from a config, converted and checked like argparse does."""
+    flag = action.option_strings[-1]
+    typ = action.type
     if isinstance(v, str) and typ not in (None, str):
         try:
             v = typ(v)  # what argparse does with the same string on the command line
@@ -190,6 +201,8 @@ def load_config_defaults(parser: argparse.ArgumentParser, argv: list[str], comma
     for raw, v in cfg.items():
         key = str(raw).lstrip("-").replace("-", "_")
         if key in flags:
+            if v is None and flags[key].default is None:
+                continue  # null: the flag was not given (a saved config records it so); keep its default
             defaults[key] = _check_value(where, str(raw), flags[key], v)
         elif key == "command":
             if command is not None and v != command:

@@ -346,6 +346,32 @@ def test_saved_config_roundtrips_as_config(tmp_path, monkeypatch):
         k: v for k, v in vars(b).items() if k not in ("config", "func")}
 
 
+@pytest.mark.parametrize("command, argv", [("check", []), ("audit", []), ("fool", []),
+                                           ("visualize", ["--unit", "linear:1"])])
+def test_saved_config_with_model_provenance_roundtrips(command, argv, tmp_path, monkeypatch):
+    """Every command's saved config.json is a valid --config: ``model_provenance`` is a record,
+    not a flag (it was an 'unknown key' error for check/audit/fool), and a flag saved as null
+    (``--unit`` not given) means "not given" (it was "must be a string or a list of strings")."""
+    import importlib
+
+    from fvsanity import cli
+
+    mod = importlib.import_module(f"fvsanity.commands.{command}")
+    seen = []
+
+    def fake_run(args):
+        args.model_provenance = {"name": "m", "weights": "random", "random_parameters": []}
+        cli.save_config(args, tmp_path)
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(mod, "run", fake_run)
+    assert cli.main([command, *argv]) == 0
+    assert "model_provenance" in json.loads((tmp_path / "config.json").read_text())
+    assert cli.main([command, "--config", str(tmp_path / "config.json")]) == 0
+    assert len(seen) == 2
+
+
 def test_commands_are_the_modules_that_exist():
     """The command list comes from fvsanity/commands/*.py: no phantom 'bench', each one registered."""
     from fvsanity import cli
