@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 
-def _tmp_for(path: Path) -> Path:
+def tmp_for(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -26,6 +26,9 @@ def _tmp_for(path: Path) -> Path:
     os.umask(umask)
     os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; results should be as readable as any file
     return Path(name)
+
+
+_tmp_for = tmp_for  # deprecated alias (was private but used across modules)
 
 
 def _to_jsonable(o: Any):
@@ -61,7 +64,7 @@ def dumps(obj: Any) -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
-    tmp = _tmp_for(path)
+    tmp = tmp_for(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -77,7 +80,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
     """Save a flat dict of tensors (``.safetensors`` if the suffix says so, else ``torch.save``)."""
     path = Path(path)
-    tmp = _tmp_for(path)
+    tmp = tmp_for(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
@@ -122,7 +125,7 @@ def save_png(path: str | os.PathLike, img: torch.Tensor) -> Path:
     from PIL import Image
 
     path = Path(path)
-    tmp = _tmp_for(path)
+    tmp = tmp_for(path)
     try:
         Image.fromarray(to_uint8(img)).save(tmp, format="PNG")
         os.replace(tmp, path)
@@ -150,7 +153,7 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = _tmp_for(path / ".write-test")
+        probe = tmp_for(path / ".write-test")
         probe.unlink()
     except OSError as e:
         raise FVSanityError(f"--out {str(path)!r} is not writable: {e.strerror or e}") from e

@@ -118,6 +118,14 @@ class Registry:
     def __iter__(self) -> Iterator[str]:
         return iter(tuple(self._entries))
 
+    def __getitem__(self, name: str) -> Any:
+        """``reg[name]``: as :meth:`get` (a :class:`RegistryError`, which is also a ``KeyError``)."""
+        return self.get(name)
+
+    def items(self) -> tuple[tuple[str, Any], ...]:
+        """``(name, object)`` pairs in registration order."""
+        return tuple(self._entries.items())
+
     def __len__(self) -> int:
         return len(self._entries)
 

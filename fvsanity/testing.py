@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import LoadedModel, Preprocess, _prepare
+from .models import LoadedModel, Preprocess, prepare_model
 
 
 class TinyCNN(nn.Module):
@@ -47,7 +47,7 @@ def tiny_model(seed: int = 0, size: int = 16, num_classes: int = 5) -> LoadedMod
             p.copy_(torch.randn(p.shape, generator=g) * (1.0 / max(1, p[0].numel()) ** 0.5))
     return LoadedModel(
         name="tiny",
-        model=_prepare(net),
+        model=prepare_model(net),
         preprocess=Preprocess(size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         block_layers=["relu1", "relu2", "relu3", "fc"],
         output_layer="fc",

@@ -38,7 +38,7 @@ from fvsanity.compare.circuits import (
 )
 from fvsanity.errors import FVSanityError
 from fvsanity.hooks import count_hooks
-from fvsanity.models import LoadedModel, Preprocess, _prepare
+from fvsanity.models import LoadedModel, Preprocess, prepare_model
 from fvsanity.units import Unit, parse_unit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def _double(lm: LoadedModel) -> LoadedModel:
 def _wrap(net: nn.Module, size: int) -> LoadedModel:
     lm = LoadedModel(
         name="hand",
-        model=_prepare(net),
+        model=prepare_model(net),
         preprocess=Preprocess(size=(size, size), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
         block_layers=[],
         output_layer="",

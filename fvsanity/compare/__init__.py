@@ -43,9 +43,9 @@ from .similarity import (  # noqa: F401
     pearson,
     register_metric,
     rsa,
-    unregister_metric,
     soft_spearman,
     spearman,
+    unregister_metric,
 )
 from .stats import (  # noqa: F401
     BootstrapCI,

@@ -906,7 +906,8 @@ def path_check(
         DesignError: a metric outside its design (checked before any forward pass).
     """
     from ..io import provenance
-    from .pipeline import NaturalPass, natural_pass as make_pass, resolve_units
+    from .pipeline import NaturalPass, resolve_units
+    from .pipeline import natural_pass as make_pass
 
     st = PathCheckSettings.from_kwargs(settings, **kwargs)
     validate_metrics(st.metric, st.paired_metrics)

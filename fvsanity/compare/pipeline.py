@@ -149,7 +149,14 @@ def natural_pass(
         :class:`NaturalPass`.
     """
     from .. import activations
-    from ..cache import CacheEntry, _units_json, cached, image_set_identity, key_digest, natural_pass_key
+    from ..cache import (
+        CacheEntry,
+        _units_json,
+        cached,
+        image_set_identity,
+        key_digest,
+        natural_pass_key,
+    )
     from ..io import atomic_save_tensors, load_tensors
 
     units = tuple(resolve_units(list(units), lm)) if units else ()

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import FVSanityError
+from ..registry import Registry
 from .stats import MetricError, rankdata
 
 __all__ = [
@@ -130,7 +131,9 @@ class MetricInfo:
         }
 
 
-_METRICS: dict[str, MetricInfo] = {}
+#: the similarity metrics (the package's one registry convention, :class:`fvsanity.registry.Registry`)
+_METRICS: Registry = Registry("metric")
+METRICS = _METRICS
 
 
 def register_metric(name: str, kind: str, *, designs=None, differentiable: bool = True):
@@ -147,7 +150,7 @@ def register_metric(name: str, kind: str, *, designs=None, differentiable: bool 
         raise MetricError(f"unknown design {bad[0]!r}; valid: {', '.join(DESIGNS)}")
 
     def deco(fn):
-        old = _METRICS.get(name)
+        old = _METRICS[name] if name in _METRICS else None
         if old is not None and (old.fn.__module__, old.fn.__qualname__) != (
             fn.__module__,
             fn.__qualname__,
@@ -156,7 +159,9 @@ def register_metric(name: str, kind: str, *, designs=None, differentiable: bool 
                 f"metric name {name!r} is already registered to "
                 f"{old.fn.__module__}.{old.fn.__qualname__}; choose another name"
             )
-        _METRICS[name] = MetricInfo(name, kind, fn, designs=designs, differentiable=differentiable)
+        if old is not None:
+            _METRICS.unregister(name)  # the same function again (a module reload): replace it
+        _METRICS.register(name, MetricInfo(name, kind, fn, designs=designs, differentiable=differentiable))
         return fn
 
     return deco
@@ -165,7 +170,7 @@ def register_metric(name: str, kind: str, *, designs=None, differentiable: bool 
 def unregister_metric(name: str) -> MetricInfo:
     """Remove the metric ``name`` (tests and plug-ins that clean up); returns what it held."""
     info = metric_info(name)
-    del _METRICS[name]
+    _METRICS.unregister(name)
     return info
 
 

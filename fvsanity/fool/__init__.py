@@ -46,6 +46,7 @@ from .detector import (
 )
 from .gate import fooling_gate
 from .manipulation import (
+    MANIPULATIONS,
     Manipulation,
     MethodSettings,
     get_manipulation,
@@ -83,6 +84,7 @@ from .routes import Route, load_picture, make_routes, parse_unit_range
 from .silent import SilentEdit, build_silent_units, silent_zero_fraction
 
 __all__ = [
+    "MANIPULATIONS",
     "CircuitSettings",
     "DetectorBundle",
     "DetectorReport",

@@ -212,11 +212,11 @@ def template_model(lm: LoadedModel, templates: PictureTemplates) -> LoadedModel:
     step (same parametrization, transforms and seeds), so FVs rendered from it at several
     checkpoints teach the detector the whole trajectory from noise to the picture.
     """
-    from ..models import _prepare
+    from ..models import prepare_model
 
     net = _TemplateNet(copy.deepcopy(templates).cpu(), lm.preprocess)
     return LoadedModel(
-        name=f"{lm.name}+templates", model=_prepare(net), preprocess=lm.preprocess, block_layers=["values"],
+        name=f"{lm.name}+templates", model=prepare_model(net), preprocess=lm.preprocess, block_layers=["values"],
         output_layer="values", class_names=[f"picture {p}" for p in range(templates.pictures.shape[0])],
         weights_source="picture templates",
     ).to(lm.device)

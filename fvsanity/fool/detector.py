@@ -300,10 +300,10 @@ def save_detector(det: FVDetector, path: str | os.PathLike) -> Path:
     """Write ``det`` as safetensors (config in the file's metadata); atomic."""
     from safetensors.torch import save_file
 
-    from ..io import _tmp_for
+    from ..io import tmp_for
 
     path = Path(path)
-    tmp = _tmp_for(path)
+    tmp = tmp_for(path)
     try:
         sd = {k: v.detach().cpu().contiguous() for k, v in det.state_dict().items()}
         save_file(sd, str(tmp), metadata={"fvsanity": "fv-detector/1", "config": json.dumps(det.config())})

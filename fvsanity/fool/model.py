@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FVSanityError
-from ..models import LoadedModel, Preprocess, _prepare, register_loader
+from ..models import LoadedModel, Preprocess, prepare_model, register_loader
 from .gate import fooling_gate
 
 __all__ = [
@@ -247,7 +247,7 @@ def wrap_loaded(lm: LoadedModel, wrapper: ManipulatedModel, method: str, source:
     wrapper.info.setdefault("base", {"name": lm.name, "weights_source": lm.weights_source})
     return LoadedModel(
         name=f"{lm.name}+{method}",
-        model=_prepare(wrapper),
+        model=prepare_model(wrapper),
         preprocess=lm.preprocess,
         block_layers=list(lm.block_layers),
         output_layer=lm.output_layer,
@@ -325,7 +325,7 @@ def load_manipulated(
     w.load_state_dict(to_load, strict=True)
     w.info.update(man.get("info", {}))
     lm = LoadedModel(
-        name=man["name"], model=_prepare(w), preprocess=pre, block_layers=list(man["block_layers"]),
+        name=man["name"], model=prepare_model(w), preprocess=pre, block_layers=list(man["block_layers"]),
         output_layer=man["output_layer"], class_names=list(base.class_names), weights_source=str(wpath),
     )
     return lm.to(device) if device is not None else lm

@@ -732,7 +732,7 @@ def plot_fool(result: FoolResult, path: str | Path, max_rows: int = 4) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import _tmp_for, to_uint8
+    from ..io import tmp_for, to_uint8
 
     f = result.figure_fvs
     n = min(max_rows, len(f["units"]))
@@ -765,7 +765,7 @@ def plot_fool(result: FoolResult, path: str | Path, max_rows: int = 4) -> Path:
     fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=7.5)
     fig.tight_layout(rect=(0, 0.11 + 0.02 * (4 - n), 1, 1))
     path = Path(path)
-    tmp = _tmp_for(path)
+    tmp = tmp_for(path)
     try:
         fig.savefig(tmp, dpi=110, format="png")
         tmp.replace(path)

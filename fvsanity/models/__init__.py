@@ -33,8 +33,8 @@ from torch import nn
 from .._paths import cache_dir, find_data_file, searched_locations
 from ..errors import FVSanityError, MissingWeightsError, UnitError, UnknownModelError
 from ..io import file_sha256
-from ..registry import Registry
 from ..layouts import LayerInfo
+from ..registry import Registry
 from ..units import cached_layer_infos, resolve_layer
 from .preprocess import (
     CAFFE_SQUEEZENET,
@@ -53,8 +53,10 @@ __all__ = [
     "Preprocess",
     "load_model",
     "list_models",
+    "MODELS",
     "register_model",
     "register_loader",
+    "prepare_model",
     "load_state_dict_file",
     "DEFAULT_MODEL",
     "CIFAR10_CLASSES",
@@ -168,7 +170,9 @@ class LoadedModel:
         return path + [layer]
 
 
-_REGISTRY: dict[str, Callable[..., LoadedModel]] = {}
+#: model name -> ``fn(pretrained) -> LoadedModel`` (the package's one registry convention)
+MODELS: Registry = Registry("model")
+_REGISTRY = MODELS  # deprecated alias
 
 
 def register_model(name: str):
@@ -185,7 +189,7 @@ def register_model(name: str):
         raise FVSanityError(f"model {name!r} is already registered; pick another name (registered: {', '.join(sorted(_REGISTRY))})")
 
     def deco(fn):
-        _REGISTRY[name] = fn
+        MODELS.register(name, fn)
         return fn
 
     return deco
@@ -221,7 +225,8 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
-def _prepare(model: nn.Module) -> nn.Module:
+def prepare_model(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode, in-place activations off, parameters without gradients (in place)."""
     model.eval()
     for m in model.modules():
         # In-place activations would rewrite tensors captured by hooks (a conv output read by an
@@ -231,6 +236,9 @@ def _prepare(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+_prepare = prepare_model  # deprecated alias (was private but used across modules)
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -483,7 +491,7 @@ def _cifar_resnet(depth: int, pretrained: bool) -> LoadedModel:
         source = str(path)
     return LoadedModel(
         name=f"cifar10-resnet{depth}",
-        model=_prepare(net),
+        model=prepare_model(net),
         preprocess=CIFAR10,
         block_layers=net.block_names(),
         output_layer="linear",
@@ -519,7 +527,7 @@ def _squeezenet(pretrained: bool = True) -> LoadedModel:
         source = str(path)
     return LoadedModel(
         name="imagenet-squeezenet",
-        model=_prepare(net),
+        model=prepare_model(net),
         preprocess=CAFFE_SQUEEZENET,
         block_layers=_squeezenet_blocks(),
         output_layer="classifier.1",
@@ -549,7 +557,7 @@ def _inceptionv1(pretrained: bool = True) -> LoadedModel:
     ]
     return LoadedModel(
         name="inceptionv1",
-        model=_prepare(net),
+        model=prepare_model(net),
         preprocess=LUCENT_INCEPTION,
         block_layers=[b for b in blocks if b.startswith(("mixed", "conv2d2"))] + ["softmax2_pre_activation_matmul"],
         output_layer="softmax2_pre_activation_matmul",
@@ -564,7 +572,7 @@ def _toy(pretrained: bool = True) -> LoadedModel:
     net, source = toy.build_toy(pretrained, load_weights=_load_weights)
     return LoadedModel(
         name="toy-procedural",
-        model=_prepare(net),
+        model=prepare_model(net),
         preprocess=toy.TOY_PREPROCESS,
         block_layers=list(toy.BLOCK_LAYERS),
         output_layer="fc",
@@ -643,7 +651,7 @@ def _torchvision(name: str, pretrained: bool) -> LoadedModel:
         pre = Preprocess(size=(299, 299), resize=342)
     return LoadedModel(
         name=name,
-        model=_prepare(net),
+        model=prepare_model(net),
         preprocess=pre,
         block_layers=_generic_blocks(net),
         output_layer=_last_layer(net),
@@ -729,7 +737,7 @@ def timm_loaded(
         class_names = _imagenet_class_names() if n_classes == 1000 else []
     return LoadedModel(
         name=name,
-        model=_prepare(net),
+        model=prepare_model(net),
         preprocess=pre,
         block_layers=_timm_blocks(net),
         output_layer=output,

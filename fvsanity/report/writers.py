@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FVSanityError
+from ..registry import Registry
 
 __all__ = [
     "DOCUMENTS",
@@ -63,7 +64,9 @@ class ReportWriter:
     documents: frozenset
 
 
-_WRITERS: dict[str, ReportWriter] = {}
+#: the report outputs (the package's one registry convention, :class:`fvsanity.registry.Registry`)
+_WRITERS: Registry = Registry("report writer")
+WRITERS = _WRITERS
 
 
 def _check_documents(documents) -> frozenset:
@@ -84,7 +87,7 @@ def register_writer(name: str, documents=("audit",)):
         if name in _WRITERS:
             raise WriterError(f"report writer {name!r} is already registered; pick another name "
                               f"(registered: {', '.join(_WRITERS)})")
-        _WRITERS[name] = ReportWriter(name, fn, docs)
+        _WRITERS.register(name, ReportWriter(name, fn, docs))
         return fn
 
     return deco
@@ -93,7 +96,7 @@ def register_writer(name: str, documents=("audit",)):
 def unregister_writer(name: str) -> ReportWriter:
     """Remove ``name`` (tests and plug-ins that clean up); returns what it held."""
     get_writer(name)
-    return _WRITERS.pop(name)
+    return _WRITERS.unregister(name)
 
 
 def writer_names(document: str | None = None) -> list[str]:
