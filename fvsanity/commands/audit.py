@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--max-per-class", type=int, default=None, help="subsample natural images per class")
     p.add_argument("--limit", type=int, default=None, help="subsample natural images overall")
     p.add_argument("--steps", type=int, default=512, help="FV optimization steps [%(default)s]")
-    p.add_argument("--seeds", type=int, default=2, help="FVs per unit [%(default)s]")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="FVs per unit (the verdict's replicates; < 5: every layer inconclusive) [%(default)s]")
     p.add_argument("--size", type=int, default=None, help="FV size in px [the model's input size]")
     p.add_argument("--fv", default=None,
                    help="reuse FVs from a `fvsanity visualize` output folder (default units: all of its units)")
@@ -114,10 +115,12 @@ def run(args: argparse.Namespace) -> int:
     res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress, image_options=opts)
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
     save_config(args, out)
+    from ..report.tables import summary_sentence
+
     s = res.audit["summary"]
     print(
-        f"audited {s['n_units']} units ({len(res.computed)} computed now): {s['n_diverging']} diverge from their "
-        f"natural images on >= 1 layer; wall time {time.perf_counter() - t0:.1f} s",
+        f"audited {s['n_units']} units ({len(res.computed)} computed now). {summary_sentence(s)} "
+        f"Wall time {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
     )
     print(f"report: {res.report}")

@@ -78,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = AuditConfig(steps=args.steps, seeds=args.seeds, seed=args.seed)
     res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress)
     save_config(args, out)
+    from ..report.tables import summary_sentence
+
     s = res.audit["summary"]
     print(
-        f"audited {s['n_units']} units of {lm.name} (weights: {weights}): {s['n_diverging']} diverge from their natural images on "
-        f">= 1 layer; table: {res.table_md}; wall time {time.perf_counter() - t0:.1f} s",
+        f"audited {s['n_units']} units of {lm.name} (weights: {weights}). {summary_sentence(s)} "
+        f"Table: {res.table_md}; wall time {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
     )
     print(f"report: {res.report}")
