@@ -187,6 +187,11 @@ def _f(x) -> float:
     return float(x)
 
 
+def _jf(x) -> float | None:
+    """JSON-safe float: NaN / inf -> None (so equal results compare equal as dicts)."""
+    return float(x) if math.isfinite(x) else None
+
+
 # ------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class LayerResult:
@@ -234,12 +239,12 @@ class LayerResult:
             "name": self.name,
             "outcome": self.outcome,
             "reason": self.reason,
-            "p_natural_like": self.p_natural_like,
-            "p_diverges": self.p_diverges,
-            "floor_natural_like": self.floor_natural_like,
-            "floor_diverges": self.floor_diverges,
+            "p_natural_like": _jf(self.p_natural_like),
+            "p_diverges": _jf(self.p_diverges),
+            "floor_natural_like": _jf(self.floor_natural_like),
+            "floor_diverges": _jf(self.floor_diverges),
             "needed": self.needed,
-            "seed_spread": {"sd": self.seed_sd, "min": self.seed_min, "max": self.seed_max},
+            "seed_spread": {"sd": _jf(self.seed_sd), "min": _jf(self.seed_min), "max": _jf(self.seed_max)},
             "fv_vs_natural": self.fv_vs_natural,
             "natural_vs_natural": self.natural_vs_natural,
             "natural_vs_other": self.natural_vs_other,
@@ -412,8 +417,8 @@ class AcrossUnitsLayer:
             "estimate": j(self.estimate),
             "ci_low": j(self.ci_low),
             "ci_high": j(self.ci_high),
-            "p_natural_like": self.p_natural_like,
-            "p_diverges": self.p_diverges,
+            "p_natural_like": j(self.p_natural_like),
+            "p_diverges": j(self.p_diverges),
             "needed": self.needed,
             "mean_difference": j(self.mean_difference),
             "median_normalized": j(self.median_normalized),
