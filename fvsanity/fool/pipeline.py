@@ -545,6 +545,9 @@ def summarize_fool(lm: LoadedModel, fooled: LoadedModel, settings: FoolSettings,
         "check_flags_manipulation": check["flags_manipulation"] if check else None,
         "check_flagged_fraction": check.get("flagged_fraction") if check else None,
         "check_control_flagged_fraction": check["control"]["flagged_fraction"] if check and "control" in check else None,
+        # issue 12: flagged only on "diverges" evidence; inconclusive units counted separately
+        "check_decisions": check.get("decisions") if check else None,
+        "check_control_decisions": check["control"].get("decisions") if check and "control" in check else None,
         **method_summary,
     }
 
@@ -685,6 +688,14 @@ def _flag_units(c_ref, c_test) -> tuple[bool, list[dict]]:
     return flagged_any, per_unit
 
 
+def _counts_text(c: dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in c.items())
+
+
+def _or_none(x: float) -> float | None:
+    return None if x != x else x
+
+
 def _decision_counts(per_unit: list[dict]) -> dict[str, int]:
     """How many units were flagged, cleared, inconclusive (the last counted separately)."""
     from ..compare.verdict import INCONCLUSIVE
@@ -720,7 +731,7 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
     out = {
         "available": True,
         "flags_manipulation": flagged_any,
-        "flagged_fraction": _flagged_fraction(per_unit),
+        "flagged_fraction": _or_none(_flagged_fraction(per_unit)),  # None: no unit decided
         "n_undecided": sum(p["flagged"] is None for p in per_unit),
         "decisions": _decision_counts(per_unit),
         "manipulated_diverges_fraction": sum(p["manipulated"]["verdict"]["counts"]["diverges"] > 0 for p in per_unit) / max(1, len(per_unit)),
@@ -735,7 +746,7 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
         ctrl_any, ctrl_units = _flag_units(c_o, c_c)
         out["control"] = {
             "flags": ctrl_any,
-            "flagged_fraction": _flagged_fraction(ctrl_units),
+            "flagged_fraction": _or_none(_flagged_fraction(ctrl_units)),
             "n_undecided": sum(p["flagged"] is None for p in ctrl_units),
             "decisions": _decision_counts(ctrl_units),
             "what": "the same rule on the original model with other FV seeds (original vs original): a flag here is "
@@ -743,8 +754,8 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
             "units": [{"unit": p["unit"], "flagged": p["flagged"], "decision": p["decision"], "why": p["why"]}
                       for p in ctrl_units],
         }
-        fool_log(f"closed loop: flags {out['flagged_fraction']:.2f} of manipulated units, "
-             f"{out['control']['flagged_fraction']:.2f} of the unmanipulated control")
+        dec, cdec = out["decisions"], out["control"]["decisions"]
+        fool_log(f"closed loop: manipulated units {dec}; unmanipulated control {cdec}")
     return out
 
 
@@ -782,8 +793,9 @@ def plot_fool(result: FoolResult, path: str | Path, max_rows: int = 4) -> Path:
         f"SSIM(FV, target): manipulated {s['ssim_manipulated_fv_to_target']:.3f} vs original {s['ssim_original_fv_to_target']:.3f}; "
         f"time x{s['inference_time_ratio']:.3f}",
         (f"{result.figure_note}; " if result.figure_note else "") + f"check flags it: {s['check_flags_manipulation']}"
-        + (f" ({pct(s.get('check_flagged_fraction'))} of units; unmanipulated control {pct(s.get('check_control_flagged_fraction'))})"
-           if s.get("check_flagged_fraction") is not None else ""),
+        + (f" ({pct(s.get('check_flagged_fraction'))} of decided units; unmanipulated control "
+           f"{pct(s.get('check_control_flagged_fraction'))})" if s.get("check_flagged_fraction") is not None else "")
+        + (f"; units {_counts_text(s['check_decisions'])}" if s.get("check_decisions") else ""),
     ]
     fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=7.5)
     fig.tight_layout(rect=(0, 0.11 + 0.02 * (4 - n), 1, 1))
