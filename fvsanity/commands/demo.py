@@ -18,7 +18,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="audit the embedded default model (offline, a few minutes)", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output folder [%(default)s]")
     p.add_argument("--steps", type=int, default=256, help="FV optimization steps [%(default)s]")
-    p.add_argument("--seeds", type=int, default=2, help="FVs per unit [%(default)s]")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="FVs per unit (the verdict's replicates; < 5: every layer inconclusive) [%(default)s]")
     p.add_argument("--class-units", type=int, default=4, help="class units of the output layer [%(default)s]")
     p.add_argument("--block-units", type=int, default=2, help="channels of the last block [%(default)s]")
     p.add_argument("--device", default=None, help="cpu, cuda, ... [cuda if available, else cpu]")
