@@ -804,21 +804,9 @@ def _across_units(records: list[dict], alpha: float) -> list[dict]:
     return [a.to_json() for a in across_units(units, alpha)]
 
 
-def layer_counts(records: list[dict]) -> dict[str, dict[str, int]]:
-    """Per layer (first-seen path order): how many units are natural-like, diverge, are inconclusive."""
-    from .compare.verdict import OUTCOMES
-
-    out: dict[str, dict[str, int]] = {}
-    for r in records:
-        for x in r["path"]["layers"]:
-            c = out.setdefault(x["name"], {o: 0 for o in OUTCOMES})
-            if x.get("outcome") in c:
-                c[x["outcome"]] += 1
-    return out
-
-
 def _summary(records: list[dict]) -> dict:
     from .compare.verdict import OUTCOMES
+    from .report.tables import layer_counts
 
     n = len(records)
     short = sum(1 for r in records if r["verdict"].get("status", "ok") != "ok")  # too few references

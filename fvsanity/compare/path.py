@@ -77,7 +77,9 @@ import torch
 from ..errors import FVSanityError
 from .stats import bootstrap_counts, holm, percentile_interval, permutation_pvalue, permutation_test
 from .verdict import (
+    DIVERGES,
     INCONCLUSIVE,
+    NATURAL_LIKE,
     ActivationRange,
     LayerEvidence,
     LayerOutcome,
@@ -303,8 +305,8 @@ class Verdict:
             "label": self.label,
             "status": self.status,
             "n_layers": self.n_layers,
-            "counts": {"natural-like": self.n_natural_like, "diverges": self.n_diverges,
-                       "inconclusive": self.n_inconclusive},
+            "counts": {NATURAL_LIKE: self.n_natural_like, DIVERGES: self.n_diverges,
+                       INCONCLUSIVE: self.n_inconclusive},
             "natural_like_from": self.natural_like_from,
             "own_layer_reason": self.unit.own.reason if self.unit is not None and self.unit.own is not None else "",
             "alpha": self.alpha,

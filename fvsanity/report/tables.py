@@ -35,7 +35,7 @@ from ..compare.verdict import DIVERGES, INCONCLUSIVE, NATURAL_LIKE, OUTCOMES
 
 __all__ = [
     "unit_rows", "columns", "layer_rows", "layer_columns", "to_markdown", "to_latex", "latex_escape",
-    "markdown_escape", "short_verdict", "summary_sentence", "check_lines",
+    "markdown_escape", "short_verdict", "summary_sentence", "check_lines", "layer_counts",
 ]
 
 _LATEX_SPECIALS = {
@@ -192,6 +192,18 @@ def _margin(audit: dict, key: str, default: float) -> str:
     return f"{default:g}"
 
 
+def layer_counts(records: list[dict]) -> dict[str, dict[str, int]]:
+    """Per layer (first-seen path order) of audit unit records: how many units are natural-like,
+    diverge, are inconclusive there."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        for x in r["path"]["layers"]:
+            c = out.setdefault(x["name"], {o: 0 for o in OUTCOMES})
+            if x.get("outcome") in c:
+                c[x["outcome"]] += 1
+    return out
+
+
 def layer_columns() -> list[tuple[str, str]]:
     """(key, header) of the per-layer table."""
     return [("layer", "Layer"), ("units", "Units")] + [(o, o) for o in OUTCOMES] + [("across", "Across units")]
@@ -202,8 +214,6 @@ def layer_rows(audit: dict) -> list[dict[str, str]]:
     outcome (units as replicates; "inconclusive (<reason>)")."""
     per = (audit.get("summary") or {}).get("layers")
     if per is None:
-        from ..audit import layer_counts
-
         per = layer_counts(audit.get("units", []))
     across = {a["name"]: a for a in audit.get("across_units") or []}
     rows = []
