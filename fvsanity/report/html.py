@@ -20,7 +20,7 @@ import math
 import os
 from pathlib import Path
 
-from ..compare.verdict import DIVERGES, INCONCLUSIVE, NATURAL_LIKE, OUTCOMES
+from ..compare.verdict import DIVERGE_MARGIN, DIVERGES, INCONCLUSIVE, NATURAL_LIKE, NATURAL_LIKE_MARGIN, OUTCOMES
 from .tables import columns, layer_columns, layer_rows, short_verdict, summary_sentence, unit_rows
 
 __all__ = ["render_html", "write_report", "png_data_uri", "THUMB"]
@@ -179,8 +179,8 @@ images are, 1 = as similar as the natural images among themselves.</span></p>
 
 #: how the per-layer outcomes are decided (one paragraph, the report's)
 VERDICT_NOTE = (
-    f"Per layer: {NATURAL_LIKE} when the normalized similarity is significantly above a margin (0.8 by default), "
-    f"{DIVERGES} when significantly below another (0.5), each by a sign-flip test over the unit's FV seeds "
+    f"Per layer: {NATURAL_LIKE} when the normalized similarity is significantly above a margin "
+    f"({NATURAL_LIKE_MARGIN:g} by default), {DIVERGES} when significantly below another ({DIVERGE_MARGIN:g}), each by a sign-flip test over the unit's FV seeds "
     f"({NATURAL_LIKE}: fixed sequence from the unit's own layer backward; {DIVERGES}: Holm over the layers); "
     f"otherwise {INCONCLUSIVE}, with the reason (e.g. the FV seeds needed to reach alpha)."
 )

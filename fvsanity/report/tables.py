@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 
-from ..compare.verdict import DIVERGES, INCONCLUSIVE, NATURAL_LIKE, OUTCOMES
+from ..compare.verdict import DIVERGE_MARGIN, DIVERGES, INCONCLUSIVE, NATURAL_LIKE, NATURAL_LIKE_MARGIN, OUTCOMES
 
 __all__ = [
     "unit_rows", "columns", "layer_rows", "layer_columns", "to_markdown", "to_latex", "latex_escape",
@@ -176,9 +176,10 @@ def _caption(audit: dict) -> str:
         f"similarity of pooled activations along each unit's path; intervals: "
         f"{int(100 * s.get('confidence', 0.95))}% bootstrap). "
         "Norm. sim.: 0 = FVs as similar to the unit's natural images as unrelated images are, "
-        "1 = as similar as its natural images among themselves. "
-        f"Per layer: {NATURAL_LIKE} = norm. sim. significantly above {_margin(audit, 'natural_like_margin', 0.8)}, "
-        f"{DIVERGES} = significantly below {_margin(audit, 'diverge_margin', 0.5)} (sign-flip tests over the FV "
+        "1 = as similar as its natural images among themselves. Layers N/D/I: layers natural-like / diverges / "
+        "inconclusive. Act. range: FV response / largest natural response. "
+        f"Per layer: {NATURAL_LIKE} = norm. sim. significantly above {_margin(audit, 'natural_like_margin', NATURAL_LIKE_MARGIN)}, "
+        f"{DIVERGES} = significantly below {_margin(audit, 'diverge_margin', DIVERGE_MARGIN)} (sign-flip tests over the FV "
         f"seeds, alpha = {s.get('alpha', '?')}; {NATURAL_LIKE}: fixed sequence from the unit's layer backward, "
         f"{DIVERGES}: Holm over the layers), else {INCONCLUSIVE}."
     )
