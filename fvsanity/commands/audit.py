@@ -51,7 +51,8 @@ def register(sub) -> None:
     p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples [%(default)s]")
     p.add_argument("--n-perm", type=int, default=1000, help="permutations [%(default)s]")
-    p.add_argument("--alpha", type=float, default=0.05, help="test level (Holm across layers) [%(default)s]")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="level of each kind of claim (natural-like, diverges) across the layers [%(default)s]")
     p.add_argument("--circuits", action="store_true", help="also compare FV vs natural circuits (slower)")
     p.add_argument("--circuit-images", type=int, default=16,
                    help="natural (and other) images per unit for the circuit comparison [%(default)s]")
@@ -71,8 +72,8 @@ def config_from_args(args: argparse.Namespace):
         lo = 0 if name == "n_boot" else 1  # --n-boot 0: no CIs; the verdict needs a test, so --n-perm >= 1
         if v is not None and v < lo:
             raise FVSanityError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
-    if not 0 < args.alpha < 1:
-        raise FVSanityError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if not 0 < args.alpha < 0.5:  # the verdict's claims need alpha < 0.5 (VerdictSettings)
+        raise FVSanityError(f"--alpha must be in (0, 0.5), got {args.alpha}")
     return AuditConfig(
         steps=args.steps, seeds=args.seeds, size=args.size, seed=args.seed, metric=args.metric, top_k=args.top_k,
         n_other=args.n_other, use_class_images=not args.no_class_images, n_boot=args.n_boot, n_perm=args.n_perm,

@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
                         ("--n-boot", args.n_boot, 0), ("--n-perm", args.n_perm, 1)):  # n-boot 0: no CIs
         if v < lo:
             raise FVSanityError(f"{flag} must be >= {lo}, got {v}")
-    if not 0 < args.alpha < 1:
-        raise FVSanityError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if not 0 < args.alpha < 0.5:  # the verdict's claims need alpha < 0.5 (VerdictSettings)
+        raise FVSanityError(f"--alpha must be in (0, 0.5), got {args.alpha}")
     if args.labels is not None and not Path(args.labels).is_file():
         raise FVSanityError(f"--labels file not found: {args.labels!r}")
     if not args.unit and not args.fv:
