@@ -61,6 +61,7 @@ __all__ = [
     "fv_settings",
     "MixedRunError",
     "min_holm_p",
+    "design_notes",
 ]
 
 FORMAT = "fvsanity-audit/1"
@@ -79,7 +80,9 @@ class AuditConfig:
 
     Attributes:
         steps, seeds, size, lr, param, transforms, diversity: FV generation (see
-            :func:`fvsanity.generate.render`); ``seeds`` is the number of FVs per unit.
+            :func:`fvsanity.generate.render`); ``seeds`` is the number of FVs per unit, the
+            verdict's replicates (fewer than 5: every layer "inconclusive", see
+            :func:`design_notes`).
         seed: base seed (FV seeds are ``seed .. seed + seeds - 1``; statistics are seeded per
             unit from it and the unit's name).
         metric, top_k, n_other, use_class_images, n_boot, n_perm, alpha, confidence,
@@ -92,7 +95,7 @@ class AuditConfig:
     """
 
     steps: int = 512
-    seeds: int = 2
+    seeds: int = 5
     size: int | None = None
     lr: float = 0.05
     param: str = "fft"
@@ -241,6 +244,28 @@ def min_holm_p(n_fv: int, n_other: int, n_layers: int, n_perm: int, exact_limit:
     c = math.comb(n_fv + n_other, n_fv)
     p = 1.0 / c if c <= max(n_perm, exact_limit) else 1.0 / (n_perm + 1)  # stats.permutation_test's rule
     return min(1.0, n_layers * p)
+
+
+def design_notes(n_fv: int, n_layers: int, alpha: float = 0.05) -> list[str]:
+    """What the verdict cannot claim with ``n_fv`` FV seeds per unit and paths of up to
+    ``n_layers`` layers (:mod:`fvsanity.compare.verdict`: sign-flip tests over the seeds, smallest
+    attainable p 2^-S; "diverges" Holm over the layers), in the verdict's wording; [] when both
+    claims are reachable."""
+    from .compare.verdict import DIVERGES, INCONCLUSIVE, REASON_FLOOR, SEEDS, attainable_p, replicates_needed
+
+    notes = []
+    f_nat = attainable_p(n_fv, correction="fixed-sequence")
+    f_div = attainable_p(n_fv, n_layers=max(1, n_layers), correction="holm")
+    if f_nat > alpha:
+        need = replicates_needed(alpha, correction="fixed-sequence")
+        notes.append(f"with {n_fv} FV seed(s) per unit every layer is {INCONCLUSIVE}: "
+                     + REASON_FLOOR.format(need=need, what=SEEDS, floor=f_nat, alpha=alpha) + "; raise --seeds")
+    elif f_div > alpha:
+        need = replicates_needed(alpha, n_layers=max(1, n_layers), correction="holm")
+        notes.append(f"with {n_fv} FV seed(s) per unit and up to {n_layers} layers the claim {DIVERGES!r} is out "
+                     "of reach: " + REASON_FLOOR.format(need=need, what=SEEDS, floor=f_div, alpha=alpha)
+                     + f"; such layers read {INCONCLUSIVE!r}")
+    return notes
 
 
 def _check_run(out: Path, run: dict) -> None:
@@ -413,6 +438,7 @@ def audit_unit(ctx: AuditContext, i: int, fv_images: torch.Tensor, fv_final: tor
             "path": path_json,
             "status": up.status,
             "verdict": path_json["verdict"],
+            "activation_range": path_json["activation_range"],
             "circuit": circuit,
             "figures": {
                 "profile": f"units/{uid}/profile.png",
@@ -594,15 +620,9 @@ def prepare_audit(
     n_fv = len(fvs["seeds"])
     n_oth = max(0, min(cfg.n_other, len(natural) - cfg.top_k))
     n_lay = max(len(lm.path_to(u.layer)) for u in units)
-    floor = min_holm_p(n_fv, n_oth, n_lay, cfg.n_perm)
-    notes = []
-    if floor > cfg.alpha:
-        notes.append(
-            f"with {n_fv} FV(s) per unit, about {n_oth} other images and up to {n_lay} layers, the smallest "
-            f"Holm-adjusted p is {floor:.3g} > alpha {cfg.alpha}: no layer can test significant; raise --seeds "
-            "or --n-other"
-        )
-        say("warning: " + notes[-1])
+    notes = design_notes(n_fv, n_lay, cfg.alpha)
+    for n in notes:
+        say("warning: " + n)
     done = _load_units_done(out, run["run_hash"])
     todo = [i for i, uid in enumerate(ids) if uid not in done]
     if done:
@@ -761,7 +781,7 @@ def _paired(out: Path, records: list[dict], cfg: AuditConfig) -> dict:
 
 
 def _across_units(records: list[dict], alpha: float) -> list[dict]:
-    """Wilcoxon test per layer across units (:func:`fvsanity.compare.path.across_units`)."""
+    """The verdict per layer with units as replicates (:func:`fvsanity.compare.path.across_units`)."""
     from types import SimpleNamespace as NS
 
     from .compare.path import across_units
@@ -773,7 +793,7 @@ def _across_units(records: list[dict], alpha: float) -> list[dict]:
         return []
     units = [
         NS(layers=[NS(name=x["name"], fv_vs_natural=num(x["fv_vs_natural"]), natural_vs_other=num(x["natural_vs_other"]),
-                      normalized=num(x["normalized"]), above_baseline=bool(x["above_baseline"]))
+                      normalized=num(x["normalized"]))
                    for x in r["path"]["layers"]],
            verdict=NS(status=r["path"].get("status", "ok")))  # insufficient units are left out
         for r in records
@@ -782,18 +802,19 @@ def _across_units(records: list[dict], alpha: float) -> list[dict]:
 
 
 def _summary(records: list[dict]) -> dict:
+    from .compare.verdict import OUTCOMES
+    from .report.tables import layer_counts
+
     n = len(records)
     short = sum(1 for r in records if r["verdict"].get("status", "ok") != "ok")  # too few references
-    div = sum(1 for r in records if r["verdict"]["n_not_above"] > 0 and r["verdict"].get("status", "ok") == "ok")
-    fr = [r["verdict"]["fraction_not_above"] for r in records]
+    per_layer = layer_counts(records)
     return {
         "n_units": n,
-        "n_diverging": div,
-        "n_consistent": n - div - short,
         "n_insufficient": short,
-        "mean_fraction_not_above": sum(fr) / n if n else None,
+        "units": {o: sum(1 for r in records if r["verdict"].get("outcome") == o) for o in OUTCOMES},
         "n_unit_layers": sum(r["verdict"]["n_layers"] for r in records),
-        "n_unit_layers_not_above": sum(r["verdict"]["n_not_above"] for r in records),
+        "unit_layers": {o: sum(c[o] for c in per_layer.values()) for o in OUTCOMES},
+        "layers": per_layer,
     }
 
 

@@ -125,9 +125,10 @@ def test_mixed_settings_refused(previous, images, capsys):
 
 def test_interrupted_run_resumes(tmp_path, images, monkeypatch, capsys):
     out = tmp_path / "run"
-    # 2 FVs vs 25 other images: a design that can reach significance (no power warning on stderr)
+    # 8 FV seeds: a design where both claims of the verdict can reach significance over the toy
+    # model's paths (no design note on stderr; issue 12: the seeds are the replicates)
     argv = ["audit", *TOY, "--units", "fc:1,fc:2,block4:3", "--images", str(images), "--out", str(out), *FAST,
-            "--seeds", "2", "--n-other", "25"]
+            "--seeds", "8", "--n-other", "25"]
     real = A.audit_unit
     calls = []
 
@@ -195,7 +196,8 @@ BAD_INPUTS = [
     (["check", "--model", "nope", *U], r"unknown model 'nope'"),
     (["check", *R20, "--steps", "-1", *U], r"--steps must be >= 1, got -1"),
     (["check", *R20, "--seeds", "0", *U], r"--seeds must be >= 1, got 0"),
-    (["check", *R20, "--alpha", "2", *U], r"--alpha must be in \(0, 1\), got 2\.0"),
+    (["check", *R20, "--alpha", "2", *U], r"--alpha must be in \(0, 0\.5\), got 2\.0"),
+    (["check", *R20, "--alpha", "0.6", *U], r"--alpha must be in \(0, 0\.5\), got 0\.6"),
     (["check", *R20, "--n-perm", "0", *U], r"--n-perm must be >= 1, got 0"),
     (["check", *R20, "--n-boot", "-1", *U], r"--n-boot must be >= 0, got -1"),
     (["check", *R20, "--out", "{file}/out", *U], r"is not writable"),
@@ -221,7 +223,7 @@ BAD_INPUTS = [
     (["audit", *R20, "--steps", "-1", "--units", "linear:1"], r"--steps must be >= 1, got -1"),
     (["audit", *R20, "--seeds", "0", "--units", "linear:1"], r"--seeds must be >= 1, got 0"),
     (["audit", *R20, "--size", "0", "--units", "linear:1"], r"--size must be >= 1, got 0"),
-    (["audit", *R20, "--alpha", "2", "--units", "linear:1"], r"--alpha must be in \(0, 1\), got 2\.0"),
+    (["audit", *R20, "--alpha", "2", "--units", "linear:1"], r"--alpha must be in \(0, 0\.5\), got 2\.0"),
     (["audit", *R20, "--n-perm", "0", "--units", "linear:1"], r"--n-perm must be >= 1, got 0"),
     (["audit", *R20, "--n-boot", "-1", "--units", "linear:1"], r"--n-boot must be >= 0, got -1"),
     (["audit", *R20, "--n-other", "0", "--units", "linear:1"], r"--n-other must be >= 1, got 0"),

@@ -12,12 +12,12 @@ import torch
 
 from fvsanity import audit as A
 from fvsanity.compare.path import (
-    INSUFFICIENT_LABEL,
     paired_similarity,
     path_check,
     select_references,
 )
 from fvsanity.compare.similarity import DesignError, list_metrics
+from fvsanity.compare.verdict import INCONCLUSIVE
 from fvsanity.data import from_tensor
 from fvsanity.units import parse_units
 
@@ -158,12 +158,18 @@ def test_class_unit_without_class_images_is_insufficient(tiny, tmp_path):
         res = path_check(tiny, ["fc:0", "fc:1"], fv, natural, **SETTINGS)
     no_class, ok = res.units
     assert no_class.status == "insufficient references: 0 image(s) of class 0 (c0) in the natural images; top-3 exemplars only"
-    assert no_class.verdict.label == INSUFFICIENT_LABEL and no_class.n_class_images == 0
-    assert ok.status == "ok" and ok.verdict.label != INSUFFICIENT_LABEL and ok.n_class_images == 8
+    # issue 12: no claim either way; every layer "inconclusive" with the status as its reason
+    assert no_class.verdict.outcome == INCONCLUSIVE and no_class.n_class_images == 0
+    assert no_class.verdict.label == f"inconclusive at its own layer ({no_class.status}); natural-like at no layer"
+    assert all(r.outcome == INCONCLUSIVE and r.reason == no_class.status for r in no_class.layers)
+    # the sufficient unit (random images, 2 FV seeds) is inconclusive too, for its own reasons
+    assert ok.status == "ok" and ok.n_class_images == 8 and ok.verdict.outcome == INCONCLUSIVE
+    assert not any(r.reason.startswith("insufficient references") for r in ok.layers)
     d = res.to_json()
-    assert d["units"][0]["status"].startswith("insufficient references") and d["units"][0]["verdict"]["label"] == "insufficient data"
+    assert d["units"][0]["status"].startswith("insufficient references")
+    assert d["units"][0]["verdict"]["label"].startswith("inconclusive at its own layer (insufficient references")
     assert d["units"][1]["status"] == "ok" and d["units"][0]["verdict"]["status"] == d["units"][0]["status"]
-    assert d["summary"]["verdicts"][INSUFFICIENT_LABEL] == 1
+    assert d["summary"]["n_insufficient"] == 1 and d["summary"]["verdicts"][INCONCLUSIVE] == 2
     assert all(r["n_units"] == 1 for r in d["across_units"])  # the insufficient unit is left out
 
     # audit: the unit record, the summary, the tables and the report say so
@@ -175,11 +181,11 @@ def test_class_unit_without_class_images_is_insufficient(tiny, tmp_path):
         out = A.run_audit(tiny, ["fc:0", "fc:1"], natural, tmp_path / "a", cfg, progress=False, render_fn=render_fn)
     rec = out.audit["units"][0]
     assert rec["status"].startswith("insufficient references: 0 image(s) of class 0")
-    assert rec["verdict"]["label"] == "insufficient data"
-    assert out.audit["summary"]["n_insufficient"] == 1 and out.audit["summary"]["n_diverging"] + out.audit["summary"]["n_consistent"] == 1
-    assert "| insufficient |" in out.table_md.read_text()
+    assert rec["verdict"]["outcome"] == INCONCLUSIVE and rec["verdict"]["label"].startswith("inconclusive at its own layer (insufficient")
+    assert out.audit["summary"]["n_insufficient"] == 1 and out.audit["summary"]["units"][INCONCLUSIVE] == 2
+    assert "| inconclusive (insufficient references: 0 image(s) of class 0" in out.table_md.read_text()
     html = out.report.read_text()
-    assert "Insufficient data:" in html and "0 image(s) of class 0" in html
+    assert "Insufficient references:" in html and "0 image(s) of class 0" in html
 
 
 def test_reference_rule_few_refs_and_few_others(tiny):
@@ -215,7 +221,7 @@ def test_cli_check_prints_insufficient(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out.splitlines()
     dog = next(line for line in printed if line.startswith("linear:5"))
-    assert "insufficient data" in dog and "0 image(s) of class 5 (dog)" in dog
+    assert dog.startswith("linear:5: inconclusive at its own layer (insufficient references") and "class 5 (dog)" in dog
     d = json.loads((out / "check.json").read_text())
     assert d["units"][0]["status"].startswith("insufficient references: 0 image(s) of class 5 (dog)")
     assert d["units"][1]["status"] == "ok" and d["units"][1]["n_class_images"] == 5

@@ -452,8 +452,12 @@ def test_pipeline_smoke_on_tiny_model(tmp_path, monkeypatch):
 
     for u in chk["units"]:  # 16 images of 5 classes: too few references is reported, never a flag
         unsound = [v["verdict"]["status"] for v in (u["original"], u["manipulated"]) if v["verdict"]["status"] != "ok"]
-        assert (u["flagged"] is None) == bool(unsound) and (not unsound or u["why"] == unsound[:1])
-    assert chk["n_undecided"] == sum(u["flagged"] is None for u in chk["units"])
+        assert not unsound or (u["flagged"] is None and u["why"] == unsound[:1])
+        # issue 12: only "diverges" evidence flags; "inconclusive" is neither flagged nor cleared
+        assert u["decision"] == {True: "flagged", False: "cleared", None: "inconclusive"}[u["flagged"]]
+        assert (u["flagged"] is True) == any(m == "diverges" and o != "diverges" for m, o in
+                                             zip(u["manipulated"]["outcomes"], u["original"]["outcomes"]))
+    assert chk["n_undecided"] == sum(u["flagged"] is None for u in chk["units"]) == chk["decisions"]["inconclusive"]
     assert d["check_flagged_fraction"] == fraction(chk["units"])
     ctrl = chk["control"]["units"]
     assert len(ctrl) >= 1 and d["check_control_flagged_fraction"] == fraction(ctrl)

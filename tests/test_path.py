@@ -10,16 +10,15 @@ import pytest
 import torch
 
 from fvsanity.compare.path import (
-    TRAVEL_LABEL,
     compare_path,
     layer_stats,
-    make_verdict,
     paired_similarity,
     pairwise,
     path_check,
     safe_ratio,
 )
 from fvsanity.compare.stats import permutation_test
+from fvsanity.compare.verdict import DIVERGES, INCONCLUSIVE, NATURAL_LIKE
 from fvsanity.data import from_tensor
 from fvsanity.hooks import count_hooks
 from fvsanity.units import parse_units
@@ -100,12 +99,16 @@ def test_layer_stats_uses_the_shared_permutation_test():
     assert d["p_exact"] and want.exact and d["p_raw"] == pytest.approx(float(want.pvalue), abs=1e-15)
 
 
-def test_verdict_logic():
-    v = make_verdict(["a", "b", "c", "d"], [0.001, 0.2, float("nan"), 0.05], alpha=0.05)
-    assert v.n_not_above == 2 and v.layers_not_above == ("b", "c")
-    assert v.fraction_not_above == 0.5 and v.label == "diverges from natural images for 2 of 4 layers"
-    v = make_verdict(["a", "b"], [0.0, 0.01], alpha=0.05)
-    assert v.n_not_above == 0 and v.label == TRAVEL_LABEL
+def test_verdict_withheld_for_insufficient_references():
+    """Too few references: the numbers are kept, every layer is "inconclusive" with the status as
+    its reason (issue 12: never "diverges" for lack of evidence)."""
+    w = _class_world()
+    why = "insufficient references: 1 natural reference image(s), need >= 2"
+    res, v = compare_path(w["same"], w["natural"], w["other"], n_boot=0, n_perm=100, status=why)
+    assert [r.outcome for r in res] == [INCONCLUSIVE, INCONCLUSIVE] and all(r.reason == why for r in res)
+    assert v.outcome == INCONCLUSIVE and v.status == why and (v.n_inconclusive, v.n_natural_like, v.n_diverges) == (2, 0, 0)
+    assert v.label == f"inconclusive at its own layer ({why}); natural-like at no layer"
+    assert res[0].normalized == pytest.approx(1.0, abs=0.15)  # the numbers are still reported
 
 
 def _class_world(seed=0, C=40, layers=("l1", "l2")):
@@ -133,17 +136,20 @@ def test_fv_like_natural_scores_one_and_fv_like_other_scores_zero(metric):
         assert r.normalized == pytest.approx(1.0, abs=0.15)
         assert r.ci_low < 1.0 < r.ci_high
         assert r.above_baseline and r.p_value <= 0.05
-    assert verdict.n_not_above == 0 and verdict.label == TRAVEL_LABEL
+    # 10 FV seeds: natural-like at both layers (the descriptive permutation p agrees)
+    assert [r.outcome for r in res] == [NATURAL_LIKE, NATURAL_LIKE] and verdict.outcome == NATURAL_LIKE
+    assert verdict.label == "natural-like at its own layer; natural-like from l1 on (2 of 2 layers)"
+    assert all(r.seed_sd > 0 and r.seed_min <= r.normalized <= r.seed_max for r in res)
     res, verdict = compare_path(w["oth_fv"], w["natural"], w["other"], metric=metric, n_boot=300, n_perm=2000)
     for r in res:
         assert abs(r.normalized) < 0.15
         assert r.ci_low < 0.0 < r.ci_high  # the interval covers 0 (fixed seeds: deterministic)
         assert not r.above_baseline
-    assert verdict.fraction_not_above == 1.0
-    assert verdict.label == "diverges from natural images for 2 of 2 layers"
+    assert [r.outcome for r in res] == [DIVERGES, DIVERGES] and verdict.n_diverges == 2
+    assert verdict.label == "diverges at its own layer; natural-like at no layer, diverges at 2 of 2 layers"
 
 
-def test_across_units_wilcoxon_known_answer():
+def test_across_units_verdict_known_answer():
     from fvsanity.compare.path import UnitPath, across_units
 
     def unit(fv_key, seed):
@@ -155,12 +161,15 @@ def test_across_units_wilcoxon_known_answer():
     rows = across_units(good)
     assert [r.name for r in rows] == ["l1", "l2"]
     for r in rows:
-        # all 6 differences positive: exact one-sided Wilcoxon p = 1 / 2^6; Holm over 2 layers
-        assert r.n_units == 6 and r.p_value == pytest.approx(1 / 64) and r.p_holm == pytest.approx(2 / 64)
-        assert r.above_baseline and r.mean_difference > 0 and r.n_units_above == 6
-        assert r.median_normalized == pytest.approx(1.0, abs=0.2)
+        # every unit's estimate above the 0.8 margin: exact sign-flip p = 1 / 2^6 (fixed sequence)
+        assert r.n_units == 6 and r.outcome == NATURAL_LIKE and r.p_natural_like == pytest.approx(1 / 64)
+        assert r.mean_difference > 0 and r.median_normalized == pytest.approx(1.0, abs=0.2)
     bad = across_units([unit("oth_fv", s) for s in range(6)])
-    assert not any(r.above_baseline for r in bad) and all(r.p_value > 0.05 for r in bad)
+    # every estimate below the 0.5 margin: p = 1 / 2^6, Holm over 2 layers -> 2 / 64
+    assert [r.outcome for r in bad] == [DIVERGES, DIVERGES] and all(r.p_diverges == pytest.approx(2 / 64) for r in bad)
+    # 3 units cannot reach alpha (floor 1/8): inconclusive with the units needed, never "diverges"
+    few = across_units([unit("oth_fv", s) for s in range(3)])
+    assert all(r.outcome == INCONCLUSIVE and "needs >= 6 units" in r.reason for r in few)
 
 
 def test_compare_path_is_seeded():
@@ -223,7 +232,11 @@ def test_path_check_tiny_model_well_formed(tiny):
     assert [u["unit"] for u in d["units"]] == [str(u) for u in units]
     for u in d["units"]:
         assert LAYER_KEYS <= set(u["layers"][0])
-        assert {"label", "n_layers", "n_not_above", "fraction_not_above"} <= set(u["verdict"])
+        assert {"outcome", "label", "n_layers", "counts", "natural_like_from"} <= set(u["verdict"])
+        assert u["verdict"]["outcome"] in (NATURAL_LIKE, DIVERGES, INCONCLUSIVE)
+        assert {r["outcome"] for r in u["layers"]} <= {NATURAL_LIKE, DIVERGES, INCONCLUSIVE}
+        assert sum(u["verdict"]["counts"].values()) == len(u["layers"])
+        assert u["unit_verdict"]["sentence"] == u["verdict"]["label"]
     fc0 = d["units"][0]
     assert [r["name"] for r in fc0["layers"]] == ["relu1", "relu2", "relu3", "fc"]
     assert fc0["class_index"] == 0 and fc0["n_class_images"] == 8
@@ -249,18 +262,26 @@ def test_path_check_fv_equal_to_class_images_travels(tiny):
     imgs = (colours[labels] + 0.2 * torch.rand(80, 3, 16, 16, generator=g)).clamp(0, 1)
     nat = from_tensor(imgs[:60], labels[:60])
     held_out, held_labels = imgs[60:], labels[60:]
-    u = path_check(tiny, ["fc:0"], held_out[held_labels == 0][:3][None], nat, top_k=0, n_other=40,
+    u = path_check(tiny, ["fc:0"], held_out[held_labels == 0][:5][None], nat, top_k=0, n_other=40,
                    n_boot=200, n_perm=500).units[0]
     assert [r.name for r in u.layers] == ["relu1", "relu2", "relu3", "fc"]
     for r in u.layers:
         assert r.normalized == pytest.approx(1.0, abs=0.05)
         assert r.ci_low <= 1.0 + 1e-9 and r.ci_high >= 1.0 - 1e-9
-    # conv layers: significantly above the other-class baseline. (The 5-dim fc output of a random
-    # tiny net ranks most images alike: Spearman ties at 1 leave the test without power there.)
-    assert [r.above_baseline for r in u.layers[:3]] == [True, True, True]
-    u = path_check(tiny, ["fc:0"], held_out[held_labels == 2][:3][None], nat, top_k=0, n_other=40,
+    # 5 FV seeds: natural-like at every layer (exact sign-flip floor 1/32 < 0.05, fixed sequence)
+    assert [r.outcome for r in u.layers] == [NATURAL_LIKE] * 4
+    assert u.verdict.label == "natural-like at its own layer; natural-like from relu1 on (4 of 4 layers)"
+    # 3 seeds cannot reach alpha: inconclusive, with the seeds needed (it used to read "diverges")
+    u = path_check(tiny, ["fc:0"], held_out[held_labels == 0][:3][None], nat, top_k=0, n_other=40,
                    n_boot=200, n_perm=500).units[0]
-    assert u.verdict.n_not_above == 4 and u.verdict.fraction_not_above == 1.0
+    assert all(r.outcome == INCONCLUSIVE and r.needed == 5 for r in u.layers)
+    assert u.layers[-1].reason == "needs >= 5 FV seeds (smallest attainable p 0.125 > alpha 0.05)"
+    # images of another class, 5 seeds: far from natural-like, but "diverges" over 4 layers (Holm)
+    # needs 7 seeds: inconclusive with that reason, never natural-like
+    u = path_check(tiny, ["fc:0"], held_out[held_labels == 2][:5][None], nat, top_k=0, n_other=40,
+                   n_boot=200, n_perm=500).units[0]
+    assert all(r.outcome == INCONCLUSIVE and "needs >= 7 FV seeds" in r.reason for r in u.layers)
+    assert u.verdict.n_natural_like == 0 and u.verdict.natural_like_from is None
     assert all(r.normalized < 0.7 for r in u.layers)
 
 

@@ -76,7 +76,7 @@ def test_path_check_and_audit_parse_each_unit_once(tiny, tmp_path, monkeypatch):
     def render_fn(lm, us, **kw):
         return SimpleNamespace(images=fv[: len(us)], final=torch.zeros(len(us), 2))
 
-    A.run_audit(tiny, ["fc:0", "fc:1"], natural, tmp_path / "a", A.AuditConfig(paired_metrics=(), **SETTINGS),
+    A.run_audit(tiny, ["fc:0", "fc:1"], natural, tmp_path / "a", A.AuditConfig(seeds=2, paired_metrics=(), **SETTINGS),
                 progress=False, render_fn=render_fn)
     assert counter.n == 2  # once each, at the entry (was: again in every unit's path check)
 
@@ -143,7 +143,7 @@ def test_audit_runs_the_model_once_over_natural_images_and_once_per_unit_over_fv
         return SimpleNamespace(images=fv[: len(us)], final=torch.zeros(len(us), 2))
 
     A.run_audit(tiny, ["fc:0", "fc:1", "relu3:2"], natural, tmp_path / "a",
-                A.AuditConfig(paired_metrics=(), **SETTINGS), progress=False, render_fn=render_fn)
+                A.AuditConfig(seeds=2, paired_metrics=(), **SETTINGS), progress=False, render_fn=render_fn)
     # one pass over the 40 natural images for all units; the 2 FVs of each unit once (was twice)
     assert seen == [40, 2, 2, 2]
 
@@ -191,17 +191,19 @@ def test_edge_attribution_settings_object_equals_the_keywords(tiny):
 
 # ------------------------------------------------------------------------------ the figure's numbers
 def test_path_profiles_are_numbers_without_matplotlib():
-    lay = lambda name, f, n, o, above: {  # noqa: E731
+    lay = lambda name, f, n, o, outcome: {  # noqa: E731
         "name": name, "fv_vs_natural": f, "natural_vs_natural": n, "natural_vs_other": o, "normalized": (f - o) / (n - o),
-        "ci_low": 0.0, "ci_high": 1.0, "above_baseline": above}
+        "ci_low": 0.0, "ci_high": 1.0, "outcome": outcome}
     doc = {"model": "m", "settings": {"metric": "spearman"}, "units": [
-        {"unit": "fc:0", "verdict": {"label": "x", "n_not_above": 1, "n_layers": 2},
-         "layers": [lay("a", 0.2, 0.6, 0.1, False), lay("b", 0.5, 0.6, 0.1, True)]},
-        {"unit": "fc:1", "verdict": {"label": "y", "n_not_above": 0, "n_layers": 2},
-         "layers": [lay("a", 0.4, 0.6, 0.2, True), lay("b", 0.7, 0.8, 0.2, True)]}]}
+        {"unit": "fc:0", "verdict": {"label": "x", "outcome": "inconclusive", "n_layers": 2},
+         "layers": [lay("a", 0.2, 0.6, 0.1, "diverges"), lay("b", 0.5, 0.6, 0.1, "inconclusive")]},
+        {"unit": "fc:1", "verdict": {"label": "y", "outcome": "natural-like", "n_layers": 2},
+         "layers": [lay("a", 0.4, 0.6, 0.2, "natural-like"), lay("b", 0.7, 0.8, 0.2, "natural-like")]}]}
     panels = path_profiles(doc, mode="panels")
     assert panels.mode == "panels" and len(panels.panels) == 2
+    # a cross marks the layer whose outcome is "diverges" (issue 12; no longer "not above baseline")
     assert panels.panels[0].curves[0][3] == [0.2, 0.5] and panels.panels[0].crosses == ((0, 0.2),)
+    assert panels.panels[1].crosses == ()
     mean = path_profiles(doc, mode="mean")
     (pn,) = mean.panels
     assert pn.names == ("a", "b") and pn.curves[0][3] == pytest.approx([0.3, 0.6])

@@ -18,17 +18,24 @@ from fvsanity.report.tables import latex_escape, markdown_escape, to_latex, to_m
 NASTY = "a_b & c % $5 #1 {x} ~y ^z \\w <v>"
 
 
-def _layer(name, fv, nat, oth, above, p):
+OWN_REASON = "needs >= 5 FV seeds (smallest attainable p 0.25 > alpha 0.05)"
+
+
+def _layer(name, fv, nat, oth, above, p, outcome=None):
     norm = (fv - oth) / (nat - oth)
+    if outcome is None:
+        outcome = "natural-like" if above else "diverges"
     return {
-        "name": name, "fv_vs_natural": fv, "natural_vs_natural": nat, "natural_vs_other": oth,
+        "name": name, "outcome": outcome, "reason": OWN_REASON if outcome == "inconclusive" else "",
+        "p_natural_like": 0.01, "p_diverges": 0.5, "seed_spread": {"sd": 0.05, "min": 0.4, "max": 0.6},
+        "fv_vs_natural": fv, "natural_vs_natural": nat, "natural_vs_other": oth,
         "normalized": norm, "ci_low": norm - 0.1, "ci_high": norm + 0.1, "p_value": p, "p_raw": p / 2,
         "above_baseline": above, "p_exact": True, "fv_vs_natural_ci": [fv - 0.01, fv + 0.01],
         "natural_vs_natural_ci": [nat - 0.01, nat + 0.01], "natural_vs_other_ci": [oth - 0.01, oth + 0.01],
     }
 
 
-def _unit(root, spec, uid, class_name, above_flags, circuit=None):
+def _unit(root, spec, uid, class_name, outcomes, circuit=None):
     d = root / "units" / uid
     g = torch.Generator().manual_seed(len(uid))
     fv_files, ex_files = [], []
@@ -39,13 +46,24 @@ def _unit(root, spec, uid, class_name, above_flags, circuit=None):
         save_png(d / f"exemplar{k}.png", torch.rand(3, 16, 16, generator=g))
         ex_files.append(f"units/{uid}/exemplar{k}.png")
     save_png(d / "profile.png", torch.rand(3, 40, 60, generator=g))
-    names = [f"block{i}" for i in range(len(above_flags))]
-    layers = [_layer(n, 0.5 + 0.1 * a, 0.8, 0.5, a, 0.01 if a else 0.9) for n, a in zip(names, above_flags)]
-    k = sum(not a for a in above_flags)
+    names = [f"block{i}" for i in range(len(outcomes))]
+    layers = [_layer(n, 0.5 + 0.1 * (o == "natural-like"), 0.8, 0.5, o == "natural-like", 0.01, o)
+              for n, o in zip(names, outcomes)]
+    counts = {o: outcomes.count(o) for o in ("natural-like", "diverges", "inconclusive")}
+    own = outcomes[-1]
+    own_s = f"inconclusive at its own layer ({OWN_REASON})" if own == "inconclusive" else f"{own} at its own layer"
+    k = 0
+    for o in reversed(outcomes):
+        if o != "natural-like":
+            break
+        k += 1
+    path_s = f"natural-like from {names[len(names) - k]} on ({k} of {len(names)} layers)" if k else "natural-like at no layer"
+    if counts["diverges"]:
+        path_s += f", diverges at {counts['diverges']} of {len(names)} layers"
     verdict = {
-        "label": "travels like natural images" if k == 0 else f"diverges from natural images for {k} of {len(names)} layers",
-        "n_layers": len(names), "n_not_above": k, "fraction_not_above": k / len(names), "alpha": 0.05,
-        "layers_not_above": [n for n, a in zip(names, above_flags) if not a],
+        "outcome": own, "label": f"{own_s}; {path_s}", "status": "ok", "n_layers": len(names), "counts": counts,
+        "natural_like_from": names[len(names) - k] if k else None,
+        "own_layer_reason": OWN_REASON if own == "inconclusive" else "", "alpha": 0.05,
     }
     return {
         "unit": spec, "id": uid, "layer": spec.split(":")[0], "channel": int(spec.split(":")[1]), "kind": "channel",
@@ -56,6 +74,8 @@ def _unit(root, spec, uid, class_name, above_flags, circuit=None):
         "path": {"unit": spec, "layers": layers, "verdict": verdict, "n_natural": 12, "n_class_images": 10,
                  "top_k_indices": [4, 2, 9], "n_other": 30},
         "verdict": verdict,
+        "activation_range": {"ratio": [1.5, 2.5], "ratio_median": 2.0, "ratio_max": 2.5, "natural_max": 2.0,
+                             "natural_silent": False},
         "circuit": circuit,
         "figures": {"profile": f"units/{uid}/profile.png", "circuit": None},
         "seconds": 1.0,
@@ -63,15 +83,15 @@ def _unit(root, spec, uid, class_name, above_flags, circuit=None):
 
 
 def synthetic_audit(root):
-    """Three units: one consistent (class name full of LaTeX specials), two diverging."""
+    """Three units: one natural-like (class name full of LaTeX specials), one inconclusive, one diverging."""
     circuit = {"method": "eap-ig", "steps": 8, "reference": "mean", "alpha": 0.05, "primary": "spearman",
                "summary": {"n_layers": 4, "n_layers_above_other": 1, "mean_calibrated": 0.25},
                "layers": [{"name": "conv1", "n_edges": 48, "primary": "spearman", "spearman": 0.7, "null_same": 0.8,
                            "null_other": 0.6, "calibrated": 0.5, "ci_low": 0.1, "ci_high": 0.9, "p_holm": 0.2}]}
     units = [
-        _unit(root, "fc:1", "fc_c1", NASTY, [True, True, True]),
-        _unit(root, "fc:7", "fc_c7", "goldfish", [False, True, False], circuit=circuit),
-        _unit(root, "relu3:5", "relu3_c5", None, [False, False]),
+        _unit(root, "fc:1", "fc_c1", NASTY, ["natural-like"] * 3),
+        _unit(root, "fc:7", "fc_c7", "goldfish", ["diverges", "natural-like", "inconclusive"], circuit=circuit),
+        _unit(root, "relu3:5", "relu3_c5", None, ["diverges", "diverges"]),
     ]
     return {
         "format": "fvsanity-audit/1",
@@ -82,7 +102,12 @@ def synthetic_audit(root):
         "fv_settings": {"steps": 16, "seeds": [0, 1], "size": [16, 16], "lr": 0.05, "param": "fft",
                         "transforms": "standard"},
         "fv_settings_hash": "abc123def456",
-        "summary": {"n_units": 3, "n_diverging": 2, "n_consistent": 1, "n_unit_layers": 8, "n_unit_layers_not_above": 4},
+        "summary": {"n_units": 3, "n_insufficient": 0,
+                    "units": {"natural-like": 1, "diverges": 1, "inconclusive": 1}, "n_unit_layers": 8,
+                    "unit_layers": {"natural-like": 4, "diverges": 3, "inconclusive": 1},
+                    "layers": {"block0": {"natural-like": 1, "diverges": 2, "inconclusive": 0},
+                               "block1": {"natural-like": 2, "diverges": 1, "inconclusive": 0},
+                               "block2": {"natural-like": 1, "diverges": 0, "inconclusive": 1}}},
         "paired": {},
         "units": units,
         "timing": {"wall_s_run": 1.5, "unit_seconds_total": 3.0},
@@ -114,13 +139,20 @@ def test_tables_hold_every_unit_and_verdict(tmp_path):
     audit = synthetic_audit(tmp_path)
     rows = unit_rows(audit)
     assert [r["unit"] for r in rows] == ["fc:1", "fc:7", "relu3:5"]
-    assert [r["verdict"] for r in rows] == ["consistent", "diverges", "diverges"]
-    assert [r["not_above"] for r in rows] == ["0/3", "2/3", "2/2"]
+    # the verdict column: the outcome at the unit's own layer, inconclusive with its reason (issue 12)
+    assert [r["verdict"] for r in rows] == ["natural-like", f"inconclusive ({OWN_REASON})", "diverges"]
+    assert [r["counts"] for r in rows] == ["3/0/0", "1/1/1", "0/2/0"]  # natural-like/diverges/inconclusive
+    assert [r["act_range"] for r in rows] == ["2.00x"] * 3 and rows[0]["spread"] == "0.05"
     assert rows[1]["circuit"] == "0.25 (1/4)" and rows[0]["circuit"] == "-"
     md = to_markdown(audit)
-    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    unit_table = md.split("\n\n")[0]
+    lines = [ln for ln in unit_table.splitlines() if ln.startswith("| ")]
     assert len(lines) == 1 + 3  # header + one row per unit
-    for spec, verdict in (("fc:1", "consistent"), ("fc:7", "diverges"), ("relu3:5", "diverges")):
+    assert "Of 3 units, at their own layer: 1 natural-like, 1 diverges, 1 inconclusive." in md
+    # the per-layer table: units natural-like / diverges / inconclusive per layer
+    assert "| Layer | Units | natural-like | diverges | inconclusive | Across units |" in md
+    assert "| block0 | 3 | 1 | 2 | 0 | - |" in md and "| block2 | 2 | 1 | 0 | 1 | - |" in md
+    for spec, verdict in (("fc:1", "natural-like"), ("fc:7", f"inconclusive ({OWN_REASON})"), ("relu3:5", "diverges")):
         row = next(ln for ln in lines if ln.startswith(f"| {spec} |"))
         assert row.rstrip().endswith(f"| {verdict} |")
     assert "Circuit overlap" in lines[0]
@@ -130,14 +162,16 @@ def test_tables_hold_every_unit_and_verdict(tmp_path):
     tex = to_latex(audit)
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
     assert latex_escape(NASTY) in tex
-    body = [ln for ln in tex.splitlines() if ln.endswith("\\\\")]
+    unit_tex = tex.split("\\end{table}")[0]
+    body = [ln for ln in unit_tex.splitlines() if ln.endswith("\\\\")]
     assert len(body) == 1 + 3
     for ln in body:
         # no unescaped special outside commands: strip escapes, then none of & % $ # _ remain unescaped
         cells = re.split(r"(?<!\\)&", ln[:-2])
-        assert len(cells) == 9  # 9 columns (circuit column present)
+        assert len(cells) == 11  # 11 columns (circuit column present)
         assert not re.search(r"(?<!\\)[%$#_]", ln)
     assert "relu3:5" in tex and "goldfish" in tex
+    assert "block0 & 3 & 1 & 2 & 0 & - \\\\" in tex  # the per-layer table
 
 
 def test_table_without_circuits_has_no_circuit_column(tmp_path):
@@ -181,7 +215,8 @@ def test_html_self_contained(tmp_path):
     assert "<v>" not in text
     for u in audit["units"]:
         assert u["verdict"]["label"] in alltext
-    assert "diverges from natural images for 2 of 3 layers" in alltext
+    assert "diverges at 1 of 3 layers" in alltext and OWN_REASON in alltext
+    assert "not above" not in text and "1 natural-like, 1 diverges, 1 inconclusive" in alltext
     assert "mean calibrated overlap 0.25" in alltext
 
 
@@ -219,8 +254,7 @@ def _check_doc():
     for spec, flags in (("fc:1", [True, True, False]), ("fc:7", [False, True, True])):
         u = [_layer(n, 0.5 + 0.1 * a, 0.8, 0.5, a, 0.01 if a else 0.9) for n, a in zip(names, flags)]
         units.append({"unit": spec, "class_name": None, "layers": u,
-                      "verdict": {"label": "diverges from natural images for 1 of 3 layers", "n_not_above": 1,
-                                  "n_layers": 3}})
+                      "verdict": {"label": "natural-like at no layer", "outcome": "diverges", "n_layers": 3}})
     return {"model": "tiny_model", "settings": {"metric": "spearman"}, "units": units}
 
 

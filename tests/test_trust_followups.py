@@ -89,25 +89,34 @@ def test_settings_hash_ignores_wall_time():
 
 
 def test_closed_loop_gives_no_flag_without_enough_references():
-    """A unit whose path check lacks references gets flagged=None and is left out of the fractions."""
+    """A unit whose path check lacks references gets flagged=None and is left out of the fractions;
+    issue 12: only "diverges" evidence flags, "inconclusive" is neither flagged nor cleared."""
     from types import SimpleNamespace as NS
 
-    from fvsanity.compare.path import make_verdict
-    from fvsanity.fool.pipeline import _flag_units, _flagged_fraction
+    from fvsanity.fool.pipeline import _decision_counts, _flag_units, _flagged_fraction
 
-    def unit(name, normalized, p, status="ok"):
-        layer = NS(name="fc", above_baseline=p <= 0.05, normalized=normalized, ci_low=-1.0, ci_high=1.0)
-        return NS(unit=name, layers=[layer], verdict=make_verdict(["fc"], [p], 0.05, status))
+    def unit(name, outcome, status="ok", reason=""):
+        layer = NS(name="fc", outcome=outcome, reason=reason, normalized=0.0, ci_low=-1.0, ci_high=1.0)
+        verdict = NS(outcome=outcome, status=status, sufficient=status == "ok", to_json=lambda: {"outcome": outcome})
+        return NS(unit=name, layers=[layer], verdict=verdict)
 
-    ref = NS(units=[unit("fc:0", 0.9, 0.01), unit("fc:1", 0.9, 0.01), unit("fc:2", 0.9, 0.01)])
+    ref = NS(units=[unit(f"fc:{i}", "natural-like") for i in range(4)])
     bad = "insufficient references: 0 other natural image(s), need >= 2"
-    test = NS(units=[unit("fc:0", -0.5, 0.9), unit("fc:1", 0.9, 0.01), unit("fc:2", -0.5, 0.9, status=bad)])
+    test = NS(units=[unit("fc:0", "diverges"), unit("fc:1", "natural-like"),
+                     unit("fc:2", "inconclusive", status=bad, reason=bad),
+                     unit("fc:3", "inconclusive", reason="needs >= 5 FV seeds")])
     flagged_any, per_unit = _flag_units(ref, test)
-    assert [p["flagged"] for p in per_unit] == [True, False, None]
-    assert per_unit[2]["why"] == [bad]
+    assert [p["flagged"] for p in per_unit] == [True, False, None, None]
+    assert [p["decision"] for p in per_unit] == ["flagged", "cleared", "inconclusive", "inconclusive"]
+    assert per_unit[2]["why"] == [bad] and per_unit[0]["why"] == ["diverges at fc"]
+    assert per_unit[3]["why"] == ["inconclusive at its own layer (needs >= 5 FV seeds)"]
     assert flagged_any is True
     assert _flagged_fraction(per_unit) == 0.5  # 1 of the 2 decided units
+    assert _decision_counts(per_unit) == {"flagged": 1, "cleared": 1, "inconclusive": 2}
     assert math.isnan(_flagged_fraction([per_unit[2]]))
+    # a layer that already diverged on the reference model is no new evidence
+    same = NS(units=[unit("fc:0", "diverges")])
+    assert _flag_units(same, same)[1][0]["decision"] == "inconclusive"
 
 
 def test_register_model_refuses_a_duplicate_name():

@@ -174,10 +174,9 @@ def summarize(check: dict) -> dict:
         return sum(v) / len(v) if v else float("nan")
 
     diff = {n: curves["fv_vs_natural"][n]["mean"] - curves["natural_vs_other"][n]["mean"] for n in names}
-    counts: dict[str, int] = {}
-    for u in units:
-        k = u["verdict"]["n_not_above"]
-        counts[str(k)] = counts.get(str(k), 0) + 1
+    from fvsanity.compare.verdict import OUTCOMES as outcomes
+    per_layer = {n: {o: sum(1 for u in units for r in u["layers"] if r["name"] == n and r.get("outcome") == o)
+                     for o in outcomes} for n in names}
     return {
         "n_units": len(units),
         "layers": names,
@@ -186,8 +185,9 @@ def summarize(check: dict) -> dict:
         "fraction_units_above_baseline": above,
         "fv_minus_other": diff,
         "verdict_labels": {u["unit"]: u["verdict"]["label"] for u in units},
-        "units_by_n_layers_not_above": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
-        "fraction_unit_layers_not_above": sum(u["verdict"]["n_not_above"] for u in units) / sum(u["verdict"]["n_layers"] for u in units),
+        "layer_outcomes": per_layer,
+        "unit_layer_outcomes": {o: sum(c[o] for c in per_layer.values()) for o in outcomes},
+        "unit_outcomes": {o: sum(1 for u in units if u["verdict"]["outcome"] == o) for o in outcomes},
         "early_layers": early,
         "late_layers": late,
         "early": {
@@ -252,7 +252,7 @@ def run_setup(name: str, cfg: dict, common: dict, out: Path, smoke: bool, allow_
                          title=f"{lm.name}: {len(units)} class units, FVs {fvs.settings.get('steps')} steps x {len(fvs.seeds)} seeds")
     sub = dict(doc, units=doc["units"][:8])
     plot_path_similarity(sub, out / f"path_similarity_{name}_units.png", mode="panels", normalized=False,
-                         title=f"{lm.name}: first {len(sub['units'])} units (x: FV not above the other-class baseline)",
+                         title=f"{lm.name}: first {len(sub['units'])} units (x: layer outcome 'diverges')",
                          dpi=75)
     plot_traces(fvs.traces, units, out / f"objective_traces_{name}.png", f"{lm.name}: objective traces ({len(units)} units x {len(fvs.seeds)} seeds)")
 
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
             "late_fraction_above": round(s["late"]["fraction_above_baseline"], 3),
             "early_median_normalized": round(s["early"]["median_normalized"], 3),
             "late_median_normalized": round(s["late"]["median_normalized"], 3),
-            "fraction_unit_layers_not_above": round(s["fraction_unit_layers_not_above"], 3),
+            "unit_layer_outcomes": s["unit_layer_outcomes"],
         }
     print(json.dumps(json.loads(dumps(head))))
     return 0

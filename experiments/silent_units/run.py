@@ -159,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                 "timing": d["timing"],
                 "check": {k: v for k, v in d.get("check", {}).items() if k != "units"},
                 "check_units": [
-                    {"unit": u["unit"], "flagged": u["flagged"], "why": u.get("why"),
+                    {"unit": u["unit"], "flagged": u["flagged"], "decision": u.get("decision"), "why": u.get("why"),
                      "own_layer_normalized": u.get("own_layer_normalized"),
-                     "original_not_above": u["original"]["verdict"]["n_not_above"],
-                     "manipulated_not_above": u["manipulated"]["verdict"]["n_not_above"], "n_layers": len(u["layers"])}
+                     "original_outcomes": u["original"]["verdict"]["counts"],
+                     "manipulated_outcomes": u["manipulated"]["verdict"]["counts"], "n_layers": len(u["layers"])}
                     for u in d.get("check", {}).get("units", [])
                 ],
                 "model_dir": str(out / "model"),

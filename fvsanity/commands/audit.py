@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--max-per-class", type=int, default=None, help="subsample natural images per class")
     p.add_argument("--limit", type=int, default=None, help="subsample natural images overall")
     p.add_argument("--steps", type=int, default=512, help="FV optimization steps [%(default)s]")
-    p.add_argument("--seeds", type=int, default=2, help="FVs per unit [%(default)s]")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="FVs per unit (the verdict's replicates; < 5: every layer inconclusive) [%(default)s]")
     p.add_argument("--size", type=int, default=None, help="FV size in px [the model's input size]")
     p.add_argument("--fv", default=None,
                    help="reuse FVs from a `fvsanity visualize` output folder (default units: all of its units)")
@@ -50,7 +51,8 @@ def register(sub) -> None:
     p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples [%(default)s]")
     p.add_argument("--n-perm", type=int, default=1000, help="permutations [%(default)s]")
-    p.add_argument("--alpha", type=float, default=0.05, help="test level (Holm across layers) [%(default)s]")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="level of each kind of claim (natural-like, diverges) across the layers [%(default)s]")
     p.add_argument("--circuits", action="store_true", help="also compare FV vs natural circuits (slower)")
     p.add_argument("--circuit-images", type=int, default=16,
                    help="natural (and other) images per unit for the circuit comparison [%(default)s]")
@@ -70,8 +72,8 @@ def config_from_args(args: argparse.Namespace):
         lo = 0 if name == "n_boot" else 1  # --n-boot 0: no CIs; the verdict needs a test, so --n-perm >= 1
         if v is not None and v < lo:
             raise FVSanityError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
-    if not 0 < args.alpha < 1:
-        raise FVSanityError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if not 0 < args.alpha < 0.5:  # the verdict's claims need alpha < 0.5 (VerdictSettings)
+        raise FVSanityError(f"--alpha must be in (0, 0.5), got {args.alpha}")
     return AuditConfig(
         steps=args.steps, seeds=args.seeds, size=args.size, seed=args.seed, metric=args.metric, top_k=args.top_k,
         n_other=args.n_other, use_class_images=not args.no_class_images, n_boot=args.n_boot, n_perm=args.n_perm,
@@ -114,10 +116,12 @@ def run(args: argparse.Namespace) -> int:
     res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress, image_options=opts)
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
     save_config(args, out)
+    from ..report.tables import summary_sentence
+
     s = res.audit["summary"]
     print(
-        f"audited {s['n_units']} units ({len(res.computed)} computed now): {s['n_diverging']} diverge from their "
-        f"natural images on >= 1 layer; wall time {time.perf_counter() - t0:.1f} s",
+        f"audited {s['n_units']} units ({len(res.computed)} computed now). {summary_sentence(s)} "
+        f"Wall time {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
     )
     print(f"report: {res.report}")

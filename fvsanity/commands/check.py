@@ -3,6 +3,8 @@
 Generates the units' FVs (or loads them with ``--fv``), runs every natural image through the
 model once, and compares, layer by layer along each unit's path, FV-vs-natural similarity with
 the natural-vs-natural (upper) and natural-vs-other (lower) references (Geirhos et al. 2023).
+Per layer the verdict is one of "natural-like", "diverges", "inconclusive" (with its reason), the
+FV seeds being the replicates (:mod:`fvsanity.compare.verdict`); printed as a table per unit.
 Writes ``check.json`` (per unit: layers + verdict; settings, seeds, versions),
 ``path_similarity.png`` and ``config.json`` to ``--out``.
 """
@@ -38,7 +40,9 @@ def register(sub) -> None:
                         "model's weights), a tensor file [U,S,3,H,W], or image file(s) for a single unit (tensors "
                         "and images carry no model record: taken as your own images, unchecked) [generate them]")
     p.add_argument("--steps", type=int, default=512, help="FV optimization steps when generating [%(default)s]")
-    p.add_argument("--seeds", type=int, default=2, help="FVs (seeds) per unit when generating [%(default)s]")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="FVs (seeds) per unit when generating: the verdict's replicates; fewer than 5 leave "
+                        "every layer inconclusive [%(default)s]")
     p.add_argument("--metric", choices=list_metrics(design="unpaired") + list_metrics(design="paired"),
                    default="spearman",
                    help="a per-unit (unpaired) metric for the curves (paper: spearman), or a paired-design metric "
@@ -50,7 +54,8 @@ def register(sub) -> None:
     p.add_argument("--n-other", type=int, default=200, help="other natural images per unit [%(default)s]")
     p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
     p.add_argument("--layers", default=None, help="comma-separated layers [the unit's block path]")
-    p.add_argument("--alpha", type=float, default=0.05, help="test level (Holm across layers) [%(default)s]")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="level of each kind of claim (natural-like, diverges) across the layers [%(default)s]")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples [%(default)s]")
     p.add_argument("--n-perm", type=int, default=1000, help="permutations [%(default)s]")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass [%(default)s]")
@@ -127,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
                         ("--n-boot", args.n_boot, 0), ("--n-perm", args.n_perm, 1)):  # n-boot 0: no CIs
         if v < lo:
             raise FVSanityError(f"{flag} must be >= {lo}, got {v}")
-    if not 0 < args.alpha < 1:
-        raise FVSanityError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if not 0 < args.alpha < 0.5:  # the verdict's claims need alpha < 0.5 (VerdictSettings)
+        raise FVSanityError(f"--alpha must be in (0, 0.5), got {args.alpha}")
     if args.labels is not None and not Path(args.labels).is_file():
         raise FVSanityError(f"--labels file not found: {args.labels!r}")
     if not args.unit and not args.fv:
@@ -189,10 +194,10 @@ def run(args: argparse.Namespace) -> int:
 
     if natural.n_unreadable:
         print(f"note: {natural.n_unreadable} unreadable image file(s) skipped (listed in check.json 'data')")
-    width = max(len(str(u)) for u in units)
-    for u in res.units:
-        why = f"  [{u.status}]" if u.status != "ok" else ""
-        print(f"{u.unit:<{width}}  {u.verdict.label}  (natural refs {len(u.natural_indices)}, other {u.n_other}){why}")
+    from ..report.tables import check_lines
+
+    for line in check_lines(doc):
+        print(line)
     for name, rows in res.paired.items():
         print(f"paired {name} across {len(units)} units: " + "  ".join(f"{r.name}={r.value:.2f}" for r in rows))
     print(f"wrote {', '.join(str(p) for p in written.values())}, {fig}, {out / 'config.json'}")

@@ -18,7 +18,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="audit the embedded default model (offline, a few minutes)", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output folder [%(default)s]")
     p.add_argument("--steps", type=int, default=256, help="FV optimization steps [%(default)s]")
-    p.add_argument("--seeds", type=int, default=2, help="FVs per unit [%(default)s]")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="FVs per unit (the verdict's replicates; < 5: every layer inconclusive) [%(default)s]")
     p.add_argument("--class-units", type=int, default=4, help="class units of the output layer [%(default)s]")
     p.add_argument("--block-units", type=int, default=2, help="channels of the last block [%(default)s]")
     p.add_argument("--device", default=None, help="cpu, cuda, ... [cuda if available, else cpu]")
@@ -76,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = AuditConfig(steps=args.steps, seeds=args.seeds, seed=args.seed)
     res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress)
     save_config(args, out)
+    from ..report.tables import summary_sentence
+
     s = res.audit["summary"]
     print(
-        f"audited {s['n_units']} units of {lm.name} (weights: {weights}): {s['n_diverging']} diverge from their natural images on "
-        f">= 1 layer; table: {res.table_md}; wall time {time.perf_counter() - t0:.1f} s",
+        f"audited {s['n_units']} units of {lm.name} (weights: {weights}). {summary_sentence(s)} "
+        f"Table: {res.table_md}; wall time {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
     )
     print(f"report: {res.report}")

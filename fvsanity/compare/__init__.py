@@ -59,3 +59,22 @@ from .stats import (  # noqa: F401
     permutation_test,
     rankdata,
 )
+from .verdict import (  # noqa: F401
+    DIVERGES,
+    INCONCLUSIVE,
+    NATURAL_LIKE,
+    OUTCOMES,
+    ActivationRange,
+    LayerEvidence,
+    LayerOutcome,
+    UnitVerdict,
+    VerdictError,
+    VerdictSettings,
+    activation_range,
+    across_units_verdict,
+    attainable_p,
+    layer_evidence,
+    replicates_needed,
+    unit_sentence,
+    unit_verdict,
+)

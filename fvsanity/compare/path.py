@@ -20,11 +20,17 @@ excluded by original index) gives percentile intervals. Test: a one-sided permut
 of "FVs are no more similar to R than other images are": items F and O, score of an item = its
 mean similarity to R, statistic = mean score of F - mean score of O, labels permuted (exactly,
 over all relabellings, when there are at most ``max(n_perm, stats.EXACT_LIMIT = 200 000)``,
-e.g. up to 2 FVs among ~600 items; else Monte Carlo, p = (1 + k) / (1 + n_perm)). Holm
-correction across the layers of a unit. Verdict: the fraction of layers whose FV-vs-natural
-similarity is NOT above the other-image baseline at level ``alpha`` (Holm-adjusted). With
-several units, a population test per layer (Wilcoxon signed-rank across units of
-fv_vs_natural - natural_vs_other, Holm across layers) complements the per-unit verdicts.
+e.g. up to 2 FVs among ~600 items; else Monte Carlo, p = (1 + k) / (1 + n_perm)). The permutation p
+(Holm across the layers of a unit) is descriptive only: it is not the verdict.
+
+Verdict (:mod:`fvsanity.compare.verdict`, issue 12): per layer one of three outcomes,
+"natural-like", "diverges" or "inconclusive" (with its reason: the smallest attainable p and the
+FV seeds needed, references that do not separate, an estimate between the margins, or a test
+that is not significant), each claim with its own sign-flip test over the FV seeds (the unit of
+replication) against a margin of the normalized similarity; the unit's verdict summarizes its
+layers (the outcome at its own layer, the first layer from which its FVs are natural-like).
+Across units, per layer, the same test with units as replicates
+(:func:`fvsanity.compare.verdict.across_units_verdict`, via :func:`across_units`).
 
 The paired design across units (DESIGN.md 4.2): with >= 4 units, per layer, rows = units,
 A = each unit's mean FV activation, B = the mean activation of the same unit's natural
@@ -43,12 +49,12 @@ Seeds: every random choice of a unit (its O, bootstrap, permutations, split halv
 so a unit gets the same numbers alone, in any order, and in ``check`` or ``audit``.
 
 Too few references (the rule; :data:`MIN_REFERENCES`, :data:`MIN_OTHER`): a unit's numbers
-are reported but its verdict is replaced by :data:`INSUFFICIENT_LABEL` and its ``status`` says
+are reported but every layer's outcome is "inconclusive" with the reason ``status`` (which says
 why (``"insufficient references: ..."``; else ``"ok"``) when
   * it is a class unit checked with its class images and the natural images hold fewer than 2
     images of its class (its references would be top-k exemplars of other classes),
   * it has fewer than 2 natural references (natural_vs_natural is undefined), or
-  * fewer than 2 other images remain (no usable lower reference / permutation pool).
+  * fewer than 2 other images remain (no usable lower reference / permutation pool)).
 Such units are left out of the across-units population test.
 
 Statistics (ranks, bootstrap counts and percentile intervals, permutation p, Holm) come from
@@ -70,6 +76,22 @@ import torch
 
 from ..errors import FVSanityError
 from .stats import bootstrap_counts, holm, percentile_interval, permutation_pvalue, permutation_test
+from .verdict import (
+    DIVERGES,
+    INCONCLUSIVE,
+    NATURAL_LIKE,
+    ActivationRange,
+    LayerEvidence,
+    LayerOutcome,
+    UnitVerdict,
+    VerdictError,
+    VerdictSettings,
+    activation_range,
+    across_units_verdict,
+    layer_evidence,
+    unit_verdict,
+    withhold,
+)
 
 __all__ = [
     "LayerResult",
@@ -82,7 +104,6 @@ __all__ = [
     "pairwise",
     "layer_stats",
     "compare_path",
-    "make_verdict",
     "paired_similarity",
     "path_check",
     "PathCheckSettings",
@@ -97,14 +118,10 @@ __all__ = [
     "unit_seed",
     "split_halves",
     "validate_metrics",
-    "INSUFFICIENT_LABEL",
     "MIN_REFERENCES",
     "MIN_OTHER",
 ]
 
-DIVERGE_LABEL = "diverges from natural images for {k} of {n} layers"
-TRAVEL_LABEL = "travels like natural images"
-INSUFFICIENT_LABEL = "insufficient data"
 #: fewest natural references (and, for a class unit, images of its class) a verdict needs
 MIN_REFERENCES = 2
 #: fewest other natural images (lower reference, permutation pool) a verdict needs
@@ -172,13 +189,26 @@ def _f(x) -> float:
     return float(x)
 
 
+def _jf(x) -> float | None:
+    """JSON-safe float: NaN / inf -> None (so equal results compare equal as dicts)."""
+    return float(x) if math.isfinite(x) else None
+
+
 # ------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class LayerResult:
     """One layer of one unit's path profile (similarities in the metric's units, e.g. Spearman rho).
 
     ``ci_low``/``ci_high``: bootstrap interval of ``normalized``; ``p_value``: Holm-adjusted
-    permutation p of FV-vs-natural > natural-vs-other; ``p_raw`` before adjustment.
+    permutation p of FV-vs-natural > natural-vs-other, ``p_raw`` before adjustment,
+    ``above_baseline`` = p_value <= alpha: descriptive only, NOT the verdict.
+
+    The verdict at this layer (:mod:`fvsanity.compare.verdict`): ``outcome`` one of
+    ``verdict.OUTCOMES``; ``reason`` why "inconclusive" ("" otherwise); ``p_natural_like``,
+    ``p_diverges`` the claims' adjusted p; ``floor_natural_like``, ``floor_diverges`` the smallest
+    adjusted p each claim can reach with these FV seeds; ``needed`` FV seeds that would decide (None: decided, or not a question
+    of seeds); ``seed_sd``, ``seed_min``, ``seed_max`` the spread of the per-seed normalized
+    similarities (NaN with < 2 seeds).
     """
 
     name: str
@@ -195,10 +225,28 @@ class LayerResult:
     fv_vs_natural_ci: tuple[float, float]
     natural_vs_natural_ci: tuple[float, float]
     natural_vs_other_ci: tuple[float, float]
+    outcome: str = INCONCLUSIVE
+    reason: str = ""
+    p_natural_like: float = float("nan")
+    p_diverges: float = float("nan")
+    floor_natural_like: float = float("nan")
+    floor_diverges: float = float("nan")
+    needed: int | None = None
+    seed_sd: float = float("nan")
+    seed_min: float = float("nan")
+    seed_max: float = float("nan")
 
     def to_json(self) -> dict:
         return {
             "name": self.name,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "p_natural_like": _jf(self.p_natural_like),
+            "p_diverges": _jf(self.p_diverges),
+            "floor_natural_like": _jf(self.floor_natural_like),
+            "floor_diverges": _jf(self.floor_diverges),
+            "needed": self.needed,
+            "seed_spread": {"sd": _jf(self.seed_sd), "min": _jf(self.seed_min), "max": _jf(self.seed_max)},
             "fv_vs_natural": self.fv_vs_natural,
             "natural_vs_natural": self.natural_vs_natural,
             "natural_vs_other": self.natural_vs_other,
@@ -217,33 +265,51 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Per-unit verdict: on how many layers the FVs are not closer to R than other images are.
+    """A unit's verdict (:mod:`fvsanity.compare.verdict`): the outcome at its own layer and counts.
 
-    ``status``: ``"ok"``, or ``"insufficient references: <why>"`` (see the module docstring);
-    then ``label`` is :data:`INSUFFICIENT_LABEL` and the counts are not a finding.
+    Attributes:
+        outcome: the outcome at the unit's own layer (one of ``verdict.OUTCOMES``).
+        label: the one-sentence summary (``verdict.unit_sentence``), e.g. "natural-like at its
+            own layer; natural-like from layer3 on (2 of 4 layers)".
+        n_layers, n_natural_like, n_diverges, n_inconclusive: counts over the unit's path.
+        natural_like_from: first layer from which the FVs are natural-like (None: none).
+        alpha: the level of each kind of claim.
+        status: ``"ok"``, or ``"insufficient references: <why>"`` (module docstring); then every
+            layer is "inconclusive" with that reason.
+        unit: the full :class:`~fvsanity.compare.verdict.UnitVerdict` (per-layer evidence).
     """
 
-    n_layers: int
-    n_not_above: int
-    fraction_not_above: float
-    alpha: float
+    outcome: str
     label: str
-    layers_not_above: tuple[str, ...]
+    n_layers: int
+    n_natural_like: int
+    n_diverges: int
+    n_inconclusive: int
+    natural_like_from: str | None
+    alpha: float
     status: str = "ok"
+    unit: UnitVerdict | None = None
 
     @property
     def sufficient(self) -> bool:
         return self.status == "ok"
 
+    @classmethod
+    def from_unit(cls, uv: UnitVerdict, status: str = "ok") -> Verdict:
+        return cls(uv.outcome, uv.sentence, len(uv.layers), uv.n_natural_like, uv.n_diverges, uv.n_inconclusive,
+                   uv.natural_like_from, uv.settings.alpha, status, uv)
+
     def to_json(self) -> dict:
         return {
+            "outcome": self.outcome,
             "label": self.label,
             "status": self.status,
             "n_layers": self.n_layers,
-            "n_not_above": self.n_not_above,
-            "fraction_not_above": self.fraction_not_above,
+            "counts": {NATURAL_LIKE: self.n_natural_like, DIVERGES: self.n_diverges,
+                       INCONCLUSIVE: self.n_inconclusive},
+            "natural_like_from": self.natural_like_from,
+            "own_layer_reason": self.unit.own.reason if self.unit is not None and self.unit.own is not None else "",
             "alpha": self.alpha,
-            "layers_not_above": list(self.layers_not_above),
         }
 
 
@@ -263,6 +329,7 @@ class UnitPath:
     layers: tuple[LayerResult, ...]
     verdict: Verdict
     natural_paths: tuple[str, ...] = ()
+    activation: ActivationRange | None = None
 
     @property
     def status(self) -> str:
@@ -285,6 +352,8 @@ class UnitPath:
             "n_other": self.n_other,
             "layers": [r.to_json() for r in self.layers],
             "verdict": self.verdict.to_json(),
+            "unit_verdict": self.verdict.unit.to_json() if self.verdict.unit is not None else None,
+            "activation_range": self.activation.to_json() if self.activation is not None else None,
         }
 
 
@@ -316,33 +385,45 @@ class PairedLayer:
 
 @dataclass(frozen=True)
 class AcrossUnitsLayer:
-    """Population test at one layer over the checked units (each unit one observation).
+    """The verdict at one layer with the checked units as replicates (each unit one observation).
 
-    ``p_value``: one-sided Wilcoxon signed-rank test (exact for <= 50 units without ties) that
-    the per-unit differences fv_vs_natural - natural_vs_other are centred above 0; ``p_holm``:
-    Holm-adjusted across layers. Complements the per-unit verdicts, whose power is limited by the
-    number of FVs per unit.
+    ``outcome``/``reason``: :func:`fvsanity.compare.verdict.across_units_verdict` on the units'
+    normalized similarities (the same test, outcomes and wording as within a unit; e.g. 6 units
+    and Holm over 5 layers: "inconclusive: needs >= 7 units"). ``estimate``: the mean normalized
+    similarity over the units, ``ci_low``/``ci_high`` its one-sided bounds; ``median_normalized``
+    and ``mean_difference`` (fv_vs_natural - natural_vs_other) are descriptive.
     """
 
     name: str
     n_units: int
     mean_difference: float
     median_normalized: float
-    n_units_above: int
-    p_value: float
-    p_holm: float
-    above_baseline: bool
+    outcome: str
+    reason: str
+    estimate: float
+    ci_low: float
+    ci_high: float
+    p_natural_like: float
+    p_diverges: float
+    needed: int | None = None
 
     def to_json(self) -> dict:
+        def j(v):
+            return float(v) if math.isfinite(v) else None
+
         return {
             "name": self.name,
             "n_units": self.n_units,
-            "mean_difference": self.mean_difference,
-            "median_normalized": self.median_normalized,
-            "n_units_above": self.n_units_above,
-            "p_value": self.p_value,
-            "p_holm": self.p_holm,
-            "above_baseline": self.above_baseline,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "estimate": j(self.estimate),
+            "ci_low": j(self.ci_low),
+            "ci_high": j(self.ci_high),
+            "p_natural_like": j(self.p_natural_like),
+            "p_diverges": j(self.p_diverges),
+            "needed": self.needed,
+            "mean_difference": j(self.mean_difference),
+            "median_normalized": j(self.median_normalized),
         }
 
 
@@ -360,22 +441,18 @@ class PathCheck:
     across_units: tuple[AcrossUnitsLayer, ...] = ()
 
     def to_json(self) -> dict:
-        labels: dict[str, int] = {}
-        for u in self.units:
-            if not u.verdict.sufficient:
-                key = INSUFFICIENT_LABEL
-            else:
-                key = TRAVEL_LABEL if u.verdict.n_not_above == 0 else "diverges"
-            labels[key] = labels.get(key, 0) + 1
+        from .verdict import OUTCOMES
+
+        labels = {o: sum(u.verdict.outcome == o for u in self.units) for o in OUTCOMES}
+        layer_counts = {o: sum(r.outcome == o for u in self.units for r in u.layers) for o in OUTCOMES}
         out = {
             "model": self.model,
             "units": [u.to_json() for u in self.units],
             "summary": {
                 "n_units": len(self.units),
                 "verdicts": labels,
-                "mean_fraction_not_above": (
-                    sum(u.verdict.fraction_not_above for u in self.units) / len(self.units) if self.units else None
-                ),
+                "n_insufficient": sum(not u.verdict.sufficient for u in self.units),
+                "unit_layers": layer_counts,
             },
             "across_units": [a.to_json() for a in self.across_units],
             "paired": {k: [p.to_json() for p in v] for k, v in self.paired.items()},
@@ -457,18 +534,16 @@ def layer_stats(
     return out
 
 
-def make_verdict(names: Sequence[str], p_adjusted: Sequence[float], alpha: float, status: str = "ok") -> Verdict:
-    """Layers whose adjusted p is not <= ``alpha`` (NaN counts as not above) -> :class:`Verdict`.
-
-    ``status`` other than ``"ok"`` (too few references) replaces the label by
-    :data:`INSUFFICIENT_LABEL`.
-    """
-    not_above = tuple(n for n, p in zip(names, p_adjusted) if not (p <= alpha))
-    k, n = len(not_above), len(names)
-    label = TRAVEL_LABEL if k == 0 else DIVERGE_LABEL.format(k=k, n=n)
-    if status != "ok":
-        label = INSUFFICIENT_LABEL
-    return Verdict(n, k, k / n if n else float("nan"), alpha, label, not_above, status)
+def _outcome_fields(o: LayerOutcome) -> dict:
+    """A layer outcome's fields of :class:`LayerResult` (the spread over the FV seeds included)."""
+    reps = [v for v in o.evidence.replicates if math.isfinite(v)]
+    sd = float(torch.tensor(reps, dtype=torch.float64).std()) if len(reps) >= 2 else float("nan")
+    return {
+        "outcome": o.outcome, "reason": o.reason, "p_natural_like": o.p_natural_like_adj,
+        "p_diverges": o.p_diverges_adj, "floor_natural_like": o.floor_natural_like,
+        "floor_diverges": o.floor_diverges, "needed": o.needed, "seed_sd": sd,
+        "seed_min": min(reps) if reps else float("nan"), "seed_max": max(reps) if reps else float("nan"),
+    }
 
 
 def compare_path(
@@ -484,38 +559,50 @@ def compare_path(
     confidence: float = 0.95,
     seed: int = 0,
     status: str = "ok",
+    verdict_settings: VerdictSettings | None = None,
 ) -> tuple[tuple[LayerResult, ...], Verdict]:
-    """One unit's profile from pooled activations (no model needed).
+    """One unit's profile and verdict from pooled activations (no model needed).
 
     Args:
-        fv: {layer: Tensor [S, C]} the unit's FVs.
+        fv: {layer: Tensor [S, C]} the unit's FVs (S seeds: the verdict's replicates).
         natural: {layer: Tensor [m, C]} its natural references (m >= 2 for the upper reference).
         other: {layer: Tensor [n, C]} other natural images.
-        layers: order of the layers (default: ``fv``'s keys).
+        layers: order of the layers, the unit's own layer last (default: ``fv``'s keys).
         metric: vector-metric name (``fvsanity.compare.similarity``) or callable.
         seed: seeds the bootstrap and permutations (``torch.Generator``).
-        status: ``"ok"`` or why the references are insufficient (see :func:`make_verdict`).
+        status: ``"ok"`` or why the references are insufficient (then every layer is
+            "inconclusive" with this reason).
+        verdict_settings: :class:`~fvsanity.compare.verdict.VerdictSettings` (default: the
+            defaults at level ``alpha``).
 
     Returns:
-        (per-layer results with Holm-adjusted p, the verdict).
+        (per-layer results: curves, intervals, descriptive Holm-adjusted permutation p, and the
+        layer's outcome; the unit's :class:`Verdict`).
     """
     layers = list(fv) if layers is None else list(layers)
+    vst = verdict_settings or VerdictSettings(alpha=alpha)
     gen = torch.Generator().manual_seed(int(seed))
-    raw = []
+    vgen = torch.Generator().manual_seed(int(seed) + 1)
+    raw, evidence = [], []
     for name in layers:
         f, r, o = fv[name].flatten(1), natural[name].flatten(1), other[name].flatten(1)
-        raw.append(
-            layer_stats(
-                pairwise(metric, f, r), pairwise(metric, r, r), pairwise(metric, o, r),
-                n_boot=n_boot, n_perm=n_perm, confidence=confidence, generator=gen,
-            )
-        )
+        s_fr, s_rr, s_or = pairwise(metric, f, r), pairwise(metric, r, r), pairwise(metric, o, r)
+        raw.append(layer_stats(s_fr, s_rr, s_or, n_boot=n_boot, n_perm=n_perm, confidence=confidence, generator=gen))
+        try:
+            evidence.append(layer_evidence(name, s_fr, s_rr, s_or, n_layers=len(layers), settings=vst, generator=vgen))
+        except VerdictError:  # too few FVs / references / other images for any evidence
+            from .verdict import no_evidence
+
+            evidence.append(no_evidence(name))
+    uv = unit_verdict(evidence, settings=vst)
+    if status != "ok":
+        uv = withhold(uv, status)
     p_adj = _holm([d["p_raw"] for d in raw])
     results = tuple(
-        LayerResult(name=name, p_value=q, above_baseline=bool(q <= alpha), **d)
-        for name, d, q in zip(layers, raw, p_adj)
+        LayerResult(name=name, p_value=q, above_baseline=bool(q <= alpha), **d, **_outcome_fields(o))
+        for name, d, q, o in zip(layers, raw, p_adj, uv.layers)
     )
-    return results, make_verdict(layers, p_adj, alpha, status)
+    return results, Verdict.from_unit(uv, status)
 
 
 def paired_similarity(
@@ -585,37 +672,44 @@ def paired_similarity(
     return tuple(out)
 
 
-def across_units(units: Sequence[UnitPath], alpha: float = 0.05) -> tuple[AcrossUnitsLayer, ...]:
-    """Per layer (in path order, layers of every unit), a Wilcoxon signed-rank test across units.
+def across_units(
+    units: Sequence[UnitPath], alpha: float = 0.05, *, settings: VerdictSettings | None = None
+) -> tuple[AcrossUnitsLayer, ...]:
+    """Per layer (in path order, layers of any unit), the verdict with units as replicates.
 
-    Needs >= 2 units with a finite difference at a layer (else p is NaN). Units whose verdict
-    status is not ``"ok"`` (too few references) are left out. See :class:`AcrossUnitsLayer`.
+    :func:`fvsanity.compare.verdict.across_units_verdict` on each unit's normalized similarity
+    per layer (NaN: the unit lacks the layer or its references do not separate; left out there).
+    Units whose verdict status is not ``"ok"`` (too few references) are left out. See
+    :class:`AcrossUnitsLayer`.
     """
-    from scipy import stats
-
     units = [u for u in units if getattr(getattr(u, "verdict", None), "status", "ok") == "ok"]
     order: list[str] = []
     for u in units:
         order += [r.name for r in u.layers if r.name not in order]
+    if not units or not order:
+        return ()
+    nan = float("nan")
+    est = torch.full((len(units), len(order)), nan, dtype=torch.float64)
+    diffs: dict[str, list[float]] = {n: [] for n in order}
+    for i, u in enumerate(units):
+        for r in u.layers:
+            est[i, order.index(r.name)] = r.normalized if math.isfinite(r.normalized) else nan
+            d = r.fv_vs_natural - r.natural_vs_other
+            if math.isfinite(d):
+                diffs[r.name].append(d)
+    outs = across_units_verdict(order, est, settings=settings or VerdictSettings(alpha=alpha),
+                                generator=torch.Generator().manual_seed(0))
     rows = []
-    for name in order:
-        recs = [r for u in units for r in u.layers if r.name == name]
-        diffs = [r.fv_vs_natural - r.natural_vs_other for r in recs]
-        diffs = [d for d in diffs if math.isfinite(d)]
-        norm = sorted(r.normalized for r in recs if math.isfinite(r.normalized))
-        p = float("nan")
-        if len(diffs) >= 2 and any(d != 0 for d in diffs):
-            p = float(stats.wilcoxon(diffs, alternative="greater").pvalue)
-        elif len(diffs) >= 2:
-            p = 1.0
-        rows.append((name, len(diffs), sum(diffs) / len(diffs) if diffs else float("nan"),
-                     norm[len(norm) // 2] if norm else float("nan"), sum(r.above_baseline for r in recs), p))
-    adj = _holm([row[5] for row in rows]) if rows else []
-    return tuple(
-        AcrossUnitsLayer(name=n, n_units=k, mean_difference=m, median_normalized=med, n_units_above=a,
-                         p_value=p, p_holm=q, above_baseline=bool(q <= alpha))
-        for (n, k, m, med, a, p), q in zip(rows, adj)
-    )
+    for j, (name, o) in enumerate(zip(order, outs)):
+        col = est[:, j][torch.isfinite(est[:, j])]
+        med = float(col.sort().values[col.numel() // 2]) if col.numel() else nan
+        d = diffs[name]
+        e = o.evidence
+        rows.append(AcrossUnitsLayer(
+            name=name, n_units=int(col.numel()), mean_difference=sum(d) / len(d) if d else nan,
+            median_normalized=med, outcome=o.outcome, reason=o.reason, estimate=e.estimate, ci_low=e.ci_low,
+            ci_high=e.ci_high, p_natural_like=o.p_natural_like_adj, p_diverges=o.p_diverges_adj, needed=o.needed))
+    return tuple(rows)
 
 
 # ------------------------------------------------------------------------------ the check
@@ -830,7 +924,7 @@ def unit_path(
                             use_class_images=st.use_class_images, seed=st.seed)
     ref, pool_idx = sel.natural, sel.other
     if sel.status != "ok":
-        warnings.warn(f"unit {unit}: {sel.status}; its verdict reads {INSUFFICIENT_LABEL!r}", stacklevel=3)
+        warnings.warn(f"unit {unit}: {sel.status}; its verdict reads {INCONCLUSIVE!r} at every layer", stacklevel=3)
     res, verdict = compare_path(
         {name: fv_acts[name] for name in layers},
         {name: nat_acts[name][ref] for name in layers},
@@ -839,6 +933,13 @@ def unit_path(
         confidence=st.confidence, seed=unit_seed(st.seed, unit), status=sel.status,
     )
     S = next(iter(fv_acts.values())).shape[0] if fv_acts else 0
+    act = None
+    if S and responses.numel():
+        from .pipeline import response_from_pooled
+
+        fv_resp = response_from_pooled(fv_acts, unit)  # None: not readable from pooled activations
+        if fv_resp is not None:
+            act = activation_range(fv_resp, responses)
     return UnitPath(
         unit=str(unit), class_index=sel.class_index, class_name=sel.class_name, n_fv=S,
         natural_indices=tuple(ref.tolist()), n_class_images=int(sel.class_indices.numel()),
@@ -846,6 +947,7 @@ def unit_path(
         top_k_values=tuple(float(v) for v in sel.top_k_values),
         n_other=int(pool_idx.numel()), layers=res, verdict=verdict,
         natural_paths=tuple(natural.paths[j] for j in ref.tolist()) if natural.paths else (),
+        activation=act,
     )
 
 

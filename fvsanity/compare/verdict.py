@@ -129,6 +129,8 @@ __all__ = [
     "sign_flip",
     "unit_sentence",
     "unit_verdict",
+    "no_evidence",
+    "withhold",
 ]
 
 # ------------------------------------------------------------------------------ settings
@@ -1043,3 +1045,23 @@ def activation_range(fv_responses, natural_responses) -> ActivationRange:
     silent = top <= SILENT_EPS
     ratio = fv / max(top, SILENT_EPS)
     return ActivationRange(ratio, float(torch.quantile(ratio, 0.5)), float(ratio.max()), top, silent)
+
+
+# ------------------------------------------------------------------- withheld verdicts
+def no_evidence(name: str, replicate: str = SEEDS) -> LayerEvidence:
+    """A layer with no usable replicates (e.g. fewer than 2 references): n = 0, NaN estimate."""
+    nan = math.nan
+    return LayerEvidence(name, replicate, 0, nan, -math.inf, math.inf, 1.0, 1.0, 1.0, 0.0, True, nan, nan, nan)
+
+
+def withhold(verdict: UnitVerdict, reason: str) -> UnitVerdict:
+    """The same unit's verdict with every layer "inconclusive" for ``reason`` (e.g.
+    ``"insufficient references: ..."``): the numbers are kept, no claim is made."""
+    import dataclasses
+
+    outs = tuple(dataclasses.replace(o, outcome=INCONCLUSIVE, reason=reason, needed=None) for o in verdict.layers)
+    return dataclasses.replace(
+        verdict, layers=outs, natural_like_from=None, own=outs[-1] if outs else None,
+        n_natural_like=0, n_diverges=0, n_inconclusive=len(outs),
+        sentence=UNIT_SENTENCE.format(own=OWN_LAYER_SENTENCE[INCONCLUSIVE].format(reason=reason), path=PATH_NONE_SENTENCE),
+    )

@@ -545,6 +545,9 @@ def summarize_fool(lm: LoadedModel, fooled: LoadedModel, settings: FoolSettings,
         "check_flags_manipulation": check["flags_manipulation"] if check else None,
         "check_flagged_fraction": check.get("flagged_fraction") if check else None,
         "check_control_flagged_fraction": check["control"]["flagged_fraction"] if check and "control" in check else None,
+        # issue 12: flagged only on "diverges" evidence; inconclusive units counted separately
+        "check_decisions": check.get("decisions") if check else None,
+        "check_control_decisions": check["control"].get("decisions") if check and "control" in check else None,
         **method_summary,
     }
 
@@ -636,37 +639,68 @@ def run_fool(
     return result
 
 
+#: the closed loop's decision per unit (``"decision"`` in fool.json's check units)
+FLAGGED, CLEARED = "flagged", "cleared"
+
+
 def _flag_units(c_ref, c_test) -> tuple[bool, list[dict]]:
-    """The closed-loop rule on two path checks of the same units (reference vs tested model)."""
+    """The closed-loop rule on two path checks of the same units (reference vs tested model).
+
+    Only "diverges" evidence flags (:mod:`fvsanity.compare.verdict`): a unit is flagged when the
+    tested FVs' outcome is "diverges" at a layer where the reference FVs' outcome is not
+    (``flagged`` True, decision "flagged"); cleared when nothing new diverges and the tested FVs
+    are "natural-like" at the unit's own layer (False, "cleared"); otherwise "inconclusive"
+    (None): neither flagged nor cleared, counted separately, with the reason (the own layer's
+    reason, or the insufficient references)."""
+    from ..compare.verdict import DIVERGES, INCONCLUSIVE, NATURAL_LIKE
+
     per_unit, flagged_any = [], False
     for uo, um in zip(c_ref.units, c_test.units):
-        own_o = uo.layers[-1].above_baseline if uo.layers else None
-        own_m = um.layers[-1].above_baseline if um.layers else None
+        ref_out = {r.name: r.outcome for r in uo.layers}
+        new_div = [r.name for r in um.layers if r.outcome == DIVERGES and ref_out.get(r.name) != DIVERGES]
         norm_o = uo.layers[-1].normalized if uo.layers else float("nan")
         norm_m = um.layers[-1].normalized if um.layers else float("nan")
-        more_layers = um.verdict.n_not_above > uo.verdict.n_not_above
-        lost_own = bool(own_o) and not own_m
-        # at the unit's own layer the tested FV resembles the unit's natural images less than
-        # images of other classes do, while the reference FV resembled them at least as much
-        inverted = bool(norm_m < 0 <= norm_o)
-        flag = more_layers or lost_own or inverted
-        why = [w for w, b in (("more_layers_at_baseline", more_layers), ("own_layer_lost", lost_own),
-                              ("own_layer_below_other_classes", inverted)) if b]
         unsound = [v.status for v in (uo.verdict, um.verdict) if not v.sufficient]
-        if unsound:  # too few natural references: no flag either way (not counted in the fractions)
-            flag, why = None, unsound[:1]
+        if unsound:  # too few natural references: no claim either way
+            flag, decision, why = None, INCONCLUSIVE, unsound[:1]
+        elif new_div:
+            flag, decision, why = True, FLAGGED, [f"{DIVERGES} at {name}" for name in new_div]
+        elif um.verdict.outcome == NATURAL_LIKE:
+            flag, decision, why = False, CLEARED, [f"{NATURAL_LIKE} at its own layer"]
+        else:
+            own = um.layers[-1] if um.layers else None
+            flag, decision = None, INCONCLUSIVE
+            why = [f"{INCONCLUSIVE} at its own layer" + (f" ({own.reason})" if own is not None and own.reason else "")]
         flagged_any |= bool(flag)
         per_unit.append({
-            "unit": um.unit, "flagged": flag,
+            "unit": um.unit, "flagged": flag, "decision": decision,
             "why": why,
+            "own_layer_outcome": {"original": uo.verdict.outcome, "manipulated": um.verdict.outcome},
             "own_layer_normalized": {"original": norm_o, "manipulated": norm_m},
             "own_layer_ci": {"original": [uo.layers[-1].ci_low, uo.layers[-1].ci_high] if uo.layers else None,
                              "manipulated": [um.layers[-1].ci_low, um.layers[-1].ci_high] if um.layers else None},
-            "original": {"verdict": uo.verdict.to_json(), "normalized": [r.normalized for r in uo.layers]},
-            "manipulated": {"verdict": um.verdict.to_json(), "normalized": [r.normalized for r in um.layers]},
+            "original": {"verdict": uo.verdict.to_json(), "normalized": [r.normalized for r in uo.layers],
+                         "outcomes": [r.outcome for r in uo.layers]},
+            "manipulated": {"verdict": um.verdict.to_json(), "normalized": [r.normalized for r in um.layers],
+                            "outcomes": [r.outcome for r in um.layers]},
             "layers": [r.name for r in um.layers],
         })
     return flagged_any, per_unit
+
+
+def _counts_text(c: dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in c.items())
+
+
+def _or_none(x: float) -> float | None:
+    return None if x != x else x
+
+
+def _decision_counts(per_unit: list[dict]) -> dict[str, int]:
+    """How many units were flagged, cleared, inconclusive (the last counted separately)."""
+    from ..compare.verdict import INCONCLUSIVE
+
+    return {d: sum(p["decision"] == d for p in per_unit) for d in (FLAGGED, CLEARED, INCONCLUSIVE)}
 
 
 def _flagged_fraction(per_unit: list[dict]) -> float:
@@ -676,13 +710,11 @@ def _flagged_fraction(per_unit: list[dict]) -> float:
 
 
 def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_control=None) -> dict:
-    """Path check of the manipulated units on both models; flagged = the manipulated model's
-    verdict puts the FVs below the natural baseline on at least one more layer than the
-    original's, or on the unit's own layer where the original's FVs were above it, or at the
-    unit's own layer the manipulated FVs sit below the other-class baseline (normalized < 0)
-    where the original's sat at or above it. (With one image per class and 1-2 FV seeds the
-    per-layer tests rarely reach significance, so on SqueezeNet the first two parts have no room:
-    unmanipulated FVs are already "not above baseline" on 11-12 of 12 layers.)
+    """Path check of the manipulated units on both models, decided by :func:`_flag_units`: flagged
+    only on "diverges" evidence (the manipulated model's FVs diverge at a layer where the
+    original's do not), cleared when they are "natural-like" at the unit's own layer, else
+    "inconclusive" (neither; counted separately in ``decisions``). With few FV seeds most units
+    are inconclusive: the check says so instead of flagging them.
 
     ``fv_control``: FVs of the same units on the ORIGINAL model with other seeds; the same rule
     applied to them (original vs original) is the check's false-positive control.
@@ -699,14 +731,14 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
     out = {
         "available": True,
         "flags_manipulation": flagged_any,
-        "flagged_fraction": _flagged_fraction(per_unit),
+        "flagged_fraction": _or_none(_flagged_fraction(per_unit)),  # None: no unit decided
         "n_undecided": sum(p["flagged"] is None for p in per_unit),
-        "manipulated_diverges_fraction": sum(p["manipulated"]["verdict"]["n_not_above"] > 0 for p in per_unit) / max(1, len(per_unit)),
-        "original_diverges_fraction": sum(p["original"]["verdict"]["n_not_above"] > 0 for p in per_unit) / max(1, len(per_unit)),
-        "rule": "flagged if the manipulated model's FVs fall to the unrelated-image baseline on more layers "
-                "than the original model's, or on the unit's own layer where the original's did not, or if at "
-                "the unit's own layer they are less similar to its natural images than other-class images are "
-                "(normalized < 0) where the original's were not",
+        "decisions": _decision_counts(per_unit),
+        "manipulated_diverges_fraction": sum(p["manipulated"]["verdict"]["counts"]["diverges"] > 0 for p in per_unit) / max(1, len(per_unit)),
+        "original_diverges_fraction": sum(p["original"]["verdict"]["counts"]["diverges"] > 0 for p in per_unit) / max(1, len(per_unit)),
+        "rule": "flagged only on 'diverges' evidence: the manipulated model's FVs diverge at a layer where the "
+                "original model's do not; cleared when they are 'natural-like' at the unit's own layer; otherwise "
+                "'inconclusive' (neither flagged nor cleared, counted in 'decisions')",
         "units": per_unit,
     }
     if fv_control is not None:
@@ -714,14 +746,16 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
         ctrl_any, ctrl_units = _flag_units(c_o, c_c)
         out["control"] = {
             "flags": ctrl_any,
-            "flagged_fraction": _flagged_fraction(ctrl_units),
+            "flagged_fraction": _or_none(_flagged_fraction(ctrl_units)),
             "n_undecided": sum(p["flagged"] is None for p in ctrl_units),
+            "decisions": _decision_counts(ctrl_units),
             "what": "the same rule on the original model with other FV seeds (original vs original): a flag here is "
                     "a false positive",
-            "units": [{"unit": p["unit"], "flagged": p["flagged"], "why": p["why"]} for p in ctrl_units],
+            "units": [{"unit": p["unit"], "flagged": p["flagged"], "decision": p["decision"], "why": p["why"]}
+                      for p in ctrl_units],
         }
-        fool_log(f"closed loop: flags {out['flagged_fraction']:.2f} of manipulated units, "
-             f"{out['control']['flagged_fraction']:.2f} of the unmanipulated control")
+        dec, cdec = out["decisions"], out["control"]["decisions"]
+        fool_log(f"closed loop: manipulated units {dec}; unmanipulated control {cdec}")
     return out
 
 
@@ -759,8 +793,9 @@ def plot_fool(result: FoolResult, path: str | Path, max_rows: int = 4) -> Path:
         f"SSIM(FV, target): manipulated {s['ssim_manipulated_fv_to_target']:.3f} vs original {s['ssim_original_fv_to_target']:.3f}; "
         f"time x{s['inference_time_ratio']:.3f}",
         (f"{result.figure_note}; " if result.figure_note else "") + f"check flags it: {s['check_flags_manipulation']}"
-        + (f" ({pct(s.get('check_flagged_fraction'))} of units; unmanipulated control {pct(s.get('check_control_flagged_fraction'))})"
-           if s.get("check_flagged_fraction") is not None else ""),
+        + (f" ({pct(s.get('check_flagged_fraction'))} of decided units; unmanipulated control "
+           f"{pct(s.get('check_control_flagged_fraction'))})" if s.get("check_flagged_fraction") is not None else "")
+        + (f"; units {_counts_text(s['check_decisions'])}" if s.get("check_decisions") else ""),
     ]
     fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=7.5)
     fig.tight_layout(rect=(0, 0.11 + 0.02 * (4 - n), 1, 1))

@@ -20,7 +20,8 @@ import math
 import os
 from pathlib import Path
 
-from .tables import columns, short_verdict, unit_rows
+from ..compare.verdict import DIVERGE_MARGIN, DIVERGES, INCONCLUSIVE, NATURAL_LIKE, NATURAL_LIKE_MARGIN, OUTCOMES
+from .tables import columns, layer_columns, layer_rows, short_verdict, summary_sentence, unit_rows
 
 __all__ = ["render_html", "write_report", "png_data_uri", "THUMB"]
 
@@ -41,8 +42,8 @@ th{background:#f6f6f6;position:sticky;top:0}
 td:first-child,th:first-child,td.l,th.l{text-align:left}
 .badge{display:inline-block;padding:2px 8px;border-radius:10px;font-size:.8em;font-weight:600;
 vertical-align:middle}
-.badge.diverges{background:#fde2e1;color:#9b1c1c}.badge.consistent{background:#def7e5;color:#14532d}
-.badge.insufficient{background:#eee;color:#555}
+.badge.diverges{background:#fde2e1;color:#9b1c1c}.badge.natural-like{background:#def7e5;color:#14532d}
+.badge.inconclusive{background:#eee;color:#555}
 .unit{border:1px solid #e2e2e2;border-radius:8px;padding:14px 16px;margin:18px 0;background:#fff}
 .row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .gallery{display:flex;flex-wrap:wrap;gap:6px}
@@ -139,7 +140,7 @@ size {_e(fvs.get('size', '?'))}, lr {_e(fvs.get('lr', '?'))}, {_e(fvs.get('param
 settings hash <code>{_e(audit.get('fv_settings_hash', '?'))}</code><br>
 Check: {_e(s.get('metric', '?'))} similarity of mean-pooled activations, top-{_e(s.get('top_k', '?'))} exemplars
 {'+ class images ' if s.get('use_class_images') else ''}as natural references, {_e(s.get('n_other', '?'))} other images,
-{_e(s.get('n_boot', '?'))} bootstrap resamples, {_e(s.get('n_perm', '?'))} permutations, Holm at alpha = {_e(s.get('alpha', '?'))},
+{_e(s.get('n_boot', '?'))} bootstrap resamples, {_e(s.get('n_perm', '?'))} permutations (descriptive), verdict at alpha = {_e(s.get('alpha', '?'))},
 {_e(int(100 * float(s.get('confidence', 0.95))))}% intervals; seed {_e(s.get('seed', '?'))}<br>
 Versions: {_e(vtxt)}; python {_e(prov.get('python', '?'))}; git <code>{_e((prov.get('git_sha') or '-')[:12])}</code><br>
 Written {_e(audit.get('written_at', '?'))}. Wall time of the audit: {_e(t.get('wall_s_all_calls', t.get('wall_s_run', '?')))} s
@@ -160,7 +161,8 @@ def _summary(audit: dict) -> str:
             if k == "unit":
                 cells.append(f'<td><a href="#u-{_e(rec["id"])}">{_e(r[k])}</a></td>')
             elif k == "verdict":
-                cells.append(f'<td class="l"><span class="badge {_e(r[k])}">{_e(r[k])}</span></td>')
+                o = rec["verdict"].get("outcome", INCONCLUSIVE)
+                cells.append(f'<td class="l"><span class="badge {_e(o)}">{_e(o)}</span>{_e(r[k][len(o):])}</td>')
             elif k == "class":
                 cells.append(f'<td class="l">{_e(r[k])}</td>')
             else:
@@ -168,14 +170,34 @@ def _summary(audit: dict) -> str:
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"""
 <h2>Summary</h2>
-<p><b>{_e(s.get('n_diverging', '?'))} of {_e(s.get('n_units', len(rows)))}</b> units have FVs that diverge from
-their natural images on at least one layer of their path; over all units,
-{_e(s.get('n_unit_layers_not_above', '?'))} of {_e(s.get('n_unit_layers', '?'))} unit-layers are not significantly
-above the unrelated-image baseline.{f" {_e(s['n_insufficient'])} unit(s) have too few natural references for a verdict (insufficient data)." if s.get('n_insufficient') else ""} <span class="note">Norm. sim. = (FV vs natural - natural vs other) /
+<p><b>{_e(summary_sentence(s))}</b> <span class="note">{_e(VERDICT_NOTE)} Norm. sim. = (FV vs natural - natural vs other) /
 (natural vs natural - natural vs other): 0 = the FVs are as similar to the unit's natural images as unrelated
 images are, 1 = as similar as the natural images among themselves.</span></p>
 <table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
-"""
+{_layer_counts(audit)}"""
+
+
+#: how the per-layer outcomes are decided (one paragraph, the report's)
+VERDICT_NOTE = (
+    f"Per layer: {NATURAL_LIKE} when the normalized similarity is significantly above a margin "
+    f"({NATURAL_LIKE_MARGIN:g} by default), {DIVERGES} when significantly below another ({DIVERGE_MARGIN:g}), each by a sign-flip test over the unit's FV seeds "
+    f"({NATURAL_LIKE}: fixed sequence from the unit's own layer backward; {DIVERGES}: Holm over the layers); "
+    f"otherwise {INCONCLUSIVE}, with the reason (e.g. the FV seeds needed to reach alpha)."
+)
+
+
+def _layer_counts(audit: dict) -> str:
+    """Per layer: how many units are natural-like, diverge, are inconclusive; across-units outcome."""
+    rows = layer_rows(audit)
+    if not rows:
+        return ""
+    cols = layer_columns()
+    head = "".join(f'<th class="{"l" if k in ("layer", "across") else ""}">{_e(h)}</th>' for k, h in cols)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"l" if k in ("layer", "across") else ""}">{_e(r[k])}</td>' for k, _ in cols) + "</tr>"
+        for r in rows
+    )
+    return f"<h3>Per layer</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _across(audit: dict, root: Path) -> str:
@@ -184,19 +206,19 @@ def _across(audit: dict, root: Path) -> str:
     if not rows and not fig:
         return ""
     trs = "".join(
-        f"<tr><td>{_e(r['name'])}</td><td>{_e(r['n_units'])}</td><td>{_f(r['mean_difference'])}</td>"
-        f"<td>{_f(r['median_normalized'], 2)}</td><td>{_e(r['n_units_above'])}</td><td>{_f(r['p_holm'], 4)}</td>"
-        f"<td class=\"l\">{'<span class=yes>above</span>' if r.get('above_baseline') else '<span class=no>not above</span>'}</td></tr>"
+        f"<tr><td>{_e(r['name'])}</td><td>{_e(r['n_units'])}</td><td>{_f(r.get('estimate'), 2)} "
+        f"[{_f(r.get('ci_low'), 2)}, {_f(r.get('ci_high'), 2)}]</td><td>{_f(r.get('median_normalized'), 2)}</td>"
+        f"<td class=\"l\"><span class=\"badge {_e(r.get('outcome', INCONCLUSIVE))}\">{_e(r.get('outcome', INCONCLUSIVE))}"
+        f"</span> {_e(r.get('reason', ''))}</td></tr>"
         for r in rows
     )
     return (
-        "<h2>Across units</h2><p class=\"note\">Per layer, each unit is one observation: one-sided Wilcoxon "
-        "signed-rank test that FV-vs-natural similarity exceeds the natural-vs-other baseline across units "
-        "(Holm across layers). This population test has power even when a unit has few FVs.</p>"
+        "<h2>Across units</h2><p class=\"note\">Per layer, each unit is one observation (its normalized "
+        "similarity): the same outcomes and tests as within a unit, with units as replicates (sign-flip test "
+        f"against the margins; {NATURAL_LIKE}: fixed sequence, {DIVERGES}: Holm across layers).</p>"
         + (f'<div class="fig">{_img(root, fig, "layer profile, mean over units", palette=True)}</div>' if fig else "")
-        + ("<table><thead><tr><th>layer</th><th>units</th><th>mean FV-other difference</th><th>median normalized</th>"
-           "<th>units above (own test)</th><th>p (Holm)</th><th class=\"l\">FV vs baseline</th></tr></thead><tbody>"
-           + trs + "</tbody></table>" if rows else "")
+        + ("<table><thead><tr><th>layer</th><th>units</th><th>mean normalized [bounds]</th><th>median normalized</th>"
+           "<th class=\"l\">outcome</th></tr></thead><tbody>" + trs + "</tbody></table>" if rows else "")
     )
 
 
@@ -229,17 +251,19 @@ def _paired(audit: dict) -> str:
 def _layer_table(rec: dict) -> str:
     trs = []
     for r in rec["path"]["layers"]:
-        above = r.get("above_baseline")
-        mark = '<span class="yes">above</span>' if above else '<span class="no">not above</span>'
+        o = r.get("outcome", INCONCLUSIVE)
+        sp = r.get("seed_spread") or {}
         trs.append(
             f"<tr><td>{_e(r['name'])}</td><td>{_f(r['fv_vs_natural'])}</td><td>{_f(r['natural_vs_natural'])}</td>"
             f"<td>{_f(r['natural_vs_other'])}</td><td>{_f(r['normalized'], 2)} [{_f(r['ci_low'], 2)}, "
-            f"{_f(r['ci_high'], 2)}]</td><td>{_f(r['p_value'], 4)}</td><td class=\"l\">{mark}</td></tr>"
+            f"{_f(r['ci_high'], 2)}]</td><td>{_f(sp.get('sd'), 2)}</td><td>{_f(r.get('p_natural_like'), 4)}</td>"
+            f"<td>{_f(r.get('p_diverges'), 4)}</td><td class=\"l\"><span class=\"badge {_e(o)}\">{_e(o)}</span> "
+            f"{_e(r.get('reason', ''))}</td></tr>"
         )
     return (
         "<table><thead><tr><th>layer</th><th>FV vs natural</th><th>natural vs natural</th><th>natural vs other</th>"
-        "<th>normalized [CI]</th><th>p (Holm)</th><th class=\"l\">FV vs baseline</th></tr></thead><tbody>"
-        + "".join(trs) + "</tbody></table>"
+        "<th>normalized [CI]</th><th>seed SD</th><th>p natural-like</th><th>p diverges</th>"
+        "<th class=\"l\">outcome</th></tr></thead><tbody>" + "".join(trs) + "</tbody></table>"
     )
 
 
@@ -301,16 +325,17 @@ def _unit_section(rec: dict, root: Path, audit: dict) -> str:
     s = audit.get("settings", {})
     alpha = v.get("alpha", s.get("alpha"))
     conf = int(100 * float(s.get("confidence", 0.95)))
-    not_above = ", ".join(v.get("layers_not_above", [])) or "none"
+    ar = rec.get("activation_range") or path.get("activation_range")
+    own = v.get("outcome", INCONCLUSIVE)
     return f"""
 <section class="unit" id="u-{_e(rec['id'])}">
-<h3>{_e(name)} <span class="badge {sv}">{_e(v['label'])}</span></h3>
-{f'<p class="note no"><b>Insufficient data:</b> {_e(v.get("status"))}; the numbers below are not a verdict.</p>' if sv == "insufficient" else ""}
-<p><b>Verdict:</b> on {_e(v['n_not_above'])} of {_e(v['n_layers'])} layers ({_f(v['fraction_not_above'], 2)}) the FVs are
-not significantly more similar to this unit's natural images than unrelated natural images are
-(one-sided permutation test, Holm-corrected across layers, alpha = {_e(alpha)}; so each "above" holds at
-{_e(round(100 * (1 - float(alpha))))}% family-wise confidence). Layers not above: {_e(not_above)}.
-Normalized similarities below carry {conf}% bootstrap intervals over images.</p>
+<h3>{_e(name)} <span class="badge {_e(own)}">{_e(sv)}</span></h3>
+{f'<p class="note no"><b>Insufficient references:</b> {_e(v.get("status"))}; every layer is {INCONCLUSIVE}.</p>' if v.get("status", "ok") != "ok" else ""}
+<p><b>Verdict:</b> {_e(v['label'])}. Layers: {_e(", ".join(f"{(v.get('counts') or {}).get(o, 0)} {o}" for o in OUTCOMES))}
+of {_e(v['n_layers'])} (alpha = {_e(alpha)} per kind of claim). {_e(VERDICT_NOTE)}
+Activation range (FV response / largest natural response, per seed):
+{_e(", ".join(_f(x, 2) for x in ar["ratio"]) + f" (median {_f(ar['ratio_median'], 2)})" if ar else "n/a")}.
+Normalized similarities below carry {conf}% bootstrap intervals over images; seed SD = spread over the FV seeds.</p>
 <div class="row">
 <div><div class="note">Feature visualizations (unit activation)</div><div class="gallery">{fv_imgs}</div></div>
 <div><div class="note">Top natural exemplars (unit activation)</div><div class="gallery">{ex_imgs or '<span class="note">none</span>'}</div></div>

@@ -4,7 +4,8 @@ Curves (DESIGN.md 4.2, Geirhos et al. 2023 Fig. 5): FV vs the unit's natural ima
 natural vs natural (same class / exemplars, upper reference), natural vs other images (lower
 reference). ``mode="panels"``: one panel per unit; ``mode="mean"``: the mean over units (band:
 95% interval of the mean over units, t-based) with each unit's FV-vs-natural curve as a thin line
-and a star where the across-units test finds FV vs natural above the other-image baseline.
+and a star where the across-units verdict is "natural-like" (:mod:`fvsanity.compare.verdict`);
+in panels mode a cross marks each layer whose outcome is "diverges".
 An optional lower row shows the normalized score (0 = like unrelated images, 1 = like natural;
 per unit, and in mean mode the median over units, which ratios with small denominators
 do not dominate).
@@ -17,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..compare.verdict import DIVERGES, INCONCLUSIVE, NATURAL_LIKE, OUTCOMES
 
 CURVES = (
     ("fv_vs_natural", "FV vs natural", "tab:red"),
@@ -85,8 +88,8 @@ class PathPanel:
     Attributes:
         title: the panel title; names: layers on x.
         curves: (key, label, colour, y, lo, hi) per curve of :data:`CURVES` (lo/hi: band; NaN: none).
-        crosses: (x, y) where FV vs natural is not above the baseline (panels mode).
-        stars: (x, y) layers where the across-units test is above the baseline (mean mode).
+        crosses: (x, y) layers whose outcome is "diverges" (panels mode).
+        stars: (x, y) layers whose across-units outcome is "natural-like" (mean mode).
         thin: per-unit FV-vs-natural lines (xs, ys) (mean mode).
         norm: (y, lo, hi) of the normalized row, clipped to [-1, 2] (panels mode; lo/hi None in mean mode).
         thin_norm: per-unit normalized lines (xs, ys), clipped (mean mode).
@@ -144,7 +147,7 @@ def path_profiles(check, mode: str = "auto", max_panels: int = 12) -> PathProfil
                 hi = [_num(r[f"{key}_ci"][1]) if r.get(f"{key}_ci") else float("nan") for r in u["layers"]]
                 curves.append((key, label, color, y, lo, hi))
             crosses = tuple((xi, _num(r["fv_vs_natural"])) for xi, r in zip(x, u["layers"])
-                            if r.get("above_baseline") is False)
+                            if r.get("outcome") == DIVERGES)
             name = u["unit"] + (f" ({u['class_name']})" if u.get("class_name") else "")
             norm = ([_clip(_num(r["normalized"])) for r in u["layers"]],
                     [_clip(_num(r["ci_low"])) for r in u["layers"]],
@@ -170,16 +173,17 @@ def path_profiles(check, mode: str = "auto", max_panels: int = 12) -> PathProfil
                            [a - b for a, b in zip(y, half)], [a + b for a, b in zip(y, half)]))
         fv_mean = mean_profile(d, "fv_vs_natural")
         stars = tuple((names.index(a["name"]), fv_mean[a["name"]][0]) for a in d.get("across_units") or []
-                      if a.get("above_baseline") and a["name"] in names)
+                      if a.get("outcome") == NATURAL_LIKE and a["name"] in names)
         med = []
         for n in names:
             vals = sorted(_num(r["normalized"]) for u in units for r in u["layers"] if r["name"] == n)
             vals = [v for v in vals if math.isfinite(v)]
             med.append(_clip(vals[len(vals) // 2]) if vals else float("nan"))
+        counts = {o: sum(r.get("outcome") == o for u in units for r in u["layers"]) for o in OUTCOMES}
         ptitle = (
-            "per unit: FV vs natural not above the other-image baseline in "
-            f"{sum(u['verdict']['n_not_above'] for u in units)} of {sum(u['verdict']['n_layers'] for u in units)} unit-layers"
-            + ("\n* across units: FV vs natural above the baseline (Wilcoxon, Holm)" if d.get("across_units") else "")
+            f"per unit-layer: {counts[NATURAL_LIKE]} {NATURAL_LIKE}, {counts[DIVERGES]} {DIVERGES}, "
+            f"{counts[INCONCLUSIVE]} {INCONCLUSIVE} of {sum(len(u['layers']) for u in units)}"
+            + (f"\n* across units: {NATURAL_LIKE}" if d.get("across_units") else "")
         )
         panels.append(PathPanel(ptitle, tuple(names), tuple(curves), (), stars, tuple(thin), (med, None, None),
                                 tuple(thin_norm), mean_mode=True))
