@@ -251,7 +251,14 @@ def design_notes(n_fv: int, n_layers: int, alpha: float = 0.05) -> list[str]:
     ``n_layers`` layers (:mod:`fvsanity.compare.verdict`: sign-flip tests over the seeds, smallest
     attainable p 2^-S; "diverges" Holm over the layers), in the verdict's wording; [] when both
     claims are reachable."""
-    from .compare.verdict import DIVERGES, INCONCLUSIVE, REASON_FLOOR, SEEDS, attainable_p, replicates_needed
+    from .compare.verdict import (
+        DIVERGES,
+        INCONCLUSIVE,
+        REASON_FLOOR,
+        SEEDS,
+        attainable_p,
+        replicates_needed,
+    )
 
     notes = []
     f_nat = attainable_p(n_fv, correction="fixed-sequence")

@@ -20,7 +20,14 @@ import math
 import os
 from pathlib import Path
 
-from ..compare.verdict import DIVERGE_MARGIN, DIVERGES, INCONCLUSIVE, NATURAL_LIKE, NATURAL_LIKE_MARGIN, OUTCOMES
+from ..compare.verdict import (
+    DIVERGE_MARGIN,
+    DIVERGES,
+    INCONCLUSIVE,
+    NATURAL_LIKE,
+    NATURAL_LIKE_MARGIN,
+    OUTCOMES,
+)
 from .tables import columns, layer_columns, layer_rows, short_verdict, summary_sentence, unit_rows
 
 __all__ = ["render_html", "write_report", "png_data_uri", "THUMB"]

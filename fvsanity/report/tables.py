@@ -31,7 +31,14 @@ from __future__ import annotations
 
 import math
 
-from ..compare.verdict import DIVERGE_MARGIN, DIVERGES, INCONCLUSIVE, NATURAL_LIKE, NATURAL_LIKE_MARGIN, OUTCOMES
+from ..compare.verdict import (
+    DIVERGE_MARGIN,
+    DIVERGES,
+    INCONCLUSIVE,
+    NATURAL_LIKE,
+    NATURAL_LIKE_MARGIN,
+    OUTCOMES,
+)
 
 __all__ = [
     "unit_rows", "columns", "layer_rows", "layer_columns", "to_markdown", "to_latex", "latex_escape",
