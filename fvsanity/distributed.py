@@ -19,7 +19,8 @@ Environment (all optional):
     ``FVSANITY_DIST_TIMEOUT_S``: how long a rank waits at a barrier (e.g. for the slowest rank's
         last unit) before giving up [86400].
 
-Public API: :class:`Shard`, :func:`from_env`, :func:`sharded`, :class:`DistributedError`.
+Public API: :class:`Shard`, :func:`from_env`, :func:`sharded`, :func:`render_sharded`,
+:class:`DistributedError`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from .errors import FVSanityError
 
-__all__ = ["Shard", "from_env", "sharded", "DistributedError", "SINGLE"]
+__all__ = ["Shard", "from_env", "sharded", "render_sharded", "DistributedError", "SINGLE"]
 
 #: variables torchrun sets for every worker
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -93,6 +94,16 @@ class Shard:
         dist.all_gather_object(got, obj)
         return got
 
+    def gather(self, obj) -> list | None:
+        """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None on the others (pickled)."""
+        if not self.grouped:
+            return [obj]
+        import torch.distributed as dist
+
+        got: list | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, got, dst=0)
+        return got
+
     def device(self, requested=None) -> torch.device:
         """The device of this rank: ``requested`` (a name or device) with a bare ``cuda`` made
         ``cuda:local_rank``; None: ``cuda:local_rank`` when CUDA is present, else ``cpu``."""
@@ -114,6 +125,44 @@ class Shard:
 
 #: the single process (no launcher)
 SINGLE = Shard()
+
+
+def render_sharded(shard: Shard, lm, units: Sequence, seeds, settings=None, **kw):
+    """:func:`fvsanity.generate.render` with the units split over the ranks; the pieces are
+    gathered on rank 0 into one :class:`~fvsanity.generate.FVResult` with rows in the order of
+    ``units``, equal to one process's (each FV depends only on its unit and seed). Returns it on
+    rank 0 and None on the others. ``settings["seconds"]``: the slowest rank's. ``units``: resolved
+    Units or specs (every rank passes the same list); ``seeds``, ``settings``, ``kw``: as ``render``.
+    """
+    from .generate import FVResult, render
+
+    units = list(units)
+    mine = shard.split(range(len(units)))
+    part = render(lm, [units[i] for i in mine], seeds, settings, **kw) if mine else None
+    if not shard.active:
+        return part
+    parts = shard.gather((mine, part))
+    if parts is None:
+        return None
+    rows: dict[int, tuple] = {}
+    for idx, res in parts:
+        for k, i in enumerate(idx):
+            rows[i] = (res, k)
+    first = next(res for _, res in parts if res is not None)
+    order = [rows[i] for i in range(len(units))]
+
+    def stack(get):
+        return torch.stack([get(res)[k] for res, k in order])
+
+    settings_d = dict(first.settings)
+    settings_d["seconds"] = max(res.settings.get("seconds", 0.0) for _, res in parts if res is not None)
+    return FVResult(
+        images=stack(lambda r: r.images), traces=stack(lambda r: r.traces), final=stack(lambda r: r.final),
+        activations=[res.activations[k] for res, k in order] if all(res.activations for res, _ in order) else [],
+        units=[res.units[k] for res, k in order], seeds=list(first.seeds), settings=settings_d,
+        checkpoints={c: stack(lambda r, c=c: r.checkpoints[c]) for c in first.checkpoints},
+        objectives=[res.objectives[k] for res, k in order] if first.objectives else [],
+    )
 
 
 def _int_env(name: str, env) -> int | None:

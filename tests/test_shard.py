@@ -36,15 +36,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _audit(out: Path, nproc: int = 1, **env) -> subprocess.CompletedProcess:
-    """`python -m fvsanity audit ...` (nproc 1) or `torchrun --nproc_per_node=nproc -m fvsanity audit ...`."""
+def _fvsanity(args: list[str], nproc: int = 1, **env) -> subprocess.CompletedProcess:
+    """`python -m fvsanity ARGS` (nproc 1) or `torchrun --nproc_per_node=nproc -m fvsanity ARGS`."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "fvsanity"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fvsanity"]
-    return subprocess.run(cmd + ARGS + ["--out", str(out)], cwd=ROOT, env=_env(**env), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(cmd + args, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=300)
+
+
+def _audit(out: Path, nproc: int = 1, **env) -> subprocess.CompletedProcess:
+    return _fvsanity(ARGS + ["--out", str(out)], nproc, **env)
 
 
 def _units(out: Path) -> dict[str, tuple[dict, dict]]:
@@ -138,6 +141,33 @@ def test_killed_rank_is_redone_on_resume_finished_units_never(one_process, tmp_p
     _same_units(_units(one_process), _units(out))
     assert _audit_json(out) == _audit_json(one_process)
     assert not [p for p in (out / "units").iterdir() if p.name.startswith(".")]  # a dead rank's leftovers removed
+
+
+@pytest.mark.slow
+def test_torchrun_visualize_and_check_match_one_process(tmp_path):
+    from fvsanity.io import load_tensors
+
+    vis = ["visualize", "--model", "toy-procedural", "--random-weights", "--unit", "block4:0,block4:1,block3:2",
+           "--steps", "4", "--seeds", "2", "--no-progress", "--device", "cpu"]
+    for name, n in (("v1", 1), ("v2", 2)):
+        r = _fvsanity(vis + ["--out", str(tmp_path / name)], n)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_tensors(tmp_path / "v1" / "fv.pt"), load_tensors(tmp_path / "v2" / "fv.pt")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # rows in --unit order, bit for bit
+    ja, jb = (json.loads((tmp_path / n / "fv.json").read_text()) for n in ("v1", "v2"))
+    ja["settings"].pop("seconds"), jb["settings"].pop("seconds")
+    assert ja == jb
+
+    chk = ["check", "--model", "toy-procedural", "--random-weights", "--unit", "block4:0,block4:1,block3:2",
+           "--steps", "4", "--seeds", "2", "--n-boot", "10", "--n-perm", "10", "--no-progress", "--device", "cpu"]
+    for name, n in (("c1", 1), ("c2", 2)):
+        r = _fvsanity(chk + ["--out", str(tmp_path / name)], n)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("wrote ") == 1  # rank 0 writes and reports
+    ca, cb = (json.loads((tmp_path / n / "check.json").read_text()) for n in ("c1", "c2"))
+    for c in (ca, cb):
+        c["settings"]["fv_settings"].pop("seconds")
+    assert ca == cb
 
 
 def test_merge_refuses_units_of_another_run(one_process, tmp_path, capsys):
