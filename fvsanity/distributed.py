@@ -105,17 +105,32 @@ class Shard:
         return got
 
     def device(self, requested=None) -> torch.device:
-        """The device of this rank: ``requested`` (a name or device) with a bare ``cuda`` made
-        ``cuda:local_rank``; None: ``cuda:local_rank`` when CUDA is present, else ``cpu``."""
+        """This rank's device. One process: ``requested`` as given (None: ``cuda`` when CUDA is
+        present, else ``cpu``), as ``fvsanity.cli.resolve_device``. Several ranks: a bare ``cuda``
+        or None becomes ``cuda:local_rank`` (None without CUDA: ``cpu``).
+
+        Raises:
+            DistributedError: an unknown device name, CUDA asked for without CUDA, or a GPU index
+                this machine lacks.
+        """
+        cuda = torch.cuda.is_available()
         if requested is None:
-            return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(requested)
-        if dev.type == "cuda" and dev.index is None:
+            if not cuda:
+                return torch.device("cpu")
+            return torch.device("cuda", self.local_rank) if self.active else torch.device("cuda")
+        try:
+            dev = torch.device(requested)
+        except RuntimeError as e:
+            raise DistributedError(f"unknown --device {str(requested)!r}; valid: cpu, cuda, cuda:N") from e
+        if dev.type == "cuda" and not cuda:
+            raise DistributedError(f"--device {str(requested)!r} requested but CUDA is not available; valid here: cpu")
+        if self.active and dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", self.local_rank)
-        if dev.type == "cuda" and torch.cuda.is_available() and dev.index >= torch.cuda.device_count():
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DistributedError(
-                f"rank {self.rank} wants cuda:{dev.index} but this machine has {torch.cuda.device_count()} GPU(s); "
-                f"valid: cuda:0..cuda:{torch.cuda.device_count() - 1} (use --nproc_per_node <= the GPU count)")
+                f"{self.tag() or 'this process'} wants cuda:{dev.index} but this machine has "
+                f"{torch.cuda.device_count()} GPU(s); valid: cuda:0..cuda:{torch.cuda.device_count() - 1}"
+                + (" (use --nproc_per_node <= the GPU count)" if self.active else ""))
         return dev
 
     def tag(self) -> str:
@@ -214,13 +229,14 @@ def _cpu_threads(shard: Shard, env) -> int:
 
 
 @contextmanager
-def sharded(device=None, env=None) -> Iterator[tuple[Shard, torch.device]]:
-    """Run as the rank torchrun's variables say: ``with sharded(args.device) as (shard, device):``.
+def sharded(device=None, env=None) -> Iterator[Shard]:
+    """Run as the rank torchrun's variables say: ``with sharded(args.device) as shard:``, then
+    ``shard.device(args.device)`` is this rank's device.
 
-    With more than one rank: sets this rank's CUDA device or CPU threads, starts the process
-    group (nccl on CUDA, gloo on CPU) unless one is already up, and destroys the group it
-    started on exit (threads restored too). With one rank: ``(SINGLE-like shard, device)`` and
-    nothing else changes (``device``: as ``fvsanity.cli.resolve_device``).
+    With more than one rank: sets this rank's CUDA device (``device``: None or ``cuda`` ->
+    ``cuda:LOCAL_RANK``) or CPU threads, starts the process group (nccl on CUDA, gloo on CPU)
+    unless one is already up, and destroys the group it started on exit (threads restored too).
+    With one rank: the shard of one process, and nothing changes.
 
     Raises:
         DistributedError: bad launcher variables, or a process group that cannot start.
@@ -228,18 +244,12 @@ def sharded(device=None, env=None) -> Iterator[tuple[Shard, torch.device]]:
     env = os.environ if env is None else env
     shard = from_env(env)
     if not shard.active:
-        from .cli import resolve_device
-
-        yield shard, resolve_device(device)
+        yield shard
         return
     import torch.distributed as dist
 
     if not dist.is_available():
         raise DistributedError("this PyTorch build has no torch.distributed; run without torchrun")
-    if device is not None:
-        from .cli import resolve_device
-
-        resolve_device(device)  # the same one-line refusal as a single process (e.g. cuda without CUDA)
     dev = shard.device(device)
     threads = torch.get_num_threads()
     if dev.type == "cuda":
@@ -256,7 +266,7 @@ def sharded(device=None, env=None) -> Iterator[tuple[Shard, torch.device]]:
                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         started = True
     try:
-        yield Shard(shard.rank, shard.world_size, shard.local_rank, shard.local_world_size, True), dev
+        yield Shard(shard.rank, shard.world_size, shard.local_rank, shard.local_world_size, True)
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()

@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import sharded
 
     # under torchrun: this rank's device, and a process group when there is more than one rank
-    with sharded(args.device) as (shard, device):
-        return _run(args, shard, device)
+    with sharded(args.device) as shard:
+        return _run(args, shard, shard.device(args.device))
 
 
 def _run(args: argparse.Namespace, shard, device) -> int:

@@ -138,8 +138,8 @@ def _circuits(lm, units, fv, natural, check, args, max_images: int = 16) -> dict
 def run(args: argparse.Namespace) -> int:
     from ..distributed import sharded
 
-    with sharded(args.device) as (shard, device):  # torchrun: FVs split over the ranks, rank 0 checks
-        return _run(args, shard, device)
+    with sharded(args.device) as shard:  # torchrun: FVs split over the ranks, rank 0 checks
+        return _run(args, shard, shard.device(args.device))
 
 
 def _run(args: argparse.Namespace, shard, device) -> int:

@@ -57,8 +57,8 @@ def parse_options(flag: str, items) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..distributed import sharded
 
-    with sharded(args.device) as (shard, device):  # torchrun: units split over the ranks, rank 0 saves
-        return _run(args, shard, device)
+    with sharded(args.device) as shard:  # torchrun: units split over the ranks, rank 0 saves
+        return _run(args, shard, shard.device(args.device))
 
 
 def _run(args: argparse.Namespace, shard, device) -> int:
