@@ -12,7 +12,9 @@ circuits (:mod:`fvsanity.compare.circuits`). Outputs in ``out``:
                      ``out`` resumes (finished units are skipped) and refuses different settings
 ``natural_pass.safetensors``  pooled activations of every natural image (computed once; keyed by
                      model fingerprint, images and layers, not by the units, so audits of other
-                     units of the same model and images reuse it)
+                     units of the same model and images reuse it; written under
+                     ``natural_pass.lock``, so processes sharing ``out`` compute it once)
+``plan.json``        the units of the last run, in order (what ``audit --merge`` orders by)
 ``audit.json``       every number, the settings, seeds, package versions, the FV-settings hash
 ``report.html``      self-contained report (:mod:`fvsanity.report.html`)
 ``table.md``, ``table.tex``   the per-unit sanity table (:mod:`fvsanity.report.tables`)
@@ -22,8 +24,15 @@ The run flows one way: :func:`prepare_audit` (units resolved once into Units, im
 for all units) -> :func:`audit_units` / :func:`audit_unit` (per unit, handed the Units and the
 pass) -> :func:`finalize` (the registered report writers, :mod:`fvsanity.report.writers`).
 
+Sharded (``torchrun``, :mod:`fvsanity.distributed`): every rank prepares the same plan (rank 0
+first: it writes run.json), rank 0 computes the natural pass and the others read it after a
+barrier, each rank audits its share of the units into the shared ``out`` (a unit's working
+folder ``units/.<id>~<host>~<pid>~*`` is renamed into place when complete, and only folders of
+dead processes of the same host are ever removed), and rank 0 merges every unit into the report
+after the last one is done. :func:`merge_audit` (``audit --merge OUT``) does that merge alone.
+
 Public API: :class:`AuditConfig`, :func:`run_audit` -> :class:`AuditResult`, the four steps
-above, :func:`load_audit`, :func:`select_units`, :func:`unit_id`.
+above, :func:`merge_audit`, :func:`load_audit`, :func:`select_units`, :func:`unit_id`.
 """
 
 from __future__ import annotations

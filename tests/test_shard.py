@@ -229,3 +229,41 @@ def test_python_dash_m_fvsanity():
     r = subprocess.run([sys.executable, "-m", "fvsanity", "--version"], cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("fvsanity ")
+
+
+def test_concurrent_natural_passes_on_one_cache_compute_once(tiny, tmp_path, monkeypatch):
+    """Two shards asking for the natural pass of one --out at the same time: one computes, the
+    other waits on the lock and reads (no half-written file, no second forward pass)."""
+    import threading
+    import time
+
+    from fvsanity import activations as act
+    from fvsanity.compare.pipeline import natural_pass, resolve_units
+    from fvsanity.data import from_tensor
+
+    g = torch.Generator().manual_seed(0)
+    natural = from_tensor(torch.rand(24, 3, 16, 16, generator=g), torch.arange(24) % 5, [f"c{i}" for i in range(5)])
+    real = act.collect_with_responses
+    calls = []
+
+    def slow(*a, **k):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other shard to arrive while this one computes
+        return real(*a, **k)
+
+    monkeypatch.setattr(act, "collect_with_responses", slow)
+    layers = ["relu1", "relu2", "fc"]
+    got = {}
+
+    def shard(name, units):
+        got[name] = natural_pass(tiny, natural, layers, resolve_units(units, tiny), batch_size=8, cache_dir=tmp_path)
+
+    ts = [threading.Thread(target=shard, args=("a", ["fc:0"])), threading.Thread(target=shard, args=("b", ["fc:3"]))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(calls) == 1  # one forward pass over the images for both shards
+    assert sorted([got["a"].reused, got["b"].reused]) == [False, True]
+    assert all(torch.equal(got["a"].acts[k], got["b"].acts[k]) for k in layers)
+    assert torch.equal(got["b"].responses[:, 0], got["a"].acts["fc"][:, 3])

@@ -106,9 +106,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import from_env, sharded
+
     if getattr(args, "merge", None):
-        return _merge(args)
-    from ..distributed import sharded
+        return _merge(args) if from_env().is_main else 0  # under torchrun: rank 0 merges
 
     # under torchrun: this rank's device, and a process group when there is more than one rank
     with sharded(args.device) as shard:
