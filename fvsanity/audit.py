@@ -12,7 +12,9 @@ circuits (:mod:`fvsanity.compare.circuits`). Outputs in ``out``:
                      ``out`` resumes (finished units are skipped) and refuses different settings
 ``natural_pass.safetensors``  pooled activations of every natural image (computed once; keyed by
                      model fingerprint, images and layers, not by the units, so audits of other
-                     units of the same model and images reuse it)
+                     units of the same model and images reuse it; written under
+                     ``natural_pass.lock``, so processes sharing ``out`` compute it once)
+``plan.json``        the units of the last run, in order (what ``audit --merge`` orders by)
 ``audit.json``       every number, the settings, seeds, package versions, the FV-settings hash
 ``report.html``      self-contained report (:mod:`fvsanity.report.html`)
 ``table.md``, ``table.tex``   the per-unit sanity table (:mod:`fvsanity.report.tables`)
@@ -22,8 +24,15 @@ The run flows one way: :func:`prepare_audit` (units resolved once into Units, im
 for all units) -> :func:`audit_units` / :func:`audit_unit` (per unit, handed the Units and the
 pass) -> :func:`finalize` (the registered report writers, :mod:`fvsanity.report.writers`).
 
+Sharded (``torchrun``, :mod:`fvsanity.distributed`): every rank prepares the same plan (rank 0
+first: it writes run.json), rank 0 computes the natural pass and the others read it after a
+barrier, each rank audits its share of the units into the shared ``out`` (a unit's working
+folder ``units/.<id>~<host>~<pid>~*`` is renamed into place when complete, and only folders of
+dead processes of the same host are ever removed), and rank 0 merges every unit into the report
+after the last one is done. :func:`merge_audit` (``audit --merge OUT``) does that merge alone.
+
 Public API: :class:`AuditConfig`, :func:`run_audit` -> :class:`AuditResult`, the four steps
-above, :func:`load_audit`, :func:`select_units`, :func:`unit_id`.
+above, :func:`merge_audit`, :func:`load_audit`, :func:`select_units`, :func:`unit_id`.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ __all__ = [
     "AuditResult",
     "FORMAT",
     "run_audit",
+    "merge_audit",
     "load_audit",
     "finalize",
     "prepare_audit",
@@ -370,7 +380,7 @@ def audit_unit(ctx: AuditContext, i: int, fv_images: torch.Tensor, fv_final: tor
     nat_acts = nat.acts
     uid = unit_id(u)
     final_dir = ctx.out / "units" / uid
-    tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=ctx.out / "units"))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(uid), dir=ctx.out / "units"))
     try:
         seed_u = _unit_seed(cfg.seed, u)
         path = lm.path_to(u.layer)
@@ -460,9 +470,11 @@ def audit_unit(ctx: AuditContext, i: int, fv_images: torch.Tensor, fv_final: tor
             "fv_settings_hash": ctx.run["fv_settings_hash"],
         }
         atomic_write_json(tmp / "unit.json", record)
-        if final_dir.exists():  # a stale unit of this same run (e.g. killed between writes)
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
+        if final_dir.exists():  # a stale unit (other settings): moved aside in one rename, then removed
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(uid), dir=ctx.out / "units"))
+            os.replace(final_dir, old / "old")
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final_dir)  # the done-marker: unit.json appears with every other file, at once
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -528,12 +540,52 @@ def _load_units_done(out: Path, run_hash: str) -> dict[str, dict]:
     return done
 
 
-def _clean_stale_tmp(out: Path) -> None:
+def _host() -> str:
+    import socket
+
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname()) or "host"
+
+
+def _tmp_prefix(uid: str) -> str:
+    """``.<uid>~<host>~<pid>~``: a unit's working folder names the process that owns it."""
+    return f".{uid}~{_host()}~{os.getpid()}~"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _clean_stale_tmp(out: Path) -> list[str]:
+    """Remove unfinished unit folders (``units/.<uid>~<host>~<pid>~*``) whose owner is dead: a
+    process of THIS host that no longer runs (or an old-style name without an owner). Folders of
+    live processes and of other hosts are never touched, so shards sharing ``out`` (torchrun ranks
+    or separate jobs) cannot delete each other's work. Returns the names removed."""
     d = out / "units"
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.name.startswith(".") and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+    gone = []
+    if not d.is_dir():
+        return gone
+    host = _host()
+    for p in d.iterdir():
+        if not (p.name.startswith(".") and p.is_dir()):
+            continue
+        parts = p.name.rsplit("~", 3)
+        if len(parts) == 4:
+            if parts[1] != host or not parts[2].isdigit():
+                continue  # another host's (or unparsable): not ours to judge
+            pid = int(parts[2])
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p.name)
+    return gone
 
 
 @dataclass(frozen=True)
@@ -566,11 +618,12 @@ class AuditPlan:
 
 def prepare_audit(
     lm, units, images, out, cfg: AuditConfig | None = None, *, device=None, image_options: dict | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, write_plan: bool = True,
 ) -> AuditPlan:
     """Select and prepare: resolve the units (once), load the images, check ``out`` (resume or
-    refuse other settings), find the finished units. No forward pass over the natural images.
-    Arguments as :func:`run_audit`."""
+    refuse other settings), find the finished units, write ``plan.json`` (the units in order, read
+    by ``audit --merge``; ``write_plan=False`` on ranks other than 0). No forward pass over the
+    natural images. Arguments as :func:`run_audit`."""
     from .compare.path import validate_metrics
     from .compare.pipeline import resolve_units
     from .data import NaturalImages, load_images
@@ -620,31 +673,55 @@ def prepare_audit(
         "check_settings": check_settings,
     }
     run["run_hash"] = _hash({k: run[k] for k in ("model", "images", "fv_settings", "check_settings")})
+    run["config"] = cfg.to_json()  # not hashed: what `audit --merge` finalizes with
+    run["natural"] = natural.to_json() if hasattr(natural, "to_json") else run["images"]
     _check_run(out, run)
     (out / "units").mkdir(exist_ok=True)
     _clean_stale_tmp(out)
 
     n_fv = len(fvs["seeds"])
-    n_oth = max(0, min(cfg.n_other, len(natural) - cfg.top_k))
     n_lay = max(len(lm.path_to(u.layer)) for u in units)
     notes = design_notes(n_fv, n_lay, cfg.alpha)
     for n in notes:
         say("warning: " + n)
     done = _load_units_done(out, run["run_hash"])
+    done = {k: v for k, v in done.items() if k in set(ids)}
     todo = [i for i, uid in enumerate(ids) if uid not in done]
+    if write_plan:
+        from .io import atomic_write_json
+
+        atomic_write_json(out / "plan.json", {"run_hash": run["run_hash"], "ids": ids, "notes": notes})
     if done:
         say(f"resuming in {out}: {len(ids) - len(todo)} of {len(ids)} units already finished")
     return AuditPlan(lm, units, ids, natural, out, cfg, dev, run, fvs, fv_given, done, todo, notes)
 
 
+def _test_exit_hook(shard, n_done: int) -> None:
+    """Tests only: ``FVSANITY_TEST_EXIT_AFTER=RANK:N`` ends rank RANK abruptly (``os._exit``, no
+    cleanup, as a kill would) after its N-th finished unit."""
+    spec = os.environ.get("FVSANITY_TEST_EXIT_AFTER")
+    if not spec:
+        return
+    rank, _, n = spec.partition(":")
+    if int(rank) == shard.rank and n_done >= int(n):
+        sys.stderr.flush()
+        os._exit(17)
+
+
 def audit_units(
     plan: AuditPlan, nat_pass, *, progress: bool = True, circuit_fn: Callable | None = None,
-    render_fn: Callable | None = None,
+    render_fn: Callable | None = None, shard=None,
 ) -> list[str]:
     """The per-unit steps: FVs in batches of ``cfg.fv_batch_units`` units (rendered, or taken from
     ``plan.fv_given``), then :func:`audit_unit` for each; fills ``plan.done``. Returns the ids
-    computed (in order). ``nat_pass``: the run's :class:`~fvsanity.compare.pipeline.NaturalPass`."""
+    computed (in order). ``nat_pass``: the run's :class:`~fvsanity.compare.pipeline.NaturalPass`.
+    ``shard``: a :class:`~fvsanity.distributed.Shard`; this process does only its share of
+    ``plan.todo`` (``shard.split``; every unit's numbers are independent of who computes it)."""
+    from .distributed import SINGLE
     from .generate import render
+
+    shard = shard or SINGLE
+    todo = shard.split(plan.todo)
 
     cfg, units = plan.cfg, plan.units
     ctx = AuditContext(
@@ -656,12 +733,13 @@ def audit_units(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(plan.ids), initial=len(plan.ids) - len(plan.todo), desc="audit units", unit="unit",
-                   file=sys.stderr)
+        total, initial = (len(todo), 0) if shard.active else (len(plan.ids), len(plan.ids) - len(plan.todo))
+        bar = tqdm(total=total, initial=initial, unit="unit", file=sys.stderr,
+                   desc=f"audit units ({shard.tag()})" if shard.active else "audit units")
     try:
         step = max(1, cfg.fv_batch_units)
-        for s in range(0, len(plan.todo), step):
-            chunk = plan.todo[s : s + step]
+        for s in range(0, len(todo), step):
+            chunk = todo[s : s + step]
             t0 = time.perf_counter()
             if plan.fv_given is not None:
                 imgs = plan.fv_given.images[chunk]
@@ -680,6 +758,7 @@ def audit_units(
                 computed.append(rec["id"])
                 if bar is not None:
                     bar.update(1)
+                _test_exit_hook(shard, len(computed))
     finally:
         if bar is not None:
             bar.close()
@@ -699,6 +778,7 @@ def run_audit(
     circuit_fn: Callable | None = None,
     render_fn: Callable | None = None,
     log: Callable[[str], None] | None = None,
+    shard=None,
 ) -> AuditResult:
     """Audit ``units`` of ``lm`` against the natural images in ``images``; write to ``out``.
 
@@ -719,26 +799,67 @@ def run_audit(
             ``layout``, ``labels``).
         circuit_fn, render_fn: replace the circuit comparison / FV generator (tests).
         log: one-line status messages (default: stderr).
+        shard: a :class:`~fvsanity.distributed.Shard` (under torchrun, from
+            :func:`fvsanity.distributed.sharded`): every rank calls this with the same arguments;
+            rank 0 writes run.json and the natural pass, each rank audits its share of the units
+            into the shared ``out``, and rank 0 merges every unit into one report (the same
+            files as one process writes). None: one process.
 
     Returns:
         :class:`AuditResult`. Finished units are on disk even if the call is interrupted.
     """
     from .compare.path import order_layers
+    from .distributed import SINGLE
     from .io import provenance
 
+    shard = shard or SINGLE
     t_start = time.perf_counter()
-    plan = prepare_audit(lm, units, images, out, cfg, device=device, image_options=image_options, log=log)
+
+    def prepare(write: bool) -> AuditPlan:
+        return prepare_audit(lm, units, images, out, cfg, device=device, image_options=image_options,
+                             log=log if write else (log or (lambda m: None)), write_plan=write)
+
+    # rank 0 writes run.json / plan.json and removes its host's dead leftovers first; the others
+    # then read and check the same files (every rank ends with the same plan and the same todo)
+    plan = prepare(True) if shard.is_main else None
+    shard.barrier()
+    if plan is None:
+        plan = prepare(False)
     computed: list[str] = []
     if plan.todo:
         union = order_layers(lm, [n for u in plan.units for n in lm.path_to(u.layer)])
-        nat_pass = audit_natural_pass(lm, plan.natural, union, plan.units, plan.cfg, plan.out, plan.device, progress)
-        computed = audit_units(plan, nat_pass, progress=progress, circuit_fn=circuit_fn, render_fn=render_fn)
-    wall = time.perf_counter() - t_start
-    calls = _record_call(plan.out, wall, computed)
-    audit = finalize(plan.out, [plan.done[x] for x in plan.ids], plan.run, plan.cfg, plan.natural, provenance(), wall,
-                     computed, notes=plan.notes, calls=calls)
+
+        def nat():
+            return audit_natural_pass(lm, plan.natural, union, plan.units, plan.cfg, plan.out, plan.device,
+                                      progress and shard.is_main)
+
+        # the natural pass once: rank 0 computes and caches it, the others read the cache
+        nat_pass = nat() if shard.is_main else None
+        shard.barrier()
+        if nat_pass is None:
+            nat_pass = nat()
+        computed = audit_units(plan, nat_pass, progress=progress, circuit_fn=circuit_fn, render_fn=render_fn,
+                               shard=shard)
     out = plan.out
-    return AuditResult(out, audit, tuple(computed), out / "report.html", out / "table.md", out / "table.tex", out / "audit.json")
+    paths = (out / "report.html", out / "table.md", out / "table.tex", out / "audit.json")
+    if shard.active:
+        computed = [x for part in shard.all_gather(computed) for x in part]  # also waits for every rank
+        if not shard.is_main:
+            shard.barrier()  # rank 0 writes the report
+            return AuditResult(out, load_audit(out), tuple(computed), *paths)
+        plan.done.update(_load_units_done(out, plan.run["run_hash"]))
+        missing = [x for x in plan.ids if x not in plan.done]
+        if missing:
+            raise FVSanityError(f"units not finished by any rank: {', '.join(missing)}; run again to resume")
+    wall = time.perf_counter() - t_start
+    try:
+        calls = _record_call(plan.out, wall, computed)
+        audit = finalize(plan.out, [plan.done[x] for x in plan.ids], plan.run, plan.cfg, plan.natural, provenance(),
+                         wall, computed, notes=plan.notes, calls=calls)
+    finally:
+        if shard.active:
+            shard.barrier()
+    return AuditResult(out, audit, tuple(computed), *paths)
 
 
 def _record_call(out: Path, wall_s: float, computed: Sequence[str]) -> list[dict]:
@@ -836,7 +957,7 @@ def finalize(
     audit = {
         "format": FORMAT,
         "model": run["model"],
-        "images": natural.to_json() if hasattr(natural, "to_json") else run["images"],
+        "images": natural.to_json() if hasattr(natural, "to_json") else run.get("natural", run["images"]),
         "settings": cfg.to_json(),
         "fv_settings": run["fv_settings"],
         "fv_settings_hash": run["fv_settings_hash"],
@@ -866,6 +987,95 @@ def finalize(
         audit["figures"] = {"path_similarity": "path_similarity.png"}
     write_outputs(audit, out, "audit")  # audit.json, table.md, table.tex, report.html, and any registered
     return audit
+
+
+def _config_from_run(run: dict) -> AuditConfig:
+    """The :class:`AuditConfig` a run.json was written with (its ``config``; for a run.json of an
+    older version, rebuilt from the hashed FV and check settings)."""
+    names = set(AuditConfig.__dataclass_fields__)
+    d = run.get("config")
+    if not isinstance(d, dict):
+        fvs = run.get("fv_settings", {})
+        d = dict(run.get("check_settings", {}))
+        seeds = fvs.get("seeds") or [0]
+        d.update({k: fvs[k] for k in ("steps", "lr", "param", "transforms", "diversity") if k in fvs})
+        d["seeds"] = len(seeds)
+        d["fv_source"] = fvs.get("source")
+    d = {k: v for k, v in d.items() if k in names}
+    if "paired_metrics" in d:
+        d["paired_metrics"] = tuple(d["paired_metrics"])
+    return AuditConfig(**d)
+
+
+def merge_audit(out: str | os.PathLike, log: Callable[[str], None] | None = None) -> AuditResult:
+    """Merge every finished unit in ``out`` into ``audit.json``, the tables and the report.
+
+    For folders written by shards (torchrun ranks, or separate jobs whose ``units/`` folders were
+    copied together): the same files a one-process run of those units writes (units in the order
+    of the last run's ``plan.json``, then any others by name). Nothing is computed; no model is
+    loaded.
+
+    Raises:
+        FVSanityError: no run.json or no finished unit in ``out``.
+        MixedRunError: a unit made with other settings or another model fingerprint than the
+            run.json (one line naming the unit).
+    """
+    from .io import provenance
+
+    out = Path(out)
+    say = log or (lambda m: print(f"fvsanity: {m}", file=sys.stderr, flush=True))
+    try:
+        run = json.loads((out / "run.json").read_text())
+    except FileNotFoundError:
+        raise FVSanityError(f"--merge {str(out)!r}: no run.json there (not an audit output folder)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise FVSanityError(f"--merge {str(out)!r}: run.json unreadable ({e})") from None
+    recs: dict[str, dict] = {}
+    d = out / "units"
+    for p in sorted(d.iterdir()) if d.is_dir() else ():
+        f = p / "unit.json"
+        if p.name.startswith(".") or not f.is_file():
+            continue
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FVSanityError(f"--merge {str(out)!r}: {f} unreadable ({e})") from None
+        if rec.get("fv_settings_hash") != run.get("fv_settings_hash"):
+            raise MixedRunError(
+                f"--merge {str(out)!r}: unit {rec.get('unit', p.name)!r} has FVs made with other settings or another "
+                f"model fingerprint (FV settings hash {rec.get('fv_settings_hash')} != {run.get('fv_settings_hash')} "
+                "of run.json); merge only units of one run")
+        if rec.get("run_hash") != run.get("run_hash"):
+            raise MixedRunError(
+                f"--merge {str(out)!r}: unit {rec.get('unit', p.name)!r} was audited with other settings, model or "
+                f"images (run hash {rec.get('run_hash')} != {run.get('run_hash')} of run.json); merge only units of one run")
+        recs[rec["id"]] = rec
+    if not recs:
+        raise FVSanityError(f"--merge {str(out)!r}: no finished unit under {str(d)!r}")
+    try:
+        plan = json.loads((out / "plan.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        plan = {}
+    planned = [x for x in plan.get("ids", []) if x in recs] if plan.get("run_hash") == run.get("run_hash") else []
+    unfinished = [x for x in plan.get("ids", []) if x not in recs] if planned else []
+    if unfinished:
+        say(f"warning: {len(unfinished)} unit(s) of the last run are not finished ({', '.join(unfinished[:5])}"
+            f"{', ...' if len(unfinished) > 5 else ''}); rerun the same command to finish them")
+    order = planned + sorted((x for x in recs if x not in set(planned)), key=lambda x: recs[x]["unit"])
+    records = [recs[x] for x in order]
+    cfg = _config_from_run(run)
+    if planned and len(planned) == len(records) and isinstance(plan.get("notes"), list):
+        notes = plan["notes"]  # the notes the run itself gave
+    else:
+        n_lay = max(len(r["path"]["layers"]) for r in records)
+        notes = design_notes(len(run["fv_settings"]["seeds"]), n_lay, cfg.alpha)
+    try:
+        calls = json.loads((out / "calls.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        calls = []
+    wall = round(sum(c.get("wall_s_run", 0.0) for c in calls), 3)
+    audit = finalize(out, records, run, cfg, None, provenance(), wall, (), notes=notes, calls=calls)
+    return AuditResult(out, audit, (), out / "report.html", out / "table.md", out / "table.tex", out / "audit.json")
 
 
 def load_audit(out: str | os.PathLike) -> dict:

@@ -8,6 +8,10 @@ Examples:
 Writes ``report.html`` (self-contained), ``audit.json``, ``table.md``, ``table.tex`` and one
 folder per unit under ``units/``. Rerunning with the same ``--out`` resumes: finished units are
 kept, and a run with other settings is refused.
+
+Sharded (units split over processes; rank 0 writes the one report):
+    torchrun --nproc_per_node=4 -m fvsanity audit --layer layer3.2 --out runs/a
+    fvsanity audit --merge runs/a    # the report from every finished unit in runs/a
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ def register(sub) -> None:
     p.add_argument("--circuit-steps", type=int, default=8, help="EAP-IG steps for the circuits [%(default)s]")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass [%(default)s]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--merge", default=None, metavar="OUT",
+                   help="only merge the finished units in OUT (written by shards) into its report, JSON and "
+                        "tables; nothing is computed")
     p.set_defaults(func=run)
 
 
@@ -87,10 +94,32 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from ..audit import merge_audit
+    from ..report.tables import summary_sentence
+
+    res = merge_audit(args.merge)
+    s = res.audit["summary"]
+    print(f"merged {s['n_units']} units. {summary_sentence(s)}", file=sys.stderr)
+    print(f"report: {res.report}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import from_env, sharded
+
+    if getattr(args, "merge", None):
+        return _merge(args) if from_env().is_main else 0  # under torchrun: rank 0 merges
+
+    # under torchrun: this rank's device, and a process group when there is more than one rank
+    with sharded(args.device) as shard:
+        return _run(args, shard, shard.device(args.device))
+
+
+def _run(args: argparse.Namespace, shard, device) -> int:
     t0 = time.perf_counter()
     from ..audit import run_audit, select_units
-    from ..cli import resolve_device, save_config
+    from ..cli import save_config
     from ..compare.path import validate_metrics
     from ..io import ensure_writable_dir
     from ..models import load_model
@@ -98,7 +127,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     validate_metrics(cfg.metric, cfg.paired_metrics)  # e.g. a --config metric: refused before any model work
     out = ensure_writable_dir(args.out)  # fail before any slow work
-    device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
     specs = args.units
@@ -113,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
 
         images = default_images(lm)
     opts = {"max_per_class": args.max_per_class, "limit": args.limit, "seed": args.seed}
-    res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress, image_options=opts)
+    res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress, image_options=opts,
+                    shard=shard)
+    if not shard.is_main:
+        return 0  # rank 0 reports
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
     save_config(args, out)
     from ..report.tables import summary_sentence

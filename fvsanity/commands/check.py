@@ -67,13 +67,33 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _generate(lm, units, args, out: Path, device):
+def _generate(lm, units, args, out: Path, device, shard=None):
     """FVs for ``units``, reused from ``out/fvs`` only if made for this model's fingerprint and
-    these units, seeds and settings (:func:`fvsanity.cache.render_cached`)."""
+    these units, seeds and settings (:func:`fvsanity.cache.render_cached`). Under torchrun
+    (``shard`` with several ranks) the units are rendered split over the ranks and rank 0 gets
+    (and caches) them all; the other ranks get None."""
     from ..cache import render_cached
 
     seeds = [args.seed + i for i in range(args.seeds)]
     cache = out / "fvs"
+    if shard is not None and shard.active:
+        from ..cache import CacheEntry, fv_key
+        from ..distributed import render_sharded
+
+        entry = CacheEntry.folder(cache, fv_key(lm, units, seeds, steps=args.steps), ("fv.pt", "fv.json"))
+        fresh = not entry.valid()  # every rank reads the same folder before rank 0 writes it
+        shard.barrier()
+        if not fresh:
+            if not shard.is_main:
+                return None
+            print(f"reusing FVs in {cache}")
+            return render_cached(lm, units, cache, seeds=seeds, steps=args.steps, device=device)[0]
+        res = render_sharded(shard, lm, units, seeds, steps=args.steps, device=device, progress=not args.no_progress)
+        if res is not None:
+            entry.invalidate()
+            res.save(cache)
+            entry.commit()
+        return res
     res, reused = render_cached(lm, units, cache, seeds=seeds, steps=args.steps, device=device,
                                 progress=not args.no_progress)
     if reused:
@@ -116,7 +136,14 @@ def _circuits(lm, units, fv, natural, check, args, max_images: int = 16) -> dict
 
 # ------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
-    from ..cli import resolve_device, save_config
+    from ..distributed import sharded
+
+    with sharded(args.device) as shard:  # torchrun: FVs split over the ranks, rank 0 checks
+        return _run(args, shard, shard.device(args.device))
+
+
+def _run(args: argparse.Namespace, shard, device) -> int:
+    from ..cli import save_config
     from ..compare.path import PathCheckSettings, path_check, validate_metrics
     from ..compare.similarity import metric_info
     from ..data import load_images
@@ -144,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
     paired = (args.metric,) if paired_design else tuple(getattr(args, "paired_metrics", None) or ("cka", "rsa"))
     validate_metrics(per_unit_metric, paired)
     out = ensure_writable_dir(args.out)
-    device = resolve_device(args.device)
     # --random-weights: the same weights for the same --seed (load_model seeds without global state)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
@@ -174,7 +200,11 @@ def run(args: argparse.Namespace) -> int:
             "use --metric spearman for fewer units"
         )
     if fv is None:
-        fv = _generate(lm, units, args, out, device)
+        fv = _generate(lm, units, args, out, device, shard)
+        if fv is None:
+            return 0  # not rank 0: its FVs went to rank 0, which checks them
+    elif not shard.is_main:
+        return 0  # --fv: nothing to split; rank 0 checks
 
     settings = PathCheckSettings(
         metric=per_unit_metric, layers=layers, top_k=args.top_k, n_other=args.n_other,

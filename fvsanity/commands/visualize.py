@@ -55,9 +55,17 @@ def parse_options(flag: str, items) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import resolve_device, save_config
+    from ..distributed import sharded
+
+    with sharded(args.device) as shard:  # torchrun: units split over the ranks, rank 0 saves
+        return _run(args, shard, shard.device(args.device))
+
+
+def _run(args: argparse.Namespace, shard, device) -> int:
+    from ..cli import save_config
+    from ..distributed import render_sharded
     from ..errors import FVSanityError
-    from ..generate import RenderSettings, optim, render
+    from ..generate import RenderSettings, optim
     from ..generate import param as P
     from ..io import ensure_writable_dir
     from ..models import load_model
@@ -81,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
     P.check_options(args.param, param_options)  # before anything is loaded or written
     optim.check_options(args.optimizer, optimizer_options)
     out = ensure_writable_dir(args.out)
-    device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device, seed=args.seed,
                     allow_partial=args.allow_partial_weights)
     units = parse_units(args.unit, lm)
@@ -92,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         optimizer_options=optimizer_options, batch_size=args.batch_size, progress=not args.no_progress,
         checkpoints=checkpoints,
     )
-    res = render(lm, units, seeds, settings, objective=args.objective)
+    res = render_sharded(shard, lm, units, seeds, settings, objective=args.objective)
+    if res is None:
+        return 0  # not rank 0: its FVs went to rank 0
     res.save(out)
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
     save_config(args, out)

@@ -18,6 +18,7 @@ takes these objects and never re-parses a unit spec or re-hooks the model for th
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,15 +150,7 @@ def natural_pass(
         :class:`NaturalPass`.
     """
     from .. import activations
-    from ..cache import (
-        CacheEntry,
-        _units_json,
-        cached,
-        image_set_identity,
-        key_digest,
-        natural_pass_key,
-    )
-    from ..io import atomic_save_tensors, load_tensors
+    from ..cache import image_set_identity
 
     units = tuple(resolve_units(list(units), lm)) if units else ()
     layers = list(layers)
@@ -177,6 +170,33 @@ def natural_pass(
         return NaturalPass(acts, resp, units, labels, fp, ident, pooling, False)
 
     cache_dir = Path(cache_dir)
+    with _file_lock(cache_dir / "natural_pass.lock"):  # processes sharing cache_dir: one computes, the rest read
+        return _cached_pass(lm, natural, layers, units, cache_dir, pooling, fp, ident, labels, run, derive)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (``fcntl.flock``; held until the block ends, released
+    by the OS if the process dies). Where ``fcntl`` is missing (Windows) no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _cached_pass(lm, natural, layers, units, cache_dir: Path, pooling, fp, ident, labels, run, derive) -> NaturalPass:
+    """:func:`natural_pass` through the on-disk cache in ``cache_dir`` (called under its lock)."""
+    from ..cache import CacheEntry, _units_json, cached, key_digest, natural_pass_key
+    from ..io import atomic_save_tensors, load_tensors
+
     p = cache_dir / "natural_pass.safetensors"
     entry = CacheEntry.file(p, natural_pass_key(lm, natural, layers, pooling=pooling))
     fresh: dict = {}
