@@ -198,3 +198,79 @@ def test_detection_smoke_run_covers_every_registered_method_and_writes_the_resul
     # no score can tell them apart
     assert res["methods"]["toy-identity:unit"]["signals"]["combined"]["auc"] == 0.5
     assert (tmp_path / "out" / "roc_tiny.png").is_file()
+
+
+# ----------------------------------------------------------------------------- item 4: check / audit
+FAST = ["--steps", "3", "--seeds", "2", "--top-k", "3", "--n-other", "8", "--n-boot", "10", "--n-perm", "10",
+        "--no-progress"]
+TOY = ["--model", "toy-procedural", "--random-weights"]
+
+
+def _fake_results(path: Path, model: str) -> Path:
+    """A detection results.json for ``model`` with scores fit on synthetic signals."""
+    from fvsanity.compare.detect import PATH_SIGNALS
+
+    rng = np.random.default_rng(0)
+    names = list(SIGNALS)
+    h = rng.normal(size=(40, len(names)))
+    m = rng.normal(size=(40, len(names))) - 1.0
+    full = fit_combined(h, m, names)
+    cols = [names.index(n) for n in PATH_SIGNALS]
+    path_only = fit_combined(h[:, cols], m[:, cols], PATH_SIGNALS)
+    meth = {"circuit:unit": {"n": 30, "auc": 0.9, "auc_ci": [0.8, 1.0], "tpr_at_5fpr": 0.8, "best_signal": "combined",
+                             "signals": {"combined": {"tpr_at_5fpr": 0.8}, "combined_path": {"tpr_at_5fpr": 0.7}}}}
+    doc = {model: {"healthy_fpr": 0.0, "n_healthy": 30, "methods": meth, "combined_score": full.to_json(),
+                   "combined_path_score": path_only.to_json(), "combined_eval_healthy_fpr": 0.033,
+                   "combined_path_eval_healthy_fpr": 0.067}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_images(tmp_path_factory):
+    from fvsanity.models import toy
+
+    return toy.write_procedural_folder(tmp_path_factory.mktemp("imgs") / "imgs", per_class=3)
+
+
+def test_check_and_audit_report_the_calibrated_score_and_its_operating_point(tmp_path, toy_images, capsys):
+    from fvsanity.cli import main
+
+    res = _fake_results(tmp_path / "results.json", "toy-procedural")
+    out = tmp_path / "check"
+    assert main(["check", *TOY, "--unit", "fc:1", "--images", str(toy_images), "--out", str(out), *FAST,
+                 "--calibration", str(res)]) == 0
+    printed = capsys.readouterr().out
+    unit = json.loads((out / "check.json").read_text())["units"][0]
+    cal = unit["calibrated"]
+    assert cal["score_name"] == "combined"  # check has the exemplar signals
+    assert math.isfinite(cal["score"]) and cal["flagged"] == (cal["score"] > cal["threshold"])
+    assert "5%-FPR threshold measured on toy-procedural" in cal["text"]
+    assert "healthy FPR 3.3%" in cal["text"] and cal["text"] in printed
+    aud = tmp_path / "audit"
+    assert main(["audit", *TOY, "--units", "fc:1", "--images", str(toy_images), "--out", str(aud), *FAST,
+                 "--calibration", str(res)]) == 0
+    rows = json.loads((aud / "calibrated.json").read_text())["units"]
+    assert [r["unit"] for r in rows] == ["fc:1"]
+    assert rows[0]["score_name"] == "combined_path"  # audit.json holds the path signals only
+    assert "healthy FPR 6.7%" in rows[0]["text"]
+    assert rows[0]["text"] in capsys.readouterr().out
+
+
+def test_a_calibration_measured_on_another_model_is_refused_in_one_line(tmp_path, toy_images, capsys):
+    from fvsanity.cli import main
+
+    res = _fake_results(tmp_path / "results.json", "cifar10-resnet20")
+    for cmd, unit_flag in (("check", "--unit"), ("audit", "--units")):
+        out = tmp_path / cmd
+        capsys.readouterr()
+        rc = main([cmd, *TOY, unit_flag, "fc:1", "--images", str(toy_images), "--out", str(out), *FAST,
+                   "--calibration", str(res)])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1, err
+        assert "measured on cifar10-resnet20, not on 'toy-procedural'" in err[0]
+        assert not (out / "check.json").exists() and not (out / "audit.json").exists()
+    with pytest.raises(DetectionError, match="not found"):
+        from fvsanity.compare.detect import load_calibration
+
+        load_calibration(tmp_path / "missing.json", "x")

@@ -139,6 +139,7 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int) -> 
     """Per condition: every candidate score (each signal oriented on tuning, the combined score),
     the best on tuning, measured on evaluation. ``signals[role][cond]`` = [U, K] matrices."""
     from fvsanity.compare.detect import (
+        PATH_SIGNALS,
         SIGNALS,
         auc_ci,
         fit_combined,
@@ -151,10 +152,15 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int) -> 
     names = list(SIGNALS)
     conds = [c for c in signals["tuning"] if c != "healthy"]
     t_h, e_h = signals["tuning"]["healthy"], signals["evaluation"]["healthy"]
-    combined = fit_combined(t_h, np.concatenate([signals["tuning"][c] for c in conds]), names, fpr=fpr)
-    out = {"combined": combined.to_json(), "methods": {}, "curves": {}}
-    # the one calibrated score (what check/audit report): its healthy FPR on evaluation units
+    t_all = np.concatenate([signals["tuning"][c] for c in conds])
+    combined = fit_combined(t_h, t_all, names, fpr=fpr)
+    # the same fit on the signals a saved check/audit JSON holds (no exemplar agreement)
+    cols = [names.index(n) for n in PATH_SIGNALS]
+    combined_path = fit_combined(t_h[:, cols], t_all[:, cols], PATH_SIGNALS, fpr=fpr)
+    out = {"combined": combined.to_json(), "combined_path": combined_path.to_json(), "methods": {}, "curves": {}}
+    # the calibrated scores (what check/audit report): their healthy FPR on evaluation units
     out["combined_eval_healthy_fpr"] = rate_above(combined.score(e_h), combined.threshold_5fpr)
+    out["combined_path_eval_healthy_fpr"] = rate_above(combined_path.score(e_h[:, cols]), combined_path.threshold_5fpr)
     for c in conds:
         t_m, e_m = signals["tuning"][c], signals["evaluation"][c]
         cands = {}
@@ -165,13 +171,15 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int) -> 
             sign = 1.0 if roc_auc(th, tm) >= 0.5 else -1.0  # orientation chosen on tuning
             cands[n] = (lambda x, k=k, s=sign * SIGNALS[n][0]: s * x[:, k], sign)
         cands["combined"] = (lambda x: combined.score(x), 1.0)
+        cands["combined_path"] = (lambda x: combined_path.score(x[:, cols]), 1.0)
         rows = {}
         for n, (f, sign) in cands.items():
             both_t = _fill(np.concatenate([f(t_h), f(t_m)]))
             sth, stm = both_t[: len(t_h)], both_t[len(t_h):]
             both_e = _fill(np.concatenate([f(e_h), f(e_m)]))
             seh, sem = both_e[: len(e_h)], both_e[len(e_h):]
-            thr = combined.threshold_5fpr if n == "combined" else threshold_at_fpr(sth, fpr)
+            thr = {"combined": combined.threshold_5fpr, "combined_path": combined_path.threshold_5fpr}.get(n)
+            thr = threshold_at_fpr(sth, fpr) if thr is None else thr
             rows[n] = {
                 "orientation": sign, "tuning_auc": roc_auc(sth, stm), "auc": roc_auc(seh, sem),
                 "auc_ci": list(auc_ci(seh, sem, n_boot=n_boot, seed=seed)), "threshold": thr,
@@ -221,8 +229,6 @@ def plot_roc(res: dict, model: str, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- main
 def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progress: bool) -> dict:
-    from fvsanity.compare.detect import SIGNALS, signal_matrix
-
     t0 = time.time()
     lm, nat, split, tune_units, eval_units = setup(name, mcfg, smoke)
     nat = nat.load() if hasattr(nat, "load") else nat
@@ -232,13 +238,9 @@ def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progres
     log(f"{name}: {len(tune_units)} tuning + {len(eval_units)} evaluation units; images {split.sizes()}; "
         f"{mcfg['steps']} FV steps; seeds {mcfg['seeds']}")
     w = work / name
-    signals: dict = {r: {} for r in roles}
-    verdicts: dict = {r: {} for r in roles}
     per_unit: dict = {r: {} for r in roles}
 
     def record(role, cond, sig):
-        signals[role][cond] = signal_matrix(sig, list(SIGNALS))
-        verdicts[role][cond] = {"outcome": [s.outcome for s in sig], "diverges_any": [s.diverges_any for s in sig]}
         per_unit[role][cond] = [s.to_json() for s in sig]
 
     for role, (units, seeds) in roles.items():
@@ -258,6 +260,27 @@ def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progres
             record(role, cond, measure(fooled, units, seeds, imgs[role], mcfg,
                                        w / f"fv_{method}_{variant['name']}" / role,
                                        w / "natural" / f"{method}_{variant['name']}" / role, progress))
+    raw = {"units": per_unit, "meta": {
+        "units": {"tuning": tune_units, "evaluation": eval_units}, "images": split.to_json(),
+        "manipulated_models": built, "measure_seconds": round(time.time() - t0, 1)}}
+    out.mkdir(parents=True, exist_ok=True)
+    from fvsanity.io import atomic_write_json
+
+    atomic_write_json(out / f"signals_{name}.json", raw)
+    return finish(name, mcfg, raw, out)
+
+
+def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
+    """Scores, results and the ROC figure from the measured signals (``signals_<model>.json``)."""
+    from fvsanity.compare.detect import SIGNALS
+    from fvsanity.io import atomic_write_json
+
+    per_unit, meta = raw["units"], raw["meta"]
+    signals = {r: {c: np.asarray([[np.nan if u["signals"].get(k) is None else u["signals"][k] for k in SIGNALS]
+                                  for u in rows], dtype=np.float64).reshape(len(rows), len(SIGNALS))
+                   for c, rows in conds.items()} for r, conds in per_unit.items()}
+    verdicts = {r: {c: {"outcome": [u["outcome"] for u in rows], "diverges_any": [u["diverges_any"] for u in rows]}
+                    for c, rows in conds.items()} for r, conds in per_unit.items()}
     res = score(signals, verdicts, mcfg.get("fpr", 0.05), mcfg.get("n_boot", 2000), mcfg["units"]["seed"])
     h = verdicts["evaluation"]["healthy"]
     result = {
@@ -265,25 +288,25 @@ def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progres
         "healthy_fpr_what": "share of healthy evaluation units whose verdict is 'diverges' at their own layer",
         "healthy_fpr_any_layer": float(np.mean(h["diverges_any"])),
         "healthy_outcomes": {o: int(sum(x == o for x in h["outcome"])) for o in ("natural-like", "diverges", "inconclusive")},
-        "n_healthy": len(eval_units),
-        "n_healthy_tuning": len(tune_units),
+        "n_healthy": len(meta["units"]["evaluation"]),
+        "n_healthy_tuning": len(meta["units"]["tuning"]),
         "methods": res["methods"],
         "combined_score": res["combined"],
+        "combined_path_score": res["combined_path"],
         "combined_eval_healthy_fpr": res["combined_eval_healthy_fpr"],
-        "units": {"tuning": tune_units, "evaluation": eval_units},
-        "images": split.to_json(),
+        "combined_path_eval_healthy_fpr": res["combined_path_eval_healthy_fpr"],
+        "units": meta["units"],
+        "images": meta["images"],
         "fv": {"steps": mcfg["steps"], "seeds": mcfg["seeds"]},
         "path_settings": mcfg["path"],
-        "manipulated_models": built,
+        "manipulated_models": meta["manipulated_models"],
         "signals_described": {k: {"direction": d, "what": t} for k, (d, t) in SIGNALS.items()},
-        "seconds": round(time.time() - t0, 1),
+        "seconds": meta.get("measure_seconds"),
     }
     out.mkdir(parents=True, exist_ok=True)
     plot_roc(res, name, out / f"roc_{name}.png")
-    from fvsanity.io import atomic_write_json
-
-    atomic_write_json(out / f"signals_{name}.json", {"units": per_unit, "curves": res["curves"]})
-    log(f"{name}: done in {result['seconds']} s; healthy verdict FPR {result['healthy_fpr']:.3f}; "
+    atomic_write_json(out / f"curves_{name}.json", res["curves"])
+    log(f"{name}: healthy verdict FPR {result['healthy_fpr']:.3f}; "
         + "; ".join(f"{c}: AUC {m['auc']:.3f} TPR@5% {m['tpr_at_5fpr']:.2f} ({m['best_signal']})"
                     for c, m in result["methods"].items()))
     return result
@@ -299,6 +322,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="[figures/detection]")
     ap.add_argument("--work", default=None, help="cache folder [runs/detection, or OUT/work with --smoke]")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--rescore", action="store_true", help="re-score OUT/signals_<model>.json (no FVs, no path checks)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -315,7 +339,15 @@ def main(argv=None) -> int:
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() and not args.smoke else {}
     for name, mcfg in models.items():
-        results[name] = run_model(name, mcfg, work, out, args.smoke, progress=False)
+        if args.rescore:
+            raw = json.loads((out / f"signals_{name}.json").read_text())
+            if "meta" not in raw:  # written by the first version of this script: the rest is in results.json
+                old = results[name]
+                raw["meta"] = {"units": old["units"], "images": old["images"],
+                               "manipulated_models": old["manipulated_models"], "measure_seconds": old["seconds"]}
+            results[name] = finish(name, mcfg, raw, out)
+        else:
+            results[name] = run_model(name, mcfg, work, out, args.smoke, progress=False)
         results.setdefault("_meta", {})
         results["_meta"] = {"config": cfg, "provenance": provenance(), "smoke": args.smoke}
         out.mkdir(parents=True, exist_ok=True)

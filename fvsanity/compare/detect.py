@@ -53,7 +53,9 @@ import torch
 from ..errors import FVSanityError
 
 __all__ = [
+    "PATH_SIGNALS",
     "SIGNALS",
+    "Calibration",
     "CombinedScore",
     "DetectionError",
     "UnitSignals",
@@ -61,11 +63,13 @@ __all__ = [
     "detection_signals",
     "exemplar_agreement",
     "fit_combined",
+    "load_calibration",
     "orient",
     "rate_above",
     "roc_auc",
     "roc_curve",
     "signal_matrix",
+    "signals_from_json",
     "signals_from_path",
     "threshold_at_fpr",
 ]
@@ -379,3 +383,107 @@ def fit_combined(healthy: np.ndarray, manipulated: np.ndarray, names: Sequence[s
     thr = threshold_at_fpr(cs.score(h), fpr)
     return CombinedScore(cs.names, cs.mean, cs.scale, cs.coef, cs.intercept, cs.l2, thr,
                          {"healthy": int(len(h)), "manipulated": int(len(m))})
+
+
+# ----------------------------------------------------------------------------- calibrated score in check / audit
+#: the signals a saved check.json / audit.json unit holds (no activations: no exemplar agreement)
+PATH_SIGNALS = ("path_own", "path_min", "path_mean", "p_natural_like_own", "log_activation_range")
+
+
+def signals_from_json(unit: Mapping) -> dict[str, float]:
+    """The :data:`PATH_SIGNALS` of one unit of a check.json / audit.json (``UnitPath.to_json``),
+    exactly as :func:`signals_from_path` computes them (exemplar signals NaN)."""
+    layers = unit.get("layers") or []
+    norms = [r.get("normalized") for r in layers]
+    own = layers[-1] if layers else {}
+    ar = unit.get("activation_range") or None
+    vals = {n: float("nan") for n in SIGNALS}
+    vals.update({
+        "path_own": float(own["normalized"]) if own.get("normalized") is not None else float("nan"),
+        "path_min": _nanmin(norms), "path_mean": _nanmean(norms),
+        "p_natural_like_own": float(own["p_natural_like"]) if own.get("p_natural_like") is not None else float("nan"),
+    })
+    if ar:
+        vals["log_activation_range"] = math.log(max(float(ar["ratio_median"]), 1e-6))
+    return vals
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibrated scores measured by ``experiments/detection`` for one model (its results.json).
+
+    Attributes:
+        model: the model name it was measured on; source: the results.json path.
+        scores: {"combined": CombinedScore (every signal), "combined_path": CombinedScore
+            (:data:`PATH_SIGNALS` only)}; operating: per score, what was measured on evaluation
+            units at its 5%-FPR threshold: {"healthy_fpr": float, "tpr": {method: float}}.
+    """
+
+    model: str
+    source: str
+    scores: dict
+    operating: dict
+
+    def rate(self, values: Mapping[str, float]) -> dict:
+        """One unit's calibrated score from its signals (``values``: name -> float; the full
+        score when its exemplar signals are finite, else the path-only score).
+
+        Returns:
+            {"score_name", "score", "threshold", "flagged", "healthy_fpr", "tpr", "measured_on",
+            "text"}: ``text`` e.g. "calibrated score 2.31 > 0.85: flagged at the 5%-FPR threshold
+            measured on cifar10-resnet20 (healthy FPR 3.3%, TPR circuit:unit 97%, ...)".
+        """
+        full = all(math.isfinite(values.get(n, float("nan"))) for n in ("exemplar_own", "exemplar_mean"))
+        name = "combined" if full and "combined" in self.scores else "combined_path"
+        cs: CombinedScore = self.scores[name]
+        x = np.asarray([[values.get(n, float("nan")) for n in cs.names]], dtype=np.float64)
+        s = float(cs.score(x)[0])
+        flagged = s > cs.threshold_5fpr
+        op = self.operating.get(name, {})
+        tpr = op.get("tpr", {})
+        fpr_txt = f"healthy FPR {100 * op['healthy_fpr']:.1f}%" if op.get("healthy_fpr") is not None else "healthy FPR n/a"
+        tpr_txt = ", ".join(f"{m} {100 * v:.0f}%" for m, v in tpr.items())
+        text = (f"calibrated score ({name}) {s:.2f} {'>' if flagged else '<='} {cs.threshold_5fpr:.2f}: "
+                f"{'flagged' if flagged else 'not flagged'} at the 5%-FPR threshold measured on {self.model} "
+                f"({fpr_txt}" + (f"; TPR {tpr_txt}" if tpr_txt else "") + " on its evaluation units)")
+        return {"score_name": name, "score": s, "threshold": cs.threshold_5fpr, "flagged": bool(flagged),
+                "healthy_fpr": op.get("healthy_fpr"), "tpr": dict(tpr), "measured_on": self.model,
+                "source": self.source, "text": text}
+
+
+def load_calibration(path, model: str) -> Calibration:
+    """The calibrated scores of ``model`` from a detection results.json.
+
+    Raises:
+        DetectionError: one line: the file is missing or not a detection results.json, or it was
+            measured on other models (naming them).
+    """
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise DetectionError(f"--calibration file not found: {str(p)!r} (give figures/detection/results.json)")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise DetectionError(f"--calibration {str(p)!r} is not JSON: {type(e).__name__}") from e
+    models = [k for k, v in doc.items() if isinstance(v, dict) and "combined_score" in v] if isinstance(doc, dict) else []
+    if not models:
+        raise DetectionError(f"--calibration {str(p)!r} is not a detection results.json (no model with a combined_score)")
+    if model not in models:
+        raise DetectionError(f"--calibration {str(p)!r} was measured on {', '.join(models)}, not on {model!r}; "
+                             f"its threshold does not transfer (run experiments/detection/run.py for {model!r})")
+    r = doc[model]
+    scores, operating = {}, {}
+    for name, key, fpr_key in (("combined", "combined_score", "combined_eval_healthy_fpr"),
+                               ("combined_path", "combined_path_score", "combined_path_eval_healthy_fpr")):
+        if key not in r:
+            continue
+        scores[name] = CombinedScore.from_json(r[key])
+        operating[name] = {"healthy_fpr": r.get(fpr_key),
+                           "tpr": {m: v["signals"][name]["tpr_at_5fpr"] for m, v in r.get("methods", {}).items()
+                                   if name in v.get("signals", {})}}
+    if "combined_path" not in scores:
+        raise DetectionError(f"--calibration {str(p)!r} has no path-only score for {model!r}; re-run the detection benchmark")
+    return Calibration(model, str(p), scores, operating)
