@@ -197,6 +197,7 @@ def test_detection_smoke_run_covers_every_registered_method_and_writes_the_resul
     # the identity "manipulation" changes nothing: its FVs are the healthy ones (same seeds), so
     # no score can tell them apart
     assert res["methods"]["toy-identity:unit"]["signals"]["combined"]["auc"] == 0.5
+    assert res["methods"]["toy-identity:unit"]["effective_fraction"] == 0.0  # and the benchmark says so
     assert (tmp_path / "out" / "roc_tiny.png").is_file()
 
 

@@ -94,7 +94,7 @@ def measure(lm, units, seeds, natural, mcfg, fv_dir: Path, cache_dir: Path, prog
     log(f"  FVs {'reused' if reused else 'rendered'}: {len(units)} units x {len(seeds)} seeds ({fv_dir.name})")
     st = PathCheckSettings(**mcfg["path"])
     _, sig = detection_signals(lm, units, fv, natural, st, cache_dir=cache_dir)
-    return sig
+    return sig, fv.images
 
 
 def conditions(mcfg: dict):
@@ -135,7 +135,11 @@ def _fill(x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(x), x, low)
 
 
-def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int) -> dict:
+#: mean |pixel difference| above which a manipulated FV counts as changed by the manipulation
+EFFECTIVE = 0.01
+
+
+def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, changes: dict | None = None) -> dict:
     """Per condition: every candidate score (each signal oriented on tuning, the combined score),
     the best on tuning, measured on evaluation. ``signals[role][cond]`` = [U, K] matrices."""
     from fvsanity.compare.detect import (
@@ -150,6 +154,7 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int) -> 
     )
 
     names = list(SIGNALS)
+    changes = changes or {}
     conds = [c for c in signals["tuning"] if c != "healthy"]
     t_h, e_h = signals["tuning"]["healthy"], signals["evaluation"]["healthy"]
     t_all = np.concatenate([signals["tuning"][c] for c in conds])
@@ -192,7 +197,10 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int) -> 
         b = rows[best]
         v = verdicts["evaluation"][c]
         out["methods"][c] = {
-            "n": int(len(e_m)), "auc": b["auc"], "auc_ci": b["auc_ci"], "tpr_at_5fpr": b["tpr_at_5fpr"],
+            "n": int(len(e_m)),
+            "effective_fraction": (float(np.mean(np.asarray(changes[c]) > EFFECTIVE)) if changes.get(c) else None),
+            "effective_what": f"share of evaluation units whose manipulated FV differs from the healthy FV of the same "
+                              f"seed by a mean |difference| > {EFFECTIVE} (benchmark-side; not a signal)", "auc": b["auc"], "auc_ci": b["auc_ci"], "tpr_at_5fpr": b["tpr_at_5fpr"],
             "fpr_at_threshold": b["fpr_at_threshold"], "best_signal": best, "best_chosen_on": "tuning AUC",
             "n_tuning": int(len(t_m)),
             "verdict_tpr_own_layer_diverges": float(np.mean([o == "diverges" for o in v["outcome"]])),
@@ -240,8 +248,18 @@ def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progres
     w = work / name
     per_unit: dict = {r: {} for r in roles}
 
-    def record(role, cond, sig):
-        per_unit[role][cond] = [s.to_json() for s in sig]
+    healthy_fvs = {}
+
+    def record(role, cond, measured):
+        sig, fvs = measured
+        rows = [s.to_json() for s in sig]
+        if cond == "healthy":
+            healthy_fvs[role] = fvs
+        else:  # benchmark-side only (never a signal): did the manipulation change the FV at all?
+            change = (fvs - healthy_fvs[role]).abs().flatten(1).mean(1)
+            for r, c in zip(rows, change.tolist()):
+                r["fv_change"] = c
+        per_unit[role][cond] = rows
 
     for role, (units, seeds) in roles.items():
         log(f"healthy / {role}")
@@ -281,7 +299,9 @@ def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
                    for c, rows in conds.items()} for r, conds in per_unit.items()}
     verdicts = {r: {c: {"outcome": [u["outcome"] for u in rows], "diverges_any": [u["diverges_any"] for u in rows]}
                     for c, rows in conds.items()} for r, conds in per_unit.items()}
-    res = score(signals, verdicts, mcfg.get("fpr", 0.05), mcfg.get("n_boot", 2000), mcfg["units"]["seed"])
+    changes = {c: [u.get("fv_change") for u in rows] for c, rows in per_unit["evaluation"].items() if c != "healthy"}
+    changes = {c: v for c, v in changes.items() if all(x is not None for x in v)}
+    res = score(signals, verdicts, mcfg.get("fpr", 0.05), mcfg.get("n_boot", 2000), mcfg["units"]["seed"], changes)
     h = verdicts["evaluation"]["healthy"]
     result = {
         "healthy_fpr": float(np.mean([o == "diverges" for o in h["outcome"]])),
