@@ -195,6 +195,12 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
             out["curves"].setdefault(c, {})[n] = {"fpr": fp.tolist(), "tpr": tp.tolist()}
         best = max(rows, key=lambda n: (rows[n]["tuning_auc"], rows[n]["tuning_tpr_at_5fpr"], n == "combined"))
         b = rows[best]
+        eff = np.asarray(changes.get(c) or [], dtype=np.float64) > EFFECTIVE
+        if eff.size == len(e_m) and eff.sum() >= 2:  # the best score on the units the manipulation changed
+            f = cands[best][0]
+            both = _fill(np.concatenate([f(e_h), f(e_m)]))
+            b = {**b, "auc_effective": roc_auc(both[: len(e_h)], both[len(e_h):][eff]),
+                 "tpr_at_5fpr_effective": rate_above(both[len(e_h):][eff], b["threshold"]), "n_effective": int(eff.sum())}
         v = verdicts["evaluation"][c]
         out["methods"][c] = {
             "n": int(len(e_m)),
@@ -202,6 +208,8 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
             "effective_what": f"share of evaluation units whose manipulated FV differs from the healthy FV of the same "
                               f"seed by a mean |difference| > {EFFECTIVE} (benchmark-side; not a signal)", "auc": b["auc"], "auc_ci": b["auc_ci"], "tpr_at_5fpr": b["tpr_at_5fpr"],
             "fpr_at_threshold": b["fpr_at_threshold"], "best_signal": best, "best_chosen_on": "tuning AUC",
+            "n_effective": b.get("n_effective"), "auc_effective": b.get("auc_effective"),
+            "tpr_at_5fpr_effective": b.get("tpr_at_5fpr_effective"),
             "n_tuning": int(len(t_m)),
             "verdict_tpr_own_layer_diverges": float(np.mean([o == "diverges" for o in v["outcome"]])),
             "verdict_tpr_any_layer_diverges": float(np.mean(v["diverges_any"])),
