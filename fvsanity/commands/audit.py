@@ -62,6 +62,10 @@ def register(sub) -> None:
                    help="natural (and other) images per unit for the circuit comparison [%(default)s]")
     p.add_argument("--circuit-steps", type=int, default=8, help="EAP-IG steps for the circuits [%(default)s]")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass [%(default)s]")
+    p.add_argument("--calibration", default=None, metavar="RESULTS_JSON",
+                   help="a detection results.json (experiments/detection) measured on this model: report each "
+                        "unit's calibrated score (path-only signals) and whether it is flagged at the measured "
+                        "5%%-FPR threshold (written to calibrated.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--merge", default=None, metavar="OUT",
                    help="only merge the finished units in OUT (written by shards) into its report, JSON and "
@@ -129,6 +133,11 @@ def _run(args: argparse.Namespace, shard, device) -> int:
     out = ensure_writable_dir(args.out)  # fail before any slow work
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
+    calib = None
+    if getattr(args, "calibration", None):  # refused (one line) before any FV work if measured on another model
+        from ..compare.detect import load_calibration
+
+        calib = load_calibration(args.calibration, lm.name)
     specs = args.units
     if args.fv and not args.units and not args.layer:
         from ..generate import FVResult
@@ -155,5 +164,13 @@ def _run(args: argparse.Namespace, shard, device) -> int:
         f"Wall time {time.perf_counter() - t0:.1f} s",
         file=sys.stderr,
     )
+    if calib is not None:
+        from ..compare.detect import signals_from_json
+        from ..io import atomic_write_json
+
+        rows = [{"unit": rec["path"]["unit"], **calib.rate(signals_from_json(rec["path"]))} for rec in res.audit["units"]]
+        atomic_write_json(out / "calibrated.json", {"model": lm.name, "calibration": calib.source, "units": rows})
+        for r in rows:
+            print(f"{r['unit']}: {r['text']}")
     print(f"report: {res.report}")
     return 0

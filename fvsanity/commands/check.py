@@ -63,6 +63,9 @@ def register(sub) -> None:
                    help="one panel per unit or the mean over units [auto: panels up to 12 units]")
     p.add_argument("--circuits", action="store_true",
                    help="also compare FV and natural circuits (edge attribution; slower) into check.json")
+    p.add_argument("--calibration", default=None, metavar="RESULTS_JSON",
+                   help="a detection results.json (experiments/detection) measured on this model: report each "
+                        "unit's calibrated score and whether it is flagged at the measured 5%%-FPR threshold")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -174,6 +177,11 @@ def _run(args: argparse.Namespace, shard, device) -> int:
     # --random-weights: the same weights for the same --seed (load_model seeds without global state)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
+    calib = None
+    if args.calibration:  # refused (one line) before any FV work if measured on another model
+        from ..compare.detect import load_calibration
+
+        calib = load_calibration(args.calibration, lm.name)
     units = parse_units(args.unit, lm) if args.unit else []
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
     if layers:  # before any FV work
@@ -211,8 +219,16 @@ def _run(args: argparse.Namespace, shard, device) -> int:
         use_class_images=not args.no_class_images, n_boot=args.n_boot, n_perm=args.n_perm, alpha=args.alpha,
         paired_metrics=paired if len(units) >= 4 else (), seed=args.seed, batch_size=args.batch_size,
     )
-    res = path_check(lm, units, fv, natural, settings, device=device, progress=not args.no_progress)
+    if calib is not None:  # the same path check, plus the detection signals (exemplar agreement)
+        from ..compare.detect import detection_signals
+
+        res, sig = detection_signals(lm, units, fv, natural, settings, device=device, progress=not args.no_progress)
+    else:
+        res = path_check(lm, units, fv, natural, settings, device=device, progress=not args.no_progress)
     doc = res.to_json()
+    if calib is not None:
+        for u, s in zip(doc["units"], sig):
+            u["calibrated"] = calib.rate(s.values)
     doc["settings"]["requested_metric"] = args.metric
     if args.circuits:
         doc["circuits"] = _circuits(lm, units, fv, natural, res, args)

@@ -324,6 +324,8 @@ def check_lines(doc: dict) -> list[str]:
                 f"other {u.get('n_other', '?')}; activation range "
                 + (f"{_fmt(ar['ratio_median'])}x [{_fmt(min(ar['ratio']))}, {_fmt(ar['ratio_max'])}]" if ar else "n/a") + ")")
         lines.append(head)
+        if u.get("calibrated"):  # --calibration: the detection benchmark's score and operating point
+            lines.append(f"  {u['calibrated']['text']}")
         width = max((len(r["name"]) for r in u.get("layers", [])), default=5)
         lines.append(f"  {'layer':<{width}}  {'norm. sim.':>10}  {'seed SD':>7}  outcome")
         for r in u.get("layers", []):

@@ -1,0 +1,390 @@
+"""The manipulation-detection benchmark (issue 12, item 3): measured error rates of fvsanity's signals.
+
+Population, per model in config.json: units (class units plus hidden channels), each measured
+healthy (original model, fresh FV seeds) and manipulated by every registered manipulation method
+(``fvsanity.fool.MANIPULATIONS``, iterated: a method registered later joins automatically) with
+every target variant of the config (another unit of the same layer, a picture). One manipulated
+model per (method, variant) routes every population unit at once.
+
+Roles, disjoint by construction (fvsanity.splits): natural images split into tuning / building /
+evaluation (the manipulation is built and calibrated on the building images; tuning units are
+measured on tuning images, evaluation units on evaluation images); units split into tuning and
+evaluation units; FV seeds differ (tuning seeds vs evaluation seeds). The signals and the combined
+score (fvsanity.compare.detect) use only what an auditor has; the combined score, each signal's
+orientation, the best signal per method and every threshold are chosen on tuning units and only
+measured on evaluation units.
+
+Writes ``--out`` (default figures/detection/): results.json, roc_<model>.png, and
+``signals_<model>.json`` (every unit's signals). FVs, detectors and natural passes are cached in
+``--work`` (default runs/detection/), so an interrupted run resumes.
+
+    python experiments/detection/run.py                          # every model of config.json
+    python experiments/detection/run.py --model cifar10-resnet20
+    python experiments/detection/run.py --smoke --out /tmp/det   # tiny model, random images, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def log(msg: str) -> None:
+    print(f"[detection {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- setup
+def setup(name: str, mcfg: dict, smoke: bool):
+    """(model, NaturalImages, Split of the images, tuning units, evaluation units)."""
+    from fvsanity.data import from_tensor, load_images
+    from fvsanity.models import load_model
+    from fvsanity.splits import three_way_split
+    from fvsanity.testing import tiny_model
+
+    if smoke:
+        lm = tiny_model()
+        g = torch.Generator().manual_seed(0)
+        nat = from_tensor(torch.rand(90, 3, 16, 16, generator=g), torch.arange(90) % 5)
+    else:
+        lm = load_model(mcfg.get("model", name))
+        root = Path(os.environ.get("FVSANITY_DATA", ROOT / "data")) / mcfg["images"]
+        nat = load_images(root, lm, max_per_class=mcfg.get("max_per_class"), into_memory=True)
+    sp = mcfg["split"]
+    split = three_way_split(len(nat), sp["fractions"], sp["seed"])
+    units = candidate_units(lm, mcfg["units"])
+    g = torch.Generator().manual_seed(int(mcfg["units"]["seed"]))
+    perm = torch.randperm(len(units), generator=g).tolist()
+    n_t = int(mcfg["units"]["n_tuning"])
+    tune = sorted((units[i] for i in perm[:n_t]), key=units.index)
+    ev = sorted((units[i] for i in perm[n_t:]), key=units.index)
+    return lm, nat, split, tune, ev
+
+
+def candidate_units(lm, ucfg: dict) -> list[str]:
+    """Class units (every channel of the output layer) plus ``hidden`` {layer: n} channels per
+    layer, drawn with ``seed``."""
+    out = [f"{lm.output_layer}:{c}" for c in range(lm.layer_info(lm.output_layer).layout.channels)] if ucfg.get("class", True) else []
+    g = torch.Generator().manual_seed(int(ucfg["seed"]) + 1)
+    for layer, n in ucfg.get("hidden", {}).items():
+        c = lm.layer_info(layer).layout.channels
+        out += [f"{layer}:{i}" for i in sorted(torch.randperm(c, generator=g)[: int(n)].tolist())]
+    return out
+
+
+# ----------------------------------------------------------------------------- measuring
+def measure(lm, units, seeds, natural, mcfg, fv_dir: Path, cache_dir: Path, progress: bool):
+    """FVs of ``units`` on ``lm`` (cached) and their detection signals (list of UnitSignals)."""
+    from fvsanity.cache import render_cached
+    from fvsanity.compare.detect import detection_signals
+    from fvsanity.compare.path import PathCheckSettings
+
+    fv, reused = render_cached(lm, units, fv_dir, seeds=list(seeds), steps=int(mcfg["steps"]), pngs=False,
+                               progress=progress)
+    log(f"  FVs {'reused' if reused else 'rendered'}: {len(units)} units x {len(seeds)} seeds ({fv_dir.name})")
+    st = PathCheckSettings(**mcfg["path"])
+    _, sig = detection_signals(lm, units, fv, natural, st, cache_dir=cache_dir)
+    return sig, fv.images
+
+
+def conditions(mcfg: dict):
+    """(method, variant) for every registered manipulation method and every config variant."""
+    from fvsanity.fool import list_manipulations
+
+    for method in list_manipulations():
+        for variant in mcfg["variants"]:
+            yield method, variant
+
+
+def build(lm, method: str, variant: dict, units: list[str], build_images, measure_images, mcfg, work: Path, smoke: bool):
+    """The manipulated model routing every unit of ``units`` (built on ``build_images`` only)."""
+    from fvsanity.fool import FoolSettings, get_manipulation, make_routes
+    from fvsanity.fool.pipeline import build_manipulated, prepare_manipulation
+    from fvsanity.fool.routes import load_picture
+
+    if "shift" in variant:
+        routes = make_routes(lm, units, shift=int(variant["shift"]))
+    else:
+        pic = load_picture(HERE / variant["target"] if not Path(variant["target"]).is_absolute() else variant["target"])
+        routes = make_routes(lm, units, pic)
+    fs_kw = dict(mcfg.get("fool_settings", {}))
+    fs_kw.update(mcfg.get("method_settings", {}).get(method, {}))
+    fs = FoolSettings(method=method, progress=False, **fs_kw)
+    m = get_manipulation(method)
+    ms = m.settings_from(fs)
+    prepared = prepare_manipulation(m, ms, lm, routes, build_images, measure_images, fs, work / f"prepare_{method}")
+    return build_manipulated(m, ms, lm, routes, build_images, prepared)
+
+
+# ----------------------------------------------------------------------------- scoring
+def _fill(x: np.ndarray) -> np.ndarray:
+    """NaN suspicion scores -> below every finite one (never flagged)."""
+    x = np.asarray(x, dtype=np.float64)
+    fin = x[np.isfinite(x)]
+    low = (fin.min() - 1.0) if fin.size else 0.0
+    return np.where(np.isfinite(x), x, low)
+
+
+#: mean |pixel difference| above which a manipulated FV counts as changed by the manipulation
+EFFECTIVE = 0.01
+
+
+def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, changes: dict | None = None) -> dict:
+    """Per condition: every candidate score (each signal oriented on tuning, the combined score),
+    the best on tuning, measured on evaluation. ``signals[role][cond]`` = [U, K] matrices."""
+    from fvsanity.compare.detect import (
+        PATH_SIGNALS,
+        SIGNALS,
+        auc_ci,
+        fit_combined,
+        rate_above,
+        roc_auc,
+        roc_curve,
+        threshold_at_fpr,
+    )
+
+    names = list(SIGNALS)
+    changes = changes or {}
+    conds = [c for c in signals["tuning"] if c != "healthy"]
+    t_h, e_h = signals["tuning"]["healthy"], signals["evaluation"]["healthy"]
+    t_all = np.concatenate([signals["tuning"][c] for c in conds])
+    combined = fit_combined(t_h, t_all, names, fpr=fpr)
+    # the same fit on the signals a saved check/audit JSON holds (no exemplar agreement)
+    cols = [names.index(n) for n in PATH_SIGNALS]
+    combined_path = fit_combined(t_h[:, cols], t_all[:, cols], PATH_SIGNALS, fpr=fpr)
+    out = {"combined": combined.to_json(), "combined_path": combined_path.to_json(), "methods": {}, "curves": {}}
+    # the calibrated scores (what check/audit report): their healthy FPR on evaluation units
+    out["combined_eval_healthy_fpr"] = rate_above(combined.score(e_h), combined.threshold_5fpr)
+    out["combined_path_eval_healthy_fpr"] = rate_above(combined_path.score(e_h[:, cols]), combined_path.threshold_5fpr)
+    for c in conds:
+        t_m, e_m = signals["tuning"][c], signals["evaluation"][c]
+        cands = {}
+        for k, n in enumerate(names):
+            th, tm = _fill(t_h[:, k] * SIGNALS[n][0]), _fill(t_m[:, k] * SIGNALS[n][0])
+            if not (np.isfinite(t_h[:, k]).any() or np.isfinite(t_m[:, k]).any()):
+                continue
+            sign = 1.0 if roc_auc(th, tm) >= 0.5 else -1.0  # orientation chosen on tuning
+            cands[n] = (lambda x, k=k, s=sign * SIGNALS[n][0]: s * x[:, k], sign)
+        cands["combined"] = (lambda x: combined.score(x), 1.0)
+        cands["combined_path"] = (lambda x: combined_path.score(x[:, cols]), 1.0)
+        rows = {}
+        for n, (f, sign) in cands.items():
+            both_t = _fill(np.concatenate([f(t_h), f(t_m)]))
+            sth, stm = both_t[: len(t_h)], both_t[len(t_h):]
+            both_e = _fill(np.concatenate([f(e_h), f(e_m)]))
+            seh, sem = both_e[: len(e_h)], both_e[len(e_h):]
+            thr = {"combined": combined.threshold_5fpr, "combined_path": combined_path.threshold_5fpr}.get(n)
+            thr = threshold_at_fpr(sth, fpr) if thr is None else thr
+            rows[n] = {
+                "orientation": sign, "tuning_auc": roc_auc(sth, stm), "auc": roc_auc(seh, sem),
+                "auc_ci": list(auc_ci(seh, sem, n_boot=n_boot, seed=seed)), "threshold": thr,
+                "tpr_at_5fpr": rate_above(sem, thr), "fpr_at_threshold": rate_above(seh, thr),
+                "tuning_tpr_at_5fpr": rate_above(stm, thr),
+            }
+            fp, tp = roc_curve(seh, sem)
+            out["curves"].setdefault(c, {})[n] = {"fpr": fp.tolist(), "tpr": tp.tolist()}
+        best = max(rows, key=lambda n: (rows[n]["tuning_auc"], rows[n]["tuning_tpr_at_5fpr"], n == "combined"))
+        b = rows[best]
+        eff = np.asarray(changes.get(c) or [], dtype=np.float64) > EFFECTIVE
+        if eff.size == len(e_m) and eff.sum() >= 2:  # the best score on the units the manipulation changed
+            f = cands[best][0]
+            both = _fill(np.concatenate([f(e_h), f(e_m)]))
+            b = {**b, "auc_effective": roc_auc(both[: len(e_h)], both[len(e_h):][eff]),
+                 "tpr_at_5fpr_effective": rate_above(both[len(e_h):][eff], b["threshold"]), "n_effective": int(eff.sum())}
+        v = verdicts["evaluation"][c]
+        out["methods"][c] = {
+            "n": int(len(e_m)),
+            "effective_fraction": (float(np.mean(np.asarray(changes[c]) > EFFECTIVE)) if changes.get(c) else None),
+            "effective_what": f"share of evaluation units whose manipulated FV differs from the healthy FV of the same "
+                              f"seed by a mean |difference| > {EFFECTIVE} (benchmark-side; not a signal)", "auc": b["auc"], "auc_ci": b["auc_ci"], "tpr_at_5fpr": b["tpr_at_5fpr"],
+            "fpr_at_threshold": b["fpr_at_threshold"], "best_signal": best, "best_chosen_on": "tuning AUC",
+            "n_effective": b.get("n_effective"), "auc_effective": b.get("auc_effective"),
+            "tpr_at_5fpr_effective": b.get("tpr_at_5fpr_effective"),
+            "n_tuning": int(len(t_m)),
+            "verdict_tpr_own_layer_diverges": float(np.mean([o == "diverges" for o in v["outcome"]])),
+            "verdict_tpr_any_layer_diverges": float(np.mean(v["diverges_any"])),
+            "signals": rows,
+        }
+    return out
+
+
+def plot_roc(res: dict, model: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = list(res["curves"])
+    fig, axes = plt.subplots(1, len(conds), figsize=(3.4 * len(conds), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], conds):
+        for n, cur in res["curves"][c].items():
+            auc = res["methods"][c]["signals"][n]["auc"]
+            ax.plot(cur["fpr"], cur["tpr"], lw=2.2 if n == "combined" else 1.0, label=f"{n} ({auc:.2f})",
+                    drawstyle="steps-post")
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.6, ls="--")
+        ax.axvline(0.05, color="0.6", lw=0.6, ls=":")
+        ax.set_title(f"{c}\n(n={res['methods'][c]['n']} manipulated vs healthy eval units)", fontsize=8)
+        ax.set_xlabel("false-positive rate (healthy)")
+        ax.legend(fontsize=5.5, loc="lower right")
+    axes[0][0].set_ylabel("true-positive rate")
+    fig.suptitle(f"{model}: ROC per manipulation and signal (evaluation units; AUC in brackets)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progress: bool) -> dict:
+    t0 = time.time()
+    lm, nat, split, tune_units, eval_units = setup(name, mcfg, smoke)
+    nat = nat.load() if hasattr(nat, "load") else nat
+    imgs = {"tuning": nat.subset(split.tuning), "evaluation": nat.subset(split.evaluation)}
+    build_images = nat.subset(split.building).load().images
+    roles = {"tuning": (tune_units, mcfg["seeds"]["tuning"]), "evaluation": (eval_units, mcfg["seeds"]["evaluation"])}
+    log(f"{name}: {len(tune_units)} tuning + {len(eval_units)} evaluation units; images {split.sizes()}; "
+        f"{mcfg['steps']} FV steps; seeds {mcfg['seeds']}")
+    w = work / name
+    per_unit: dict = {r: {} for r in roles}
+
+    healthy_fvs = {}
+
+    def record(role, cond, measured):
+        sig, fvs = measured
+        rows = [s.to_json() for s in sig]
+        if cond == "healthy":
+            healthy_fvs[role] = fvs
+        else:  # benchmark-side only (never a signal): did the manipulation change the FV at all?
+            change = (fvs - healthy_fvs[role]).abs().flatten(1).mean(1)
+            for r, c in zip(rows, change.tolist()):
+                r["fv_change"] = c
+        per_unit[role][cond] = rows
+
+    for role, (units, seeds) in roles.items():
+        log(f"healthy / {role}")
+        record(role, "healthy", measure(lm, units, seeds, imgs[role], mcfg, w / "fv_healthy" / role,
+                                        w / "natural" / "original" / role, progress))
+    all_units = tune_units + eval_units
+    measure_images = imgs["tuning"].load().images[:64]  # only logged by a method's prepare (e.g. detector accuracy)
+    built = {}
+    for method, variant in conditions(mcfg):
+        cond = f"{method}:{variant['name']}"
+        log(f"{cond}: building the manipulated model ({len(all_units)} routed units)")
+        fooled = build(lm, method, variant, all_units, build_images, measure_images, mcfg, w, smoke)
+        built[cond] = fooled.name
+        for role, (units, seeds) in roles.items():
+            log(f"{cond} / {role}")
+            record(role, cond, measure(fooled, units, seeds, imgs[role], mcfg,
+                                       w / f"fv_{method}_{variant['name']}" / role,
+                                       w / "natural" / f"{method}_{variant['name']}" / role, progress))
+    raw = {"units": per_unit, "meta": {
+        "units": {"tuning": tune_units, "evaluation": eval_units}, "images": split.to_json(),
+        "manipulated_models": built, "measure_seconds": round(time.time() - t0, 1)}}
+    out.mkdir(parents=True, exist_ok=True)
+    from fvsanity.io import atomic_write_json
+
+    atomic_write_json(out / f"signals_{name}.json", raw)
+    return finish(name, mcfg, raw, out)
+
+
+def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
+    """Scores, results and the ROC figure from the measured signals (``signals_<model>.json``)."""
+    from fvsanity.compare.detect import SIGNALS
+    from fvsanity.io import atomic_write_json
+
+    per_unit, meta = raw["units"], raw["meta"]
+    signals = {r: {c: np.asarray([[np.nan if u["signals"].get(k) is None else u["signals"][k] for k in SIGNALS]
+                                  for u in rows], dtype=np.float64).reshape(len(rows), len(SIGNALS))
+                   for c, rows in conds.items()} for r, conds in per_unit.items()}
+    verdicts = {r: {c: {"outcome": [u["outcome"] for u in rows], "diverges_any": [u["diverges_any"] for u in rows]}
+                    for c, rows in conds.items()} for r, conds in per_unit.items()}
+    changes = {c: [u.get("fv_change") for u in rows] for c, rows in per_unit["evaluation"].items() if c != "healthy"}
+    changes = {c: v for c, v in changes.items() if all(x is not None for x in v)}
+    res = score(signals, verdicts, mcfg.get("fpr", 0.05), mcfg.get("n_boot", 2000), mcfg["units"]["seed"], changes)
+    h = verdicts["evaluation"]["healthy"]
+    result = {
+        "healthy_fpr": float(np.mean([o == "diverges" for o in h["outcome"]])),
+        "healthy_fpr_what": "share of healthy evaluation units whose verdict is 'diverges' at their own layer",
+        "healthy_fpr_any_layer": float(np.mean(h["diverges_any"])),
+        "healthy_outcomes": {o: int(sum(x == o for x in h["outcome"])) for o in ("natural-like", "diverges", "inconclusive")},
+        "n_healthy": len(meta["units"]["evaluation"]),
+        "n_healthy_tuning": len(meta["units"]["tuning"]),
+        "methods": res["methods"],
+        "combined_score": res["combined"],
+        "combined_path_score": res["combined_path"],
+        "combined_eval_healthy_fpr": res["combined_eval_healthy_fpr"],
+        "combined_path_eval_healthy_fpr": res["combined_path_eval_healthy_fpr"],
+        "units": meta["units"],
+        "images": meta["images"],
+        "fv": {"steps": mcfg["steps"], "seeds": mcfg["seeds"]},
+        "path_settings": mcfg["path"],
+        "manipulated_models": meta["manipulated_models"],
+        "signals_described": {k: {"direction": d, "what": t} for k, (d, t) in SIGNALS.items()},
+        "seconds": meta.get("measure_seconds"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    plot_roc(res, name, out / f"roc_{name}.png")
+    atomic_write_json(out / f"curves_{name}.json", res["curves"])
+    log(f"{name}: healthy verdict FPR {result['healthy_fpr']:.3f}; "
+        + "; ".join(f"{c}: AUC {m['auc']:.3f} TPR@5% {m['tpr_at_5fpr']:.2f} ({m['best_signal']})"
+                    for c, m in result["methods"].items()))
+    return result
+
+
+def main(argv=None) -> int:
+    from fvsanity.io import atomic_write_json, provenance
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(HERE / "config.json"))
+    ap.add_argument("--model", action="append", help="only these models of the config (repeatable)")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, random images, seconds")
+    ap.add_argument("--out", default=None, help="[figures/detection]")
+    ap.add_argument("--work", default=None, help="cache folder [runs/detection, or OUT/work with --smoke]")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--rescore", action="store_true", help="re-score OUT/signals_<model>.json (no FVs, no path checks)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = json.loads(Path(args.config).read_text())
+    out = Path(args.out) if args.out else ROOT / "figures" / "detection"
+    if args.smoke:
+        models = {"tiny": cfg["smoke"]}
+        work = Path(args.work) if args.work else out / "work"
+    else:
+        models = {k: v for k, v in cfg["models"].items() if not args.model or k in args.model}
+        if args.model and not models:
+            raise SystemExit(f"detection: unknown model {args.model}; valid: {', '.join(cfg['models'])}")
+        work = Path(args.work) if args.work else ROOT / "runs" / "detection"
+    res_path = out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.is_file() and not args.smoke else {}
+    for name, mcfg in models.items():
+        if args.rescore:
+            raw = json.loads((out / f"signals_{name}.json").read_text())
+            if "meta" not in raw:  # written by the first version of this script: the rest is in results.json
+                old = results[name]
+                raw["meta"] = {"units": old["units"], "images": old["images"],
+                               "manipulated_models": old["manipulated_models"], "measure_seconds": old["seconds"]}
+            results[name] = finish(name, mcfg, raw, out)
+        else:
+            results[name] = run_model(name, mcfg, work, out, args.smoke, progress=False)
+        results.setdefault("_meta", {})
+        results["_meta"] = {"config": cfg, "provenance": provenance(), "smoke": args.smoke}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(res_path, results)
+    print(json.dumps({k: {"healthy_fpr": v["healthy_fpr"], "methods": {c: {x: m[x] for x in ("auc", "tpr_at_5fpr", "best_signal")}
+                                                                     for c, m in v["methods"].items()}}
+                      for k, v in results.items() if not k.startswith("_")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Detecting manipulated feature visualizations: per-unit signals, a calibrated score, ROC numbers.
+
+Issue 12, item 3. Everything here uses only what an *auditor* has: the model as a function
+(forward passes, hookable layers), the unit's FVs rendered on that model, and natural images.
+Never the original weights, the list of added modules or the manipulation's settings: a healthy
+unit is measured on the original model, a manipulated one on the manipulated model, by the same
+code, and nothing here can tell which model it was given.
+
+Signals per unit (:data:`SIGNALS`; each a float, NaN where undefined; ``direction`` +1 means
+larger = more suspicious, -1 smaller = more suspicious):
+
+* ``path_own``, ``path_min``, ``path_mean``: the path check's normalized similarity
+  (:mod:`fvsanity.compare.path`: 0 = like unrelated images, 1 = like the unit's own natural
+  images) at the unit's own layer, and its minimum / mean over the unit's path (NaN layers
+  skipped). Direction -1.
+* ``p_natural_like_own``: the verdict's adjusted p of "natural-like" at the unit's own layer
+  (:mod:`fvsanity.compare.verdict`): large = no evidence that the FVs look natural. Direction +1.
+* ``log_activation_range``: log of the median over FV seeds of FV response / largest natural
+  response (:func:`fvsanity.compare.verdict.activation_range`). Direction +1.
+* ``exemplar_own``, ``exemplar_mean``: top-k exemplar agreement (Gradient Slingshots' check, as a
+  number): at a layer, P(sim(FV, e) > sim(FV, o)) over the unit's top-k natural exemplars e
+  (chosen by the unit's response) and the other natural images o, ties counted 1/2, averaged
+  over FV seeds; 0.5 = the FV is no closer to the unit's exemplars than to any image. At the
+  unit's own layer, and the mean over its path (its layer and the earlier ones). Direction -1.
+
+Not per-unit signals here, and why (see the README section "Detecting manipulated FVs"):
+CKA / RSA are statistics of a *set* of units (the paired design across units), so they give no
+number per unit; the fooling circuit's own FV detector lives inside the manipulated model and is
+not available to an auditor who is not told which module it is (an auditor could train their own
+FV-vs-natural classifier, but every FV, healthy or not, is an FV: it would not separate them);
+circuit overlap (attribution graphs per unit and FV seed) costs more backward passes than the CPU
+budget of the benchmark allowed.
+
+Combined score (:class:`CombinedScore`): a logistic regression on the standardized signals (NaN
+imputed with the tuning mean, i.e. 0 after standardization), classes weighted equally, a small L2
+penalty, fit on the TUNING units only (healthy vs manipulated by any method). Its threshold for a
+5% false-positive rate is chosen on the tuning units' healthy scores
+(:func:`threshold_at_fpr`) and then only measured on evaluation units.
+
+ROC utilities: :func:`roc_auc` (Mann-Whitney, ties count 1/2), :func:`auc_ci` (stratified
+bootstrap over units), :func:`roc_curve`, :func:`threshold_at_fpr`, :func:`rate_above`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import FVSanityError
+
+__all__ = [
+    "PATH_SIGNALS",
+    "SIGNALS",
+    "Calibration",
+    "CombinedScore",
+    "DetectionError",
+    "UnitSignals",
+    "auc_ci",
+    "detection_signals",
+    "exemplar_agreement",
+    "fit_combined",
+    "load_calibration",
+    "orient",
+    "rate_above",
+    "roc_auc",
+    "roc_curve",
+    "signal_matrix",
+    "signals_from_json",
+    "signals_from_path",
+    "threshold_at_fpr",
+]
+
+
+class DetectionError(FVSanityError, ValueError):
+    """Bad input to a detection utility (empty score sets, NaN scores, a mismatched score)."""
+
+
+#: signal name -> (direction, what it is); direction +1: larger = more suspicious, -1: smaller
+SIGNALS: dict[str, tuple[int, str]] = {
+    "path_own": (-1, "normalized path similarity at the unit's own layer"),
+    "path_min": (-1, "minimum normalized path similarity over the unit's path"),
+    "path_mean": (-1, "mean normalized path similarity over the unit's path"),
+    "p_natural_like_own": (1, "verdict's adjusted p of 'natural-like' at the unit's own layer"),
+    "log_activation_range": (1, "log(median FV response / largest natural response)"),
+    "exemplar_own": (-1, "top-k exemplar agreement at the unit's own layer (0.5 = chance)"),
+    "exemplar_mean": (-1, "top-k exemplar agreement, mean over the unit's path"),
+}
+
+
+# ----------------------------------------------------------------------------- ROC utilities
+def _scores(x, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise DetectionError(f"{name} scores are empty; need >= 1")
+    if not np.isfinite(a).all():
+        raise DetectionError(f"{name} scores contain NaN or inf ({int((~np.isfinite(a)).sum())} of {a.size})")
+    return a
+
+
+def roc_auc(negatives, positives) -> float:
+    """ROC AUC = P(score of a positive > score of a negative), ties counted 1/2 (Mann-Whitney U / (n m)).
+
+    Args:
+        negatives: [n] scores of healthy units; positives: [m] scores of manipulated units
+            (larger = more suspicious).
+
+    Returns:
+        AUC in [0, 1]: 1 perfectly separated, 0.5 for identical distributions or all ties.
+    """
+    neg, pos = _scores(negatives, "negative"), _scores(positives, "positive")
+    allv = np.concatenate([neg, pos])
+    from scipy.stats import rankdata
+
+    ranks = rankdata(allv)  # average ranks: ties share
+    r_pos = ranks[neg.size:].sum()
+    u = r_pos - pos.size * (pos.size + 1) / 2.0
+    return float(u / (neg.size * pos.size))
+
+
+def auc_ci(negatives, positives, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`roc_auc`, resampling units within each class.
+
+    Args:
+        n_boot: bootstrap samples (>= 1); confidence: interval level in (0, 1); seed: numpy seed.
+    """
+    neg, pos = _scores(negatives, "negative"), _scores(positives, "positive")
+    if not 0.0 < confidence < 1.0:
+        raise DetectionError(f"confidence must be in (0, 1), got {confidence}")
+    if int(n_boot) < 1:
+        raise DetectionError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(int(seed))
+    vals = np.empty(int(n_boot))
+    for b in range(int(n_boot)):
+        vals[b] = roc_auc(neg[rng.integers(0, neg.size, neg.size)], pos[rng.integers(0, pos.size, pos.size)])
+    a = (1.0 - confidence) / 2.0
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1.0 - a))
+
+
+def roc_curve(negatives, positives) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) at every distinct threshold, flag = score >= threshold, from (0, 0) to (1, 1)."""
+    neg, pos = _scores(negatives, "negative"), _scores(positives, "positive")
+    ts = np.unique(np.concatenate([neg, pos]))[::-1]
+    fpr = [0.0] + [float((neg >= t).mean()) for t in ts]
+    tpr = [0.0] + [float((pos >= t).mean()) for t in ts]
+    return np.asarray(fpr), np.asarray(tpr)
+
+
+def threshold_at_fpr(negatives, fpr: float = 0.05) -> float:
+    """The smallest threshold t with (share of ``negatives`` > t) <= ``fpr`` (flag = score > t).
+
+    It is the ceil((1 - fpr) n)-th smallest negative score (the largest one if that is n): at
+    most floor(fpr n) negatives lie above it. Choose it on tuning units, then measure
+    :func:`rate_above` on evaluation units.
+    """
+    neg = np.sort(_scores(negatives, "negative"))
+    if not 0.0 <= fpr < 1.0:
+        raise DetectionError(f"fpr must be in [0, 1), got {fpr}")
+    k = max(1, math.ceil((1.0 - fpr) * neg.size - 1e-9))
+    return float(neg[k - 1])
+
+
+def rate_above(scores, threshold: float) -> float:
+    """Share of ``scores`` strictly above ``threshold`` (flagged)."""
+    s = _scores(scores, "")
+    return float((s > threshold).mean())
+
+
+# ----------------------------------------------------------------------------- signals
+@dataclass(frozen=True)
+class UnitSignals:
+    """One unit's detection signals (``values``: name in :data:`SIGNALS` -> float, NaN if undefined),
+    and its verdict (``outcome`` at its own layer, ``diverges_any``: "diverges" at some layer)."""
+
+    unit: str
+    values: dict[str, float]
+    outcome: str
+    diverges_any: bool
+
+    def to_json(self) -> dict:
+        return {"unit": self.unit, "outcome": self.outcome, "diverges_any": self.diverges_any,
+                "signals": {k: (None if not math.isfinite(v) else v) for k, v in self.values.items()}}
+
+
+def exemplar_agreement(fv: torch.Tensor, natural: torch.Tensor, exemplars: Sequence[int], metric: str = "spearman") -> float:
+    """Top-k exemplar agreement at one layer: P(sim(f, e) > sim(f, o)), ties 1/2, mean over FVs f.
+
+    Args:
+        fv: [S, C] pooled FV activations (S seeds); natural: [N, C] pooled natural activations.
+        exemplars: indices into ``natural`` of the unit's top-k exemplars (the rest are ``o``).
+        metric: a vector metric of :mod:`fvsanity.compare.similarity`.
+
+    Returns:
+        In [0, 1]; 0.5 = the FVs are no closer to the exemplars than to other natural images;
+        NaN when there are no exemplars or no other images.
+    """
+    from .path import pairwise
+    from .similarity import get_metric
+
+    idx = torch.as_tensor(list(exemplars), dtype=torch.long)
+    n = natural.shape[0]
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[idx] = False
+    if idx.numel() == 0 or int(mask.sum()) == 0:
+        return float("nan")
+    sim = pairwise(get_metric(metric), fv.float(), natural.float()).double()  # [S, N]
+    vals = []
+    for row in sim:
+        vals.append(roc_auc(row[mask].numpy(), row[idx].numpy()))
+    return float(np.mean(vals))
+
+
+def _nanmean(v: Sequence[float]) -> float:
+    a = np.asarray([x for x in v if x is not None and math.isfinite(x)], dtype=np.float64)
+    return float(a.mean()) if a.size else float("nan")
+
+
+def _nanmin(v: Sequence[float]) -> float:
+    a = np.asarray([x for x in v if x is not None and math.isfinite(x)], dtype=np.float64)
+    return float(a.min()) if a.size else float("nan")
+
+
+def signals_from_path(up, fv_acts: Mapping[str, torch.Tensor] | None = None, nat_acts: Mapping[str, torch.Tensor] | None = None,
+                      metric: str = "spearman") -> UnitSignals:
+    """A unit's signals from its :class:`~fvsanity.compare.path.UnitPath` and, for exemplar
+    agreement, its pooled activations (``fv_acts`` {layer: [S, C]}, ``nat_acts`` {layer: [N, C]};
+    without them the exemplar signals are NaN)."""
+    from .verdict import DIVERGES
+
+    norms = [r.normalized for r in up.layers]
+    own = up.layers[-1] if up.layers else None
+    vals = {
+        "path_own": float(own.normalized) if own is not None else float("nan"),
+        "path_min": _nanmin(norms),
+        "path_mean": _nanmean(norms),
+        "p_natural_like_own": float(own.p_natural_like) if own is not None else float("nan"),
+        "log_activation_range": float("nan"),
+        "exemplar_own": float("nan"),
+        "exemplar_mean": float("nan"),
+    }
+    if up.activation is not None:
+        r = float(up.activation.ratio_median)
+        vals["log_activation_range"] = math.log(max(r, 1e-6))
+    if fv_acts is not None and nat_acts is not None and up.top_k_indices:
+        per = [exemplar_agreement(fv_acts[r.name], nat_acts[r.name], up.top_k_indices, metric) for r in up.layers]
+        vals["exemplar_own"] = per[-1]
+        vals["exemplar_mean"] = _nanmean(per)
+    diverges_any = any(r.outcome == DIVERGES for r in up.layers)
+    return UnitSignals(up.unit, vals, up.verdict.outcome, diverges_any)
+
+
+def detection_signals(lm, units, fv_images, natural, settings=None, *, progress: bool = False, device=None,
+                      cache_dir=None):
+    """The path check of ``units`` on ``lm`` (one natural pass, one FV pass) and every unit's signals.
+
+    Args:
+        lm: the model as the auditor has it (original or manipulated: nothing here knows which).
+        units: U units (Units or specs); fv_images: [U, S, 3, H, W] or an FVResult rendered on ``lm``.
+        natural: :class:`~fvsanity.data.NaturalImages`.
+        settings: :class:`~fvsanity.compare.path.PathCheckSettings` (its metric also scores the
+            exemplar agreement).
+        cache_dir: reuse the natural pass from this folder (:func:`~fvsanity.compare.pipeline.natural_pass`).
+
+    Returns:
+        (PathCheck, [UnitSignals] in the order of ``units``).
+    """
+    from .path import PathCheckSettings, _fv_tensor, fv_activations, path_check, unit_layers
+    from .pipeline import natural_pass, resolve_units
+
+    st = settings or PathCheckSettings()
+    units = resolve_units(units, lm)
+    paths, union = unit_layers(lm, units, st)
+    fv = _fv_tensor(fv_images)
+    npass = natural_pass(lm, natural, union, units, batch_size=st.batch_size, device=device, progress=progress,
+                         cache_dir=cache_dir)
+    fv_acts = fv_activations(lm, fv, union, st.batch_size, device)
+    check = path_check(lm, units, fv_images, natural, st, natural_pass=npass, fv_acts=fv_acts, device=device)
+    nat_acts = npass.acts if hasattr(npass, "acts") else tuple(npass)[0]
+    out = []
+    for i, up in enumerate(check.units):
+        out.append(signals_from_path(up, {n: fv_acts[n][i] for n in paths[i]}, nat_acts, st.metric))
+    return check, out
+
+
+# ----------------------------------------------------------------------------- combined score
+def signal_matrix(signals: Sequence[UnitSignals], names: Sequence[str] = tuple(SIGNALS)) -> np.ndarray:
+    """[U, K] float64 of the named signals (NaN where undefined)."""
+    return np.asarray([[float(s.values.get(n, float("nan"))) for n in names] for s in signals], dtype=np.float64).reshape(
+        len(signals), len(names))
+
+
+def orient(values: np.ndarray, name: str) -> np.ndarray:
+    """A signal as a suspicion score (larger = more suspicious), by its :data:`SIGNALS` direction."""
+    return SIGNALS[name][0] * np.asarray(values, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class CombinedScore:
+    """A logistic regression on standardized signals (see the module doc), fit on tuning units.
+
+    Attributes:
+        names: the signals used, in order; mean, scale: [K] standardization (from tuning);
+        coef: [K] weights, intercept: bias (score = intercept + coef . z; larger = more suspicious);
+        l2: the penalty it was fit with; threshold_5fpr: score threshold at <= 5% FPR on the healthy
+        tuning units (flag = score > threshold); n_tuning: {"healthy": n, "manipulated": m}.
+    """
+
+    names: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    l2: float
+    threshold_5fpr: float = float("nan")
+    n_tuning: dict = field(default_factory=dict)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """[U] scores of an [U, K] signal matrix (columns in ``names`` order; NaN -> tuning mean)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.names):
+            raise DetectionError(f"signal matrix must be [U, {len(self.names)}] ({', '.join(self.names)}), got {x.shape}")
+        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
+        z = np.where(np.isfinite(z), z, 0.0)
+        return self.intercept + z @ np.asarray(self.coef)
+
+    def score_units(self, signals: Sequence[UnitSignals]) -> np.ndarray:
+        return self.score(signal_matrix(signals, self.names))
+
+    def to_json(self) -> dict:
+        return {"kind": "logistic regression on standardized signals", "names": list(self.names),
+                "mean": list(self.mean), "scale": list(self.scale), "coef": list(self.coef),
+                "intercept": self.intercept, "l2": self.l2, "threshold_5fpr": self.threshold_5fpr,
+                "n_tuning": dict(self.n_tuning)}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> CombinedScore:
+        return cls(tuple(d["names"]), tuple(d["mean"]), tuple(d["scale"]), tuple(d["coef"]), float(d["intercept"]),
+                   float(d["l2"]), float(d.get("threshold_5fpr", float("nan"))), dict(d.get("n_tuning", {})))
+
+
+def fit_combined(healthy: np.ndarray, manipulated: np.ndarray, names: Sequence[str], l2: float = 1.0,
+                 fpr: float = 0.05) -> CombinedScore:
+    """Fit :class:`CombinedScore` on tuning signal matrices ``healthy`` [n, K] and ``manipulated`` [m, K].
+
+    Columns that are NaN everywhere, or constant, get weight 0. Classes are weighted equally;
+    the loss is the mean weighted log-loss + ``l2`` / (2 (n + m)) |coef|^2, minimized by L-BFGS
+    (deterministic). The threshold is :func:`threshold_at_fpr` of the healthy tuning scores.
+    """
+    h, m = np.asarray(healthy, dtype=np.float64), np.asarray(manipulated, dtype=np.float64)
+    if h.ndim != 2 or m.ndim != 2 or h.shape[1] != len(names) or m.shape[1] != len(names):
+        raise DetectionError(f"signal matrices must be [n, {len(names)}], got {h.shape} and {m.shape}")
+    if len(h) < 1 or len(m) < 1:
+        raise DetectionError(f"need >= 1 healthy and >= 1 manipulated tuning unit, got {len(h)} and {len(m)}")
+    x = np.concatenate([h, m])
+    mean = np.array([np.nanmean(c) if np.isfinite(c).any() else 0.0 for c in x.T])
+    sd = np.array([np.nanstd(c) if np.isfinite(c).sum() > 1 else 0.0 for c in x.T])
+    usable = sd > 1e-12
+    scale = np.where(usable, sd, 1.0)
+    z = (x - mean) / scale
+    z = np.where(np.isfinite(z), z, 0.0) * usable
+    y = np.concatenate([np.zeros(len(h)), np.ones(len(m))])
+    w = np.where(y == 1, 0.5 / len(m), 0.5 / len(h))
+    zt, yt, wt = (torch.tensor(a, dtype=torch.float64) for a in (z, y, w))
+    coef = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([coef, b], lr=1.0, max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logit = zt @ coef + b
+        loss = (wt * torch.nn.functional.binary_cross_entropy_with_logits(logit, yt, reduction="none")).sum()
+        loss = loss + float(l2) / (2.0 * len(y)) * (coef ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    c = coef.detach().numpy() * usable
+    cs = CombinedScore(tuple(names), tuple(float(v) for v in mean), tuple(float(v) for v in scale),
+                       tuple(float(v) for v in c), float(b.detach()), float(l2))
+    thr = threshold_at_fpr(cs.score(h), fpr)
+    return CombinedScore(cs.names, cs.mean, cs.scale, cs.coef, cs.intercept, cs.l2, thr,
+                         {"healthy": int(len(h)), "manipulated": int(len(m))})
+
+
+# ----------------------------------------------------------------------------- calibrated score in check / audit
+#: the signals a saved check.json / audit.json unit holds (no activations: no exemplar agreement)
+PATH_SIGNALS = ("path_own", "path_min", "path_mean", "p_natural_like_own", "log_activation_range")
+
+
+def signals_from_json(unit: Mapping) -> dict[str, float]:
+    """The :data:`PATH_SIGNALS` of one unit of a check.json / audit.json (``UnitPath.to_json``),
+    exactly as :func:`signals_from_path` computes them (exemplar signals NaN)."""
+    layers = unit.get("layers") or []
+    norms = [r.get("normalized") for r in layers]
+    own = layers[-1] if layers else {}
+    ar = unit.get("activation_range") or None
+    vals = {n: float("nan") for n in SIGNALS}
+    vals.update({
+        "path_own": float(own["normalized"]) if own.get("normalized") is not None else float("nan"),
+        "path_min": _nanmin(norms), "path_mean": _nanmean(norms),
+        "p_natural_like_own": float(own["p_natural_like"]) if own.get("p_natural_like") is not None else float("nan"),
+    })
+    if ar:
+        vals["log_activation_range"] = math.log(max(float(ar["ratio_median"]), 1e-6))
+    return vals
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibrated scores measured by ``experiments/detection`` for one model (its results.json).
+
+    Attributes:
+        model: the model name it was measured on; source: the results.json path.
+        scores: {"combined": CombinedScore (every signal), "combined_path": CombinedScore
+            (:data:`PATH_SIGNALS` only)}; operating: per score, what was measured on evaluation
+            units at its 5%-FPR threshold: {"healthy_fpr": float, "tpr": {method: float}}.
+    """
+
+    model: str
+    source: str
+    scores: dict
+    operating: dict
+
+    def rate(self, values: Mapping[str, float]) -> dict:
+        """One unit's calibrated score from its signals (``values``: name -> float; the full
+        score when its exemplar signals are finite, else the path-only score).
+
+        Returns:
+            {"score_name", "score", "threshold", "flagged", "healthy_fpr", "tpr", "measured_on",
+            "text"}: ``text`` e.g. "calibrated score 2.31 > 0.85: flagged at the 5%-FPR threshold
+            measured on cifar10-resnet20 (healthy FPR 3.3%, TPR circuit:unit 97%, ...)".
+        """
+        full = all(math.isfinite(values.get(n, float("nan"))) for n in ("exemplar_own", "exemplar_mean"))
+        name = "combined" if full and "combined" in self.scores else "combined_path"
+        cs: CombinedScore = self.scores[name]
+        x = np.asarray([[values.get(n, float("nan")) for n in cs.names]], dtype=np.float64)
+        s = float(cs.score(x)[0])
+        flagged = s > cs.threshold_5fpr
+        op = self.operating.get(name, {})
+        tpr = op.get("tpr", {})
+        fpr_txt = f"healthy FPR {100 * op['healthy_fpr']:.1f}%" if op.get("healthy_fpr") is not None else "healthy FPR n/a"
+        tpr_txt = ", ".join(f"{m} {100 * v:.0f}%" for m, v in tpr.items())
+        text = (f"calibrated score ({name}) {s:.2f} {'>' if flagged else '<='} {cs.threshold_5fpr:.2f}: "
+                f"{'flagged' if flagged else 'not flagged'} at the 5%-FPR threshold measured on {self.model} "
+                f"({fpr_txt}" + (f"; TPR {tpr_txt}" if tpr_txt else "") + " on its evaluation units)")
+        return {"score_name": name, "score": s, "threshold": cs.threshold_5fpr, "flagged": bool(flagged),
+                "healthy_fpr": op.get("healthy_fpr"), "tpr": dict(tpr), "measured_on": self.model,
+                "source": self.source, "text": text}
+
+
+def load_calibration(path, model: str) -> Calibration:
+    """The calibrated scores of ``model`` from a detection results.json.
+
+    Raises:
+        DetectionError: one line: the file is missing or not a detection results.json, or it was
+            measured on other models (naming them).
+    """
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise DetectionError(f"--calibration file not found: {str(p)!r} (give figures/detection/results.json)")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise DetectionError(f"--calibration {str(p)!r} is not JSON: {type(e).__name__}") from e
+    models = [k for k, v in doc.items() if isinstance(v, dict) and "combined_score" in v] if isinstance(doc, dict) else []
+    if not models:
+        raise DetectionError(f"--calibration {str(p)!r} is not a detection results.json (no model with a combined_score)")
+    if model not in models:
+        raise DetectionError(f"--calibration {str(p)!r} was measured on {', '.join(models)}, not on {model!r}; "
+                             f"its threshold does not transfer (run experiments/detection/run.py for {model!r})")
+    r = doc[model]
+    scores, operating = {}, {}
+    for name, key, fpr_key in (("combined", "combined_score", "combined_eval_healthy_fpr"),
+                               ("combined_path", "combined_path_score", "combined_path_eval_healthy_fpr")):
+        if key not in r:
+            continue
+        scores[name] = CombinedScore.from_json(r[key])
+        operating[name] = {"healthy_fpr": r.get(fpr_key),
+                           "tpr": {m: v["signals"][name]["tpr_at_5fpr"] for m, v in r.get("methods", {}).items()
+                                   if name in v.get("signals", {})}}
+    if "combined_path" not in scores:
+        raise DetectionError(f"--calibration {str(p)!r} has no path-only score for {model!r}; re-run the detection benchmark")
+    return Calibration(model, str(p), scores, operating)

@@ -1,0 +1,277 @@
+"""The manipulation-detection benchmark (issue 12, item 3): ROC utilities with known answers, the
+signals, the combined score, and the experiment's smoke run (every registered method joins)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fvsanity.compare.detect import (
+    SIGNALS,
+    CombinedScore,
+    DetectionError,
+    auc_ci,
+    detection_signals,
+    exemplar_agreement,
+    fit_combined,
+    rate_above,
+    roc_auc,
+    roc_curve,
+    threshold_at_fpr,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- ROC known answers
+def test_auc_of_perfectly_separated_scores_is_one_and_reversed_is_zero():
+    assert roc_auc([0.1, 0.2, 0.3], [0.5, 0.9]) == 1.0
+    assert roc_auc([0.5, 0.9], [0.1, 0.2, 0.3]) == 0.0
+
+
+def test_auc_of_identical_distributions_is_about_one_half():
+    rng = np.random.default_rng(0)
+    a = roc_auc(rng.normal(size=4000), rng.normal(size=4000))
+    assert abs(a - 0.5) < 0.02
+
+
+def test_ties_count_one_half():
+    assert roc_auc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5
+    # one positive tied with the only negative, one above it: (1/2 + 1) / 2
+    assert roc_auc([0.0], [0.0, 1.0]) == 0.75
+
+
+def test_auc_ci_brackets_the_auc_and_is_a_point_when_separated():
+    rng = np.random.default_rng(1)
+    neg, pos = rng.normal(size=60), rng.normal(1.0, size=60)
+    lo, hi = auc_ci(neg, pos, n_boot=500, seed=0)
+    a = roc_auc(neg, pos)
+    assert lo < a < hi
+    assert 0.05 < hi - lo < 0.3
+    assert auc_ci([0, 1, 2], [5, 6], n_boot=100) == (1.0, 1.0)
+
+
+def test_roc_curve_runs_from_origin_to_one_one():
+    fpr, tpr = roc_curve([0.0, 1.0], [2.0, 0.5])
+    assert fpr[0] == 0.0 and tpr[0] == 0.0
+    assert fpr[-1] == 1.0 and tpr[-1] == 1.0
+    assert list(tpr[:2]) == [0.0, 0.5]
+
+
+def test_threshold_at_5pct_fpr_flags_at_most_5pct_of_its_negatives():
+    neg = np.arange(100.0)
+    t = threshold_at_fpr(neg, 0.05)
+    assert t == 94.0
+    assert rate_above(neg, t) == 0.05
+    assert threshold_at_fpr(np.arange(10.0), 0.05) == 9.0  # 10 negatives: no room for a false positive
+    assert rate_above(np.arange(10.0), 9.0) == 0.0
+
+
+def test_threshold_chosen_on_tuning_nulls_has_its_nominal_fpr_on_fresh_nulls():
+    rng = np.random.default_rng(2)
+    rates = []
+    for _ in range(400):
+        t = threshold_at_fpr(rng.normal(size=200), 0.05)
+        rates.append(rate_above(rng.normal(size=200), t))
+    m, se = float(np.mean(rates)), float(np.std(rates) / math.sqrt(len(rates)))
+    # the order statistic's exceedance is (n - k + 1) / (n + 1) = 11/201 = 0.0547 on average
+    assert abs(m - 11 / 201) < 3 * se + 1e-3
+    assert 0.04 < m < 0.07
+
+
+def test_bad_scores_are_one_line_errors():
+    with pytest.raises(DetectionError, match="empty"):
+        roc_auc([], [1.0])
+    with pytest.raises(DetectionError, match="NaN"):
+        roc_auc([float("nan")], [1.0])
+    with pytest.raises(DetectionError, match="fpr"):
+        threshold_at_fpr([1.0, 2.0], 1.5)
+
+
+# ----------------------------------------------------------------------------- signals
+def test_exemplar_agreement_is_one_for_fvs_like_the_exemplars_and_about_half_for_unrelated():
+    g = torch.Generator().manual_seed(0)
+    nat = torch.randn(200, 32, generator=g)
+    ex = list(range(10))
+    proto = nat[ex].mean(0)
+    nat[ex] = proto + 0.1 * torch.randn(10, 32, generator=g)
+    fv = proto[None].repeat(3, 1) + 0.1 * torch.randn(3, 32, generator=g)
+    assert exemplar_agreement(fv, nat, ex) == 1.0
+    rnd = torch.randn(50, 32, generator=g)
+    vals = [exemplar_agreement(rnd[i:i + 1], nat, ex) for i in range(50)]
+    assert abs(float(np.mean(vals)) - 0.5) < 0.1
+    assert math.isnan(exemplar_agreement(fv, nat, []))
+
+
+def test_combined_score_learns_the_informative_signal_and_ignores_an_empty_one():
+    rng = np.random.default_rng(3)
+    names = ["path_own", "log_activation_range", "exemplar_own"]
+    h = np.stack([rng.normal(1.0, 0.2, 80), rng.normal(size=80), np.full(80, np.nan)], 1)
+    m = np.stack([rng.normal(0.2, 0.2, 80), rng.normal(size=80), np.full(80, np.nan)], 1)
+    cs = fit_combined(h, m, names)
+    assert cs.coef[0] < 0 and cs.coef[2] == 0.0
+    assert abs(cs.coef[1]) < abs(cs.coef[0]) / 3
+    assert roc_auc(cs.score(h), cs.score(m)) > 0.98
+    assert rate_above(cs.score(h), cs.threshold_5fpr) <= 0.05
+    back = CombinedScore.from_json(json.loads(json.dumps(cs.to_json())))
+    np.testing.assert_allclose(back.score(m), cs.score(m))
+    with pytest.raises(DetectionError, match=r"\[U, 3\]"):
+        cs.score(h[:, :2])
+
+
+def test_detection_signals_on_a_tiny_model_gives_every_signal_per_unit():
+    from fvsanity.data import from_tensor
+    from fvsanity.generate import render
+    from fvsanity.testing import tiny_model
+
+    lm = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    nat = from_tensor(torch.rand(40, 3, 16, 16, generator=g), torch.arange(40) % 5)
+    units = ["fc:0", "relu2:1"]
+    fv = render(lm, units, seeds=[0, 1], steps=4, progress=False)
+    check, sig = detection_signals(lm, units, fv, nat, _settings())
+    assert [s.unit for s in sig] == units
+    for s in sig:
+        assert set(s.values) == set(SIGNALS)
+        for k in ("path_own", "path_mean", "log_activation_range", "exemplar_own", "exemplar_mean"):
+            assert math.isfinite(s.values[k]), (s.unit, k)
+        assert 0.0 <= s.values["exemplar_own"] <= 1.0
+        assert s.outcome in ("natural-like", "diverges", "inconclusive")
+    assert sig[0].values["path_own"] == check.units[0].layers[-1].normalized
+
+
+def _settings():
+    from fvsanity.compare.path import PathCheckSettings
+
+    return PathCheckSettings(top_k=3, n_other=20, n_boot=20, n_perm=20, paired_metrics=())
+
+
+# ----------------------------------------------------------------------------- the experiment
+def test_detection_smoke_run_covers_every_registered_method_and_writes_the_results_schema(tmp_path):
+    """The experiment's --smoke run; a toy method registered here joins automatically."""
+    from fvsanity.fool import (
+        MANIPULATIONS,
+        ManipulatedModel,
+        Manipulation,
+        list_manipulations,
+        wrap_loaded,
+    )
+
+    class Identity(Manipulation):
+        name = "toy-identity"
+        help = "changes nothing"
+
+        def build(self, lm, routes, train_images, settings, *, prepared=None):
+            return wrap_loaded(lm, ManipulatedModel(lm.model, lm.preprocess), self.name)
+
+    sys.path.insert(0, str(ROOT / "experiments" / "detection"))
+    try:
+        import run as detection_run
+    finally:
+        sys.path.pop(0)
+    cfg = json.loads((ROOT / "experiments" / "detection" / "config.json").read_text())
+    smoke = cfg["smoke"]
+    small = tmp_path / "config.json"
+    small.write_text(json.dumps({"models": {}, "smoke": smoke}))
+    with MANIPULATIONS.registered("toy-identity", Identity):
+        methods = list_manipulations()
+        assert detection_run.main(["--smoke", "--config", str(small), "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())["tiny"]
+    assert res["n_healthy"] == len(res["units"]["evaluation"]) >= 2
+    assert not set(res["units"]["tuning"]) & set(res["units"]["evaluation"])
+    assert 0.0 <= res["healthy_fpr"] <= 1.0
+    want = {f"{m}:{v['name']}" for m in methods for v in smoke["variants"]}
+    assert set(res["methods"]) == want
+    assert "toy-identity:unit" in want and "circuit:unit" in want and "silent:picture" in want
+    for m in res["methods"].values():
+        assert m["n"] == res["n_healthy"]
+        assert 0.0 <= m["auc_ci"][0] <= m["auc"] <= m["auc_ci"][1] <= 1.0
+        assert 0.0 <= m["tpr_at_5fpr"] <= 1.0
+        assert m["best_signal"] in set(SIGNALS) | {"combined"}
+    # the identity "manipulation" changes nothing: its FVs are the healthy ones (same seeds), so
+    # no score can tell them apart
+    assert res["methods"]["toy-identity:unit"]["signals"]["combined"]["auc"] == 0.5
+    assert res["methods"]["toy-identity:unit"]["effective_fraction"] == 0.0  # and the benchmark says so
+    assert (tmp_path / "out" / "roc_tiny.png").is_file()
+
+
+# ----------------------------------------------------------------------------- item 4: check / audit
+FAST = ["--steps", "3", "--seeds", "2", "--top-k", "3", "--n-other", "8", "--n-boot", "10", "--n-perm", "10",
+        "--no-progress"]
+TOY = ["--model", "toy-procedural", "--random-weights"]
+
+
+def _fake_results(path: Path, model: str) -> Path:
+    """A detection results.json for ``model`` with scores fit on synthetic signals."""
+    from fvsanity.compare.detect import PATH_SIGNALS
+
+    rng = np.random.default_rng(0)
+    names = list(SIGNALS)
+    h = rng.normal(size=(40, len(names)))
+    m = rng.normal(size=(40, len(names))) - 1.0
+    full = fit_combined(h, m, names)
+    cols = [names.index(n) for n in PATH_SIGNALS]
+    path_only = fit_combined(h[:, cols], m[:, cols], PATH_SIGNALS)
+    meth = {"circuit:unit": {"n": 30, "auc": 0.9, "auc_ci": [0.8, 1.0], "tpr_at_5fpr": 0.8, "best_signal": "combined",
+                             "signals": {"combined": {"tpr_at_5fpr": 0.8}, "combined_path": {"tpr_at_5fpr": 0.7}}}}
+    doc = {model: {"healthy_fpr": 0.0, "n_healthy": 30, "methods": meth, "combined_score": full.to_json(),
+                   "combined_path_score": path_only.to_json(), "combined_eval_healthy_fpr": 0.033,
+                   "combined_path_eval_healthy_fpr": 0.067}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_images(tmp_path_factory):
+    from fvsanity.models import toy
+
+    return toy.write_procedural_folder(tmp_path_factory.mktemp("imgs") / "imgs", per_class=3)
+
+
+def test_check_and_audit_report_the_calibrated_score_and_its_operating_point(tmp_path, toy_images, capsys):
+    from fvsanity.cli import main
+
+    res = _fake_results(tmp_path / "results.json", "toy-procedural")
+    out = tmp_path / "check"
+    assert main(["check", *TOY, "--unit", "fc:1", "--images", str(toy_images), "--out", str(out), *FAST,
+                 "--calibration", str(res)]) == 0
+    printed = capsys.readouterr().out
+    unit = json.loads((out / "check.json").read_text())["units"][0]
+    cal = unit["calibrated"]
+    assert cal["score_name"] == "combined"  # check has the exemplar signals
+    assert math.isfinite(cal["score"]) and cal["flagged"] == (cal["score"] > cal["threshold"])
+    assert "5%-FPR threshold measured on toy-procedural" in cal["text"]
+    assert "healthy FPR 3.3%" in cal["text"] and cal["text"] in printed
+    aud = tmp_path / "audit"
+    assert main(["audit", *TOY, "--units", "fc:1", "--images", str(toy_images), "--out", str(aud), *FAST,
+                 "--calibration", str(res)]) == 0
+    rows = json.loads((aud / "calibrated.json").read_text())["units"]
+    assert [r["unit"] for r in rows] == ["fc:1"]
+    assert rows[0]["score_name"] == "combined_path"  # audit.json holds the path signals only
+    assert "healthy FPR 6.7%" in rows[0]["text"]
+    assert rows[0]["text"] in capsys.readouterr().out
+
+
+def test_a_calibration_measured_on_another_model_is_refused_in_one_line(tmp_path, toy_images, capsys):
+    from fvsanity.cli import main
+
+    res = _fake_results(tmp_path / "results.json", "cifar10-resnet20")
+    for cmd, unit_flag in (("check", "--unit"), ("audit", "--units")):
+        out = tmp_path / cmd
+        capsys.readouterr()
+        rc = main([cmd, *TOY, unit_flag, "fc:1", "--images", str(toy_images), "--out", str(out), *FAST,
+                   "--calibration", str(res)])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1, err
+        assert "measured on cifar10-resnet20, not on 'toy-procedural'" in err[0]
+        assert not (out / "check.json").exists() and not (out / "audit.json").exists()
+    with pytest.raises(DetectionError, match="not found"):
+        from fvsanity.compare.detect import load_calibration
+
+        load_calibration(tmp_path / "missing.json", "x")
