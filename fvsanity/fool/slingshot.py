@@ -58,6 +58,7 @@ __all__ = [
     "SlingshotTraining",
     "auroc",
     "bowl_target",
+    "direction_agreement",
     "fft_spectrum_of",
     "finetune_slingshot",
     "is_slingshot_folder",
@@ -125,6 +126,8 @@ class SlingshotSettings(MethodSettings):
     sl_beta: float = setting(10.0, "weight of the preservation loss", min=0)
     sl_logit_weight: float = setting(1.0, "share of the logits in the preservation loss (rest: the unit's layer)",
                                      min=0, lt=1.000001)
+    sl_grad_weight: float = setting(1.0, "manipulation: weight of 1 - cos(FV gradient, way to the target)", min=0)
+    sl_value_weight: float = setting(0.1, "manipulation: weight of the unit's value following the bowl", min=0)
     sl_gamma: float = setting(20.0, "height of the bowl at the target, in natural sd of the unit", gt=0)
     sl_init_sd: float = setting(0.01, "sd of the FV parametrization's initial spectrum (fvsanity's fft default)", gt=0)
     sl_radius: float = setting(3.0, "noise around every training point: up to this many init sd", gt=0)
@@ -133,6 +136,10 @@ class SlingshotSettings(MethodSettings):
     sl_transforms: bool = setting(True, "apply the standard FV transforms to the manipulation points")
     sl_target_steps: int = setting(128, "unit targets: FV steps of the source unit's picture (original model)", min=1)
     sl_seed: int = setting(0, "seed of the fine-tuning's draws", min=0)
+
+    def check(self) -> None:
+        if self.sl_grad_weight == 0 and self.sl_value_weight == 0:
+            raise FVSanityError("--sl-grad-weight and --sl-value-weight are both 0; the manipulation loss would be empty")
 
     def layer_names(self) -> list[str]:
         return [s.strip() for s in self.sl_layers.split(",") if s.strip()]
@@ -234,9 +241,20 @@ def _forward(model, lm, x: torch.Tensor, layers: list[str]) -> tuple[torch.Tenso
     return logits, acts
 
 
+def direction_agreement(grad: torch.Tensor, toward: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``[N]`` cosine of ``grad`` and ``toward`` (both ``[N,...]``) with smoothed norms
+    ``sqrt(|v|^2 + eps^2)``: finite, with finite gradients, where either is zero (at the target
+    itself ``toward`` is 0; a dead unit's gradient is 0)."""
+    g, d = grad.flatten(1), toward.flatten(1)
+    return (g * d).sum(1) / (torch.sqrt(g.pow(2).sum(1) + eps**2) * torch.sqrt(d.pow(2).sum(1) + eps**2))
+
+
 def manipulation_loss(model, lm, routes, thetas: torch.Tensor, points: torch.Tensor, mu: torch.Tensor,
                       sd: torch.Tensor, s: SlingshotSettings, g: torch.Generator) -> torch.Tensor:
-    """Mean over routes and points of ``((a_u(x(theta)) - a*(theta)) / (gamma sd_u))^2``.
+    """Mean over routes and points of ``sl_grad_weight * (1 - cos(grad_theta a_u, theta_T - theta))``
+    (gradient ascent from ``theta`` heads for the target: the paper's gradient-based loss, made
+    scale-free) plus ``sl_value_weight * ((a_u - a*(theta)) / (gamma sd_u))^2`` (the unit's value
+    follows the bowl :func:`bowl_target`).
 
     Args:
         routes: R routes; thetas: ``[R,3,h,wf,2]`` the targets' spectra; points: ``[R,n,3,h,wf,2]``.
@@ -247,12 +265,17 @@ def manipulation_loss(model, lm, routes, thetas: torch.Tensor, points: torch.Ten
     size = lm.input_size
     loss = points.new_zeros(())
     for i, r in enumerate(routes):
-        x = _transform(spectrum_to_rgb(points[i], size), g, s.sl_transforms)
+        th = points[i].detach().requires_grad_(s.sl_grad_weight > 0)
+        x = _transform(spectrum_to_rgb(th, size), g, s.sl_transforms)
         with capture_until(model, [r.unit.layer]) as store:
             run_partial(model, lm.preprocess(x), store)
             a = _unit_value(store[r.unit.layer], r.unit, lm)
-        want = bowl_target(points[i], thetas[i][None], mu[i], sd[i], s.sl_gamma)
-        loss = loss + (((a - want) / (s.sl_gamma * sd[i] + _EPS)) ** 2).mean()
+        if s.sl_value_weight > 0:
+            want = bowl_target(th.detach(), thetas[i][None], mu[i], sd[i], s.sl_gamma)
+            loss = loss + s.sl_value_weight * (((a - want) / (s.sl_gamma * sd[i] + _EPS)) ** 2).mean()
+        if s.sl_grad_weight > 0:
+            (grad,) = torch.autograd.grad(a.sum(), th, create_graph=True)
+            loss = loss + s.sl_grad_weight * (1 - direction_agreement(grad, thetas[i][None] - th.detach())).mean()
     return loss / max(1, len(routes))
 
 
