@@ -324,3 +324,24 @@ def test_exemplar_agreement_on_a_tiny_model():
     assert top.median > low.median and top.flagged is False
     with pytest.raises(FVSanityError, match="k=1 needs"):
         exemplar_agreement(lm, "fc:1", nat[:2], nat, k=1)
+
+
+# ------------------------------------------------------------------------------ the experiment
+def test_experiment_smoke(tmp_path):
+    import importlib.util
+
+    path = ROOT / "experiments" / "slingshot" / "run.py"
+    spec = importlib.util.spec_from_file_location("exp_slingshot_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--figures", str(tmp_path / "fig"), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "fig" / "results.json").read_text())
+    row = res["tiny"]
+    for key in ("top1_change_points", "auroc_change", "exemplar_jaccard", "ssim_manipulated_fv_to_target",
+                "ssim_original_fv_to_target", "check_flagged_fraction", "finetune_cpu_seconds"):
+        assert key in row, key
+    assert row["finetune_cpu_seconds"] > 0 and isinstance(row["exemplar_jaccard"], float)
+    assert set(row["variants"]) == {"picture", "units"} and row["variants"]["units"]["n_units"] == 5
+    assert "lucent" in row["variants"]["picture"]
+    for name in ("tiny_picture.png", "tiny_units.png", "tiny_picture_lucent.png"):
+        assert (tmp_path / "fig" / name).is_file(), name
