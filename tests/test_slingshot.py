@@ -100,7 +100,7 @@ def test_preservation_loss_is_exactly_zero_before_fine_tuning():
 @pytest.mark.parametrize("kw", [dict(sl_grad_weight=0.0, sl_value_weight=1.0),
                                 dict(sl_grad_weight=1.0, sl_value_weight=0.0)], ids=["value", "gradient"])
 def test_manipulation_loss_decreases_on_a_tiny_model(kw):
-    lm, routes, s, train, thetas = _setup(sl_steps=40, sl_lr=3e-3, sl_transforms=False, **kw)
+    lm, routes, s, train, thetas = _setup(sl_steps=40, sl_lr=3e-3, sl_transforms="none", **kw)
     ref = _reference(lm, routes, train)
     pts = torch.stack([_draw_points(thetas[0], 32, s, torch.Generator().manual_seed(5))])
 
@@ -130,7 +130,7 @@ def test_gradients_stay_finite_at_the_singular_points():
     assert torch.isfinite(v).all() and torch.isfinite(th.grad).all()
     torch.testing.assert_close(v, torch.full((2,), 20.5))
     # the whole loss with points exactly at the target (p = 1, no noise): weight gradients finite
-    lm, routes, s, train, thetas = _setup(sl_transforms=False)
+    lm, routes, s, train, thetas = _setup(sl_transforms="none")
     import copy
 
     net = copy.deepcopy(lm.model)

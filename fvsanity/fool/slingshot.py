@@ -133,7 +133,7 @@ class SlingshotSettings(MethodSettings):
     sl_radius: float = setting(3.0, "noise around every training point: up to this many init sd", gt=0)
     sl_path_fraction: float = setting(0.75, "share of manipulation points on the way to the target (rest: init region)",
                                       min=0, lt=1.000001)
-    sl_transforms: bool = setting(True, "apply the standard FV transforms to the manipulation points")
+    sl_transforms: str = setting("standard", "FV transforms applied to the manipulation points", choices=("standard", "none"))
     sl_target_steps: int = setting(128, "unit targets: FV steps of the source unit's picture (original model)", min=1)
     sl_seed: int = setting(0, "seed of the fine-tuning's draws", min=0)
 
@@ -266,7 +266,7 @@ def manipulation_loss(model, lm, routes, thetas: torch.Tensor, points: torch.Ten
     loss = points.new_zeros(())
     for i, r in enumerate(routes):
         th = points[i].detach().requires_grad_(s.sl_grad_weight > 0)
-        x = _transform(spectrum_to_rgb(th, size), g, s.sl_transforms)
+        x = _transform(spectrum_to_rgb(th, size), g, s.sl_transforms == "standard")
         with capture_until(model, [r.unit.layer]) as store:
             run_partial(model, lm.preprocess(x), store)
             a = _unit_value(store[r.unit.layer], r.unit, lm)
