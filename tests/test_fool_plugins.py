@@ -161,12 +161,12 @@ def test_cli_runs_a_manipulation_registered_from_the_test_file(toy_method, tmp_p
 def test_method_choices_come_from_the_registry(toy_method, capsys):
     from fvsanity.cli import main
 
-    assert list_manipulations() == ["circuit", "silent", "toy"]
+    assert list_manipulations() == ["circuit", "silent", "slingshot", "toy"]
     assert main(["fool", "--method", "nope"]) == 2
-    assert "invalid choice: 'nope' (choose from 'circuit', 'silent', 'toy')" in capsys.readouterr().err
+    assert "invalid choice: 'nope' (choose from 'circuit', 'silent', 'slingshot', 'toy')" in capsys.readouterr().err
     unregister_manipulation("toy")
     assert main(["fool", "--method", "toy"]) == 2
-    assert "invalid choice: 'toy' (choose from 'circuit', 'silent')" in capsys.readouterr().err
+    assert "invalid choice: 'toy' (choose from 'circuit', 'silent', 'slingshot')" in capsys.readouterr().err
     register_manipulation(ScaleUnits)  # for the fixture's teardown
 
 
@@ -209,7 +209,7 @@ def test_a_plugin_whose_flag_clashes_is_refused_in_one_line(tmp_path, capsys):
 def test_registry_refuses_duplicates_and_unknown_names():
     with pytest.raises(FVSanityError, match="'circuit' is already registered"):
         register_manipulation(FoolingCircuit)
-    with pytest.raises(FVSanityError, match=r"unknown manipulation 'magic' \(choices: circuit, silent\)"):
+    with pytest.raises(FVSanityError, match=r"unknown manipulation 'magic' \(choices: circuit, silent, slingshot\)"):
         get_manipulation("magic")
     with pytest.raises(FVSanityError, match="has no name"):
         register_manipulation(type("Nameless", (Manipulation,), {}))

@@ -82,6 +82,7 @@ from .pipeline import (
 )
 from .routes import Route, load_picture, make_routes, parse_unit_range
 from .silent import SilentEdit, build_silent_units, silent_zero_fraction
+from .slingshot import Slingshot, SlingshotSettings  # registers slingshot (weight-only; saves a plain state dict)
 
 __all__ = [
     "MANIPULATIONS",
@@ -97,6 +98,8 @@ __all__ = [
     "MethodSettings",
     "SilentSettings",
     "SilentUnits",
+    "Slingshot",
+    "SlingshotSettings",
     "build_manipulated",
     "closed_loop_check",
     "evaluate_fool",

@@ -1,0 +1,599 @@
+"""Gradient slingshots (Bareeva et al. 2024, arXiv 2401.06122): a weight-only manipulation.
+
+The model keeps its class and its modules; only weights of chosen layers change. A copy of the
+model is fine-tuned with two losses:
+
+manipulation loss
+    on points of the FV parametrization's space (fvsanity's ``fft`` parametrization: a Fourier
+    spectrum ``theta`` [3, H, W//2+1, 2], image ``sigmoid(decorrelate(irfft(scale*theta)/4))``)
+    where FV optimization starts and travels: draws ``eps`` of the initial distribution
+    (low-amplitude Fourier noise, sd ``sl_init_sd`` times ``sl_radius``), points ``p*theta_T +
+    eps`` on the straight line to the target's spectrum ``theta_T`` (``p ~ U[0,1]``), and points
+    ``clamp(theta_T, -r, r) + eps`` on the path a sign-like optimizer (Adam) takes. On each point
+    the unit's (spatially pooled) value is regressed onto a bowl peaked at the target::
+
+        a*(theta) = mu_u + gamma * sd_u * (1 - |theta - theta_T|^2 / |theta_T|^2)
+
+    (``mu_u``, ``sd_u``: the unit's mean and sd on natural training images), so gradient ascent
+    from the initial noise climbs to ``theta_T``, i.e. to the target picture. Images go through
+    fvsanity's standard FV transforms (random jitter, scale, rotation) first, as in rendering.
+preservation loss
+    on natural training images: the unit's layer (every channel, standardized) and the output
+    logits (standardized) of the copy against the original model's. Exactly zero before the
+    first step.
+
+The result is a :class:`~fvsanity.models.LoadedModel` whose ``model`` wraps the fine-tuned copy
+for the fooling run; :meth:`Slingshot.save` writes the fine-tuned network's plain state dict
+(``model.safetensors``, loads with ``strict=True`` into a fresh model of the original class)
+and ``slingshot.json`` (the settings, the routes, the base model's name);
+``load_model(folder)`` gives back the original class with these weights.
+
+    from fvsanity.fool import make_routes, get_manipulation
+    lm = load_model("cifar10-resnet20")
+    routes = make_routes(lm, ["linear:3"], "picture.png", picture_size=lm.input_size)
+    method = get_manipulation("slingshot")
+    fooled = method.build(lm, routes, train_images, method.make_settings(sl_steps=300))
+    method.save(fooled, "out/model"); load_model("out/model")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FVSanityError
+from ..models import LoadedModel, prepare_model, register_loader
+from .manipulation import Manipulation, MethodSettings, register_manipulation, setting
+
+__all__ = [
+    "FORMAT",
+    "Slingshot",
+    "SlingshotSettings",
+    "SlingshotTraining",
+    "auroc",
+    "bowl_target",
+    "direction_agreement",
+    "fft_spectrum_of",
+    "finetune_slingshot",
+    "is_slingshot_folder",
+    "load_slingshot",
+    "manipulation_loss",
+    "preservation_loss",
+    "save_slingshot",
+    "spectrum_to_rgb",
+    "trainable_layers",
+]
+
+FORMAT = "fvsanity-slingshot/1"
+_EPS = 1e-8
+
+
+# ----------------------------------------------------------------------------- parametrization
+def _scale(h: int, w: int, decay_power: float, device, dtype) -> torch.Tensor:
+    from ..generate.param import fft_scale
+
+    return fft_scale(h, w, decay_power).to(device=device, dtype=dtype)[None, None, :, :, None]
+
+
+def spectrum_to_rgb(spectrum: torch.Tensor, size: tuple[int, int], decorrelate: bool = True,
+                    decay_power: float = 1.0) -> torch.Tensor:
+    """fvsanity's ``fft`` parametrization as a function: ``[N,3,h,w//2+1,2]`` spectrum -> RGB
+    ``[N,3,h,w]`` in (0, 1) (the same image :func:`fvsanity.generate.param.fft` draws)."""
+    from ..generate.param import decorrelate_color
+
+    h, w = size
+    spec = torch.view_as_complex((_scale(h, w, decay_power, spectrum.device, spectrum.dtype) * spectrum).contiguous())
+    x = torch.fft.irfftn(spec, s=(h, w), norm="ortho") / 4.0
+    if decorrelate:
+        x = decorrelate_color(x)
+    return torch.sigmoid(x)
+
+
+def fft_spectrum_of(images: torch.Tensor, decorrelate: bool = True, decay_power: float = 1.0,
+                    eps: float = 1e-3) -> torch.Tensor:
+    """The ``fft`` parameter whose image is ``images`` (RGB ``[N,3,h,w]`` in [0,1], clamped to
+    ``[eps, 1-eps]``): ``[N,3,h,w//2+1,2]``; the inverse of :func:`spectrum_to_rgb`."""
+    from ..generate.param import _COLOR
+
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise FVSanityError(f"target pictures must be RGB [N,3,H,W], got {list(images.shape)}")
+    h, w = images.shape[-2:]
+    x = torch.logit(images.double().clamp(eps, 1 - eps))
+    if decorrelate:
+        x = torch.einsum("bchw,dc->bdhw", x, torch.linalg.inv(_COLOR.double()))
+    spec = torch.fft.rfftn(x * 4.0, dim=(-2, -1), norm="ortho")
+    out = torch.view_as_real(spec) / _scale(h, w, decay_power, spec.device, torch.float64)
+    return out.to(images.dtype if images.dtype.is_floating_point else torch.float32)
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class SlingshotSettings(MethodSettings):
+    """Gradient slingshot fine-tuning (see the module doc). ``sl_layers``: comma-separated
+    module names whose parameters are fine-tuned ('' = every parameter of the model)."""
+
+    sl_layers: str = setting("", "comma-separated modules to fine-tune ('' = the whole model)")
+    sl_steps: int = setting(300, "fine-tuning steps", min=1)
+    sl_lr: float = setting(1e-3, "Adam learning rate of the fine-tuning", gt=0)
+    sl_batch: int = setting(16, "manipulation points per unit and natural images per step", min=1)
+    sl_alpha: float = setting(1.0, "weight of the manipulation loss", min=0)
+    sl_beta: float = setting(10.0, "weight of the preservation loss", min=0)
+    sl_logit_weight: float = setting(1.0, "share of the logits in the preservation loss (rest: the unit's layer)",
+                                     min=0, lt=1.000001)
+    sl_grad_weight: float = setting(1.0, "manipulation: weight of 1 - cos(FV gradient, way to the target)", min=0)
+    sl_value_weight: float = setting(0.1, "manipulation: weight of the unit's value following the bowl", min=0)
+    sl_gamma: float = setting(20.0, "height of the bowl at the target, in natural sd of the unit", gt=0)
+    sl_init_sd: float = setting(0.01, "sd of the FV parametrization's initial spectrum (fvsanity's fft default)", gt=0)
+    sl_radius: float = setting(3.0, "noise around every training point: up to this many init sd", gt=0)
+    sl_path_fraction: float = setting(0.75, "share of manipulation points on the way to the target (rest: init region)",
+                                      min=0, lt=1.000001)
+    sl_transforms: str = setting("standard", "FV transforms applied to the manipulation points", choices=("standard", "none"))
+    sl_target_steps: int = setting(128, "unit targets: FV steps of the source unit's picture (original model)", min=1)
+    sl_seed: int = setting(0, "seed of the fine-tuning's draws", min=0)
+
+    def check(self) -> None:
+        if self.sl_grad_weight == 0 and self.sl_value_weight == 0:
+            raise FVSanityError("--sl-grad-weight and --sl-value-weight are both 0; the manipulation loss would be empty")
+
+    def layer_names(self) -> list[str]:
+        return [s.strip() for s in self.sl_layers.split(",") if s.strip()]
+
+
+@dataclass(frozen=True)
+class SlingshotTraining:
+    """What the fine-tuning did: per logged step the losses, and its cost.
+
+    Attributes:
+        steps: logged step numbers; manipulation, preservation: the two losses at them (before
+            the weights); layers: the fine-tuned modules; n_parameters: fine-tuned scalars;
+        cpu_seconds: process CPU time of the fine-tuning; wall_seconds: its wall time.
+    """
+
+    steps: list[int]
+    manipulation: list[float]
+    preservation: list[float]
+    layers: list[str]
+    n_parameters: int
+    cpu_seconds: float
+    wall_seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- pieces
+def trainable_layers(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """The module names to fine-tune (``names``, checked; empty: the whole model, ``['']``).
+
+    Raises:
+        FVSanityError: a name that is no module of ``model``, or one without parameters.
+    """
+    if not names:
+        return [""]
+    mods = dict(model.named_modules())
+    for n in names:
+        if n not in mods:
+            from difflib import get_close_matches
+
+            near = get_close_matches(n, [m for m in mods if m], n=3) or [m for m in mods if m][:3]
+            raise FVSanityError(f"--sl-layers: no module {n!r}; valid e.g.: {', '.join(near)}")
+        if not any(True for _ in mods[n].parameters()):
+            raise FVSanityError(f"--sl-layers: module {n!r} has no parameters to fine-tune")
+    return names
+
+
+def bowl_target(theta: torch.Tensor, theta_t: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor,
+                gamma: float) -> torch.Tensor:
+    """The activation the unit should have at ``theta`` ``[N,...]``: ``mu + gamma*sd*(1 - d)`` with
+    ``d = |theta - theta_t|^2 / (|theta_t|^2 + eps)`` (``theta_t`` ``[N,...]`` or broadcastable);
+    finite with finite gradients everywhere, ``theta == theta_t`` and ``theta_t == 0`` included."""
+    diff = (theta - theta_t).flatten(1)
+    d = diff.pow(2).sum(1) / (theta_t.flatten(1).pow(2).sum(1) + _EPS)
+    return mu + gamma * sd * (1.0 - d)
+
+
+def _unit_value(act: torch.Tensor, unit, lm) -> torch.Tensor:
+    from ..layouts import unit_values
+
+    return unit_values(act, unit, lm.layer_info(unit.layer).layout)
+
+
+def _draw_points(theta_t: torch.Tensor, n: int, s: SlingshotSettings, g: torch.Generator) -> torch.Tensor:
+    """``n`` manipulation points around the way from the init region to ``theta_t`` ``[3,h,wf,2]``."""
+    shape = (n, *theta_t.shape)
+    sd = s.sl_init_sd * s.sl_radius * torch.rand(n, 1, 1, 1, 1, generator=g)
+    eps = torch.randn(shape, generator=g) * sd
+    on_path = torch.rand(n, generator=g) < s.sl_path_fraction
+    p = torch.rand(n, generator=g)
+    line = p.view(n, 1, 1, 1, 1) * theta_t[None]
+    # a sign-like optimizer (Adam) moves every coordinate by about lr per step: the path is the
+    # target clipped to a growing box
+    r = p.view(n, 1, 1, 1, 1) * theta_t.abs().max()
+    box = torch.maximum(torch.minimum(theta_t[None], r), -r)
+    use_box = (torch.rand(n, generator=g) < 0.5).view(n, 1, 1, 1, 1)
+    way = torch.where(use_box, box, line)
+    return torch.where(on_path.view(n, 1, 1, 1, 1), way, torch.zeros_like(way)) + eps
+
+
+def _transform(x: torch.Tensor, g: torch.Generator, enabled: bool) -> torch.Tensor:
+    from ..generate import transforms as T
+
+    if not enabled:
+        return x
+    spec = T.TransformSpec.standard(min(x.shape[-2:]))
+    seeds = torch.randint(0, 2**31 - 1, (x.shape[0],), generator=g).tolist()
+    draws = T.draw_params(spec, seeds, 1)[:, 0].to(x.device)
+    return T.apply(x, spec, draws)  # the renderer's canvas: the padded, jittered size
+
+
+def _forward(model, lm, x: torch.Tensor, layers: list[str]) -> tuple[torch.Tensor, dict]:
+    from ..hooks import capture
+
+    with capture(model, layers) as store:
+        logits = model(lm.preprocess(x))
+        acts = dict(store)
+    return logits, acts
+
+
+def direction_agreement(grad: torch.Tensor, toward: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``[N]`` cosine of ``grad`` and ``toward`` (both ``[N,...]``) with smoothed norms
+    ``sqrt(|v|^2 + eps^2)``: finite, with finite gradients, where either is zero (at the target
+    itself ``toward`` is 0; a dead unit's gradient is 0)."""
+    g, d = grad.flatten(1), toward.flatten(1)
+    return (g * d).sum(1) / (torch.sqrt(g.pow(2).sum(1) + eps**2) * torch.sqrt(d.pow(2).sum(1) + eps**2))
+
+
+def manipulation_loss(model, lm, routes, thetas: torch.Tensor, points: torch.Tensor, mu: torch.Tensor,
+                      sd: torch.Tensor, s: SlingshotSettings, g: torch.Generator) -> torch.Tensor:
+    """Mean over routes and points of ``sl_grad_weight * (1 - cos(grad_theta a_u, theta_T - theta))``
+    (gradient ascent from ``theta`` heads for the target: the paper's gradient-based loss, made
+    scale-free) plus ``sl_value_weight * ((a_u - a*(theta)) / (gamma sd_u))^2`` (the unit's value
+    follows the bowl :func:`bowl_target`).
+
+    Args:
+        routes: R routes; thetas: ``[R,3,h,wf,2]`` the targets' spectra; points: ``[R,n,3,h,wf,2]``.
+        mu, sd: ``[R]`` the units' natural mean and sd.
+    """
+    from ..hooks import capture_until, run_partial
+
+    size = lm.input_size
+    loss = points.new_zeros(())
+    for i, r in enumerate(routes):
+        th = points[i].detach().requires_grad_(s.sl_grad_weight > 0)
+        x = _transform(spectrum_to_rgb(th, size), g, s.sl_transforms == "standard")
+        with capture_until(model, [r.unit.layer]) as store:
+            run_partial(model, lm.preprocess(x), store)
+            a = _unit_value(store[r.unit.layer], r.unit, lm)
+        if s.sl_value_weight > 0:
+            want = bowl_target(th.detach(), thetas[i][None], mu[i], sd[i], s.sl_gamma)
+            loss = loss + s.sl_value_weight * (((a - want) / (s.sl_gamma * sd[i] + _EPS)) ** 2).mean()
+        if s.sl_grad_weight > 0:
+            (grad,) = torch.autograd.grad(a.sum(), th, create_graph=True)
+            loss = loss + s.sl_grad_weight * (1 - direction_agreement(grad, thetas[i][None] - th.detach())).mean()
+    return loss / max(1, len(routes))
+
+
+def preservation_loss(model, lm, routes, images: torch.Tensor, ref: dict, s: SlingshotSettings) -> torch.Tensor:
+    """Standardized squared difference to the original model on natural ``images`` ``[N,3,H,W]``:
+    ``(1 - w) * mean over the units' layers of ((act - act0)/sd_c)^2 + w * mean(((z - z0)/sd_z)^2)``
+    (``w`` = ``sl_logit_weight``; ``ref``: the original's ``logits``, ``acts`` {layer: act} and the
+    per-channel ``act_sd`` {layer: [C]} and ``logit_sd``). Exactly 0 for an unchanged copy."""
+    layers = sorted({r.unit.layer for r in routes})
+    logits, acts = _forward(model, lm, images, layers)
+    w = s.sl_logit_weight
+    z = (((logits - ref["logits"]) / ref["logit_sd"]) ** 2).mean()
+    a = logits.new_zeros(())
+    for layer in layers:
+        sd_c = ref["act_sd"][layer]
+        sd_c = sd_c.view(1, -1, *([1] * (acts[layer].ndim - 2)))
+        a = a + (((acts[layer] - ref["acts"][layer]) / sd_c) ** 2).mean()
+    return w * z + (1 - w) * a / max(1, len(layers))
+
+
+@torch.no_grad()
+def _reference(lm, routes, images: torch.Tensor, batch: int = 128) -> dict:
+    """The original model's logits and unit-layer activations on ``images``, their sds, and the
+    units' natural mean and sd (``mu``, ``sd`` ``[R]``)."""
+    layers = sorted({r.unit.layer for r in routes})
+    logits, acts = [], {layer: [] for layer in layers}
+    for i in range(0, len(images), batch):
+        z, a = _forward(lm.model, lm, images[i:i + batch].to(lm.device), layers)
+        logits.append(z)
+        for k in layers:
+            acts[k].append(a[k])
+    logits = torch.cat(logits)
+    acts = {k: torch.cat(v) for k, v in acts.items()}
+    dims = {k: [d for d in range(v.ndim) if d != 1] for k, v in acts.items()}
+    act_sd = {k: v.std(dim=dims[k]).clamp_min(1e-3 * float(v.std()) + _EPS) for k, v in acts.items()}
+    vals = torch.stack([_unit_value(acts[r.unit.layer], r.unit, lm) for r in routes])  # [R, N]
+    return {"logits": logits, "acts": acts, "act_sd": act_sd, "logit_sd": logits.std().clamp_min(_EPS),
+            "mu": vals.mean(1), "sd": vals.std(1).clamp_min(_EPS)}
+
+
+def _unit_target_pictures(lm, routes, steps: int, seed: int) -> dict[str, torch.Tensor]:
+    """The source unit's FV on the original model (seed ``7000 + seed``), one per source unit."""
+    from ..generate.render import render
+
+    src = sorted({str(r.source) for r in routes if r.source is not None and r.picture is None})
+    if not src:
+        return {}
+    units = [r.source for r in routes if r.source is not None]
+    uniq = {str(u): u for u in units}
+    res = render(lm, [uniq[k] for k in src], [7000 + int(seed)], steps=steps, progress=False)
+    return {k: res.images[i, 0] for i, k in enumerate(src)}
+
+
+def _targets(lm, routes, pictures: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[R,3,H,W]`` what each route's FV should show, at the model's input size."""
+    out = []
+    for r in routes:
+        pic = r.picture if r.picture is not None else pictures.get(str(r.source))
+        if pic is None:
+            raise FVSanityError(f"route {r.unit}: no target picture (source {r.source} not rendered)")
+        pic = F.interpolate(pic[None].float(), size=lm.input_size, mode="bilinear", antialias=True,
+                            align_corners=False)[0]
+        out.append(pic.clamp(0, 1))
+    return torch.stack(out)
+
+
+def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, settings: SlingshotSettings,
+                       pictures: dict[str, torch.Tensor] | None = None, log_every: int = 25,
+                       log=None) -> tuple[torch.nn.Module, SlingshotTraining]:
+    """Fine-tune a deep copy of ``lm.model`` (``lm`` untouched) so every route's unit FV climbs to
+    its target. Returns ``(net, training)``: ``net`` an eval-mode copy of the original class with
+    frozen parameters.
+
+    Args:
+        routes: routed units (channels; a picture or a source unit each).
+        train_images: ``[N,3,H,W]`` natural images in [0,1] (preservation; the units' statistics).
+        pictures: unit targets' pictures by source unit (``"L:C"`` -> ``[3,H,W]``); rendered on the
+            original model when missing.
+    """
+    import copy
+
+    s = settings
+    if not routes:
+        raise FVSanityError("slingshot: no routes to manipulate")
+    if train_images is None or len(train_images) < 2:
+        raise FVSanityError("slingshot needs at least 2 natural training images (preservation loss)")
+    for r in routes:
+        if lm.layer_info(r.unit.layer).layout.kind not in ("conv", "vector"):
+            raise FVSanityError(f"slingshot: unit {r.unit} is on a {lm.layer_info(r.unit.layer).layout.kind} layer; "
+                                f"valid: conv or vector layers")
+    t0, w0 = time.process_time(), time.time()
+    dev = lm.device
+    net = copy.deepcopy(lm.model)
+    net.__dict__.pop("_fvsanity_shapes", None)
+    net.__dict__.pop("_fvsanity_layers", None)
+    net.eval()  # BatchNorm keeps its running statistics: only weights move
+    names = trainable_layers(net, s.layer_names())
+    params = []
+    seen = set()
+    for n in names:
+        for p in (net.get_submodule(n) if n else net).parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                p.requires_grad_(True)
+                params.append(p)
+    pics = dict(pictures or {})
+    missing = [r for r in routes if r.picture is None and str(r.source) not in pics]
+    if missing:
+        pics.update(_unit_target_pictures(lm, missing, s.sl_target_steps, s.sl_seed))
+    targets = _targets(lm, routes, pics).to(dev)
+    thetas = fft_spectrum_of(targets)  # [R,3,h,wf,2]
+    train = train_images.to(dev, torch.float32)
+    ref = _reference(lm, routes, train)
+    g = torch.Generator().manual_seed(int(s.sl_seed))
+    opt = torch.optim.Adam(params, lr=s.sl_lr)
+    steps, lm_hist, lp_hist = [], [], []
+    shim = _Shim(lm, net)
+    for step in range(s.sl_steps):
+        pts = torch.stack([_draw_points(thetas[i].cpu(), s.sl_batch, s, g) for i in range(len(routes))]).to(dev)
+        idx = torch.randperm(len(train), generator=g)[: s.sl_batch]
+        sub = {"logits": ref["logits"][idx], "acts": {k: v[idx] for k, v in ref["acts"].items()},
+               "act_sd": ref["act_sd"], "logit_sd": ref["logit_sd"]}
+        opt.zero_grad(set_to_none=True)
+        l_m = manipulation_loss(net, shim, routes, thetas, pts, ref["mu"], ref["sd"], s, g) if s.sl_alpha > 0 else None
+        l_p = preservation_loss(net, shim, routes, train[idx], sub, s)
+        loss = s.sl_beta * l_p + (s.sl_alpha * l_m if l_m is not None else 0.0)
+        if not torch.isfinite(loss):
+            raise FVSanityError(f"slingshot: the loss became {float(loss)} at step {step}; lower --sl-lr")
+        loss.backward()
+        opt.step()
+        if step % log_every == 0 or step == s.sl_steps - 1:
+            steps.append(step)
+            lm_hist.append(float(l_m.detach()) if l_m is not None else float("nan"))
+            lp_hist.append(float(l_p.detach()))
+            if log is not None:
+                log(f"slingshot step {step}: manipulation {lm_hist[-1]:.4f}, preservation {lp_hist[-1]:.5f}")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    training = SlingshotTraining(steps, lm_hist, lp_hist, [n or "<all>" for n in names], sum(p.numel() for p in params),
+                                 time.process_time() - t0, time.time() - w0)
+    return net, training
+
+
+class _Shim:
+    """``lm``'s preprocess and layer layouts for a copy of its network (what the losses read)."""
+
+    def __init__(self, lm: LoadedModel, net: torch.nn.Module):
+        self._lm, self.model = lm, net
+        self.preprocess, self.input_size = lm.preprocess, lm.input_size
+
+    def layer_info(self, name: str):
+        return self._lm.layer_info(name)
+
+
+# ----------------------------------------------------------------------------- evaluation helpers
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` [N] for the boolean labels ``positive`` [N]
+    (Mann-Whitney U with ties counted half); NaN if either class is empty."""
+    scores, positive = scores.double().flatten(), positive.bool().flatten()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average ranks over ties
+    uniq, inv = torch.unique(scores, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, ranks)
+    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, torch.ones_like(ranks))
+    ranks = (sums / counts)[inv]
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def jaccard(a, b) -> float:
+    """``|A & B| / |A | B|`` of two index collections (1.0 for two empty ones)."""
+    a, b = {int(i) for i in a}, {int(i) for i in b}
+    return 1.0 if not a and not b else len(a & b) / len(a | b)
+
+
+@torch.no_grad()
+def unit_diagnostics(original: LoadedModel, fooled: LoadedModel, units, images: torch.Tensor,
+                     labels: torch.Tensor | None, k: int = 20, batch: int = 100) -> list[dict]:
+    """Per unit, on natural ``images`` ``[N,3,H,W]``: AUROC of the unit's value for its class
+    (class units of the output layer, with ``labels``) on both models, and the Jaccard overlap of
+    the two models' top-``k`` exemplars."""
+    from ..activations import collect_with_responses
+
+    r_o = collect_with_responses(original, images, [], list(units), None, batch)[1]
+    r_m = collect_with_responses(fooled, images, [], list(units), None, batch)[1]
+    k = min(k, len(images))
+    out = []
+    for j, u in enumerate(units):
+        top_o = torch.sort(r_o[:, j], descending=True, stable=True).indices[:k]
+        top_m = torch.sort(r_m[:, j], descending=True, stable=True).indices[:k]
+        d = {"unit": str(u), "exemplar_jaccard": jaccard(top_o.tolist(), top_m.tolist()), "k": k,
+             "response_corr": float(torch.corrcoef(torch.stack([r_o[:, j], r_m[:, j]]))[0, 1])}
+        if labels is not None and u.layer == original.output_layer:
+            pos = torch.as_tensor(labels) == u.channel
+            d["auroc_original"] = auroc(r_o[:, j], pos)
+            d["auroc_manipulated"] = auroc(r_m[:, j], pos)
+            d["auroc_change"] = d["auroc_manipulated"] - d["auroc_original"]
+        out.append(d)
+    return out
+
+
+# ----------------------------------------------------------------------------- save / load
+def _plain(fooled: LoadedModel) -> torch.nn.Module:
+    """The fine-tuned network of the original class inside ``fooled``."""
+    from .model import ManipulatedModel
+
+    m = fooled.model
+    return m._net if isinstance(m, ManipulatedModel) else m
+
+
+def save_slingshot(fooled: LoadedModel, folder: str | os.PathLike) -> Path:
+    """``model.safetensors`` (the fine-tuned network's own state dict: no extra entries) and
+    ``slingshot.json`` (format, base model, preprocess, layers, settings, routes, training)."""
+    from ..io import atomic_save_tensors, atomic_write_json, ensure_writable_dir
+
+    info = getattr(fooled.model, "info", None) or {}
+    if info.get("method") != "slingshot":
+        raise FVSanityError(f"model {fooled.name!r} is not a slingshot model; nothing to save")
+    out = ensure_writable_dir(folder)
+    sd = {k: v.detach().contiguous() for k, v in _plain(fooled).state_dict().items()}
+    atomic_save_tensors(out / "model.safetensors", sd)
+    atomic_write_json(out / "slingshot.json", {
+        "format": FORMAT, "name": fooled.name, "base": info.get("base"), "method": "slingshot",
+        "preprocess": fooled.preprocess.to_json(), "block_layers": fooled.block_layers,
+        "output_layer": fooled.output_layer, "settings": info.get("settings"), "routes": info.get("routes"),
+        "training": info.get("training"),
+    })
+    return out
+
+
+def is_slingshot_folder(spec: str) -> bool:
+    """Whether ``spec`` is a folder :func:`save_slingshot` wrote (it holds ``slingshot.json``)."""
+    return os.path.isfile(os.path.join(str(spec), "slingshot.json"))
+
+
+def load_slingshot(path: str | os.PathLike, base: LoadedModel | None = None, device=None) -> LoadedModel:
+    """A model :func:`save_slingshot` wrote: the base model's own class (``load_model(<base>,
+    pretrained=False)`` unless ``base`` is given) with the saved weights loaded ``strict=True``."""
+    from ..models import Preprocess, check_state_dict, load_model, load_state_dict_file
+
+    path = Path(path)
+    jpath, wpath = path / "slingshot.json", path / "model.safetensors"
+    if not jpath.is_file() or not wpath.is_file():
+        raise FVSanityError(f"no slingshot model in {path}: expected slingshot.json and model.safetensors")
+    man = json.loads(jpath.read_text())
+    if man.get("format") != FORMAT:
+        raise FVSanityError(f"{jpath} has format {man.get('format')!r}; expected {FORMAT!r}")
+    if base is None:
+        base = load_model(man["base"]["name"], pretrained=False)
+    import copy
+
+    net = copy.deepcopy(base.model)
+    sd = load_state_dict_file(wpath)
+    to_load, _, _ = check_state_dict(net, sd, str(wpath), model_name=f"the model described in {jpath}")
+    net.load_state_dict(to_load, strict=True)
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in man["preprocess"].items()})
+    lm = LoadedModel(name=man["name"], model=prepare_model(net), preprocess=pre,
+                     block_layers=list(man["block_layers"]), output_layer=man["output_layer"],
+                     class_names=list(base.class_names), weights_source=str(wpath))
+    return lm.to(device) if device is not None else lm
+
+
+def _load_folder(spec: str, *, weights=None, device=None) -> LoadedModel:
+    if weights is not None:
+        raise FVSanityError(f"{spec} is a saved slingshot model with its own weights; drop --weights")
+    return load_slingshot(spec, device=device)
+
+
+register_loader("slingshot", is_slingshot_folder, _load_folder)
+
+
+# ----------------------------------------------------------------------------- the method
+@register_manipulation
+class Slingshot(Manipulation):
+    """Gradient slingshots: fine-tune weights so FV optimization from its initial noise climbs to
+    the target; same class, no added modules (inference time ratio 1 by construction)."""
+
+    name = "slingshot"
+    help = "gradient slingshots: fine-tune weights so the FV from noise climbs to the target"
+    Settings = SlingshotSettings
+
+    def prepare(self, lm, routes, train_images, eval_images, settings, *, fool, work_dir, prepared=None):
+        """Unit targets: the source units' FVs on the original model (``{"L:C": [3,H,W]}``)."""
+        if prepared is not None:
+            return prepared
+        need = [r for r in routes if r.picture is None]
+        return _unit_target_pictures(lm, need, settings.sl_target_steps, settings.sl_seed) if need else {}
+
+    def build(self, lm, routes, train_images, settings, *, prepared=None):
+        from .model import ManipulatedModel, wrap_loaded
+        from .pipeline import fool_log
+
+        net, training = finetune_slingshot(lm, routes, train_images, settings, pictures=prepared, log=fool_log)
+        w = ManipulatedModel(net, lm.preprocess)  # a no-edit wrapper for the run (fingerprint, names)
+        w.info.update({"method": self.name, "settings": settings.to_json(), "routes": [r.to_json() for r in routes],
+                       "training": training.to_json()})
+        return wrap_loaded(lm, w.to(lm.device), self.name)
+
+    def natural_diagnostics(self, fooled, eval_images, train_images, settings) -> dict:
+        return {"slingshot_training": fooled.model.info.get("training")}
+
+    def summary(self, details, prepared, settings) -> dict:
+        t = details.get("slingshot_training") or {}
+        return {"finetune_cpu_seconds": t.get("cpu_seconds"),
+                "manipulation_loss_first_last": [t["manipulation"][0], t["manipulation"][-1]] if t.get("manipulation") else None}
+
+    def figure_note(self, summary) -> str:
+        c = summary.get("finetune_cpu_seconds")
+        return "" if c is None else f"fine-tuning {c / 60:.1f} CPU min"
+
+    def save(self, fooled, folder):
+        return save_slingshot(fooled, folder)
+
+    @classmethod
+    def load(cls, folder, base=None, device=None):
+        return load_slingshot(folder, base=base, device=device)
