@@ -245,6 +245,7 @@ def run_setup(name: str, cfg: dict, common: dict, out: Path, smoke: bool, allow_
     nat_pass = collect_with_responses(lm, natural, layers, units, "mean", common["batch_size"], progress=progress)
     log(f"{name}: natural activation pass {time.time() - t1:.1f}s")
     kw = dict(metric=common["metric"], top_k=cfg["top_k"], n_other=cfg["n_other"], alpha=common["alpha"],
+              use_class_images=cfg.get("use_class_images", True),
               seed=common["seed"], batch_size=common["batch_size"], natural_pass=nat_pass)
     t1 = time.time()
     check = path_check(lm, units, fvs, natural, n_boot=common["n_boot"], n_perm=common["n_perm"], **kw)
