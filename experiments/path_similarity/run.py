@@ -60,7 +60,8 @@ def get_fvs(lm, units, cfg, fv_dir: Path | None, allow_generate: bool, progress:
         have = [str(u) for u in res.units]
         want_seeds = list(range(cfg["seeds"])) if isinstance(cfg["seeds"], int) else list(cfg["seeds"])
         if (set(units) <= set(have) and res.settings.get("model_fingerprint") == lm.fingerprint()
-                and res.settings.get("steps") == cfg["steps"] and list(res.seeds) == want_seeds):
+                and res.settings.get("steps") == cfg["steps"] and list(res.seeds) == want_seeds
+                and bool(res.settings.get("amp", False)) == bool(cfg.get("amp", False))):
             idx = torch.tensor([have.index(u) for u in units])
             log(f"loaded FVs from {fv_dir} ({res.settings.get('steps')} steps, seeds {res.seeds})")
             return replace(
@@ -71,8 +72,10 @@ def get_fvs(lm, units, cfg, fv_dir: Path | None, allow_generate: bool, progress:
         log(f"FVs in {fv_dir} do not cover the units, or were made for other weights / steps / seeds; generating")
     if not allow_generate:
         raise SystemExit(f"no FVs at {fv_dir} and --no-generate given")
-    log(f"generating FVs: {len(units)} units x {cfg['seeds']} seeds x {cfg['steps']} steps")
-    res = render(lm, units, seeds=cfg["seeds"], steps=cfg["steps"], checkpoints=cfg.get("checkpoints", ()), progress=progress)
+    amp = bool(cfg.get("amp", False))  # bf16 autocast (see config.json's note on when it is allowed)
+    log(f"generating FVs: {len(units)} units x {cfg['seeds']} seeds x {cfg['steps']} steps{' (bf16 autocast)' if amp else ''}")
+    res = render(lm, units, seeds=cfg["seeds"], steps=cfg["steps"], checkpoints=cfg.get("checkpoints", ()), progress=progress,
+                 amp=amp)
     if fv_dir is not None:
         tmp = fv_dir.with_name(fv_dir.name + "_tmp")
         res.save(tmp)
@@ -242,6 +245,7 @@ def run_setup(name: str, cfg: dict, common: dict, out: Path, smoke: bool, allow_
     nat_pass = collect_with_responses(lm, natural, layers, units, "mean", common["batch_size"], progress=progress)
     log(f"{name}: natural activation pass {time.time() - t1:.1f}s")
     kw = dict(metric=common["metric"], top_k=cfg["top_k"], n_other=cfg["n_other"], alpha=common["alpha"],
+              use_class_images=cfg.get("use_class_images", True),
               seed=common["seed"], batch_size=common["batch_size"], natural_pass=nat_pass)
     t1 = time.time()
     check = path_check(lm, units, fvs, natural, n_boot=common["n_boot"], n_perm=common["n_perm"], **kw)
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
             "late_fraction_above": round(s["late"]["fraction_above_baseline"], 3),
             "early_median_normalized": round(s["early"]["median_normalized"], 3),
             "late_median_normalized": round(s["late"]["median_normalized"], 3),
-            "unit_layer_outcomes": s["unit_layer_outcomes"],
+            "unit_layer_outcomes": s.get("unit_layer_outcomes"),  # absent in results from before the verdict
         }
     print(json.dumps(json.loads(dumps(head))))
     return 0
