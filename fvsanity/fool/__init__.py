@@ -82,7 +82,10 @@ from .pipeline import (
 )
 from .routes import Route, load_picture, make_routes, parse_unit_range
 from .silent import SilentEdit, build_silent_units, silent_zero_fraction
-from .slingshot import Slingshot, SlingshotSettings  # registers slingshot (weight-only; saves a plain state dict)
+from .slingshot import (  # registers slingshot (weight-only; saves a plain state dict)
+    Slingshot,
+    SlingshotSettings,
+)
 
 __all__ = [
     "MANIPULATIONS",
