@@ -133,7 +133,7 @@ def _check_value(where: str, key: str, action: argparse.Action, v: Any) -> Any:
     def bad(what: str):
         return ConfigError(f"{where}: {key!r} ({flag}) must be {what}, got {json.dumps(v)}")
 
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(v, bool):
             raise bad("true or false")
         return v

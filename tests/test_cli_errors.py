@@ -374,6 +374,28 @@ def test_saved_config_with_model_provenance_roundtrips(command, argv, tmp_path, 
     assert len(seen) == 2
 
 
+def test_config_sets_a_boolean_optional_flag(tmp_path):
+    """A ``--x/--no-x`` flag (what a manipulation's bool setting becomes) is set by true/false in a
+    config (it was refused as "must be a string, got true"); anything else is a one-line error."""
+    import argparse
+
+    from fvsanity.cli import ConfigError, load_config_defaults
+
+    def parser():
+        p = argparse.ArgumentParser()
+        p.add_argument("--config")
+        p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True)
+        return p
+
+    cfg = _cfg(tmp_path, "c.json", '{"smooth": false}')
+    p = parser()
+    load_config_defaults(p, ["--config", str(cfg)])
+    assert p.parse_args([]).smooth is False and p.parse_args(["--smooth"]).smooth is True
+    bad = _cfg(tmp_path, "b.json", '{"smooth": "yes"}')
+    with pytest.raises(ConfigError, match=r"'smooth' \(--no-smooth\) must be true or false"):
+        load_config_defaults(parser(), ["--config", str(bad)])
+
+
 def test_commands_are_the_modules_that_exist():
     """The command list comes from fvsanity/commands/*.py: no phantom 'bench', each one registered."""
     from fvsanity import cli
