@@ -208,6 +208,11 @@ def test_path_profiles_are_numbers_without_matplotlib():
     (pn,) = mean.panels
     assert pn.names == ("a", "b") and pn.curves[0][3] == pytest.approx([0.3, 0.6])
     assert pn.norm[0] == pytest.approx([0.5, 5 / 6])  # median of (0.25, 0.5) and (0.8, 5/6): upper middle
+    assert pn.crosses == () and pn.stars == () and "across units" not in pn.title  # none: no legend
+    doc["across_units"] = [{"name": "a", "outcome": "diverges"}, {"name": "b", "outcome": "natural-like"}]
+    (pn,) = path_profiles(doc, mode="mean").panels
+    assert pn.crosses == ((0, pytest.approx(0.3)),) and pn.stars == ((1, pytest.approx(0.6)),)
+    assert "* across units: natural-like" in pn.title and "x across units: diverges" in pn.title
 
 
 # ------------------------------------------------------------------------------ registries through the CLI

@@ -88,7 +88,7 @@ class PathPanel:
     Attributes:
         title: the panel title; names: layers on x.
         curves: (key, label, colour, y, lo, hi) per curve of :data:`CURVES` (lo/hi: band; NaN: none).
-        crosses: (x, y) layers whose outcome is "diverges" (panels mode).
+        crosses: (x, y) layers whose outcome is "diverges" (panels mode; mean mode: across units).
         stars: (x, y) layers whose across-units outcome is "natural-like" (mean mode).
         thin: per-unit FV-vs-natural lines (xs, ys) (mean mode).
         norm: (y, lo, hi) of the normalized row, clipped to [-1, 2] (panels mode; lo/hi None in mean mode).
@@ -174,6 +174,8 @@ def path_profiles(check, mode: str = "auto", max_panels: int = 12) -> PathProfil
         fv_mean = mean_profile(d, "fv_vs_natural")
         stars = tuple((names.index(a["name"]), fv_mean[a["name"]][0]) for a in d.get("across_units") or []
                       if a.get("outcome") == NATURAL_LIKE and a["name"] in names)
+        across_div = tuple((names.index(a["name"]), fv_mean[a["name"]][0]) for a in d.get("across_units") or []
+                           if a.get("outcome") == DIVERGES and a["name"] in names)
         med = []
         for n in names:
             vals = sorted(_num(r["normalized"]) for u in units for r in u["layers"] if r["name"] == n)
@@ -183,9 +185,10 @@ def path_profiles(check, mode: str = "auto", max_panels: int = 12) -> PathProfil
         ptitle = (
             f"per unit-layer: {counts[NATURAL_LIKE]} {NATURAL_LIKE}, {counts[DIVERGES]} {DIVERGES}, "
             f"{counts[INCONCLUSIVE]} {INCONCLUSIVE} of {sum(len(u['layers']) for u in units)}"
-            + (f"\n* across units: {NATURAL_LIKE}" if d.get("across_units") else "")
+            + (f"\n* across units: {NATURAL_LIKE}" if stars else "")
+            + (f"\nx across units: {DIVERGES}" if across_div else "")
         )
-        panels.append(PathPanel(ptitle, tuple(names), tuple(curves), (), stars, tuple(thin), (med, None, None),
+        panels.append(PathPanel(ptitle, tuple(names), tuple(curves), across_div, stars, tuple(thin), (med, None, None),
                                 tuple(thin_norm), mean_mode=True))
     return PathProfiles(mode, metric, len(units), tuple(panels), title)
 
