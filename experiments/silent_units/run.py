@@ -59,35 +59,10 @@ def _setup(run: dict, split_cfg: dict, smoke: bool):
 
 
 def _routes_and_eval_units(lm, var: dict, units_cfg: dict, n_eval: int):
-    """(routes, evaluation units, UnitSplit) for one variant; run_fool evaluates exactly these units
-    (``eval_units=``).
+    """:func:`fvsanity.fool.routes.experiment_routes` with target pictures relative to this folder."""
+    from fvsanity.fool.routes import experiment_routes
 
-    Evaluation units are drawn (seeded, ``fvsanity.splits.unit_split``) among the routed class
-    units of the output layer that are not in ``units_cfg["tuning"]`` (units whose results
-    informed a setting) and whose source is not in ``units_cfg["tuning_sources"]``; at most
-    ``n_eval`` of them. A picture variant with ``"units": "heldout"`` routes one such unit.
-    """
-    from fvsanity.fool import make_routes, parse_unit_range
-    from fvsanity.splits import unit_split
-
-    target = var.get("target")
-    if target is not None and not target.startswith("unit:"):
-        target = str(HERE / target)
-    classes = [str(u) for u in parse_unit_range("all", lm) if u.layer == lm.output_layer]
-    shift = var.get("shift")
-    n_cls = len(classes)
-    bad_src = set(units_cfg.get("tuning_sources", []))
-    cands = [c for c in classes if shift is None or f"{lm.output_layer}:{(int(c.rsplit(':', 1)[1]) + shift) % n_cls}" not in bad_src]
-    spec = var["units"]
-    if spec == "heldout":
-        us = unit_split(cands, units_cfg.get("tuning", []), 1, units_cfg["seed"])
-        spec = us.evaluation[0]
-    routes = make_routes(lm, spec, target, shift=shift, picture_size=lm.input_size)
-    if var["units"] != "heldout":
-        routed = {str(r.unit) for r in routes}
-        us = unit_split([c for c in cands if c in routed], units_cfg.get("tuning", []), min(n_eval, len(routes)),
-                        units_cfg["seed"])
-    return routes, list(us.evaluation), us
+    return experiment_routes(lm, var, units_cfg, n_eval, HERE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,7 +91,6 @@ def lucent_fvs(lm, unit, seeds, steps: int):
 
 def run_variant(lm, nat, split, name: str, var: dict, cfg: dict, work: Path, figures: Path, model_name: str,
                 smoke: bool) -> dict:
-    import torch
 
     from fvsanity.compare.exemplars import exemplar_agreement
     from fvsanity.fool import FoolSettings, get_manipulation, make_routes, run_fool

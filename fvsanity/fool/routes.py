@@ -12,7 +12,7 @@ from ..errors import FVSanityError, UnitError
 from ..models import LoadedModel
 from ..units import Unit, parse_unit
 
-__all__ = ["Route", "make_routes", "parse_unit_range", "load_picture"]
+__all__ = ["Route", "make_routes", "parse_unit_range", "load_picture", "experiment_routes"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,35 @@ def make_routes(
     if pic.ndim != 3 or pic.shape[0] != 3:
         raise FVSanityError(f"target picture must be [3,H,W] RGB, got shape {tuple(pic.shape)}")
     return [Route(unit=u, picture=pic, picture_name=name) for u in units]
+
+
+def experiment_routes(lm: LoadedModel, var: dict, units_cfg: dict, n_eval: int, base_dir: str | Path = "."):
+    """(routes, evaluation units, UnitSplit) for one variant of a fooling experiment's config;
+    ``run_fool(..., eval_units=)`` then evaluates exactly these units.
+
+    Evaluation units are drawn (seeded, ``fvsanity.splits.unit_split``) among the routed class
+    units of the output layer that are not in ``units_cfg["tuning"]`` (units whose results
+    informed a setting) and whose source is not in ``units_cfg["tuning_sources"]``; at most
+    ``n_eval`` of them. A picture variant with ``"units": "heldout"`` routes one such unit. A
+    picture ``target`` path is relative to ``base_dir`` (the experiment's folder).
+    """
+    from ..splits import unit_split
+
+    target = var.get("target")
+    if target is not None and not target.startswith("unit:"):
+        target = str(Path(base_dir) / target)
+    classes = [str(u) for u in parse_unit_range("all", lm) if u.layer == lm.output_layer]
+    shift = var.get("shift")
+    n_cls = len(classes)
+    bad_src = set(units_cfg.get("tuning_sources", []))
+    cands = [c for c in classes if shift is None or f"{lm.output_layer}:{(int(c.rsplit(':', 1)[1]) + shift) % n_cls}" not in bad_src]
+    spec = var["units"]
+    if spec == "heldout":
+        us = unit_split(cands, units_cfg.get("tuning", []), 1, units_cfg["seed"])
+        spec = us.evaluation[0]
+    routes = make_routes(lm, spec, target, shift=shift, picture_size=lm.input_size)
+    if var["units"] != "heldout":
+        routed = {str(r.unit) for r in routes}
+        us = unit_split([c for c in cands if c in routed], units_cfg.get("tuning", []), min(n_eval, len(routes)),
+                        units_cfg["seed"])
+    return routes, list(us.evaluation), us
