@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 from typing import Any, Iterator, TypeVar
 
 from .errors import FVSanityError
 
-__all__ = ["Registry", "RegistryError"]
+__all__ = ["Registry", "RegistryError", "resolve_with_options"]
 
 T = TypeVar("T")
 
@@ -135,3 +136,38 @@ class Registry:
     def _listing(self) -> str:
         return ", ".join(self._entries) or "none registered"
 
+
+def _describe(entry) -> str:
+    return repr(entry) if isinstance(entry, str) else getattr(entry, "__name__", type(entry).__name__)
+
+
+def resolve_with_options(registry: Registry, entry, options=None, *, fixed: tuple[str, ...], arg: str,
+                         callable_word: str, hidden: tuple[str, ...] = ()):
+    """The callable ``entry`` names (a name in ``registry``, or the callable itself), after checking
+    that it takes every key of ``options`` as a keyword.
+
+    Args:
+        fixed: the parameters the caller always passes (not options), e.g. ``("params", "lr")``.
+        arg: the argument's name in messages (``"optimizer"``); callable_word: ``"factory"``.
+        hidden: keywords accepted but not listed as options (e.g. ``decorrelate``).
+
+    Raises:
+        FVSanityError: unknown name, not callable, or an option it does not take (one line naming
+            the options it has). A callable taking ``**kwargs`` accepts any option.
+    """
+    fn = registry.get(entry) if isinstance(entry, str) else entry
+    if not callable(fn):
+        raise FVSanityError(f"{arg} must be a registered name ({', '.join(registry.names())}) or a "
+                            f"{callable_word}, got {type(entry).__name__}")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn
+    if options and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        known = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY or
+                 (p.kind is p.POSITIONAL_OR_KEYWORD and n not in fixed)]
+        bad = sorted(set(options) - set(known) - set(hidden))
+        if bad:
+            raise FVSanityError(f"{registry.kind} {_describe(entry)} has no option {bad[0]!r}; "
+                                f"options: {', '.join(k for k in known if k not in hidden) or 'none'}")
+    return fn

@@ -13,13 +13,12 @@ not). ``adam`` is the default (lucent's). Add one with ``@OPTIMIZERS.register("n
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
 
 from ..errors import FVSanityError
-from ..registry import Registry
+from ..registry import Registry, resolve_with_options
 
 __all__ = ["OPTIMIZERS", "check_options", "make_optimizer"]
 
@@ -57,27 +56,14 @@ def _describe(opt) -> str:
 
 def check_options(optimizer, options=None) -> Callable:
     """The factory of ``optimizer`` (a name in :data:`OPTIMIZERS` or a factory), after checking
-    that it takes every key of ``options``.
+    that it takes every key of ``options`` (:func:`fvsanity.registry.resolve_with_options`).
 
     Raises:
         FVSanityError: unknown name, not callable, or an option it does not take (one line
             naming the options it has).
     """
-    factory = OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
-    if not callable(factory):
-        raise FVSanityError(f"optimizer must be a registered name ({', '.join(OPTIMIZERS.names())}) or a factory, "
-                            f"got {type(optimizer).__name__}")
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return factory
-    if options and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        known = [n for n in sig.parameters if n not in ("params", "lr")]
-        bad = sorted(set(options) - set(known))
-        if bad:
-            raise FVSanityError(f"optimizer {_describe(optimizer)} has no option {bad[0]!r}; "
-                                f"options: {', '.join(known) or 'none'}")
-    return factory
+    return resolve_with_options(OPTIMIZERS, optimizer, options, fixed=("params", "lr"), arg="optimizer",
+                                callable_word="factory")
 
 
 def make_optimizer(optimizer, params, lr: float, options=None) -> torch.optim.Optimizer:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FVSanityError
-from ..registry import Registry
+from ..registry import Registry, resolve_with_options
 
 __all__ = [
     "PARAMS",
@@ -267,28 +267,14 @@ def _describe(param) -> str:
 
 def check_options(param, options=None) -> Callable:
     """The parametrization function of ``param`` (a name in :data:`PARAMS` or a function), after
-    checking that it takes every key of ``options``.
+    checking that it takes every key of ``options`` (:func:`fvsanity.registry.resolve_with_options`).
 
     Raises:
         FVSanityError: unknown name, not callable, or an option it does not take (one line
             naming the options it has).
     """
-    fn = PARAMS.get(param) if isinstance(param, str) else param
-    if not callable(fn):
-        raise FVSanityError(f"param must be a registered name ({', '.join(PARAMS.names())}) or a function, "
-                            f"got {type(param).__name__}")
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return fn
-    if options and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        known = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY or
-                 (p.kind is p.POSITIONAL_OR_KEYWORD and n not in ("size", "seeds", "device"))]
-        bad = sorted(set(options) - set(known) - {"decorrelate"})
-        if bad:
-            raise FVSanityError(f"parametrization {_describe(param)} has no option {bad[0]!r}; "
-                                f"options: {', '.join(k for k in known if k != 'decorrelate') or 'none'}")
-    return fn
+    return resolve_with_options(PARAMS, param, options, fixed=("size", "seeds", "device"), arg="param",
+                                callable_word="function", hidden=("decorrelate",))
 
 
 def make_image(param, size, seeds, device=None, *, decorrelate: bool = True, options=None):
