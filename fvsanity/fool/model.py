@@ -279,6 +279,24 @@ def save_manipulated(lm: LoadedModel, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def read_saved(path: str | os.PathLike, manifest: str, fmt: str, what: str) -> tuple[dict, Path, Path]:
+    """``(manifest dict, manifest path, weights path)`` of a saved model folder holding ``manifest``
+    and ``model.safetensors``; one-line FVSanityError if either is missing or the format is not ``fmt``."""
+    path = Path(path)
+    mpath, wpath = path / manifest, path / "model.safetensors"
+    if not mpath.is_file() or not wpath.is_file():
+        raise FVSanityError(f"no {what} in {path}: expected {manifest} and model.safetensors")
+    man = json.loads(mpath.read_text())
+    if man.get("format") != fmt:
+        raise FVSanityError(f"{mpath} has format {man.get('format')!r}; expected {fmt!r}")
+    return man, mpath, wpath
+
+
+def preprocess_from_json(d: dict) -> Preprocess:
+    """The :class:`Preprocess` a manifest recorded with ``Preprocess.to_json()``."""
+    return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def load_manipulated(
     path: str | os.PathLike, base: LoadedModel | None = None, device: str | torch.device | None = None
 ) -> LoadedModel:
@@ -295,16 +313,10 @@ def load_manipulated(
     from ..models import check_state_dict, load_model
     from .detector import FVDetector
 
-    path = Path(path)
-    mpath, wpath = path / "manipulated.json", path / "model.safetensors"
-    if not mpath.is_file() or not wpath.is_file():
-        raise FVSanityError(f"no manipulated model in {path}: expected manipulated.json and model.safetensors")
-    man = json.loads(mpath.read_text())
-    if man.get("format") != FORMAT:
-        raise FVSanityError(f"{mpath} has format {man.get('format')!r}; expected {FORMAT!r}")
+    man, mpath, wpath = read_saved(path, "manipulated.json", FORMAT, "manipulated model")
     if base is None:
         base = load_model(man["base"]["name"], pretrained=False)
-    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in man["preprocess"].items()})
+    pre = preprocess_from_json(man["preprocess"])
     w = ManipulatedModel(base.model, pre)
     if man.get("detector"):
         g = man["gate"]

@@ -38,7 +38,6 @@ and ``slingshot.json`` (the settings, the routes, the base model's name);
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -519,15 +518,10 @@ def is_slingshot_folder(spec: str) -> bool:
 def load_slingshot(path: str | os.PathLike, base: LoadedModel | None = None, device=None) -> LoadedModel:
     """A model :func:`save_slingshot` wrote: the base model's own class (``load_model(<base>,
     pretrained=False)`` unless ``base`` is given) with the saved weights loaded ``strict=True``."""
-    from ..models import Preprocess, check_state_dict, load_model, load_state_dict_file
+    from ..models import check_state_dict, load_model, load_state_dict_file
+    from .model import preprocess_from_json, read_saved
 
-    path = Path(path)
-    jpath, wpath = path / "slingshot.json", path / "model.safetensors"
-    if not jpath.is_file() or not wpath.is_file():
-        raise FVSanityError(f"no slingshot model in {path}: expected slingshot.json and model.safetensors")
-    man = json.loads(jpath.read_text())
-    if man.get("format") != FORMAT:
-        raise FVSanityError(f"{jpath} has format {man.get('format')!r}; expected {FORMAT!r}")
+    man, jpath, wpath = read_saved(path, "slingshot.json", FORMAT, "slingshot model")
     if base is None:
         base = load_model(man["base"]["name"], pretrained=False)
     import copy
@@ -536,7 +530,7 @@ def load_slingshot(path: str | os.PathLike, base: LoadedModel | None = None, dev
     sd = load_state_dict_file(wpath)
     to_load, _, _ = check_state_dict(net, sd, str(wpath), model_name=f"the model described in {jpath}")
     net.load_state_dict(to_load, strict=True)
-    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in man["preprocess"].items()})
+    pre = preprocess_from_json(man["preprocess"])
     lm = LoadedModel(name=man["name"], model=prepare_model(net), preprocess=pre,
                      block_layers=list(man["block_layers"]), output_layer=man["output_layer"],
                      class_names=list(base.class_names), weights_source=str(wpath))
