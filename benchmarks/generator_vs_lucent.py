@@ -44,10 +44,14 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fvsanity, not an installed one
 
 
 def lucent_transforms(spec, preprocess) -> list:
@@ -131,9 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from fvsanity import load_model, parse_unit
-    from fvsanity.units import describe_layers
     from fvsanity.generate import evaluate, render
     from fvsanity.generate.transforms import TransformSpec
+    from fvsanity.units import describe_layers
 
     device = torch.device(args.device)
     lm = load_model(args.model, device=device, pretrained=not args.random_weights)

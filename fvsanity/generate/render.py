@@ -544,7 +544,7 @@ def _optimize_chunk(lm, plan: _Plan, chunk: _Chunk, bar) -> dict:
             if len(idx) > 1:
                 div_groups.append((_diversity_layer(lm, units[idx[0]], plan.shapes), idx))
         layers = sorted(set(layers) | {layer for layer, _ in div_groups})
-    traces = torch.zeros(len(units), steps)
+    traces = torch.zeros(len(units), steps, device=dev)  # on the device: no host sync per step (one copy at the end)
     ckpts = {}
     autocast = (
         torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
@@ -570,7 +570,7 @@ def _optimize_chunk(lm, plan: _Plan, chunk: _Chunk, bar) -> dict:
                     loss = loss + st.diversity * len(idx) * diversity_penalty(fmap)
             loss.backward()
             opt.step()
-            traces[:, step] = scores.detach().float().cpu()
+            traces[:, step] = scores.detach().float()
             if step + 1 in plan.checkpoints:
                 with torch.no_grad():
                     ckpts[step + 1] = image_fn().float().cpu()
@@ -578,7 +578,7 @@ def _optimize_chunk(lm, plan: _Plan, chunk: _Chunk, bar) -> dict:
                 bar.update(1)
     with torch.no_grad():
         final_images = image_fn().float().cpu()
-    return {"images": final_images, "traces": traces, "ckpts": ckpts}
+    return {"images": final_images, "traces": traces.cpu(), "ckpts": ckpts}
 
 
 @torch.no_grad()
