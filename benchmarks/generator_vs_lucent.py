@@ -25,14 +25,15 @@ channels_last on CUDA and on CPUs with native bf16, :func:`fvsanity.generate.cpu
 
 Measured side by side in one run, interleaved so that load from other processes on a shared
 machine hits both sides alike: ``--repeats`` rounds, each one fvsanity render of all units, one
-slice of lucent's units and a few bare forward+backward passes. Each figure uses the fastest
-sample of each side (the least disturbed one; lucent: its fastest unit times the unit count),
-and the raw totals are reported too:
+slice of lucent's units and a block of as many bare forward+backward passes as fvsanity's render
+has steps. Each figure uses the fastest sample of each side (the least disturbed one; lucent: its
+fastest unit times the unit count), and the raw totals are reported too:
 - ``throughput_ratio_vs_lucent``: lucent's time for the N FVs / fvsanity's time for the same FVs
   (``throughput_ratio_totals``: lucent's summed time / fvsanity's mean render time).
 - ``overhead_vs_fwd_bwd``: fvsanity's time per optimization step (the step loop only, from its
   settings' ``seconds``) / one forward+backward (input gradient, model + preprocessing) of a
-  batch of the same size at the same canvas size, in the same dtype and memory format.
+  batch of the same size at the same canvas size, in the same dtype and memory format (fastest
+  block mean).
 - ``objective_ratio_vs_lucent``: mean final objective (untransformed image at the model's input
   size, fvsanity's ``evaluate``, float32) of fvsanity's FVs / lucent's.
 The last line printed is one JSON object with these figures.
@@ -84,9 +85,10 @@ def render_lucent(lm, unit, steps: int, size: int, spec, seed: int) -> tuple[tor
 
 
 def fwd_bwd_seconds(lm, batch: int, hw: tuple[int, int], device, repeats: int, amp: bool = False) -> float:
-    """Fastest seconds per forward+backward (input gradient) of ``batch`` images of size ``hw``
-    over ``repeats`` passes, as ``render`` runs them: preprocessing in float32, then (``amp``)
-    channels_last and the model under bf16 autocast."""
+    """Mean seconds per forward+backward (input gradient) of ``batch`` images of size ``hw`` over a
+    block of ``repeats`` passes, as ``render`` runs them: preprocessing in float32, then (``amp``)
+    channels_last and the model under bf16 autocast. A block as long as a render's step loop, so
+    that on a loaded machine the fastest block and the fastest render see alike load."""
     import contextlib
 
     x = torch.rand(batch, 3, *hw, device=device, requires_grad=True)
@@ -103,16 +105,14 @@ def fwd_bwd_seconds(lm, batch: int, hw: tuple[int, int], device, repeats: int, a
 
     for _ in range(2):
         once()
-    best = float("inf")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
         once()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeats
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(r, len(units), rounds):
             theirs[i], sec = render_lucent(lm, units[i], args.steps, size, spec, args.seed + i)
             t_units.append(sec)
-        t_fb.append(fwd_bwd_seconds(lm, min(bs, len(units)), canvas, device, repeats=max(2, min(args.steps, 10)),
+        t_fb.append(fwd_bwd_seconds(lm, min(bs, len(units)), canvas, device, repeats=args.steps * n_batches,
                                     amp=bool(ours.settings.get("amp"))))
     obj_theirs = torch.stack([evaluate(lm, img[None], [u], device)[0][0, 0] for img, u in zip(theirs, units)])
     obj_ours = ours.final[:, 0]
