@@ -19,12 +19,23 @@ lucent hooks every module on every ``render_vis`` call and never removes the hoo
 its units runs on a fresh deep copy of the model (copying is not timed). fvsanity renders all
 units in one batch (chunks of ``--batch-size`` on CPU).
 
-Measured side by side in one run:
-- ``throughput_ratio_vs_lucent``: lucent's total time / fvsanity's time for the same FVs.
-- ``overhead_vs_fwd_bwd``: fvsanity's time per optimization step / one forward+backward (input
-  gradient, model + preprocessing) of a batch of the same size at the same canvas size.
+fvsanity's side runs in the dtype ``render`` picks by default (``--amp auto``: bf16 autocast +
+channels_last on CUDA and on CPUs with native bf16, :func:`fvsanity.generate.cpu_bf16_fast`;
+``--amp off`` forces float32); lucent's runs in float32 (it has no mixed precision).
+
+Measured side by side in one run, interleaved so that load from other processes on a shared
+machine hits both sides alike: ``--repeats`` rounds, each one fvsanity render of all units, one
+slice of lucent's units and a block of as many bare forward+backward passes as fvsanity's render
+has steps. Each figure uses the fastest sample of each side (the least disturbed one; lucent: its
+fastest unit times the unit count), and the raw totals are reported too:
+- ``throughput_ratio_vs_lucent``: lucent's time for the N FVs / fvsanity's time for the same FVs
+  (``throughput_ratio_totals``: lucent's summed time / fvsanity's mean render time).
+- ``overhead_vs_fwd_bwd``: fvsanity's time per optimization step (the step loop only, from its
+  settings' ``seconds``) / one forward+backward (input gradient, model + preprocessing) of a
+  batch of the same size at the same canvas size, in the same dtype and memory format (fastest
+  block mean).
 - ``objective_ratio_vs_lucent``: mean final objective (untransformed image at the model's input
-  size, fvsanity's ``evaluate``) of fvsanity's FVs / lucent's.
+  size, fvsanity's ``evaluate``, float32) of fvsanity's FVs / lucent's.
 The last line printed is one JSON object with these figures.
 """
 
@@ -34,10 +45,14 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fvsanity, not an installed one
 
 
 def lucent_transforms(spec, preprocess) -> list:
@@ -69,17 +84,32 @@ def render_lucent(lm, unit, steps: int, size: int, spec, seed: int) -> tuple[tor
     return torch.as_tensor(np.asarray(imgs[-1])).permute(0, 3, 1, 2).float(), seconds
 
 
-def fwd_bwd_seconds(lm, batch: int, hw: tuple[int, int], device, repeats: int) -> float:
-    """Seconds per forward+backward (input gradient) of ``batch`` images of size ``hw``."""
+def fwd_bwd_seconds(lm, batch: int, hw: tuple[int, int], device, repeats: int, amp: bool = False) -> float:
+    """Mean seconds per forward+backward (input gradient) of ``batch`` images of size ``hw`` over a
+    block of ``repeats`` passes, as ``render`` runs them: preprocessing in float32, then (``amp``)
+    channels_last and the model under bf16 autocast. A block as long as a render's step loop, so
+    that on a loaded machine the fastest block and the fastest render see alike load."""
+    import contextlib
+
     x = torch.rand(batch, 3, *hw, device=device, requires_grad=True)
+
+    def once():
+        x.grad = None
+        z = lm.preprocess(x)
+        if amp:
+            z = z.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        with ctx:
+            y = lm.model(z)
+        y.float().sum().backward()
+
     for _ in range(2):
-        lm(x).sum().backward()
+        once()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(repeats):
-        x.grad = None
-        lm(x).sum().backward()
+        once()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t) / repeats
@@ -97,14 +127,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--random-weights", action="store_true", help="random weights (timing only, e.g. googlenet)")
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
-                    help="fvsanity's bf16 autocast + channels_last: auto = render's default (CUDA only) [%(default)s]")
+                    help="fvsanity's bf16 autocast + channels_last: auto = render's default (CUDA, CPUs with "
+                         "native bf16) [%(default)s]")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="interleaved rounds (fvsanity renders; lucent's units split over them) [%(default)s]")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from fvsanity import load_model, parse_unit
-    from fvsanity.units import describe_layers
     from fvsanity.generate import evaluate, render
     from fvsanity.generate.transforms import TransformSpec
+    from fvsanity.units import describe_layers
 
     device = torch.device(args.device)
     lm = load_model(args.model, device=device, pretrained=not args.random_weights)
@@ -115,43 +148,55 @@ def main(argv: list[str] | None = None) -> dict:
     bs = args.batch_size or len(units)
     amp = {"auto": None, "on": True, "off": False}[args.amp]
 
-    render(lm, units[:1], seeds=[args.seed], steps=2, progress=False, transforms=spec, amp=amp)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    ours = render(lm, units, seeds=[args.seed], steps=args.steps, transforms=spec, batch_size=bs, progress=False, amp=amp)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t_ours = time.perf_counter() - t
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    theirs, t_lucent = [], 0.0
-    for i, u in enumerate(units):
-        img, sec = render_lucent(lm, u, args.steps, size, spec, args.seed + i)
-        theirs.append(img)
-        t_lucent += sec
+    render(lm, units[:1], seeds=[args.seed], steps=2, progress=False, transforms=spec, amp=amp)  # warm-up
+    canvas = spec.output_size(lm.input_size)
+    n_batches = (len(units) + bs - 1) // bs
+    rounds = max(1, min(args.repeats, len(units)))
+    t_ours, loop_ours, t_units, t_fb, theirs = [], [], [], [], [None] * len(units)
+    for r in range(rounds):  # interleaved: load from other processes hits both sides alike
+        sync()
+        t = time.perf_counter()
+        ours = render(lm, units, seeds=[args.seed], steps=args.steps, transforms=spec, batch_size=bs,
+                      progress=False, amp=amp)
+        sync()
+        t_ours.append(time.perf_counter() - t)
+        loop_ours.append(float(ours.settings["seconds"]))
+        for i in range(r, len(units), rounds):
+            theirs[i], sec = render_lucent(lm, units[i], args.steps, size, spec, args.seed + i)
+            t_units.append(sec)
+        t_fb.append(fwd_bwd_seconds(lm, min(bs, len(units)), canvas, device, repeats=args.steps * n_batches,
+                                    amp=bool(ours.settings.get("amp"))))
     obj_theirs = torch.stack([evaluate(lm, img[None], [u], device)[0][0, 0] for img, u in zip(theirs, units)])
     obj_ours = ours.final[:, 0]
 
-    canvas = spec.output_size(lm.input_size)
-    t_fb = fwd_bwd_seconds(lm, min(bs, len(units)), canvas, device, repeats=max(3, min(args.steps, 20)))
-    n_batches = (len(units) + bs - 1) // bs
-    per_step = t_ours / (args.steps * n_batches)
+    per_step = min(loop_ours) / (args.steps * n_batches)
     result = {
-        "throughput_ratio_vs_lucent": round(t_lucent / t_ours, 3),
-        "overhead_vs_fwd_bwd": round(per_step / t_fb, 3),
+        "throughput_ratio_vs_lucent": round(min(t_units) * len(units) / min(t_ours), 3),
+        "overhead_vs_fwd_bwd": round(per_step / min(t_fb), 3),
         "objective_ratio_vs_lucent": round((obj_ours.mean() / obj_theirs.mean()).item(), 3),
         "units": len(units),
         "steps": args.steps,
         "size": size,
         "device": str(device),
-        "dtype": "bfloat16" if ours.settings.get("amp") else "float32",
+        "dtype": ours.settings.get("dtype", "float32"),
         "model": lm.name,
         "threads": args.threads,
-        "seconds_fvsanity": round(t_ours, 3),
-        "seconds_lucent": round(t_lucent, 3),
+        "repeats": rounds,
+        "throughput_ratio_totals": round(sum(t_units) / (sum(t_ours) / rounds), 3),
+        "seconds_fvsanity": round(min(t_ours), 3),
+        "seconds_lucent": round(min(t_units) * len(units), 3),
+        "seconds_lucent_total": round(sum(t_units), 3),
         "ms_per_step_fvsanity": round(1e3 * per_step, 2),
-        "ms_fwd_bwd": round(1e3 * t_fb, 2),
+        "ms_fwd_bwd": round(1e3 * min(t_fb), 2),
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+    t_ours = min(t_ours)
+    t_lucent = result["seconds_lucent"]
+    t_fb = min(t_fb)
     print(f"model {lm.name}: {len(units)} class units, {args.steps} steps, {size} px, {device}, {args.threads} threads")
     print(f"fvsanity (batched): {t_ours:.2f} s   lucent render_vis (looped): {t_lucent:.2f} s   "
           f"ratio {result['throughput_ratio_vs_lucent']:.2f}x")

@@ -145,7 +145,10 @@ class AuditConfig:
 
 
 def fv_settings(cfg: AuditConfig, lm) -> dict:
-    """The settings that determine the FVs (hashed with the generator's ``settings_hash``)."""
+    """The settings that determine the FVs (hashed with the generator's ``settings_hash``); the
+    compute dtype only when not float32 (bf16 autocast, automatic on this device)."""
+    from .generate import dtype_settings
+
     hw = list(lm.input_size) if cfg.size is None else [cfg.size, cfg.size]
     return {
         "model": lm.name,
@@ -157,6 +160,7 @@ def fv_settings(cfg: AuditConfig, lm) -> dict:
         "transforms": cfg.transforms,
         "diversity": cfg.diversity,
         "seeds": [cfg.seed + i for i in range(cfg.seeds)],
+        **dtype_settings(None, lm.device),
     }
 
 

@@ -191,13 +191,16 @@ def _transforms_json(transforms) -> Any:
 def fv_key(
     lm, units, seeds: Sequence[int], *, steps: int = 512, size=None, lr: float = 0.05, param: str = "fft",
     decorrelate: bool = True, transforms="standard", diversity: float = 0.0, checkpoints: Sequence[int] = (),
+    dtype: str = "float32",
 ) -> dict:
     """The cache key of FVs rendered by :func:`fvsanity.generate.render` with these arguments.
 
     Holds the model fingerprint and name, the units (direction vectors by digest), seeds and every
     option that changes the images: steps, size (resolved to [H, W] px), lr, param, decorrelate,
-    transforms, diversity and the kept checkpoints, plus the fvsanity and torch versions. Device,
-    batch size, mixed precision and progress do not enter (as in ``settings_hash``).
+    transforms, diversity and the kept checkpoints, plus the fvsanity and torch versions; and the
+    compute ``dtype`` ("bfloat16" under autocast) when it is not float32, so a float32 key is what
+    it always was and bf16 FVs are never served for a float32 request or back. Device, batch size
+    and progress do not enter (as in ``settings_hash``).
     """
     if size is None:
         hw = list(lm.input_size)
@@ -219,6 +222,7 @@ def fv_key(
         "transforms": _transforms_json(transforms),
         "diversity": float(diversity),
         "checkpoints": sorted({int(c) for c in checkpoints if 0 < int(c) <= int(steps)}),
+        **({} if dtype == "float32" else {"dtype": str(dtype)}),
         **_library_versions(),
     }
 
@@ -280,13 +284,14 @@ def render_cached(lm, units, folder: str | os.PathLike, *, seeds: Sequence[int],
         lm, units, seeds: as for ``render`` (seeds explicit).
         folder: where the FVs live (``fv.pt``, ``fv.json``, PNGs if ``pngs``, ``cache_key.json``).
         kw: the other ``render`` options (steps, size, lr, param, decorrelate, transforms,
-            diversity, checkpoints; device, batch_size, amp, progress pass through unkeyed).
+            diversity, checkpoints; device, batch_size, progress pass through unkeyed; amp, None
+            = automatic as in ``render``, is keyed by the dtype it resolves to on the device).
 
     Returns:
         (FVResult, reused: bool). Reused only if ``folder``'s stored key equals
         :func:`fv_key` of these arguments; otherwise rendered and written.
     """
-    from .generate import FVResult, render
+    from .generate import FVResult, dtype_settings, render
 
     keyed = {k: kw[k] for k in ("steps", "size", "lr", "param", "decorrelate", "transforms", "diversity", "checkpoints")
              if k in kw}
@@ -294,7 +299,8 @@ def render_cached(lm, units, folder: str | os.PathLike, *, seeds: Sequence[int],
     if unknown:
         raise TypeError(f"render_cached: unknown render options {sorted(unknown)}")
     folder = Path(folder)
-    entry = CacheEntry.folder(folder, fv_key(lm, units, seeds, **keyed), ("fv.pt", "fv.json"))
+    dtype = dtype_settings(kw.get("amp"), kw.get("device") or lm.device).get("dtype", "float32")
+    entry = CacheEntry.folder(folder, fv_key(lm, units, seeds, **keyed, dtype=dtype), ("fv.pt", "fv.json"))
 
     def compute():
         res = render(lm, units, seeds=list(seeds), **kw)
@@ -305,8 +311,9 @@ def render_cached(lm, units, folder: str | os.PathLike, *, seeds: Sequence[int],
         res = FVResult.load(folder)
         # belt and braces (e.g. two runs writing one folder): the payload must say the same
         got = {"model_fingerprint": res.settings.get("model_fingerprint"), "units": _units_json(res.units),
-               "seeds": [int(s) for s in res.seeds], "steps": res.settings.get("steps")}
-        if any(_canonical(v) != _canonical(entry.key[k]) for k, v in got.items()):
+               "seeds": [int(s) for s in res.seeds], "steps": res.settings.get("steps"),
+               "dtype": res.settings.get("dtype", "float32")}
+        if any(_canonical(v) != _canonical(entry.key.get(k, "float32" if k == "dtype" else None)) for k, v in got.items()):
             raise FVSanityError(f"FVs in {folder} do not match their cache key")
         return res
 

@@ -30,6 +30,9 @@ def register(sub) -> None:
                    help="robustness transforms (standard = lucent's set scaled to the image size) [%(default)s]")
     p.add_argument("--diversity", type=float, default=0.0, help="diversity weight across seeds [%(default)s]")
     p.add_argument("--batch-size", type=int, default=None, help="elements per batch [all on CUDA, 64 on CPU]")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast + channels_last for the model (FVs differ slightly from float32; recorded as "
+                        "dtype) [auto: on for CUDA and CPUs with native bf16, or $FVSANITY_AMP=on|off]")
     p.add_argument("--checkpoints", default="", help="comma-separated steps at which to keep images too (e.g. 32,128)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, model_provenance=None)  # model_provenance: recorded in config.json by run
@@ -96,7 +99,7 @@ def _run(args: argparse.Namespace, shard, device) -> int:
     settings = RenderSettings(
         steps=args.steps, size=args.size, lr=args.lr, param=args.param, param_options=param_options,
         transforms=args.transforms, diversity=args.diversity, optimizer=args.optimizer,
-        optimizer_options=optimizer_options, batch_size=args.batch_size, progress=not args.no_progress,
+        optimizer_options=optimizer_options, batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp,
         checkpoints=checkpoints,
     )
     res = render_sharded(shard, lm, units, seeds, settings, objective=args.objective)

@@ -11,7 +11,17 @@ from . import objectives, optim, param, transforms
 from .objectives import OBJECTIVES, Objective, channel, direction, neuron, unit_activation
 from .optim import OPTIMIZERS
 from .param import PARAMS
-from .render import FVResult, RenderSettings, evaluate, render, score_images, settings_hash
+from .render import (
+    FVResult,
+    RenderSettings,
+    cpu_bf16_fast,
+    dtype_settings,
+    evaluate,
+    render,
+    resolve_amp,
+    score_images,
+    settings_hash,
+)
 from .saved import load_fvs
 
 __all__ = [
@@ -22,7 +32,9 @@ __all__ = [
     "PARAMS",
     "RenderSettings",
     "channel",
+    "cpu_bf16_fast",
     "direction",
+    "dtype_settings",
     "evaluate",
     "load_fvs",
     "neuron",
@@ -30,6 +42,7 @@ __all__ = [
     "optim",
     "param",
     "render",
+    "resolve_amp",
     "score_images",
     "settings_hash",
     "transforms",

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
+import os
+import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -127,8 +130,75 @@ def _safe_name(u: Unit) -> str:
     return str(u).replace(":", "_c").replace("@", "_at").replace(",", "_").replace("/", "-")
 
 
+AMP_ENV = "FVSANITY_AMP"
+"""Environment variable overriding the automatic bf16 choice for every command: ``on`` | ``off`` | ``auto``."""
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_fast() -> bool:
+    """True when this CPU computes bf16 natively and oneDNN has bf16 kernels for it.
+
+    Native: x86 ``avx512_bf16`` or AMX (``amx_bf16``) in ``/proc/cpuinfo``'s flags, or an ARM CPU
+    with ``bf16`` in its features. oneDNN alone (``torch.ops.mkldnn._is_mkldnn_bf16_supported``)
+    is not enough: it says yes on any AVX-512 CPU, where bf16 is emulated and no faster.
+    """
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+    except (AttributeError, RuntimeError):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return native_bf16(text, platform.machine())
+
+
+def native_bf16(cpuinfo: str, machine: str) -> bool:
+    """Whether ``/proc/cpuinfo`` text lists native bf16: x86 ``avx512_bf16``/``amx_bf16`` flags, or
+    ``bf16`` in an ARM CPU's features (``machine``: ``platform.machine()``)."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if machine.lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_amp(amp: bool | None, device) -> bool:
+    """Whether a render on ``device`` runs the model in bf16 autocast (+ channels_last).
+
+    ``amp`` True/False is the caller's choice; None (the default) is automatic: the
+    ``FVSANITY_AMP`` environment variable if set (``on``/``off``/``auto``), else on for CUDA and on
+    a CPU with native bf16 (:func:`cpu_bf16_fast`), off elsewhere.
+    """
+    if amp is not None:
+        return bool(amp)
+    env = os.environ.get(AMP_ENV, "auto").strip().lower() or "auto"
+    choices = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False, "auto": None}
+    if env not in choices:
+        raise FVSanityError(f"{AMP_ENV}={os.environ[AMP_ENV]!r} is not valid; valid: on, off, auto")
+    if choices[env] is not None:
+        return choices[env]
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return dev.type == "cuda" or (dev.type == "cpu" and cpu_bf16_fast())
+
+
+def dtype_settings(amp: bool | None, device) -> dict:
+    """The settings entry for the compute dtype: ``{"dtype": "bfloat16"}`` when ``amp`` resolves to
+    bf16 on ``device``, else ``{}``: float32 adds nothing, so float32 settings and their hashes
+    stay what they were before the dtype was recorded, and bf16 FVs never hash like float32 ones."""
+    return {"dtype": "bfloat16"} if resolve_amp(amp, device) else {}
+
+
 def settings_hash(settings: dict) -> str:
-    """Short hash of the settings that determine an FV (to refuse mixing different runs)."""
+    """Short hash of the settings that determine an FV (to refuse mixing different runs).
+
+    ``amp`` is not hashed (an old bf16 flag); the effective compute ``dtype``, recorded only when
+    not float32 (:func:`dtype_settings`), is."""
     keys = {k: v for k, v in settings.items() if k not in ("device", "batch_size", "progress", "amp", "weights_source", "seconds")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -180,7 +250,12 @@ class RenderSettings:
         checkpoints: steps after which to keep a copy of the images.
         batch_size: elements per optimization batch (default: all on CUDA, 64 on CPU).
         device: default: the model's device.
-        amp: bf16 autocast + channels_last (default: on for CUDA, off on CPU).
+        amp: bf16 autocast + channels_last for the model's forward and backward (the image, the
+            transforms and the optimizer stay float32). None (default): automatic, on for CUDA
+            and on CPUs with native bf16 (:func:`cpu_bf16_fast`: AVX512-BF16, AMX, ARM bf16), off
+            elsewhere; the ``FVSANITY_AMP`` environment variable (on/off/auto) overrides the
+            automatic choice. bf16 FVs differ from float32 ones, so the settings record
+            ``"dtype": "bfloat16"`` (hashed; float32 records nothing and hashes as before).
         progress: show a progress bar.
     """
 
@@ -322,7 +397,7 @@ def render(
     dev = torch.device(st.device) if st.device is not None else lm.device
     if dev != lm.device:
         lm.to(dev)
-    use_amp = (dev.type == "cuda") if st.amp is None else bool(st.amp)
+    use_amp = resolve_amp(st.amp, dev)
     shapes = {n: i.shape for n, i in lm.layers.items()}
 
     def ref_hw_of(layer):
@@ -350,6 +425,7 @@ def render(
         "diversity": st.diversity,
         "device": str(dev),
         "amp": use_amp,
+        **dtype_settings(use_amp, dev),  # hashed; absent for float32
         "batch_size": bs,
     }
     # Keys added after the first release enter only when not at their default, so the settings
@@ -468,7 +544,7 @@ def _optimize_chunk(lm, plan: _Plan, chunk: _Chunk, bar) -> dict:
             if len(idx) > 1:
                 div_groups.append((_diversity_layer(lm, units[idx[0]], plan.shapes), idx))
         layers = sorted(set(layers) | {layer for layer, _ in div_groups})
-    traces = torch.zeros(len(units), steps)
+    traces = torch.zeros(len(units), steps, device=dev)  # on the device: no host sync per step (one copy at the end)
     ckpts = {}
     autocast = (
         torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
@@ -479,7 +555,7 @@ def _optimize_chunk(lm, plan: _Plan, chunk: _Chunk, bar) -> dict:
             img = image_fn()
             x = T.apply(img, spec, draws[:, step], out_size=plan.hw if lm.config.fixed_input_size else None)
             x = lm.preprocess(x)
-            if use_amp and dev.type == "cuda":
+            if use_amp:  # channels_last: faster with bf16 on CUDA and on CPU (oneDNN)
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 run_partial(model, x, store)
@@ -494,7 +570,7 @@ def _optimize_chunk(lm, plan: _Plan, chunk: _Chunk, bar) -> dict:
                     loss = loss + st.diversity * len(idx) * diversity_penalty(fmap)
             loss.backward()
             opt.step()
-            traces[:, step] = scores.detach().float().cpu()
+            traces[:, step] = scores.detach().float()
             if step + 1 in plan.checkpoints:
                 with torch.no_grad():
                     ckpts[step + 1] = image_fn().float().cpu()
@@ -502,7 +578,7 @@ def _optimize_chunk(lm, plan: _Plan, chunk: _Chunk, bar) -> dict:
                 bar.update(1)
     with torch.no_grad():
         final_images = image_fn().float().cpu()
-    return {"images": final_images, "traces": traces, "ckpts": ckpts}
+    return {"images": final_images, "traces": traces.cpu(), "ckpts": ckpts}
 
 
 @torch.no_grad()

@@ -75,9 +75,9 @@ def apply(
     the sampling is the same, only the output window around the centre changes.
     """
     b, _, h, w = images.shape
-    if spec.pad:
-        images = F.pad(images, (spec.pad,) * 4, value=0.5)
-    hi, wi = images.shape[-2:]
+    # The grey pad is never materialised: sampling the unpadded canvas minus 0.5 with zeros outside
+    # is the same (pad and beyond read 0, i.e. grey), and a centred pad only rescales normalised
+    # coordinates (padded x * (w + 2 pad) / w = unpadded x), so theta is divided by w, not w + 2 pad.
     ho, wo = spec.output_size((h, w)) if out_size is None else (int(out_size[0]), int(out_size[1]))
     p = params.to(images.device, images.dtype)
     dx1, dy1, s, ang, dx2, dy2 = p.unbind(1)
@@ -92,13 +92,13 @@ def apply(
     a11, a12, a21, a22 = cos / s, -sin / s, sin / s, cos / s
     tx = a11 * cx2 + a12 * cy2 + cx1
     ty = a21 * cx2 + a22 * cy2 + cy1
-    theta = torch.stack(
-        [
-            torch.stack([a11 * wo / wi, a12 * ho / wi, 2 * tx / wi], 1),
-            torch.stack([a21 * wo / hi, a22 * ho / hi, 2 * ty / hi], 1),
-        ],
-        1,
-    )
-    grid = F.affine_grid(theta, [b, 3, ho, wo], align_corners=False)
+    # grid[b, i, j] = theta[b] @ (x_j, y_i, 1), x_j / y_i the output's normalised pixel centres (as
+    # F.affine_grid(align_corners=False) builds it, without its [B, H*W, 3] x [3, 2] batched matmul)
+    xs = (torch.arange(wo, device=images.device, dtype=images.dtype) * 2 + 1) / wo - 1
+    ys = (torch.arange(ho, device=images.device, dtype=images.dtype) * 2 + 1) / ho - 1
+    col = lambda v: v[:, None, None]  # noqa: E731 - [B] -> [B, 1, 1]
+    gx = col(a11 * wo / w) * xs[None, None, :] + (col(a12 * ho / w) * ys[None, :, None] + col(2 * tx / w))
+    gy = col(a21 * wo / h) * xs[None, None, :] + (col(a22 * ho / h) * ys[None, :, None] + col(2 * ty / h))
+    grid = torch.stack([gx, gy], -1)  # [B, ho, wo, 2]
     # grey outside the canvas: sample (x - 0.5) with zero padding, add 0.5 back
     return F.grid_sample(images - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5

@@ -51,8 +51,12 @@ class Preprocess:
         if self.bgr:
             x = x.flip(1)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x * self.scale - mean) / std
+        if self.scale != 1.0:  # x * 1 and x / 1 are x exactly: skipping them saves two passes per FV step
+            x = x * self.scale
+        x = x - mean
+        if any(s != 1.0 for s in self.std):
+            x = x / torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return x
 
     def load_pil(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> [3, H, W] RGB float in [0,1] at ``size`` (resize, then center crop)."""
