@@ -193,14 +193,27 @@ def _lucent_figure(fo, fm, pic, path: Path, nums: dict) -> None:
 def main(argv=None) -> int:
     import torch
 
-    from fvsanity.io import atomic_write_json, provenance
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, random images")
     ap.add_argument("--only", default=None, help="one model of config.json")
     ap.add_argument("--work", default=None, help="[runs/slingshot]")
     ap.add_argument("--figures", default=None, help="[figures/slingshot, or runs/smoke/slingshot with --smoke]")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads [1] (CPU times are per process: with "
+                                                           "more threads than free cores they count spin-waits)")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
+    import torch
+
+    from fvsanity.io import atomic_write_json, provenance
+
     cfg = json.loads((HERE / "config.json").read_text())
     torch.manual_seed(0)
     if args.smoke:
