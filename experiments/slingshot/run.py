@@ -1,7 +1,7 @@
 """Gradient slingshots on a real model: does fine-tuning the weights alone (same class, no added
 modules) pull the FV to a target while natural behaviour stays, and do the checks see it?
 
-    python experiments/slingshot/run.py            # CIFAR-10 ResNet-20 (about 15-25 CPU minutes)
+    python experiments/slingshot/run.py            # CIFAR-10 ResNet-20 (about 30 CPU minutes)
     python experiments/slingshot/run.py --smoke    # tiny model, random images, about a minute
 
 Natural images: fvsanity.splits.three_way_split; the slingshot is fine-tuned on (``n_build`` of)
@@ -28,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's fvsanity, not an installed one
 
 
 def _data_root() -> Path:

@@ -132,17 +132,17 @@ class SlingshotSettings(MethodSettings):
     module names whose parameters are fine-tuned ('' = every parameter of the model)."""
 
     sl_layers: str = setting("", "comma-separated modules to fine-tune ('' = the whole model)")
-    sl_steps: int = setting(300, "fine-tuning steps", min=1)
-    sl_lr: float = setting(1e-3, "Adam learning rate of the fine-tuning", gt=0)
-    sl_batch: int = setting(16, "manipulation points per unit per step", min=1)
+    sl_steps: int = setting(1000, "fine-tuning steps", min=1)
+    sl_lr: float = setting(5e-4, "Adam learning rate of the fine-tuning", gt=0)
+    sl_batch: int = setting(8, "manipulation points per unit per step", min=1)
     sl_nat_batch: int = setting(32, "natural images per step (preservation loss)", min=1)
     sl_clip: float = setting(1.0, "clip the fine-tuning gradient's norm to this (0: no clipping)", min=0)
     sl_alpha: float = setting(1.0, "weight of the manipulation loss", min=0)
-    sl_beta: float = setting(10.0, "weight of the preservation loss", min=0)
+    sl_beta: float = setting(40.0, "weight of the preservation loss", min=0)
     sl_logit_weight: float = setting(1.0, "share of the logits in the preservation loss (rest: the unit's layer)",
                                      min=0, lt=1.000001)
     sl_grad_weight: float = setting(1.0, "manipulation: weight of 1 - cos(FV gradient, way to the target)", min=0)
-    sl_value_weight: float = setting(0.1, "manipulation: weight of the unit's value following the bowl", min=0)
+    sl_value_weight: float = setting(1.0, "manipulation: weight of the unit's value following the bowl", min=0)
     sl_gamma: float = setting(3.0, "height of the bowl at the target above the natural mean: this many times the rise "
                                    "of the unit's own FV ascent on the original weights (at least one natural sd)", gt=0)
     sl_init_sd: float = setting(0.01, "sd of the FV parametrization's initial spectrum (fvsanity's fft default)", gt=0)
