@@ -153,7 +153,8 @@ class SlingshotSettings(MethodSettings):
                              choices=("image", "spectrum"))
     sl_transforms: str = setting("standard", "FV transforms applied to the manipulation points", choices=("standard", "none"))
     sl_target_steps: int = setting(128, "unit targets: FV steps of the source unit's picture (original model)", min=1)
-    sl_mine_every: int = setting(50, "every this many steps, run FV ascent on the current weights and keep its points (0: never)",
+    sl_mine_every: int = setting(50, "every this many steps, run FV ascent on the current weights and keep its points "
+                                 "(0: no mined points; the first ascent, which sets the bowl's height, always runs)",
                                  min=0)
     sl_mine_steps: int = setting(128, "steps of each mining ascent (Adam, lr --sl-mine-lr, FV transforms)", min=1)
     sl_mine_lr: float = setting(0.05, "learning rate of the mining ascent (the FV optimizers' default)", gt=0)
