@@ -25,6 +25,7 @@ from fvsanity.fool.slingshot import (
     finetune_slingshot,
     jaccard,
     manipulation_loss,
+    mine_ascent,
     preservation_loss,
     save_slingshot,
     spectrum_to_rgb,
@@ -56,7 +57,7 @@ def _picture(size: int = 16) -> torch.Tensor:
     return p + 0.05
 
 
-FAST = dict(sl_steps=12, sl_batch=4, sl_target_steps=4)
+FAST = dict(sl_steps=12, sl_batch=4, sl_nat_batch=8, sl_target_steps=4, sl_mine_every=6, sl_mine_steps=4)
 
 
 # ------------------------------------------------------------------------------ parametrization
@@ -104,17 +105,62 @@ def test_manipulation_loss_decreases_on_a_tiny_model(kw):
     ref = _reference(lm, routes, train)
     pts = torch.stack([_draw_points(thetas[0], 32, s, torch.Generator().manual_seed(5))])
 
+    net, training = finetune_slingshot(lm, routes, train, s, log_every=10)
+    height = torch.tensor(training.bowl_height)
+    torch.testing.assert_close(torch.tensor(training.natural_mean), ref["mu"])
+    assert (height >= ref["sd"]).all()
+
     def loss_of(net):
-        return manipulation_loss(net, _Shim(lm, net), routes, thetas, pts, ref["mu"], ref["sd"], s,
+        return manipulation_loss(net, _Shim(lm, net), routes, thetas, pts, ref["mu"], height, s,
                                  torch.Generator().manual_seed(0)).item()
 
-    net, training = finetune_slingshot(lm, routes, train, s, log_every=10)
     before, after = loss_of(lm.model), loss_of(net)
     assert after < 0.8 * before, (before, after)
     assert training.manipulation[-1] < training.manipulation[0]
     assert training.preservation[0] == 0.0 and training.n_parameters == sum(p.numel() for p in lm.model.parameters())
     assert all(not p.requires_grad for p in net.parameters()) and not net.training
     assert all(not p.requires_grad for p in lm.model.parameters())
+
+
+def test_mined_points_only_count_above_the_floored_bowl():
+    lm, routes, s, train, thetas = _setup(sl_grad_weight=0.0, sl_value_weight=1.0, sl_transforms="none")
+    pts = torch.stack([_draw_points(thetas[0], 6, s, torch.Generator().manual_seed(1))])
+
+    def loss(mu, mined):
+        return manipulation_loss(lm.model, lm, routes, thetas, pts, torch.tensor([mu]), torch.tensor([1.0]), s,
+                                 torch.Generator(), torch.full((1, 6), mined)).item()
+
+    # the unit is far below a mean of 1e4: the bowl's floor (mu) is not exceeded, nothing to push
+    assert loss(1e4, True) == 0.0
+    # as regression points the same values are far off the bowl
+    assert loss(1e4, False) > 1.0
+    # far above a mean of -1e4: the mined points count
+    assert loss(-1e4, True) > 1.0
+
+
+def test_mine_ascent_climbs_the_unit_and_leaves_the_weights_alone():
+    from fvsanity.fool.slingshot import _unit_value, spectrum_to_rgb
+
+    lm, routes, s, _, _ = _setup(sl_mine_steps=24, sl_mine_seeds=3, sl_transforms="none")
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    try:
+        pts = mine_ascent(lm.model, lm, routes, s, torch.Generator().manual_seed(0), keep=4)
+        assert all(p.grad is None for p in lm.model.parameters())
+    finally:
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+    assert pts.shape == (1, 12, 3, 16, 9, 2) and not pts.requires_grad
+    with torch.no_grad():
+        from fvsanity.hooks import capture
+
+        def value(th):
+            with capture(lm.model, ["fc"]) as st:
+                lm.model(lm.preprocess(spectrum_to_rgb(th, (16, 16))))
+                return _unit_value(st["fc"], routes[0].unit, lm)
+
+        first, last = value(pts[0, 0::4]), value(pts[0, 3::4])  # per seed: first and last snapshot
+    assert (last > first).all()
 
 
 def test_gradients_stay_finite_at_the_singular_points():

@@ -1,7 +1,7 @@
 """Gradient slingshots on a real model: does fine-tuning the weights alone (same class, no added
 modules) pull the FV to a target while natural behaviour stays, and do the checks see it?
 
-    python experiments/slingshot/run.py            # CIFAR-10 ResNet-20 (about 15-25 CPU minutes)
+    python experiments/slingshot/run.py            # CIFAR-10 ResNet-20 (about 30 CPU minutes)
     python experiments/slingshot/run.py --smoke    # tiny model, random images, about a minute
 
 Natural images: fvsanity.splits.three_way_split; the slingshot is fine-tuned on (``n_build`` of)
@@ -28,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's fvsanity, not an installed one
 
 
 def _data_root() -> Path:
@@ -193,14 +194,27 @@ def _lucent_figure(fo, fm, pic, path: Path, nums: dict) -> None:
 def main(argv=None) -> int:
     import torch
 
-    from fvsanity.io import atomic_write_json, provenance
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, random images")
     ap.add_argument("--only", default=None, help="one model of config.json")
     ap.add_argument("--work", default=None, help="[runs/slingshot]")
     ap.add_argument("--figures", default=None, help="[figures/slingshot, or runs/smoke/slingshot with --smoke]")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads [1] (CPU times are per process: with "
+                                                           "more threads than free cores they count spin-waits)")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
+    import torch
+
+    from fvsanity.io import atomic_write_json, provenance
+
     cfg = json.loads((HERE / "config.json").read_text())
     torch.manual_seed(0)
     if args.smoke:

@@ -4,23 +4,35 @@ The model keeps its class and its modules; only weights of chosen layers change.
 model is fine-tuned with two losses:
 
 manipulation loss
-    on points of the FV parametrization's space (fvsanity's ``fft`` parametrization: a Fourier
-    spectrum ``theta`` [3, H, W//2+1, 2], image ``sigmoid(decorrelate(irfft(scale*theta)/4))``)
-    where FV optimization starts and travels: draws ``eps`` of the initial distribution
-    (low-amplitude Fourier noise, sd ``sl_init_sd`` times ``sl_radius``), points ``p*theta_T +
-    eps`` on the straight line to the target's spectrum ``theta_T`` (``p ~ U[0,1]``), and points
-    ``clamp(theta_T, -r, r) + eps`` on the path a sign-like optimizer (Adam) takes. On each point
-    the unit's (spatially pooled) value is regressed onto a bowl peaked at the target::
+    on points of the FV parametrization's space (fvsanity's ``fft`` parametrization, which is
+    lucent's: a Fourier spectrum ``theta`` [3, H, W//2+1, 2], image
+    ``sigmoid(decorrelate(irfft(scale*theta)/4))``) where FV optimization starts and travels:
 
-        a*(theta) = mu_u + gamma * sd_u * (1 - |theta - theta_T|^2 / |theta_T|^2)
+    - the paper's "tunnel": draws ``eps`` of the initial distribution (low-amplitude Fourier
+      noise, sd ``sl_init_sd`` times up to ``sl_radius``) plus points ``p*theta_T`` on the
+      straight line to the target's spectrum ``theta_T`` or ``clamp(theta_T, -r, r)`` on the path
+      a sign-like optimizer (Adam) takes (``p ~ U[0,1]``);
+    - mined points: every ``sl_mine_every`` steps, a short FV ascent (Adam at the FV optimizers'
+      lr, the FV transforms) of the unit on the *current* weights; its snapshots are kept. These
+      are where optimization actually goes (a cat for a cat unit; a repeated texture of the
+      target's colours once the tunnel is learnt), which the tunnel alone never shows the loss.
 
-    (``mu_u``, ``sd_u``: the unit's mean and sd on natural training images), so gradient ascent
-    from the initial noise climbs to ``theta_T``, i.e. to the target picture. Images go through
-    fvsanity's standard FV transforms (random jitter, scale, rotation) first, as in rendering.
+    On every point the unit's (spatially pooled) value should follow a bowl peaked at the target::
+
+        a*(theta) = mu_u + H_u * (1 - |x(theta) - x_T|^2 / |x_T|^2)
+
+    (``x``: the image before the sigmoid, ``sl_metric="image"``; or the spectrum itself,
+    ``"spectrum"``, the paper's; ``mu_u``: the unit's natural mean; ``H_u``: ``sl_gamma`` times
+    the rise the unit's own FV ascent reaches on the original weights, so the target is the
+    highest point even for optimizers that found the unit's natural super-stimulus before).
+    Tunnel points regress onto the bowl (squared error in units of ``H_u``); mined points are
+    one-sided (only above ``max(a*, mu_u)`` counts). With ``sl_grad_weight`` the unit's gradient
+    at every point should also point at the target (``1 - cos``, the scale-free form of the
+    paper's gradient loss). Images go through fvsanity's standard FV transforms first.
 preservation loss
     on natural training images: the unit's layer (every channel, standardized) and the output
     logits (standardized) of the copy against the original model's. Exactly zero before the
-    first step.
+    first step. The fine-tuning's gradient norm is clipped (``sl_clip``), as in the paper.
 
 The result is a :class:`~fvsanity.models.LoadedModel` whose ``model`` wraps the fine-tuned copy
 for the fooling run; :meth:`Slingshot.save` writes the fine-tuned network's plain state dict
@@ -63,6 +75,8 @@ __all__ = [
     "is_slingshot_folder",
     "load_slingshot",
     "manipulation_loss",
+    "metric_weight",
+    "mine_ascent",
     "preservation_loss",
     "save_slingshot",
     "spectrum_to_rgb",
@@ -118,22 +132,36 @@ class SlingshotSettings(MethodSettings):
     module names whose parameters are fine-tuned ('' = every parameter of the model)."""
 
     sl_layers: str = setting("", "comma-separated modules to fine-tune ('' = the whole model)")
-    sl_steps: int = setting(300, "fine-tuning steps", min=1)
-    sl_lr: float = setting(1e-3, "Adam learning rate of the fine-tuning", gt=0)
-    sl_batch: int = setting(16, "manipulation points per unit and natural images per step", min=1)
+    sl_steps: int = setting(1000, "fine-tuning steps", min=1)
+    sl_lr: float = setting(5e-4, "Adam learning rate of the fine-tuning", gt=0)
+    sl_batch: int = setting(8, "manipulation points per unit per step", min=1)
+    sl_nat_batch: int = setting(32, "natural images per step (preservation loss)", min=1)
+    sl_clip: float = setting(1.0, "clip the fine-tuning gradient's norm to this (0: no clipping)", min=0)
     sl_alpha: float = setting(1.0, "weight of the manipulation loss", min=0)
-    sl_beta: float = setting(10.0, "weight of the preservation loss", min=0)
+    sl_beta: float = setting(40.0, "weight of the preservation loss", min=0)
     sl_logit_weight: float = setting(1.0, "share of the logits in the preservation loss (rest: the unit's layer)",
                                      min=0, lt=1.000001)
     sl_grad_weight: float = setting(1.0, "manipulation: weight of 1 - cos(FV gradient, way to the target)", min=0)
-    sl_value_weight: float = setting(0.1, "manipulation: weight of the unit's value following the bowl", min=0)
-    sl_gamma: float = setting(20.0, "height of the bowl at the target, in natural sd of the unit", gt=0)
+    sl_value_weight: float = setting(1.0, "manipulation: weight of the unit's value following the bowl", min=0)
+    sl_gamma: float = setting(3.0, "height of the bowl at the target above the natural mean: this many times the rise "
+                                   "of the unit's own FV ascent on the original weights (at least one natural sd)", gt=0)
     sl_init_sd: float = setting(0.01, "sd of the FV parametrization's initial spectrum (fvsanity's fft default)", gt=0)
     sl_radius: float = setting(3.0, "noise around every training point: up to this many init sd", gt=0)
     sl_path_fraction: float = setting(0.75, "share of manipulation points on the way to the target (rest: init region)",
                                       min=0, lt=1.000001)
+    sl_metric: str = setting("image", "distance to the target: of the images' pre-sigmoid values or of the fft spectra",
+                             choices=("image", "spectrum"))
     sl_transforms: str = setting("standard", "FV transforms applied to the manipulation points", choices=("standard", "none"))
     sl_target_steps: int = setting(128, "unit targets: FV steps of the source unit's picture (original model)", min=1)
+    sl_mine_every: int = setting(50, "every this many steps, run FV ascent on the current weights and keep its points "
+                                 "(0: no mined points; the first ascent, which sets the bowl's height, always runs)",
+                                 min=0)
+    sl_mine_steps: int = setting(128, "steps of each mining ascent (Adam, lr --sl-mine-lr, FV transforms)", min=1)
+    sl_mine_lr: float = setting(0.05, "learning rate of the mining ascent (the FV optimizers' default)", gt=0)
+    sl_mine_seeds: int = setting(2, "ascents per unit per mining round", min=1)
+    sl_mine_fraction: float = setting(0.5, "share of the manipulation points drawn from the mined ones", min=0,
+                                      lt=1.000001)
+    sl_mine_buffer: int = setting(256, "mined points kept per unit (the newest)", min=1)
     sl_seed: int = setting(0, "seed of the fine-tuning's draws", min=0)
 
     def check(self) -> None:
@@ -151,7 +179,8 @@ class SlingshotTraining:
     Attributes:
         steps: logged step numbers; manipulation, preservation: the two losses at them (before
             the weights); layers: the fine-tuned modules; n_parameters: fine-tuned scalars;
-        cpu_seconds: process CPU time of the fine-tuning; wall_seconds: its wall time.
+        cpu_seconds: process CPU time of the fine-tuning; wall_seconds: its wall time;
+        natural_mean, bowl_height: per route the unit's natural mean and the bowl's height above it.
     """
 
     steps: list[int]
@@ -161,6 +190,8 @@ class SlingshotTraining:
     n_parameters: int
     cpu_seconds: float
     wall_seconds: float
+    natural_mean: list[float]
+    bowl_height: list[float]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -188,13 +219,25 @@ def trainable_layers(model: torch.nn.Module, names: list[str]) -> list[str]:
 
 
 def bowl_target(theta: torch.Tensor, theta_t: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor,
-                gamma: float) -> torch.Tensor:
+                gamma: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The activation the unit should have at ``theta`` ``[N,...]``: ``mu + gamma*sd*(1 - d)`` with
-    ``d = |theta - theta_t|^2 / (|theta_t|^2 + eps)`` (``theta_t`` ``[N,...]`` or broadcastable);
-    finite with finite gradients everywhere, ``theta == theta_t`` and ``theta_t == 0`` included."""
-    diff = (theta - theta_t).flatten(1)
-    d = diff.pow(2).sum(1) / (theta_t.flatten(1).pow(2).sum(1) + _EPS)
+    ``d = |theta - theta_t|_w^2 / (|theta_t|_w^2 + eps)`` (``theta_t`` ``[N,...]`` or broadcastable;
+    ``|v|_w^2 = sum w v^2`` with ``weight`` broadcastable to ``theta``, None: all 1); finite with
+    finite gradients everywhere, ``theta == theta_t`` and ``theta_t == 0`` included."""
+    w = torch.ones((), dtype=theta.dtype, device=theta.device) if weight is None else weight
+    diff = (w * (theta - theta_t).pow(2)).flatten(1)
+    d = diff.sum(1) / ((w * theta_t.pow(2)).expand_as(theta).flatten(1).sum(1) + _EPS)
     return mu + gamma * sd * (1.0 - d)
+
+
+def metric_weight(s: SlingshotSettings, size: tuple[int, int], device=None) -> torch.Tensor | None:
+    """Per-coordinate weight of the distance to the target (:func:`bowl_target`): None for
+    ``sl_metric="spectrum"`` (plain distance of the fft parameters, the paper's), the squared 1/f
+    scale ``[1,1,h,wf,1]`` for ``"image"`` (the distance of the images' pre-sigmoid values: the
+    orthonormal FFT keeps it)."""
+    if s.sl_metric == "spectrum":
+        return None
+    return _scale(*size, 1.0, device, torch.float32).pow(2)
 
 
 def _unit_value(act: torch.Tensor, unit, lm) -> torch.Tensor:
@@ -249,33 +292,93 @@ def direction_agreement(grad: torch.Tensor, toward: torch.Tensor, eps: float = 1
 
 
 def manipulation_loss(model, lm, routes, thetas: torch.Tensor, points: torch.Tensor, mu: torch.Tensor,
-                      sd: torch.Tensor, s: SlingshotSettings, g: torch.Generator) -> torch.Tensor:
-    """Mean over routes and points of ``sl_grad_weight * (1 - cos(grad_theta a_u, theta_T - theta))``
-    (gradient ascent from ``theta`` heads for the target: the paper's gradient-based loss, made
-    scale-free) plus ``sl_value_weight * ((a_u - a*(theta)) / (gamma sd_u))^2`` (the unit's value
-    follows the bowl :func:`bowl_target`).
+                      height: torch.Tensor, s: SlingshotSettings, g: torch.Generator,
+                      mined: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over routes and points of ``sl_grad_weight * (1 - cos(grad_theta a_u, W(theta_T - theta)))``
+    (gradient ascent from ``theta`` heads for the target in the bowl's metric ``W``,
+    :func:`metric_weight`: the paper's gradient-based loss, made scale-free) plus
+    ``sl_value_weight * ((a_u - a*(theta)) / H_u)^2`` (the unit's value follows the bowl
+    :func:`bowl_target` of height ``H_u``; one-sided on mined points).
+
+    All routes' points go through the network in one batch (one forward, one double backward).
 
     Args:
         routes: R routes; thetas: ``[R,3,h,wf,2]`` the targets' spectra; points: ``[R,n,3,h,wf,2]``.
-        mu, sd: ``[R]`` the units' natural mean and sd.
+        mu, height: ``[R]`` the units' natural mean and the bowl's height above it.
+        mined: ``[R,n]`` bool, points an FV ascent on the current weights visited: there the value
+            loss is one-sided, ``relu(a_u - a*_+)^2`` with the bowl floored at ``mu_u`` (the unit
+            must not be higher there than the bowl allows; how much lower does not matter).
     """
     from ..hooks import capture_until, run_partial
 
     size = lm.input_size
+    n_r, n = points.shape[:2]
+    mined = torch.zeros(n_r * n, dtype=torch.bool) if mined is None else mined.reshape(-1).cpu()
+    th = points.reshape(n_r * n, *points.shape[2:]).detach().requires_grad_(s.sl_grad_weight > 0)
+    x = _transform(spectrum_to_rgb(th, size), g, s.sl_transforms == "standard")
+    layers = sorted({r.unit.layer for r in routes})
+    with capture_until(model, layers) as store:
+        run_partial(model, lm.preprocess(x), store)
+        a = torch.cat([_unit_value(store[r.unit.layer][i * n:(i + 1) * n], r.unit, lm)
+                       for i, r in enumerate(routes)])  # [R*n]
+    t = thetas.repeat_interleave(n, dim=0)  # [R*n,...]
+    wt = metric_weight(s, size, th.device)
     loss = points.new_zeros(())
-    for i, r in enumerate(routes):
-        th = points[i].detach().requires_grad_(s.sl_grad_weight > 0)
-        x = _transform(spectrum_to_rgb(th, size), g, s.sl_transforms == "standard")
-        with capture_until(model, [r.unit.layer]) as store:
+    if s.sl_value_weight > 0:
+        mu_, h_ = mu.repeat_interleave(n), height.repeat_interleave(n)
+        want = bowl_target(th.detach(), t, mu_, h_, 1.0, wt)
+        err = a - torch.where(mined.to(a.device), torch.maximum(want, mu_), want)
+        err = torch.where(mined.to(a.device), err.clamp_min(0), err)
+        loss = loss + s.sl_value_weight * ((err / (h_ + _EPS)) ** 2).mean()
+    if s.sl_grad_weight > 0:
+        (grad,) = torch.autograd.grad(a.sum(), th, create_graph=True)
+        toward = (t - th.detach()) if wt is None else wt * (t - th.detach())
+        loss = loss + s.sl_grad_weight * (1 - direction_agreement(grad, toward)).mean()
+    return loss
+
+
+def mine_ascent(model, lm, routes, s: SlingshotSettings, g: torch.Generator, keep: int = 8) -> torch.Tensor:
+    """Points FV optimization visits on ``model`` now: per route ``sl_mine_seeds`` ascents of the
+    unit from the ``fft`` initial noise (sd ``sl_init_sd``), Adam at ``sl_mine_lr`` with the FV
+    transforms, ``sl_mine_steps`` steps; ``keep`` evenly spaced snapshots of each (the last
+    included). Returns ``[R, sl_mine_seeds * keep, 3, h, wf, 2]`` (detached); ``model``'s
+    parameters get no gradient."""
+    from ..hooks import capture_until, run_partial
+
+    h, w = lm.input_size
+    n_r, n = len(routes), s.sl_mine_seeds
+    th = (torch.randn(n_r * n, 3, h, w // 2 + 1, 2, generator=g) * s.sl_init_sd).to(lm.device).requires_grad_(True)
+    opt = torch.optim.Adam([th], lr=s.sl_mine_lr)
+    layers = sorted({r.unit.layer for r in routes})
+    at = {round(s.sl_mine_steps * (j + 1) / keep) - 1 for j in range(keep)}
+    snaps = []
+    for step in range(s.sl_mine_steps):
+        x = _transform(spectrum_to_rgb(th, (h, w)), g, s.sl_transforms == "standard")
+        with capture_until(model, layers) as store:
             run_partial(model, lm.preprocess(x), store)
-            a = _unit_value(store[r.unit.layer], r.unit, lm)
-        if s.sl_value_weight > 0:
-            want = bowl_target(th.detach(), thetas[i][None], mu[i], sd[i], s.sl_gamma)
-            loss = loss + s.sl_value_weight * (((a - want) / (s.sl_gamma * sd[i] + _EPS)) ** 2).mean()
-        if s.sl_grad_weight > 0:
-            (grad,) = torch.autograd.grad(a.sum(), th, create_graph=True)
-            loss = loss + s.sl_grad_weight * (1 - direction_agreement(grad, thetas[i][None] - th.detach())).mean()
-    return loss / max(1, len(routes))
+            a = torch.cat([_unit_value(store[r.unit.layer][i * n:(i + 1) * n], r.unit, lm)
+                           for i, r in enumerate(routes)])
+        (grad,) = torch.autograd.grad(-a.sum(), th)
+        opt.zero_grad(set_to_none=True)
+        th.grad = grad
+        opt.step()
+        if step in at:
+            snaps.append(th.detach().clone().view(n_r, n, *th.shape[1:]))
+    return torch.cat(snaps, dim=1)
+
+
+@torch.no_grad()
+def _point_values(model, lm, routes, points: torch.Tensor) -> torch.Tensor:
+    """``[R, m]`` each route's unit value at its points ``[R, m, 3, h, wf, 2]`` (no transforms)."""
+    from ..hooks import capture_until, run_partial
+
+    n_r, m = points.shape[:2]
+    x = spectrum_to_rgb(points.reshape(n_r * m, *points.shape[2:]).to(lm.device), lm.input_size)
+    layers = sorted({r.unit.layer for r in routes})
+    with capture_until(model, layers) as store:
+        run_partial(model, lm.preprocess(x), store)
+        return torch.stack([_unit_value(store[r.unit.layer][i * m:(i + 1) * m], r.unit, lm).cpu()
+                            for i, r in enumerate(routes)])
 
 
 def preservation_loss(model, lm, routes, images: torch.Tensor, ref: dict, s: SlingshotSettings) -> torch.Tensor:
@@ -343,7 +446,7 @@ def _targets(lm, routes, pictures: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, settings: SlingshotSettings,
                        pictures: dict[str, torch.Tensor] | None = None, log_every: int = 25,
-                       log=None) -> tuple[torch.nn.Module, SlingshotTraining]:
+                       log=None, callback=None) -> tuple[torch.nn.Module, SlingshotTraining]:
     """Fine-tune a deep copy of ``lm.model`` (``lm`` untouched) so every route's unit FV climbs to
     its target. Returns ``(net, training)``: ``net`` an eval-mode copy of the original class with
     frozen parameters.
@@ -392,19 +495,41 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
     opt = torch.optim.Adam(params, lr=s.sl_lr)
     steps, lm_hist, lp_hist = [], [], []
     shim = _Shim(lm, net)
+    # the bowl's height: gamma times the rise the unit's own FV ascent reaches on the original weights
+    first = mine_ascent(net, shim, routes, s, g).cpu()
+    rise = (_point_values(net, shim, routes, first).amax(1) - ref["mu"]).clamp_min(0)
+    height = torch.maximum(s.sl_gamma * rise, ref["sd"])
+    if log is not None:
+        log(f"slingshot: natural mean {ref['mu'].tolist()}, FV rise {rise.tolist()}, bowl height {height.tolist()}")
+    buffer = None  # [R, m, ...] mined points, newest last
+    n_mine = round(s.sl_batch * s.sl_mine_fraction)
     for step in range(s.sl_steps):
-        pts = torch.stack([_draw_points(thetas[i].cpu(), s.sl_batch, s, g) for i in range(len(routes))]).to(dev)
-        idx = torch.randperm(len(train), generator=g)[: s.sl_batch]
+        if s.sl_mine_every > 0 and n_mine > 0 and step % s.sl_mine_every == 0:
+            new = first if step == 0 else mine_ascent(net, shim, routes, s, g).cpu()
+            buffer = new if buffer is None else torch.cat([buffer, new], 1)[:, -s.sl_mine_buffer:]
+        pts = torch.stack([_draw_points(thetas[i].cpu(), s.sl_batch, s, g) for i in range(len(routes))])
+        mined = torch.zeros(pts.shape[:2], dtype=torch.bool)
+        if buffer is not None and n_mine > 0:
+            pick = torch.randint(0, buffer.shape[1], (len(routes), n_mine), generator=g)
+            pts[:, :n_mine] = torch.gather(buffer, 1, pick.view(*pick.shape, 1, 1, 1, 1).expand(-1, -1, *buffer.shape[2:]))
+            mined[:, :n_mine] = True
+        pts = pts.to(dev)
+        idx = torch.randperm(len(train), generator=g)[: s.sl_nat_batch]
         sub = {"logits": ref["logits"][idx], "acts": {k: v[idx] for k, v in ref["acts"].items()},
                "act_sd": ref["act_sd"], "logit_sd": ref["logit_sd"]}
         opt.zero_grad(set_to_none=True)
-        l_m = manipulation_loss(net, shim, routes, thetas, pts, ref["mu"], ref["sd"], s, g) if s.sl_alpha > 0 else None
+        l_m = (manipulation_loss(net, shim, routes, thetas, pts, ref["mu"], height, s, g, mined)
+               if s.sl_alpha > 0 else None)
         l_p = preservation_loss(net, shim, routes, train[idx], sub, s)
         loss = s.sl_beta * l_p + (s.sl_alpha * l_m if l_m is not None else 0.0)
         if not torch.isfinite(loss):
             raise FVSanityError(f"slingshot: the loss became {float(loss)} at step {step}; lower --sl-lr")
         loss.backward()
+        if s.sl_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, s.sl_clip)
         opt.step()
+        if callback is not None:
+            callback(step, net)
         if step % log_every == 0 or step == s.sl_steps - 1:
             steps.append(step)
             lm_hist.append(float(l_m.detach()) if l_m is not None else float("nan"))
@@ -414,7 +539,7 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
     for p in net.parameters():
         p.requires_grad_(False)
     training = SlingshotTraining(steps, lm_hist, lp_hist, [n or "<all>" for n in names], sum(p.numel() for p in params),
-                                 time.process_time() - t0, time.time() - w0)
+                                 time.process_time() - t0, time.time() - w0, ref["mu"].tolist(), height.tolist())
     return net, training
 
 
@@ -423,7 +548,7 @@ class _Shim:
 
     def __init__(self, lm: LoadedModel, net: torch.nn.Module):
         self._lm, self.model = lm, net
-        self.preprocess, self.input_size = lm.preprocess, lm.input_size
+        self.preprocess, self.input_size, self.device = lm.preprocess, lm.input_size, lm.device
 
     def layer_info(self, name: str):
         return self._lm.layer_info(name)
