@@ -355,3 +355,17 @@ def test_a_manipulation_rebuilt_with_other_settings_re_renders_its_fvs_and_keeps
         other = go(0.25, ["toy-scale"])
         assert set(other["fingerprints"]) == {"healthy", "toy-scale:unit"}
         assert other["fv_reused"]["toy-scale:unit"] == {"tuning": False, "evaluation": False}
+
+
+def test_the_benchmark_draws_n_class_units_when_class_is_a_number():
+    from fvsanity.testing import tiny_model
+
+    run = _detection_run()
+    lm = tiny_model()
+    n_cls = lm.layer_info(lm.output_layer).layout.channels
+    every = run.candidate_units(lm, {"class": True, "seed": 0})
+    assert every == [f"{lm.output_layer}:{c}" for c in range(n_cls)]
+    some = run.candidate_units(lm, {"class": 3, "seed": 0})
+    assert len(set(some)) == 3 and set(some) <= set(every)
+    assert some == run.candidate_units(lm, {"class": 3, "seed": 0})  # seeded
+    assert run.candidate_units(lm, {"class": False, "hidden": {}, "seed": 0}) == []

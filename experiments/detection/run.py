@@ -110,7 +110,7 @@ def measure(lm, units, seeds, natural, mcfg, fv_dir: Path, cache_dir: Path, prog
     return sig, fv.images, reused
 
 
-def conditions(mcfg: dict, methods: list[str] | None = None):
+def conditions(mcfg: dict, methods: list[str] | None = None, variants: list[str] | None = None):
     """(method, variant) for every registered manipulation method (or those in ``methods``) and
     every config variant."""
     from fvsanity.fool import list_manipulations
@@ -123,7 +123,8 @@ def conditions(mcfg: dict, methods: list[str] | None = None):
         if methods and method not in methods:
             continue
         for variant in mcfg["variants"]:
-            yield method, variant
+            if not variants or variant["name"] in variants:
+                yield method, variant
 
 
 def fool_settings(mcfg: dict, method: str):
@@ -300,7 +301,7 @@ def plot_roc(res: dict, model: str, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- main
 def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progress: bool,
-              methods: list[str] | None = None, healthy_last: bool = False) -> dict:
+              methods: list[str] | None = None, healthy_last: bool = False, variants: list[str] | None = None) -> dict:
     """Measure healthy units and every condition (or those of ``methods``), merge them into
     ``OUT/signals_<model>.json`` (conditions measured earlier under the same design are kept,
     others dropped) and score them.
@@ -344,7 +345,7 @@ def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progres
     all_units = tune_units + eval_units
     measure_images = imgs["tuning"].load().images[:64]  # only logged by a method's prepare (e.g. detector accuracy)
     built = {}
-    for method, variant in conditions(mcfg, methods):
+    for method, variant in conditions(mcfg, methods, variants):
         cond = f"{method}:{variant['name']}"
         log(f"{cond}: building the manipulated model ({len(all_units)} routed units)")
         tb = time.time()
@@ -458,6 +459,25 @@ def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
     return result
 
 
+def markdown_table(res: dict) -> str:
+    """The README's per-method table of one model's results.json entry."""
+    rows = ["| manipulation | n | effective (FV changed) | best score (chosen on tuning) | AUC [95% CI] | "
+            "TPR at the 5%-FPR threshold (FPR measured) | verdict: diverges at own layer / any layer |",
+            "|---|---|---|---|---|---|---|"]
+    for c, m in res["methods"].items():
+        eff = "n/a" if m.get("effective_fraction") is None else f"{100 * m['effective_fraction']:.0f}%"
+        rows.append(f"| {c} | {m['n']} | {eff} | {m['best_signal']} | {m['auc']:.2f} [{m['auc_ci'][0]:.2f}, "
+                    f"{m['auc_ci'][1]:.2f}] | {m['tpr_at_5fpr']:.2f} ({m['fpr_at_threshold']:.2f}) | "
+                    f"{m['verdict_tpr_own_layer_diverges']:.2f} / {m['verdict_tpr_any_layer_diverges']:.2f} |")
+    ho = res.get("healthy_outcomes", {})
+    rows.append(f"\nhealthy evaluation units: {res['n_healthy']}; verdict at the own layer: "
+                + ", ".join(f"{k} {v}" for k, v in ho.items())
+                + f"; verdict FPR (own layer 'diverges') {res['healthy_fpr']:.3f}, any layer {res['healthy_fpr_any_layer']:.3f}; "
+                f"combined score's FPR at its tuned threshold {res['combined_eval_healthy_fpr']:.3f} "
+                f"(path-only {res['combined_path_eval_healthy_fpr']:.3f}); measured in {res.get('seconds')} s")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     from fvsanity.io import atomic_write_json, provenance
 
@@ -472,9 +492,17 @@ def main(argv=None) -> int:
     ap.add_argument("--method", action="append", default=None,
                     help="measure only these manipulation methods (repeatable); the other conditions of an earlier "
                          "run of the same design are kept from OUT/signals_<model>.json")
+    ap.add_argument("--variant", action="append", default=None, help="measure only these target variants (repeatable)")
     ap.add_argument("--healthy-last", action="store_true",
                     help="measure the healthy units after the conditions (a second process sharing --work)")
+    ap.add_argument("--table", action="store_true", help="print OUT/results.json as the README's markdown tables")
     args = ap.parse_args(argv)
+    if args.table:
+        res = json.loads(((Path(args.out) if args.out else ROOT / "figures" / "detection") / "results.json").read_text())
+        for k, v in res.items():
+            if not k.startswith("_"):
+                print(f"### {k}\n\n{markdown_table(v)}\n")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = json.loads(Path(args.config).read_text())
@@ -500,7 +528,7 @@ def main(argv=None) -> int:
         else:
             results[name] = run_model(name, mcfg, work, out, args.smoke, progress=False,
                                       methods=args.method or mcfg.get("run_methods"),
-                                      healthy_last=args.healthy_last)
+                                      healthy_last=args.healthy_last, variants=args.variant)
         if res_path.is_file() and not args.smoke:  # another process may have written other models meanwhile
             results = {**json.loads(res_path.read_text()), name: results[name]}
         results["_meta"] = {"config": cfg, "provenance": provenance(), "smoke": args.smoke}
