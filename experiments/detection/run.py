@@ -21,6 +21,8 @@ Writes ``--out`` (default figures/detection/): results.json, roc_<model>.png, an
     python experiments/detection/run.py                          # every model of config.json
     python experiments/detection/run.py --model cifar10-resnet20
     python experiments/detection/run.py --smoke --out /tmp/det   # tiny model, random images, seconds
+    python experiments/detection/run.py --model cifar10-resnet20 --method slingshot   # re-measure one method
+    python experiments/detection/run.py --table                  # results.json as markdown tables
 """
 
 from __future__ import annotations
