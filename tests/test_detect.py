@@ -275,3 +275,97 @@ def test_a_calibration_measured_on_another_model_is_refused_in_one_line(tmp_path
         from fvsanity.compare.detect import load_calibration
 
         load_calibration(tmp_path / "missing.json", "x")
+
+
+# ----------------------------------------------------------------------------- caches never serve stale FVs
+def _detection_run():
+    sys.path.insert(0, str(ROOT / "experiments" / "detection"))
+    try:
+        import run as detection_run
+    finally:
+        sys.path.pop(0)
+    return detection_run
+
+
+def test_a_manipulation_rebuilt_with_other_settings_re_renders_its_fvs_and_keeps_the_other_conditions(tmp_path):
+    """The benchmark's FV caches are keyed on the manipulated model's fingerprint: the same
+    settings reuse the FVs, a changed setting (other weights) re-renders them; `--method` re-measures
+    one method and keeps the conditions measured earlier under the same design."""
+    from dataclasses import dataclass
+
+    from fvsanity.fool import MANIPULATIONS, ManipulatedModel, Manipulation, MethodSettings, setting, wrap_loaded
+
+    @dataclass(frozen=True)
+    class ScaleSettings(MethodSettings):
+        toy_scale: float = setting(1.0, "factor on the output layer's weights")
+
+    class Scale(Manipulation):
+        name = "toy-scale"
+        help = "scales the output layer's weights"
+        Settings = ScaleSettings
+
+        def build(self, lm, routes, train_images, settings, *, prepared=None):
+            import copy
+
+            net = copy.deepcopy(lm.model)
+            with torch.no_grad():
+                for p in net.get_submodule(lm.output_layer).parameters():
+                    p.mul_(settings.toy_scale)
+            return wrap_loaded(lm, ManipulatedModel(net, lm.preprocess), self.name)
+
+    class Identity(Manipulation):
+        name = "toy-same"
+        help = "changes nothing"
+
+        def build(self, lm, routes, train_images, settings, *, prepared=None):
+            return wrap_loaded(lm, ManipulatedModel(lm.model, lm.preprocess), self.name)
+
+    run = _detection_run()
+    smoke = json.loads((ROOT / "experiments" / "detection" / "config.json").read_text())["smoke"]
+    smoke = {**smoke, "variants": smoke["variants"][:1], "n_boot": 10}
+    out, work = tmp_path / "out", tmp_path / "work"
+
+    def go(scale: float, methods: list[str]) -> dict:
+        cfg = tmp_path / "config.json"
+        cfg.write_text(json.dumps({"models": {}, "smoke": {**smoke, "method_settings": {"toy-scale": {"toy_scale": scale}}}}))
+        argv = ["--smoke", "--config", str(cfg), "--out", str(out), "--work", str(work)]
+        for m in methods:
+            argv += ["--method", m]
+        assert run.main(argv) == 0
+        return json.loads((out / "signals_tiny.json").read_text())["meta"]
+
+    with MANIPULATIONS.registered("toy-scale", Scale), MANIPULATIONS.registered("toy-same", Identity):
+        first = go(0.5, ["toy-scale", "toy-same"])
+        assert first["fv_reused"] == {"healthy": {"tuning": False, "evaluation": False},
+                                      "toy-scale:unit": {"tuning": False, "evaluation": False},
+                                      "toy-same:unit": {"tuning": False, "evaluation": False}}
+        again = go(0.5, ["toy-scale"])  # same settings: same fingerprint, FVs reused
+        assert again["fv_reused"]["toy-scale:unit"] == {"tuning": True, "evaluation": True}
+        assert again["fingerprints"]["toy-scale:unit"] == first["fingerprints"]["toy-scale:unit"]
+        changed = go(0.25, ["toy-scale"])  # other weights: re-rendered, never served from the cache
+        assert changed["fv_reused"]["toy-scale:unit"] == {"tuning": False, "evaluation": False}
+        assert changed["fingerprints"]["toy-scale:unit"] != first["fingerprints"]["toy-scale:unit"]
+        assert changed["fv_reused"]["healthy"] == {"tuning": True, "evaluation": True}
+        # the condition not re-measured is kept from the earlier run of the same design
+        assert changed["fingerprints"]["toy-same:unit"] == first["fingerprints"]["toy-same:unit"]
+        res = json.loads((out / "results.json").read_text())["tiny"]
+        assert set(res["methods"]) == {"toy-scale:unit", "toy-same:unit"}
+        # another design (other FV steps): the earlier conditions are dropped, not mixed in
+        smoke = {**smoke, "steps": smoke["steps"] + 1}
+        other = go(0.25, ["toy-scale"])
+        assert set(other["fingerprints"]) == {"healthy", "toy-scale:unit"}
+        assert other["fv_reused"]["toy-scale:unit"] == {"tuning": False, "evaluation": False}
+
+
+def test_the_benchmark_draws_n_class_units_when_class_is_a_number():
+    from fvsanity.testing import tiny_model
+
+    run = _detection_run()
+    lm = tiny_model()
+    n_cls = lm.layer_info(lm.output_layer).layout.channels
+    every = run.candidate_units(lm, {"class": True, "seed": 0})
+    assert every == [f"{lm.output_layer}:{c}" for c in range(n_cls)]
+    some = run.candidate_units(lm, {"class": 3, "seed": 0})
+    assert len(set(some)) == 3 and set(some) <= set(every)
+    assert some == run.candidate_units(lm, {"class": 3, "seed": 0})  # seeded
+    assert run.candidate_units(lm, {"class": False, "hidden": {}, "seed": 0}) == []

@@ -21,6 +21,8 @@ Writes ``--out`` (default figures/detection/): results.json, roc_<model>.png, an
     python experiments/detection/run.py                          # every model of config.json
     python experiments/detection/run.py --model cifar10-resnet20
     python experiments/detection/run.py --smoke --out /tmp/det   # tiny model, random images, seconds
+    python experiments/detection/run.py --model cifar10-resnet20 --method slingshot   # re-measure one method
+    python experiments/detection/run.py --table                  # results.json as markdown tables
 """
 
 from __future__ import annotations
@@ -72,9 +74,18 @@ def setup(name: str, mcfg: dict, smoke: bool):
 
 
 def candidate_units(lm, ucfg: dict) -> list[str]:
-    """Class units (every channel of the output layer) plus ``hidden`` {layer: n} channels per
-    layer, drawn with ``seed``."""
-    out = [f"{lm.output_layer}:{c}" for c in range(lm.layer_info(lm.output_layer).layout.channels)] if ucfg.get("class", True) else []
+    """Class units (``class``: true = every channel of the output layer, an int n = n of them drawn
+    with ``seed``, false = none) plus ``hidden`` {layer: n} channels per layer, drawn with ``seed``."""
+    n_cls = lm.layer_info(lm.output_layer).layout.channels
+    want = ucfg.get("class", True)
+    if want is True:
+        classes = list(range(n_cls))
+    elif want is False or not want:
+        classes = []
+    else:
+        gc = torch.Generator().manual_seed(int(ucfg["seed"]) + 2)
+        classes = sorted(torch.randperm(n_cls, generator=gc)[: int(want)].tolist())
+    out = [f"{lm.output_layer}:{c}" for c in classes]
     g = torch.Generator().manual_seed(int(ucfg["seed"]) + 1)
     for layer, n in ucfg.get("hidden", {}).items():
         c = lm.layer_info(layer).layout.channels
@@ -89,27 +100,66 @@ def measure(lm, units, seeds, natural, mcfg, fv_dir: Path, cache_dir: Path, prog
     from fvsanity.compare.detect import detection_signals
     from fvsanity.compare.path import PathCheckSettings
 
+    kw = {"size": int(mcfg["fv_size"])} if mcfg.get("fv_size") else {}
+    if mcfg.get("amp"):  # bf16 autocast is not part of the FV cache key: its FVs live in their own folder
+        kw["amp"] = True
+        fv_dir = fv_dir.with_name(fv_dir.name + "_amp")
     fv, reused = render_cached(lm, units, fv_dir, seeds=list(seeds), steps=int(mcfg["steps"]), pngs=False,
-                               progress=progress)
+                               progress=progress, **kw)
     log(f"  FVs {'reused' if reused else 'rendered'}: {len(units)} units x {len(seeds)} seeds ({fv_dir.name})")
     st = PathCheckSettings(**mcfg["path"])
     _, sig = detection_signals(lm, units, fv, natural, st, cache_dir=cache_dir)
-    return sig, fv.images
+    return sig, fv.images, reused
 
 
-def conditions(mcfg: dict):
-    """(method, variant) for every registered manipulation method and every config variant."""
+def conditions(mcfg: dict, methods: list[str] | None = None, variants: list[str] | None = None):
+    """(method, variant) for every registered manipulation method (or those in ``methods``) and
+    every config variant."""
     from fvsanity.fool import list_manipulations
 
-    for method in list_manipulations():
+    known = list_manipulations()
+    bad = [m for m in methods or [] if m not in known]
+    if bad:
+        raise SystemExit(f"detection: unknown --method {bad[0]!r}; valid: {', '.join(known)}")
+    for method in known:
+        if methods and method not in methods:
+            continue
         for variant in mcfg["variants"]:
-            yield method, variant
+            if not variants or variant["name"] in variants:
+                yield method, variant
+
+
+def fool_settings(mcfg: dict, method: str):
+    """FoolSettings for ``method``: the config's ``fool_settings`` plus ``method_settings[method]``
+    (fields FoolSettings has go there, the others to ``method_options``, e.g. slingshot's sl_*)."""
+    import dataclasses
+
+    from fvsanity.fool import FoolSettings
+
+    flat = {f.name for f in dataclasses.fields(FoolSettings)}
+    kw = dict(mcfg.get("fool_settings", {}))
+    opts = {}
+    for k, v in mcfg.get("method_settings", {}).get(method, {}).items():
+        (kw if k in flat else opts)[k] = v
+    for k in ("det_checkpoints", "det_picture_checkpoints"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    return FoolSettings(method=method, progress=False, method_options=opts, **kw)
 
 
 def build(lm, method: str, variant: dict, units: list[str], build_images, measure_images, mcfg, work: Path, smoke: bool):
-    """The manipulated model routing every unit of ``units`` (built on ``build_images`` only)."""
-    from fvsanity.fool import FoolSettings, get_manipulation, make_routes
-    from fvsanity.fool.pipeline import build_manipulated, prepare_manipulation
+    """The manipulated model routing every unit of ``units`` (built on ``build_images`` only).
+
+    With ``mcfg["attacker_fvs"]`` (``{"seeds": [...]}``) the fooling circuit's detector also
+    trains on the routed units' own FV trajectories (rendered on the original model with the
+    attacker's seeds, disjoint from the auditor's tuning/evaluation seeds, at ``det_steps`` with
+    ``det_checkpoints``): the attacker knows which units it manipulates, not the auditor's seeds.
+    Without it the detector sees only ``det_units`` other units and rarely fires on the routed
+    units' FVs (held-out FV recall 0-15% on ResNet-20), so the manipulation never takes effect.
+    """
+    from fvsanity.cache import render_cached
+    from fvsanity.fool import get_manipulation, make_routes
+    from fvsanity.fool.pipeline import build_manipulated, prepare_detector, prepare_manipulation
     from fvsanity.fool.routes import load_picture
 
     if "shift" in variant:
@@ -117,12 +167,20 @@ def build(lm, method: str, variant: dict, units: list[str], build_images, measur
     else:
         pic = load_picture(HERE / variant["target"] if not Path(variant["target"]).is_absolute() else variant["target"])
         routes = make_routes(lm, units, pic)
-    fs_kw = dict(mcfg.get("fool_settings", {}))
-    fs_kw.update(mcfg.get("method_settings", {}).get(method, {}))
-    fs = FoolSettings(method=method, progress=False, **fs_kw)
+    fs = fool_settings(mcfg, method)
     m = get_manipulation(method)
     ms = m.settings_from(fs)
-    prepared = prepare_manipulation(m, ms, lm, routes, build_images, measure_images, fs, work / f"prepare_{method}")
+    prep_dir = work / f"prepare_{method}_{variant['name']}"
+    prepared = None
+    att = mcfg.get("attacker_fvs")
+    if method == "circuit" and att:
+        fv_att, reused = render_cached(lm, units, work / "fv_attacker", seeds=list(att["seeds"]), steps=int(fs.det_steps),
+                                       checkpoints=tuple(fs.det_checkpoints), pngs=False, progress=False)
+        log(f"  attacker FVs of the routed units {'reused' if reused else 'rendered'}: {len(units)} units x "
+            f"{len(att['seeds'])} seeds, {fs.det_steps} steps")
+        prepared = prepare_detector(lm, build_images, measure_images, fs, prep_dir, extra_train_fvs=[fv_att],
+                                    routes=routes)
+    prepared = prepare_manipulation(m, ms, lm, routes, build_images, measure_images, fs, prep_dir, prepared=prepared)
     return build_manipulated(m, ms, lm, routes, build_images, prepared)
 
 
@@ -244,56 +302,117 @@ def plot_roc(res: dict, model: str, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progress: bool) -> dict:
+def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progress: bool,
+              methods: list[str] | None = None, healthy_last: bool = False, variants: list[str] | None = None) -> dict:
+    """Measure healthy units and every condition (or those of ``methods``), merge them into
+    ``OUT/signals_<model>.json`` (conditions measured earlier under the same design are kept,
+    others dropped) and score them.
+
+    Every FV set is rendered through :func:`fvsanity.cache.render_cached`, keyed on the model's
+    fingerprint (every weight and buffer of the manipulated model, so a manipulation rebuilt
+    with other settings or code re-renders) and the FV settings; the natural passes likewise.
+    Manipulated models are rebuilt every run (never cached): only what they produce is.
+    """
     t0 = time.time()
     lm, nat, split, tune_units, eval_units = setup(name, mcfg, smoke)
     nat = nat.load() if hasattr(nat, "load") else nat
     imgs = {"tuning": nat.subset(split.tuning), "evaluation": nat.subset(split.evaluation)}
     build_images = nat.subset(split.building).load().images
     roles = {"tuning": (tune_units, mcfg["seeds"]["tuning"]), "evaluation": (eval_units, mcfg["seeds"]["evaluation"])}
+    if set(roles["tuning"][1]) & set(roles["evaluation"][1]):
+        raise SystemExit(f"detection: tuning and evaluation FV seeds overlap: {mcfg['seeds']}")
     log(f"{name}: {len(tune_units)} tuning + {len(eval_units)} evaluation units; images {split.sizes()}; "
         f"{mcfg['steps']} FV steps; seeds {mcfg['seeds']}")
     w = work / name
     per_unit: dict = {r: {} for r in roles}
-
-    healthy_fvs = {}
+    fvs: dict = {r: {} for r in roles}
+    reused: dict = {}
+    fingerprints: dict = {}
 
     def record(role, cond, measured):
-        sig, fvs = measured
-        rows = [s.to_json() for s in sig]
-        if cond == "healthy":
-            healthy_fvs[role] = fvs
-        else:  # benchmark-side only (never a signal): did the manipulation change the FV at all?
-            change = (fvs - healthy_fvs[role]).abs().flatten(1).mean(1)
-            for r, c in zip(rows, change.tolist()):
-                r["fv_change"] = c
-        per_unit[role][cond] = rows
+        sig, images, was_reused = measured
+        per_unit[role][cond] = [s.to_json() for s in sig]
+        fvs[role][cond] = images
+        reused.setdefault(cond, {})[role] = bool(was_reused)
 
-    for role, (units, seeds) in roles.items():
-        log(f"healthy / {role}")
-        record(role, "healthy", measure(lm, units, seeds, imgs[role], mcfg, w / "fv_healthy" / role,
-                                        w / "natural" / "original" / role, progress))
+    def healthy():
+        for role, (units, seeds) in roles.items():
+            log(f"healthy / {role}")
+            record(role, "healthy", measure(lm, units, seeds, imgs[role], mcfg, w / "fv_healthy" / role,
+                                            w / "natural" / "original" / role, progress))
+        fingerprints["healthy"] = lm.fingerprint()
+
+    if not healthy_last:
+        healthy()
     all_units = tune_units + eval_units
     measure_images = imgs["tuning"].load().images[:64]  # only logged by a method's prepare (e.g. detector accuracy)
     built = {}
-    for method, variant in conditions(mcfg):
+    for method, variant in conditions(mcfg, methods, variants):
         cond = f"{method}:{variant['name']}"
         log(f"{cond}: building the manipulated model ({len(all_units)} routed units)")
+        tb = time.time()
         fooled = build(lm, method, variant, all_units, build_images, measure_images, mcfg, w, smoke)
         built[cond] = fooled.name
+        fingerprints[cond] = fooled.fingerprint()
+        log(f"{cond}: built in {time.time() - tb:.0f} s (fingerprint {fingerprints[cond][:12]})")
         for role, (units, seeds) in roles.items():
             log(f"{cond} / {role}")
             record(role, cond, measure(fooled, units, seeds, imgs[role], mcfg,
                                        w / f"fv_{method}_{variant['name']}" / role,
                                        w / "natural" / f"{method}_{variant['name']}" / role, progress))
-    raw = {"units": per_unit, "meta": {
-        "units": {"tuning": tune_units, "evaluation": eval_units}, "images": split.to_json(),
-        "manipulated_models": built, "measure_seconds": round(time.time() - t0, 1)}}
+        del fooled
+    if healthy_last:
+        healthy()
+    # benchmark-side only (never a signal): did the manipulation change the FV at all?
+    for role in roles:
+        for cond, rows in per_unit[role].items():
+            if cond == "healthy":
+                continue
+            change = (fvs[role][cond] - fvs[role]["healthy"]).abs().flatten(2).mean(2).mean(1)  # [U]: mean over seeds
+            for r, c in zip(rows, change.tolist()):
+                r["fv_change"] = c
+    design = {"units": {"tuning": tune_units, "evaluation": eval_units}, "images": split.to_json(),
+              "seeds": mcfg["seeds"], "steps": mcfg["steps"], "path": mcfg["path"]}
+    meta = {**design, "manipulated_models": built, "fingerprints": fingerprints, "fv_reused": reused,
+            "measure_seconds": round(time.time() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
     from fvsanity.io import atomic_write_json
 
+    raw = merge_signals(out / f"signals_{name}.json", {"units": per_unit, "meta": meta}, design)
     atomic_write_json(out / f"signals_{name}.json", raw)
     return finish(name, mcfg, raw, out)
+
+
+def merge_signals(path: Path, new: dict, design: dict) -> dict:
+    """``new`` plus the conditions of an earlier ``signals_<model>.json`` measured under the same
+    design (units, images, seeds, steps, path settings) and not re-measured now; an earlier file of
+    another design is ignored (its conditions are dropped, never mixed in)."""
+    if not path.is_file():
+        return new
+    try:
+        old = json.loads(path.read_text())
+        om = old["meta"]
+        same = all(json.dumps(om.get(k), sort_keys=True) == json.dumps(v, sort_keys=True) for k, v in design.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return new
+    if not same:
+        log(f"  {path.name}: earlier measurements of another design dropped")
+        return new
+    units, meta = new["units"], dict(new["meta"])
+    kept = []
+    for cond in old["units"]["evaluation"]:
+        if cond in units["evaluation"]:
+            continue
+        kept.append(cond)
+        for role in units:
+            units[role][cond] = old["units"][role][cond]
+        for k in ("manipulated_models", "fingerprints", "fv_reused"):
+            if cond in (om.get(k) or {}):
+                meta.setdefault(k, {})[cond] = om[k][cond]
+    if kept:
+        log(f"  kept from {path.name} (same design, not re-measured now): {', '.join(kept)}")
+        meta["measure_seconds"] = round(meta["measure_seconds"] + float(om.get("measure_seconds") or 0), 1)
+    return {"units": units, "meta": meta}
 
 
 def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
@@ -328,6 +447,8 @@ def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
         "fv": {"steps": mcfg["steps"], "seeds": mcfg["seeds"]},
         "path_settings": mcfg["path"],
         "manipulated_models": meta["manipulated_models"],
+        "manipulated_fingerprints": meta.get("fingerprints"),
+        "fv_reused": meta.get("fv_reused"),
         "signals_described": {k: {"direction": d, "what": t} for k, (d, t) in SIGNALS.items()},
         "seconds": meta.get("measure_seconds"),
     }
@@ -338,6 +459,25 @@ def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
         + "; ".join(f"{c}: AUC {m['auc']:.3f} TPR@5% {m['tpr_at_5fpr']:.2f} ({m['best_signal']})"
                     for c, m in result["methods"].items()))
     return result
+
+
+def markdown_table(res: dict) -> str:
+    """The README's per-method table of one model's results.json entry."""
+    rows = ["| manipulation | n | effective (FV changed) | best score (chosen on tuning) | AUC [95% CI] | "
+            "TPR at the 5%-FPR threshold (FPR measured) | verdict: diverges at own layer / any layer |",
+            "|---|---|---|---|---|---|---|"]
+    for c, m in res["methods"].items():
+        eff = "n/a" if m.get("effective_fraction") is None else f"{100 * m['effective_fraction']:.0f}%"
+        rows.append(f"| {c} | {m['n']} | {eff} | {m['best_signal']} | {m['auc']:.2f} [{m['auc_ci'][0]:.2f}, "
+                    f"{m['auc_ci'][1]:.2f}] | {m['tpr_at_5fpr']:.2f} ({m['fpr_at_threshold']:.2f}) | "
+                    f"{m['verdict_tpr_own_layer_diverges']:.2f} / {m['verdict_tpr_any_layer_diverges']:.2f} |")
+    ho = res.get("healthy_outcomes", {})
+    rows.append(f"\nhealthy evaluation units: {res['n_healthy']}; verdict at the own layer: "
+                + ", ".join(f"{k} {v}" for k, v in ho.items())
+                + f"; verdict FPR (own layer 'diverges') {res['healthy_fpr']:.3f}, any layer {res['healthy_fpr_any_layer']:.3f}; "
+                f"combined score's FPR at its tuned threshold {res['combined_eval_healthy_fpr']:.3f} "
+                f"(path-only {res['combined_path_eval_healthy_fpr']:.3f}); measured in {res.get('seconds')} s")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
@@ -351,7 +491,20 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="cache folder [runs/detection, or OUT/work with --smoke]")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
     ap.add_argument("--rescore", action="store_true", help="re-score OUT/signals_<model>.json (no FVs, no path checks)")
+    ap.add_argument("--method", action="append", default=None,
+                    help="measure only these manipulation methods (repeatable); the other conditions of an earlier "
+                         "run of the same design are kept from OUT/signals_<model>.json")
+    ap.add_argument("--variant", action="append", default=None, help="measure only these target variants (repeatable)")
+    ap.add_argument("--healthy-last", action="store_true",
+                    help="measure the healthy units after the conditions (a second process sharing --work)")
+    ap.add_argument("--table", action="store_true", help="print OUT/results.json as the README's markdown tables")
     args = ap.parse_args(argv)
+    if args.table:
+        res = json.loads(((Path(args.out) if args.out else ROOT / "figures" / "detection") / "results.json").read_text())
+        for k, v in res.items():
+            if not k.startswith("_"):
+                print(f"### {k}\n\n{markdown_table(v)}\n")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = json.loads(Path(args.config).read_text())
@@ -375,8 +528,11 @@ def main(argv=None) -> int:
                                "manipulated_models": old["manipulated_models"], "measure_seconds": old["seconds"]}
             results[name] = finish(name, mcfg, raw, out)
         else:
-            results[name] = run_model(name, mcfg, work, out, args.smoke, progress=False)
-        results.setdefault("_meta", {})
+            results[name] = run_model(name, mcfg, work, out, args.smoke, progress=False,
+                                      methods=args.method or mcfg.get("run_methods"),
+                                      healthy_last=args.healthy_last, variants=args.variant)
+        if res_path.is_file() and not args.smoke:  # another process may have written other models meanwhile
+            results = {**json.loads(res_path.read_text()), name: results[name]}
         results["_meta"] = {"config": cfg, "provenance": provenance(), "smoke": args.smoke}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(res_path, results)
