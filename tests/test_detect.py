@@ -293,7 +293,14 @@ def test_a_manipulation_rebuilt_with_other_settings_re_renders_its_fvs_and_keeps
     one method and keeps the conditions measured earlier under the same design."""
     from dataclasses import dataclass
 
-    from fvsanity.fool import MANIPULATIONS, ManipulatedModel, Manipulation, MethodSettings, setting, wrap_loaded
+    from fvsanity.fool import (
+        MANIPULATIONS,
+        ManipulatedModel,
+        Manipulation,
+        MethodSettings,
+        setting,
+        wrap_loaded,
+    )
 
     @dataclass(frozen=True)
     class ScaleSettings(MethodSettings):

@@ -101,8 +101,10 @@ def measure(lm, units, seeds, natural, mcfg, fv_dir: Path, cache_dir: Path, prog
     from fvsanity.compare.path import PathCheckSettings
 
     kw = {"size": int(mcfg["fv_size"])} if mcfg.get("fv_size") else {}
-    if mcfg.get("amp"):  # bf16 autocast is not part of the FV cache key: its FVs live in their own folder
-        kw["amp"] = True
+    # the config fixes the dtype (render's automatic choice depends on the CPU): bf16 FVs also live
+    # in their own folder (the FV cache key holds the dtype as well)
+    kw["amp"] = bool(mcfg.get("amp", False))
+    if kw["amp"]:
         fv_dir = fv_dir.with_name(fv_dir.name + "_amp")
     fv, reused = render_cached(lm, units, fv_dir, seeds=list(seeds), steps=int(mcfg["steps"]), pngs=False,
                                progress=progress, **kw)
@@ -197,6 +199,21 @@ def _fill(x: np.ndarray) -> np.ndarray:
 EFFECTIVE = 0.01
 
 
+def _loo_scores(t_h: np.ndarray, t_m: np.ndarray, names, fpr: float) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-unit-out scores of a per-manipulation combined score: row i of ``t_h`` and of
+    ``t_m`` (the same tuning unit, healthy and manipulated) scored by a fit on every other unit."""
+    from fvsanity.compare.detect import fit_combined
+
+    if len(t_h) != len(t_m) or len(t_h) < 3:
+        raise SystemExit(f"detection: per-method combined score needs paired tuning units, got {len(t_h)} and {len(t_m)}")
+    sh, sm = np.empty(len(t_h)), np.empty(len(t_m))
+    for i in range(len(t_h)):
+        keep = np.arange(len(t_h)) != i
+        f = fit_combined(t_h[keep], t_m[keep], names, fpr=fpr)
+        sh[i], sm[i] = f.score(t_h[i:i + 1])[0], f.score(t_m[i:i + 1])[0]
+    return sh, sm
+
+
 def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, changes: dict | None = None) -> dict:
     """Per condition: every candidate score (each signal oriented on tuning, the combined score),
     the best on tuning, measured on evaluation. ``signals[role][cond]`` = [U, K] matrices."""
@@ -235,9 +252,14 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
             cands[n] = (lambda x, k=k, s=sign * SIGNALS[n][0]: s * x[:, k], sign)
         cands["combined"] = (lambda x: combined.score(x), 1.0)
         cands["combined_path"] = (lambda x: combined_path.score(x[:, cols]), 1.0)
+        # a combined score fit for this manipulation alone (on its tuning units); its tuning
+        # figures and threshold come from leave-one-unit-out scores, not from the units it was fit on
+        own = fit_combined(t_h, t_m, names, fpr=fpr)
+        cands["combined_method"] = (lambda x, own=own: own.score(x), 1.0)
+        loo_h, loo_m = _loo_scores(t_h, t_m, names, fpr)
         rows = {}
         for n, (f, sign) in cands.items():
-            both_t = _fill(np.concatenate([f(t_h), f(t_m)]))
+            both_t = _fill(np.concatenate([f(t_h), f(t_m)]) if n != "combined_method" else np.concatenate([loo_h, loo_m]))
             sth, stm = both_t[: len(t_h)], both_t[len(t_h):]
             both_e = _fill(np.concatenate([f(e_h), f(e_m)]))
             seh, sem = both_e[: len(e_h)], both_e[len(e_h):]
@@ -312,7 +334,21 @@ def run_model(name: str, mcfg: dict, work: Path, out: Path, smoke: bool, progres
     fingerprint (every weight and buffer of the manipulated model, so a manipulation rebuilt
     with other settings or code re-renders) and the FV settings; the natural passes likewise.
     Manipulated models are rebuilt every run (never cached): only what they produce is.
+    The config's ``amp`` (default off) fixes the dtype of every render of the run, the
+    manipulations' own FVs included (``FVSANITY_AMP``), whatever this CPU would choose.
     """
+    prev = os.environ.get("FVSANITY_AMP")
+    os.environ["FVSANITY_AMP"] = "on" if mcfg.get("amp") else "off"
+    try:
+        return _run_model(name, mcfg, work, out, smoke, progress, methods, healthy_last, variants)
+    finally:
+        if prev is None:
+            os.environ.pop("FVSANITY_AMP", None)
+        else:
+            os.environ["FVSANITY_AMP"] = prev
+
+
+def _run_model(name, mcfg, work, out, smoke, progress, methods, healthy_last, variants) -> dict:
     t0 = time.time()
     lm, nat, split, tune_units, eval_units = setup(name, mcfg, smoke)
     nat = nat.load() if hasattr(nat, "load") else nat
