@@ -193,7 +193,7 @@ def test_detection_smoke_run_covers_every_registered_method_and_writes_the_resul
         assert m["n"] == res["n_healthy"]
         assert 0.0 <= m["auc_ci"][0] <= m["auc"] <= m["auc_ci"][1] <= 1.0
         assert 0.0 <= m["tpr_at_5fpr"] <= 1.0
-        assert m["best_signal"] in set(SIGNALS) | {"combined", "combined_path"}
+        assert m["best_signal"] in set(SIGNALS) | {"combined", "combined_path", "combined_method"}
     # the identity "manipulation" changes nothing: its FVs are the healthy ones (same seeds), so
     # no score can tell them apart
     assert res["methods"]["toy-identity:unit"]["signals"]["combined"]["auc"] == 0.5
