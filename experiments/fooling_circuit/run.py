@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 on_disk = json.loads(res_path.read_text())
                 on_disk.setdefault("runs", {})[key] = results["runs"][key]
                 results["runs"] = on_disk["runs"]
+            results["runs"][key]["provenance"] = results["provenance"]  # --only keeps other runs: each its own
             atomic_write_json(res_path, results)
     print(f"wrote {res_path}")
     return 0
