@@ -75,7 +75,8 @@ def setup(name: str, mcfg: dict, smoke: bool):
 
 def candidate_units(lm, ucfg: dict) -> list[str]:
     """Class units (``class``: true = every channel of the output layer, an int n = n of them drawn
-    with ``seed``, false = none) plus ``hidden`` {layer: n} channels per layer, drawn with ``seed``."""
+    with ``seed``, false = none; never one of ``exclude``) plus ``hidden`` {layer: n} channels per
+    layer, drawn with ``seed``."""
     n_cls = lm.layer_info(lm.output_layer).layout.channels
     want = ucfg.get("class", True)
     if want is True:
@@ -84,7 +85,8 @@ def candidate_units(lm, ucfg: dict) -> list[str]:
         classes = []
     else:
         gc = torch.Generator().manual_seed(int(ucfg["seed"]) + 2)
-        classes = sorted(torch.randperm(n_cls, generator=gc)[: int(want)].tolist())
+        skip = {int(u.rsplit(":", 1)[1]) for u in ucfg.get("exclude", []) if u.startswith(f"{lm.output_layer}:")}
+        classes = sorted([c for c in torch.randperm(n_cls, generator=gc).tolist() if c not in skip][: int(want)])
     out = [f"{lm.output_layer}:{c}" for c in classes]
     g = torch.Generator().manual_seed(int(ucfg["seed"]) + 1)
     for layer, n in ucfg.get("hidden", {}).items():
