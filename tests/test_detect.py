@@ -376,3 +376,14 @@ def test_the_benchmark_draws_n_class_units_when_class_is_a_number():
     assert len(set(some)) == 3 and set(some) <= set(every)
     assert some == run.candidate_units(lm, {"class": 3, "seed": 0})  # seeded
     assert run.candidate_units(lm, {"class": False, "hidden": {}, "seed": 0}) == []
+
+
+def test_the_benchmark_never_draws_an_excluded_class_unit():
+    """``exclude`` (units an earlier run measured) is honoured and the draw still has n units."""
+    from fvsanity.testing import tiny_model
+
+    run = _detection_run()
+    lm = tiny_model()
+    first = run.candidate_units(lm, {"class": 2, "seed": 0})
+    again = run.candidate_units(lm, {"class": 2, "seed": 0, "exclude": first})
+    assert len(set(again)) == 2 and not set(again) & set(first)
