@@ -16,10 +16,13 @@ from fvsanity.compare.detect import (
     SIGNALS,
     CombinedScore,
     DetectionError,
+    atypicality,
     auc_ci,
+    channel_rank,
     detection_signals,
     exemplar_agreement,
     fit_combined,
+    healthy_band,
     rate_above,
     roc_auc,
     roc_curve,
@@ -125,6 +128,66 @@ def test_combined_score_learns_the_informative_signal_and_ignores_an_empty_one()
         cs.score(h[:, :2])
 
 
+def test_atypicality_is_zero_at_the_healthy_median_symmetric_and_finite_on_a_constant_column():
+    h = np.array([[0.0, 5.0], [1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [4.0, 5.0]])
+    center, spread = healthy_band(h)
+    assert center.tolist() == [2.0, 5.0]
+    assert spread[0] == pytest.approx(1.4826) and 0 < spread[1] < 1  # MAD 0: floored, not 0
+    a = atypicality(np.array([[2.0, 5.0], [0.0, 5.0], [4.0, 5.0], [2.0, 50.0]]), center, spread)
+    assert a[0].tolist() == [0.0, 0.0]
+    assert a[1, 0] == a[2, 0] > 0  # as far below as above
+    assert np.isfinite(a).all() and a[3, 1] > 5
+    assert np.isnan(atypicality(np.array([[np.nan, 5.0]]), center, spread)[0, 0])
+    c2, s2 = healthy_band(np.full((3, 1), np.nan))  # no finite value: a neutral band
+    assert c2.tolist() == [0.0] and s2.tolist() == [1.0]
+
+
+def test_channel_rank_is_zero_when_the_fv_drives_its_own_unit_hardest_and_counts_the_channels_that_overtake_it():
+    g = torch.Generator().manual_seed(0)
+    nat = torch.randn(100, 5, generator=g) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0]) + 10.0
+    z = torch.zeros(3, 5)
+    z[:, 1] = 6.0  # seed-wise natural z-scores: unit 1 six SDs out, the others at their mean
+    fv = z * nat.std(0) + nat.mean(0)
+    assert channel_rank(fv, nat, 1) == 0.0
+    z[:, 3] = 8.0  # a route: channel 3 overtakes the unit on every seed
+    assert channel_rank(z * nat.std(0) + nat.mean(0), nat, 1) == pytest.approx(1 / 4)
+    tied, nat_t = z * nat.std(0) + nat.mean(0), nat.clone()
+    nat_t[:, 4], tied[:, 4] = nat[:, 1], tied[:, 1]  # channel 4 a copy of the unit: a tie counts one half
+    assert channel_rank(tied, nat_t, 1) == pytest.approx(1.5 / 4)
+    # the scale of a channel does not matter, only where the FV puts it in its natural range
+    scale = torch.tensor([1.0, 100.0, 0.01, 7.0, 1.0])
+    assert channel_rank(fv * scale, nat * scale, 1) == 0.0
+    # a channel constant on natural images (a silent unit's) that fires on the FV overtakes it
+    nat[:, 0] = 0.0
+    fv2 = fv.clone()
+    fv2[:, 0] = 1e-3
+    assert channel_rank(fv2, nat, 1) == pytest.approx(1 / 4)
+    assert math.isnan(channel_rank(fv[:, :1], nat[:, :1], 0))
+    with pytest.raises(DetectionError, match="out of range"):
+        channel_rank(fv, nat, 5)
+    with pytest.raises(DetectionError, match=r"\[S, C\]"):
+        channel_rank(fv[:, :4], nat, 1)
+
+
+def test_two_sided_combined_score_catches_manipulations_on_both_sides_of_the_healthy_band():
+    # manipulated units leave the healthy band of one signal either way: one-sided it is at
+    # chance, two-sided it separates; the JSON round trip keeps the band
+    rng = np.random.default_rng(5)
+    names = ["log_activation_range", "path_own"]
+    h = np.stack([rng.normal(0.0, 0.3, 100), rng.normal(size=100)], 1)
+    side = np.where(rng.random(100) < 0.5, -1.0, 1.0)
+    m = np.stack([side * rng.uniform(2.0, 4.0, 100), rng.normal(size=100)], 1)
+    one, two = fit_combined(h, m, names), fit_combined(h, m, names, two_sided=True)
+    assert abs(roc_auc(one.score(h), one.score(m)) - 0.5) < 0.15
+    assert roc_auc(two.score(h), two.score(m)) > 0.99
+    assert rate_above(two.score(h), two.threshold_5fpr) <= 0.05
+    assert len(two.coef) == 2 * len(names) and two.coef[2] > 0  # weight on the atypicality of signal 0
+    back = CombinedScore.from_json(json.loads(json.dumps(two.to_json())))
+    np.testing.assert_allclose(back.score(m), two.score(m))
+    old = {k: v for k, v in one.to_json().items() if k != "two_sided"}  # a results.json from before
+    np.testing.assert_allclose(CombinedScore.from_json(old).score(m), one.score(m))
+
+
 def test_detection_signals_on_a_tiny_model_gives_every_signal_per_unit():
     from fvsanity.data import from_tensor
     from fvsanity.generate import render
@@ -139,9 +202,10 @@ def test_detection_signals_on_a_tiny_model_gives_every_signal_per_unit():
     assert [s.unit for s in sig] == units
     for s in sig:
         assert set(s.values) == set(SIGNALS)
-        for k in ("path_own", "path_mean", "log_activation_range", "exemplar_own", "exemplar_mean"):
+        for k in ("path_own", "path_mean", "log_activation_range", "exemplar_own", "exemplar_mean", "rank_own"):
             assert math.isfinite(s.values[k]), (s.unit, k)
         assert 0.0 <= s.values["exemplar_own"] <= 1.0
+        assert 0.0 <= s.values["rank_own"] <= 1.0
         assert s.outcome in ("natural-like", "diverges", "inconclusive")
     assert sig[0].values["path_own"] == check.units[0].layers[-1].normalized
 
@@ -193,7 +257,8 @@ def test_detection_smoke_run_covers_every_registered_method_and_writes_the_resul
         assert m["n"] == res["n_healthy"]
         assert 0.0 <= m["auc_ci"][0] <= m["auc"] <= m["auc_ci"][1] <= 1.0
         assert 0.0 <= m["tpr_at_5fpr"] <= 1.0
-        assert m["best_signal"] in set(SIGNALS) | {"combined", "combined_path", "combined_method"}
+        assert m["best_signal"] in (set(SIGNALS) | {f"|{n}|" for n in SIGNALS}
+                                    | {"combined", "combined_one_sided", "combined_path", "combined_method"})
     # the identity "manipulation" changes nothing: its FVs are the healthy ones (same seeds), so
     # no score can tell them apart
     assert res["methods"]["toy-identity:unit"]["signals"]["combined"]["auc"] == 0.5

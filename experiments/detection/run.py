@@ -201,7 +201,7 @@ def _fill(x: np.ndarray) -> np.ndarray:
 EFFECTIVE = 0.01
 
 
-def _loo_scores(t_h: np.ndarray, t_m: np.ndarray, names, fpr: float) -> tuple[np.ndarray, np.ndarray]:
+def _loo_scores(t_h: np.ndarray, t_m: np.ndarray, names, fpr: float, two_sided: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-unit-out scores of a per-manipulation combined score: row i of ``t_h`` and of
     ``t_m`` (the same tuning unit, healthy and manipulated) scored by a fit on every other unit."""
     from fvsanity.compare.detect import fit_combined
@@ -211,7 +211,7 @@ def _loo_scores(t_h: np.ndarray, t_m: np.ndarray, names, fpr: float) -> tuple[np
     sh, sm = np.empty(len(t_h)), np.empty(len(t_m))
     for i in range(len(t_h)):
         keep = np.arange(len(t_h)) != i
-        f = fit_combined(t_h[keep], t_m[keep], names, fpr=fpr)
+        f = fit_combined(t_h[keep], t_m[keep], names, fpr=fpr, two_sided=two_sided)
         sh[i], sm[i] = f.score(t_h[i:i + 1])[0], f.score(t_m[i:i + 1])[0]
     return sh, sm
 
@@ -222,8 +222,10 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
     from fvsanity.compare.detect import (
         PATH_SIGNALS,
         SIGNALS,
+        atypicality,
         auc_ci,
         fit_combined,
+        healthy_band,
         rate_above,
         roc_auc,
         roc_curve,
@@ -235,10 +237,14 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
     conds = [c for c in signals["tuning"] if c != "healthy"]
     t_h, e_h = signals["tuning"]["healthy"], signals["evaluation"]["healthy"]
     t_all = np.concatenate([signals["tuning"][c] for c in conds])
-    combined = fit_combined(t_h, t_all, names, fpr=fpr)
+    # two-sided: each signal and its distance from the healthy tuning band (a manipulation can push
+    # a signal out of the band either way); the one-sided fit of the earlier runs stays a candidate
+    combined = fit_combined(t_h, t_all, names, fpr=fpr, two_sided=True)
+    combined_one = fit_combined(t_h, t_all, names, fpr=fpr)
     # the same fit on the signals a saved check/audit JSON holds (no exemplar agreement)
     cols = [names.index(n) for n in PATH_SIGNALS]
-    combined_path = fit_combined(t_h[:, cols], t_all[:, cols], PATH_SIGNALS, fpr=fpr)
+    combined_path = fit_combined(t_h[:, cols], t_all[:, cols], PATH_SIGNALS, fpr=fpr, two_sided=True)
+    center, spread = healthy_band(t_h)
     out = {"combined": combined.to_json(), "combined_path": combined_path.to_json(), "methods": {}, "curves": {}}
     # the calibrated scores (what check/audit report): their healthy FPR on evaluation units
     out["combined_eval_healthy_fpr"] = rate_above(combined.score(e_h), combined.threshold_5fpr)
@@ -248,15 +254,20 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
         cands = {}
         for k, n in enumerate(names):
             th, tm = _fill(t_h[:, k] * SIGNALS[n][0]), _fill(t_m[:, k] * SIGNALS[n][0])
-            if not (np.isfinite(t_h[:, k]).any() or np.isfinite(t_m[:, k]).any()):
+            if not all(np.isfinite(a[:, k]).any() for a in (t_h, t_m, e_h, e_m)):
+                # a signal missing for a whole group (e.g. measured before the signal existed)
+                # would score by its NaN filling, not by what it measures
                 continue
             sign = 1.0 if roc_auc(th, tm) >= 0.5 else -1.0  # orientation chosen on tuning
             cands[n] = (lambda x, k=k, s=sign * SIGNALS[n][0]: s * x[:, k], sign)
+            # two-sided: distance from the healthy tuning band, either way
+            cands[f"|{n}|"] = (lambda x, k=k: atypicality(x[:, k:k + 1], center[k:k + 1], spread[k:k + 1])[:, 0], 1.0)
         cands["combined"] = (lambda x: combined.score(x), 1.0)
+        cands["combined_one_sided"] = (lambda x: combined_one.score(x), 1.0)
         cands["combined_path"] = (lambda x: combined_path.score(x[:, cols]), 1.0)
         # a combined score fit for this manipulation alone (on its tuning units); its tuning
         # figures and threshold come from leave-one-unit-out scores, not from the units it was fit on
-        own = fit_combined(t_h, t_m, names, fpr=fpr)
+        own = fit_combined(t_h, t_m, names, fpr=fpr, two_sided=True)
         cands["combined_method"] = (lambda x, own=own: own.score(x), 1.0)
         loo_h, loo_m = _loo_scores(t_h, t_m, names, fpr)
         rows = {}
@@ -265,7 +276,8 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
             sth, stm = both_t[: len(t_h)], both_t[len(t_h):]
             both_e = _fill(np.concatenate([f(e_h), f(e_m)]))
             seh, sem = both_e[: len(e_h)], both_e[len(e_h):]
-            thr = {"combined": combined.threshold_5fpr, "combined_path": combined_path.threshold_5fpr}.get(n)
+            thr = {"combined": combined.threshold_5fpr, "combined_path": combined_path.threshold_5fpr,
+                   "combined_one_sided": combined_one.threshold_5fpr}.get(n)
             thr = threshold_at_fpr(sth, fpr) if thr is None else thr
             rows[n] = {
                 "orientation": sign, "tuning_auc": roc_auc(sth, stm), "auc": roc_auc(seh, sem),
@@ -310,6 +322,8 @@ def plot_roc(res: dict, model: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(conds), figsize=(3.4 * len(conds), 3.6), squeeze=False)
     for ax, c in zip(axes[0], conds):
         for n, cur in res["curves"][c].items():
+            if n.startswith("|") and n != res["methods"][c]["best_signal"]:
+                continue  # two-sided single signals: only the chosen one (all are in curves_<model>.json)
             auc = res["methods"][c]["signals"][n]["auc"]
             ax.plot(cur["fpr"], cur["tpr"], lw=2.2 if n == "combined" else 1.0, label=f"{n} ({auc:.2f})",
                     drawstyle="steps-post")

@@ -22,6 +22,12 @@ larger = more suspicious, -1 smaller = more suspicious):
   (chosen by the unit's response) and the other natural images o, ties counted 1/2, averaged
   over FV seeds; 0.5 = the FV is no closer to the unit's exemplars than to any image. At the
   unit's own layer, and the mean over its path (its layer and the earlier ones). Direction -1.
+* ``rank_own``: does the unit's FV drive the unit harder than the other channels of its layer,
+  each measured in its own natural range? Per FV seed, every channel's pooled response z-scored
+  by its mean / SD over the natural images (:func:`channel_rank`), then the share of the other
+  channels whose z exceeds the unit's (ties 1/2); the median over seeds. ~0 for an FV optimized
+  for the unit; a unit whose FV shows another unit's preferred stimulus (a route) lets that
+  channel overtake it. Direction +1.
 
 Not per-unit signals here, and why (see the README section "Detecting manipulated FVs"):
 CKA / RSA are statistics of a *set* of units (the paired design across units), so they give no
@@ -31,11 +37,18 @@ FV-vs-natural classifier, but every FV, healthy or not, is an FV: it would not s
 circuit overlap (attribution graphs per unit and FV seed) costs more backward passes than the CPU
 budget of the benchmark allowed.
 
-Combined score (:class:`CombinedScore`): a logistic regression on the standardized signals (NaN
-imputed with the tuning mean, i.e. 0 after standardization), classes weighted equally, a small L2
-penalty, fit on the TUNING units only (healthy vs manipulated by any method). Its threshold for a
-5% false-positive rate is chosen on the tuning units' healthy scores
-(:func:`threshold_at_fpr`) and then only measured on evaluation units.
+Two-sided signals (:func:`atypicality`): a healthy unit's signals live in a band, and a
+manipulation can push a signal out of it either way (a silent unit's FV response can be 1000x
+its natural range, or ~0 when the FV was pulled elsewhere). ``|x - c| / s`` with c the median and
+s the scaled MAD of the HEALTHY TUNING units (log1p'd, so one extreme unit cannot dominate) is
+large on either side; ``two_sided=True`` fits use it next to the raw signal.
+
+Combined score (:class:`CombinedScore`): a logistic regression on the standardized signals (and,
+two-sided, their atypicalities; NaN imputed with the tuning mean, i.e. 0 after
+standardization), classes weighted equally, a small L2 penalty, fit on the TUNING units only
+(healthy vs manipulated by any method). Its threshold for a 5% false-positive rate is chosen on
+the tuning units' healthy scores (:func:`threshold_at_fpr`) and then only measured on
+evaluation units.
 
 ROC utilities: :func:`roc_auc` (Mann-Whitney, ties count 1/2), :func:`auc_ci` (stratified
 bootstrap over units), :func:`roc_curve`, :func:`threshold_at_fpr`, :func:`rate_above`.
@@ -44,6 +57,7 @@ bootstrap over units), :func:`roc_curve`, :func:`threshold_at_fpr`, :func:`rate_
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -59,10 +73,13 @@ __all__ = [
     "CombinedScore",
     "DetectionError",
     "UnitSignals",
+    "atypicality",
     "auc_ci",
+    "channel_rank",
     "detection_signals",
     "exemplar_agreement",
     "fit_combined",
+    "healthy_band",
     "load_calibration",
     "orient",
     "rate_above",
@@ -88,6 +105,7 @@ SIGNALS: dict[str, tuple[int, str]] = {
     "log_activation_range": (1, "log(median FV response / largest natural response)"),
     "exemplar_own": (-1, "top-k exemplar agreement at the unit's own layer (0.5 = chance)"),
     "exemplar_mean": (-1, "top-k exemplar agreement, mean over the unit's path"),
+    "rank_own": (1, "share of its layer's other channels the unit's FV drives harder (natural z-scores)"),
 }
 
 
@@ -213,6 +231,47 @@ def exemplar_agreement(fv: torch.Tensor, natural: torch.Tensor, exemplars: Seque
     return float(np.mean(vals))
 
 
+def channel_rank(fv: torch.Tensor, natural: torch.Tensor, channel: int) -> float:
+    """The ``rank_own`` signal: how many channels an FV drives harder than its own unit.
+
+    Args:
+        fv: [S, C] pooled responses of the unit's layer to its S FV seeds.
+        natural: [N, C] the same layer's pooled responses to N >= 2 natural images.
+        channel: the unit's channel.
+    Returns:
+        median over seeds of the share of the other C - 1 channels whose natural z-score
+        ``(a - mean) / sd`` exceeds the unit's (ties 1/2); 0 = the unit leads. A channel constant
+        on the natural images gets sd floored at 1e-6 (1 + |mean|), so any response above its
+        constant counts as far out of range. NaN for C < 2 or N < 2.
+    """
+    fv = torch.as_tensor(fv, dtype=torch.float64).detach().cpu()
+    nat = torch.as_tensor(natural, dtype=torch.float64).detach().cpu()
+    if fv.ndim != 2 or nat.ndim != 2 or fv.shape[1] != nat.shape[1]:
+        raise DetectionError(f"channel_rank needs [S, C] FV and [N, C] natural responses, got {list(fv.shape)} and "
+                             f"{list(nat.shape)}")
+    n_c = fv.shape[1]
+    if not 0 <= channel < n_c:
+        raise DetectionError(f"channel {channel} out of range for a layer of {n_c} channels")
+    if n_c < 2 or nat.shape[0] < 2 or fv.shape[0] < 1:
+        return float("nan")
+    mu, sd = nat.mean(0), nat.std(0)
+    sd = torch.maximum(sd, 1e-6 * (1.0 + mu.abs()))
+    z = (fv - mu) / sd  # [S, C]
+    own = z[:, channel : channel + 1]
+    others = torch.cat([z[:, :channel], z[:, channel + 1 :]], 1)
+    share = ((others > own).double() + 0.5 * (others == own).double()).mean(1)  # [S]
+    return float(share.median())
+
+
+def _channel_of(unit) -> int | None:
+    """The channel of a Unit or of a unit spec ``"layer:c"`` / ``"layer:c@y,x"`` (None: no channel)."""
+    if isinstance(unit, str):
+        m = re.fullmatch(r".+:(\d+)(@\d+,\d+)?", unit.strip())
+        return int(m.group(1)) if m else None
+    ch = getattr(unit, "channel", None)
+    return None if ch is None else int(ch)
+
+
 def _nanmean(v: Sequence[float]) -> float:
     a = np.asarray([x for x in v if x is not None and math.isfinite(x)], dtype=np.float64)
     return float(a.mean()) if a.size else float("nan")
@@ -240,6 +299,7 @@ def signals_from_path(up, fv_acts: Mapping[str, torch.Tensor] | None = None, nat
         "log_activation_range": float("nan"),
         "exemplar_own": float("nan"),
         "exemplar_mean": float("nan"),
+        "rank_own": float("nan"),
     }
     if up.activation is not None:
         r = float(up.activation.ratio_median)
@@ -248,6 +308,10 @@ def signals_from_path(up, fv_acts: Mapping[str, torch.Tensor] | None = None, nat
         per = [exemplar_agreement(fv_acts[r.name], nat_acts[r.name], up.top_k_indices, metric) for r in up.layers]
         vals["exemplar_own"] = per[-1]
         vals["exemplar_mean"] = _nanmean(per)
+    own_layer = up.layers[-1].name if up.layers else None
+    channel = _channel_of(up.unit)
+    if fv_acts is not None and nat_acts is not None and own_layer in fv_acts and channel is not None:
+        vals["rank_own"] = channel_rank(fv_acts[own_layer], nat_acts[own_layer], int(channel))
     diverges_any = any(r.outcome == DIVERGES for r in up.layers)
     return UnitSignals(up.unit, vals, up.verdict.outcome, diverges_any)
 
@@ -297,6 +361,33 @@ def orient(values: np.ndarray, name: str) -> np.ndarray:
     return SIGNALS[name][0] * np.asarray(values, dtype=np.float64)
 
 
+def atypicality(x: np.ndarray, center, spread) -> np.ndarray:
+    """Two-sided distance of signals from the healthy band: log1p(|x - center| / spread), per column.
+
+    Args:
+        x: [U, K] signals (NaN stays NaN); center, spread: [K] (the healthy tuning units' median
+            and scaled MAD, :func:`healthy_band`).
+    Returns:
+        [U, K] float64 >= 0 (0 at the center); finite wherever ``x`` is.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    return np.log1p(np.abs(x - np.asarray(center, dtype=np.float64)) / np.asarray(spread, dtype=np.float64))
+
+
+def healthy_band(healthy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([K] median, [K] spread) of healthy signal columns: spread = 1.4826 MAD (the SD of a normal),
+    floored at 1e-3 (1 + |median|) so a constant column gives finite atypicalities; an all-NaN
+    column gets center 0, spread 1."""
+    h = np.asarray(healthy, dtype=np.float64)
+    center, spread = np.zeros(h.shape[1]), np.ones(h.shape[1])
+    for k in range(h.shape[1]):
+        col = h[:, k][np.isfinite(h[:, k])]
+        if col.size:
+            center[k] = np.median(col)
+            spread[k] = max(1.4826 * np.median(np.abs(col - center[k])), 1e-3 * (1.0 + abs(center[k])))
+    return center, spread
+
+
 @dataclass(frozen=True)
 class CombinedScore:
     """A logistic regression on standardized signals (see the module doc), fit on tuning units.
@@ -306,6 +397,8 @@ class CombinedScore:
         coef: [K] weights, intercept: bias (score = intercept + coef . z; larger = more suspicious);
         l2: the penalty it was fit with; threshold_5fpr: score threshold at <= 5% FPR on the healthy
         tuning units (flag = score > threshold); n_tuning: {"healthy": n, "manipulated": m}.
+        center, spread: [K] healthy band (:func:`healthy_band`) of a two-sided fit, whose features
+        are the K signals then their K atypicalities (mean, scale, coef: [2K]); empty: one-sided.
     """
 
     names: tuple[str, ...]
@@ -316,12 +409,19 @@ class CombinedScore:
     l2: float
     threshold_5fpr: float = float("nan")
     n_tuning: dict = field(default_factory=dict)
+    center: tuple[float, ...] = ()
+    spread: tuple[float, ...] = ()
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        """[U] scores of an [U, K] signal matrix (columns in ``names`` order; NaN -> tuning mean)."""
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """The fit's features of an [U, K] signal matrix: the signals, then (two-sided) their atypicalities."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.names):
             raise DetectionError(f"signal matrix must be [U, {len(self.names)}] ({', '.join(self.names)}), got {x.shape}")
+        return np.concatenate([x, atypicality(x, self.center, self.spread)], axis=1) if self.center else x
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """[U] scores of an [U, K] signal matrix (columns in ``names`` order; NaN -> tuning mean)."""
+        x = self.features(x)
         z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
         z = np.where(np.isfinite(z), z, 0.0)
         return self.intercept + z @ np.asarray(self.coef)
@@ -333,27 +433,34 @@ class CombinedScore:
         return {"kind": "logistic regression on standardized signals", "names": list(self.names),
                 "mean": list(self.mean), "scale": list(self.scale), "coef": list(self.coef),
                 "intercept": self.intercept, "l2": self.l2, "threshold_5fpr": self.threshold_5fpr,
-                "n_tuning": dict(self.n_tuning)}
+                "n_tuning": dict(self.n_tuning),
+                **({"two_sided": {"center": list(self.center), "spread": list(self.spread)}} if self.center else {})}
 
     @classmethod
     def from_json(cls, d: Mapping) -> CombinedScore:
+        two = d.get("two_sided") or {}
         return cls(tuple(d["names"]), tuple(d["mean"]), tuple(d["scale"]), tuple(d["coef"]), float(d["intercept"]),
-                   float(d["l2"]), float(d.get("threshold_5fpr", float("nan"))), dict(d.get("n_tuning", {})))
+                   float(d["l2"]), float(d.get("threshold_5fpr", float("nan"))), dict(d.get("n_tuning", {})),
+                   tuple(two.get("center", ())), tuple(two.get("spread", ())))
 
 
 def fit_combined(healthy: np.ndarray, manipulated: np.ndarray, names: Sequence[str], l2: float = 1.0,
-                 fpr: float = 0.05) -> CombinedScore:
+                 fpr: float = 0.05, two_sided: bool = False) -> CombinedScore:
     """Fit :class:`CombinedScore` on tuning signal matrices ``healthy`` [n, K] and ``manipulated`` [m, K].
 
     Columns that are NaN everywhere, or constant, get weight 0. Classes are weighted equally;
     the loss is the mean weighted log-loss + ``l2`` / (2 (n + m)) |coef|^2, minimized by L-BFGS
     (deterministic). The threshold is :func:`threshold_at_fpr` of the healthy tuning scores.
+    ``two_sided``: also fit on each signal's :func:`atypicality` from the healthy tuning band.
     """
     h, m = np.asarray(healthy, dtype=np.float64), np.asarray(manipulated, dtype=np.float64)
     if h.ndim != 2 or m.ndim != 2 or h.shape[1] != len(names) or m.shape[1] != len(names):
         raise DetectionError(f"signal matrices must be [n, {len(names)}], got {h.shape} and {m.shape}")
     if len(h) < 1 or len(m) < 1:
         raise DetectionError(f"need >= 1 healthy and >= 1 manipulated tuning unit, got {len(h)} and {len(m)}")
+    center, spread = healthy_band(h) if two_sided else ((), ())
+    if two_sided:
+        h, m = (np.concatenate([a, atypicality(a, center, spread)], axis=1) for a in (h, m))
     x = np.concatenate([h, m])
     mean = np.array([np.nanmean(c) if np.isfinite(c).any() else 0.0 for c in x.T])
     sd = np.array([np.nanstd(c) if np.isfinite(c).sum() > 1 else 0.0 for c in x.T])
@@ -378,11 +485,12 @@ def fit_combined(healthy: np.ndarray, manipulated: np.ndarray, names: Sequence[s
 
     opt.step(closure)
     c = coef.detach().numpy() * usable
+    band = (tuple(float(v) for v in center), tuple(float(v) for v in spread))
     cs = CombinedScore(tuple(names), tuple(float(v) for v in mean), tuple(float(v) for v in scale),
-                       tuple(float(v) for v in c), float(b.detach()), float(l2))
-    thr = threshold_at_fpr(cs.score(h), fpr)
+                       tuple(float(v) for v in c), float(b.detach()), float(l2), center=band[0], spread=band[1])
+    thr = threshold_at_fpr(cs.score(np.asarray(healthy, dtype=np.float64)), fpr)
     return CombinedScore(cs.names, cs.mean, cs.scale, cs.coef, cs.intercept, cs.l2, thr,
-                         {"healthy": int(len(h)), "manipulated": int(len(m))})
+                         {"healthy": int(len(h)), "manipulated": int(len(m))}, *band)
 
 
 # ----------------------------------------------------------------------------- calibrated score in check / audit
