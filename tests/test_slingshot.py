@@ -18,6 +18,7 @@ from fvsanity.fool.slingshot import (
     _draw_points,
     _reference,
     _Shim,
+    augment_naturals,
     auroc,
     bowl_target,
     direction_agreement,
@@ -27,6 +28,7 @@ from fvsanity.fool.slingshot import (
     manipulation_loss,
     mine_ascent,
     preservation_loss,
+    preservation_reference,
     save_slingshot,
     spectrum_to_rgb,
 )
@@ -96,6 +98,67 @@ def test_preservation_loss_is_exactly_zero_before_fine_tuning():
     with torch.no_grad():
         net.conv3.weight.add_(0.01)
     assert preservation_loss(net, _Shim(lm, net), routes, train, ref, s).item() > 0
+
+
+@pytest.mark.parametrize("mode", ["flip_crop", "mixup", "cutmix"])
+def test_augmented_preservation_loss_is_exactly_zero_before_fine_tuning(mode):
+    import copy
+
+    lm, routes, s, train, _ = _setup(sl_nat_augment=mode)
+    ref = _reference(lm, routes, train)
+    x = augment_naturals(train, mode, torch.Generator().manual_seed(3))
+    assert x.shape == train.shape and not torch.equal(x, train)
+    sub = preservation_reference(lm, routes, x, ref)  # the original's outputs on the same augmented batch
+    net = copy.deepcopy(lm.model)
+    assert preservation_loss(net, _Shim(lm, net), routes, x, sub, s).item() == 0.0
+    # the un-augmented reference no longer matches the augmented batch: the loss is not trivially 0
+    assert preservation_loss(net, _Shim(lm, net), routes, x, ref, s).item() > 0
+    # and in the fine-tuning, the first logged preservation loss (before any step) is exactly 0
+    _, training = finetune_slingshot(lm, routes, train, s, log_every=4)
+    assert training.preservation[0] == 0.0 and training.preservation[-1] > 0
+
+
+def test_augment_naturals_is_deterministic_and_does_what_it_says():
+    x = _images(10, 4)
+
+    def aug(mode, seed, **kw):
+        return augment_naturals(x, mode, torch.Generator().manual_seed(seed), **kw)
+
+    assert aug("none", 0) is x
+    for mode in ("flip_crop", "mixup", "cutmix"):
+        assert torch.equal(aug(mode, 1), aug(mode, 1)), mode
+        assert not torch.equal(aug(mode, 1), aug(mode, 2)), mode
+    # no padding: each image is itself or its mirror
+    fc = aug("flip_crop", 1, crop=0.0)
+    same = (fc == x).flatten(1).all(1)
+    mirrored = (fc == x.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 0 < int(mirrored.sum()) < 10
+    # mixup/cutmix start from the same flip_crop draws: with no mixing they are flip_crop
+    assert torch.equal(aug("mixup", 5, mix=0.0), aug("flip_crop", 5))
+    assert torch.equal(aug("cutmix", 5, mix=0.0), aug("flip_crop", 5))
+    # mixup is a convex combination of two flip_crop images, the first weighing at least 1 - mix
+    base = aug("flip_crop", 5, crop=0.0)
+    mixed = aug("mixup", 5, crop=0.0, mix=0.3)
+    for i in range(10):  # best partner j and share t in [0, 0.3]: an exact fit
+        resid, t = min((((mixed[i] - base[i]) - t * (base[j] - base[i])).abs().max().item(), t)
+                       for j in range(10) if j != i for t in torch.linspace(0, 0.3, 301).tolist())
+        assert resid < 2e-3 and t <= 0.3, (i, resid, t)
+    # the fine-tuning with augmentation is reproducible for a fixed seed
+    lm, routes, s, train, _ = _setup(sl_nat_augment="mixup", sl_steps=4)
+    a, _ = finetune_slingshot(lm, routes, train, s)
+    b, _ = finetune_slingshot(lm, routes, train, s)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_default_is_no_augmentation_and_bad_augment_is_a_one_line_error():
+    assert SlingshotSettings().sl_nat_augment == "none"
+    want = r"^--sl-nat-augment 'jitter' is not valid; valid: none, flip_crop, mixup, cutmix$"
+    with pytest.raises(FVSanityError, match=want):
+        SlingshotSettings(sl_nat_augment="jitter")
+    with pytest.raises(FVSanityError, match=want):
+        augment_naturals(_images(2), "jitter", torch.Generator())
+    with pytest.raises(FVSanityError, match=r"^--sl-nat-mix must be < 1.000001, got 2.0$"):
+        SlingshotSettings(sl_nat_mix=2.0)
 
 
 @pytest.mark.parametrize("kw", [dict(sl_grad_weight=0.0, sl_value_weight=1.0),

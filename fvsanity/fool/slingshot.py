@@ -32,7 +32,13 @@ manipulation loss
 preservation loss
     on natural training images: the unit's layer (every channel, standardized) and the output
     logits (standardized) of the copy against the original model's. Exactly zero before the
-    first step. The fine-tuning's gradient norm is clipped (``sl_clip``), as in the paper.
+    first step. It needs no labels, so with ``sl_nat_augment`` its images are augmented
+    (:func:`augment_naturals`: random crops and flips, then mixup or CutMix between training
+    images) and the original's outputs are computed on the same augmented batch (the
+    distillation recipe of Beyer et al. 2022: consistent teacher and student inputs, aggressive
+    mixing): a few hundred natural images then cover more of the input space than the images
+    themselves, so long fine-tuning drifts less on held-out images. The fine-tuning's gradient
+    norm is clipped (``sl_clip``), as in the paper.
 
 The result is a :class:`~fvsanity.models.LoadedModel` whose ``model`` wraps the fine-tuned copy
 for the fooling run; :meth:`Slingshot.save` writes the fine-tuned network's plain state dict
@@ -67,6 +73,8 @@ __all__ = [
     "Slingshot",
     "SlingshotSettings",
     "SlingshotTraining",
+    "AUGMENTS",
+    "augment_naturals",
     "auroc",
     "bowl_target",
     "direction_agreement",
@@ -78,12 +86,15 @@ __all__ = [
     "metric_weight",
     "mine_ascent",
     "preservation_loss",
+    "preservation_reference",
     "save_slingshot",
     "spectrum_to_rgb",
     "trainable_layers",
 ]
 
 FORMAT = "fvsanity-slingshot/1"
+#: ``sl_nat_augment`` choices (:func:`augment_naturals`).
+AUGMENTS = ("none", "flip_crop", "mixup", "cutmix")
 _EPS = 1e-8
 
 
@@ -136,6 +147,15 @@ class SlingshotSettings(MethodSettings):
     sl_lr: float = setting(5e-4, "Adam learning rate of the fine-tuning", gt=0)
     sl_batch: int = setting(8, "manipulation points per unit per step", min=1)
     sl_nat_batch: int = setting(32, "natural images per step (preservation loss)", min=1)
+    sl_nat_augment: str = setting("none", "augment the preservation loss's natural images (the original's outputs are "
+                                          "computed on the same augmented batch): none; flip_crop (random crop after "
+                                          "reflect padding, horizontal flip); mixup or cutmix (flip_crop, then mixed "
+                                          "with another image of the batch)",
+                                  choices=AUGMENTS)
+    sl_nat_crop: float = setting(0.125, "flip_crop: reflect padding before the random crop, as a fraction of the side",
+                                 min=0, lt=1)
+    sl_nat_mix: float = setting(0.5, "mixup/cutmix: the other image's share is uniform in [0, this]", min=0,
+                                lt=1.000001)
     sl_clip: float = setting(1.0, "clip the fine-tuning gradient's norm to this (0: no clipping)", min=0)
     sl_alpha: float = setting(1.0, "weight of the manipulation loss", min=0)
     sl_beta: float = setting(40.0, "weight of the preservation loss", min=0)
@@ -398,6 +418,71 @@ def preservation_loss(model, lm, routes, images: torch.Tensor, ref: dict, s: Sli
     return w * z + (1 - w) * a / max(1, len(layers))
 
 
+def augment_naturals(images: torch.Tensor, mode: str, g: torch.Generator, crop: float = 0.125,
+                     mix: float = 0.5) -> torch.Tensor:
+    """Label-free augmentation of natural ``images`` ``[N,3,H,W]`` in [0,1] for the preservation
+    loss (its target is the original model's output on the same batch, so no label is needed;
+    Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and consistent").
+
+    ``mode``: ``"none"`` (``images`` itself); ``"flip_crop"``: reflect-pad by ``round(crop * side)``
+    pixels, crop back to ``[H,W]`` at a random offset, flip horizontally with probability 1/2;
+    ``"mixup"``: flip_crop, then ``(1 - lam) * x_i + lam * x_j`` with ``j`` a random other image
+    of the batch and ``lam ~ U[0, mix]``; ``"cutmix"``: flip_crop, then a random box of area
+    ``lam ~ U[0, mix]`` of the image taken from ``x_j``. Every draw comes from ``g`` (the same
+    ``g`` state gives the same batch). Returns ``[N,3,H,W]`` in [0,1].
+
+    Raises:
+        FVSanityError: an unknown ``mode`` (one line naming the valid ones).
+    """
+    if mode not in AUGMENTS:
+        raise FVSanityError(f"--sl-nat-augment {mode!r} is not valid; valid: {', '.join(AUGMENTS)}")
+    if mode == "none":
+        return images
+    n, _, h, w = images.shape
+    x = images
+    ph, pw = min(round(crop * h), h - 1), min(round(crop * w), w - 1)
+    if ph > 0 or pw > 0:
+        big = F.pad(x, (pw, pw, ph, ph), mode="reflect")
+        oy = torch.randint(0, 2 * ph + 1, (n,), generator=g).tolist()
+        ox = torch.randint(0, 2 * pw + 1, (n,), generator=g).tolist()
+        x = torch.stack([big[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)])
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
+    x = torch.where(flip, x.flip(-1), x)
+    if mode == "flip_crop" or n < 2:
+        return x
+    # a partner j != i for every image: a random shift of a random permutation's cycle
+    perm = torch.randperm(n, generator=g)
+    j = torch.empty(n, dtype=torch.long)
+    j[perm] = perm.roll(1)
+    lam = torch.rand(n, generator=g) * mix
+    other = x[j.to(x.device)]
+    if mode == "mixup":
+        lv = lam.to(x.device, x.dtype).view(n, 1, 1, 1)
+        return (1 - lv) * x + lv * other
+    # cutmix: a box of area lam*h*w (aspect 1) at a random place
+    side = (lam.sqrt() * torch.tensor([h, w])[None].float().T).round().long()  # [2, n]
+    cy = torch.rand(n, generator=g)
+    cx = torch.rand(n, generator=g)
+    out = x.clone()
+    for i in range(n):
+        bh, bw = int(side[0, i]), int(side[1, i])
+        if bh == 0 or bw == 0:
+            continue
+        y0, x0 = int(cy[i] * (h - bh + 1)), int(cx[i] * (w - bw + 1))
+        y0, x0 = min(y0, h - bh), min(x0, w - bw)
+        out[i, :, y0:y0 + bh, x0:x0 + bw] = other[i, :, y0:y0 + bh, x0:x0 + bw]
+    return out
+
+
+@torch.no_grad()
+def preservation_reference(lm, routes, images: torch.Tensor, ref: dict) -> dict:
+    """The original model's outputs on ``images`` ``[N,3,H,W]`` (an augmented batch) in the form
+    :func:`preservation_loss` reads: ``logits``, ``acts``, and ``ref``'s standardizing sds."""
+    layers = sorted({r.unit.layer for r in routes})
+    logits, acts = _forward(lm.model, lm, images, layers)
+    return {"logits": logits, "acts": acts, "act_sd": ref["act_sd"], "logit_sd": ref["logit_sd"]}
+
+
 @torch.no_grad()
 def _reference(lm, routes, images: torch.Tensor, batch: int = 128) -> dict:
     """The original model's logits and unit-layer activations on ``images``, their sds, and the
@@ -492,6 +577,8 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
     train = train_images.to(dev, torch.float32)
     ref = _reference(lm, routes, train)
     g = torch.Generator().manual_seed(int(s.sl_seed))
+    # augmentation draws from their own stream: the manipulation points are the same with or without
+    g_aug = None if s.sl_nat_augment == "none" else torch.Generator().manual_seed(int(s.sl_seed) + 1_000_003)
     opt = torch.optim.Adam(params, lr=s.sl_lr)
     steps, lm_hist, lp_hist = [], [], []
     shim = _Shim(lm, net)
@@ -515,12 +602,17 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
             mined[:, :n_mine] = True
         pts = pts.to(dev)
         idx = torch.randperm(len(train), generator=g)[: s.sl_nat_batch]
-        sub = {"logits": ref["logits"][idx], "acts": {k: v[idx] for k, v in ref["acts"].items()},
-               "act_sd": ref["act_sd"], "logit_sd": ref["logit_sd"]}
+        if g_aug is None:
+            nat = train[idx]
+            sub = {"logits": ref["logits"][idx], "acts": {k: v[idx] for k, v in ref["acts"].items()},
+                   "act_sd": ref["act_sd"], "logit_sd": ref["logit_sd"]}
+        else:  # the original's outputs on the same augmented batch
+            nat = augment_naturals(train[idx], s.sl_nat_augment, g_aug, s.sl_nat_crop, s.sl_nat_mix)
+            sub = preservation_reference(lm, routes, nat, ref)
         opt.zero_grad(set_to_none=True)
         l_m = (manipulation_loss(net, shim, routes, thetas, pts, ref["mu"], height, s, g, mined)
                if s.sl_alpha > 0 else None)
-        l_p = preservation_loss(net, shim, routes, train[idx], sub, s)
+        l_p = preservation_loss(net, shim, routes, nat, sub, s)
         loss = s.sl_beta * l_p + (s.sl_alpha * l_m if l_m is not None else 0.0)
         if not torch.isfinite(loss):
             raise FVSanityError(f"slingshot: the loss became {float(loss)} at step {step}; lower --sl-lr")
