@@ -452,3 +452,33 @@ def test_the_benchmark_never_draws_an_excluded_class_unit():
     first = run.candidate_units(lm, {"class": 2, "seed": 0})
     again = run.candidate_units(lm, {"class": 2, "seed": 0, "exclude": first})
     assert len(set(again)) == 2 and not set(again) & set(first)
+
+
+def test_benchmark_scoring_leaves_out_a_signal_missing_for_a_whole_condition():
+    """Conditions kept from a run before a signal existed hold NaN for it: the NaN imputation
+    would score the condition, not the signal, so the signal is left out of every score."""
+    sys.path.insert(0, str(ROOT / "experiments" / "detection"))
+    try:
+        import run as detection_run
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    k = len(SIGNALS)
+    rank = list(SIGNALS).index("rank_own")
+
+    def block(shift, n=20, missing=False):
+        x = rng.normal(size=(n, k)) + shift
+        if missing:
+            x[:, rank] = np.nan
+        return x
+
+    signals = {r: {"healthy": block(0.0), "a": block(0.0), "b": block(0.0, missing=True)}
+               for r in ("tuning", "evaluation")}
+    for r in signals:  # rank_own alone would separate condition a perfectly
+        signals[r]["healthy"][:, rank] = rng.uniform(0, 0.1, 20)
+        signals[r]["a"][:, rank] = rng.uniform(0.5, 1.0, 20)
+    verdicts = {"evaluation": {c: {"outcome": ["inconclusive"] * 20, "diverges_any": [False] * 20} for c in ("a", "b")}}
+    res = detection_run.score(signals, verdicts, 0.05, 20, 0)
+    assert "rank_own" not in res["combined"]["names"] and "rank_own" not in res["methods"]["a"]["signals"]
+    assert res["methods"]["a"]["auc"] < 0.8  # nothing else separates it
+    assert abs(res["methods"]["b"]["signals"]["combined"]["auc"] - 0.5) < 0.25

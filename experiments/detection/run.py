@@ -233,6 +233,14 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
     )
 
     names = list(SIGNALS)
+    # a signal missing for a whole group (e.g. conditions kept from a run before the signal
+    # existed) is left out everywhere: its NaN imputation would score the group, not the signal
+    keep = [k for k in range(len(names))
+            if all(np.isfinite(m[:, k]).any() for conds_ in signals.values() for m in conds_.values())]
+    if len(keep) < len(names):
+        log("  signals missing for a whole group, left out: " + ", ".join(n for k, n in enumerate(names) if k not in keep))
+        signals = {r: {c: m[:, keep] for c, m in conds_.items()} for r, conds_ in signals.items()}
+        names = [names[k] for k in keep]
     changes = changes or {}
     conds = [c for c in signals["tuning"] if c != "healthy"]
     t_h, e_h = signals["tuning"]["healthy"], signals["evaluation"]["healthy"]
@@ -242,8 +250,9 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
     combined = fit_combined(t_h, t_all, names, fpr=fpr, two_sided=True)
     combined_one = fit_combined(t_h, t_all, names, fpr=fpr)
     # the same fit on the signals a saved check/audit JSON holds (no exemplar agreement)
-    cols = [names.index(n) for n in PATH_SIGNALS]
-    combined_path = fit_combined(t_h[:, cols], t_all[:, cols], PATH_SIGNALS, fpr=fpr, two_sided=True)
+    path_names = [n for n in PATH_SIGNALS if n in names]
+    cols = [names.index(n) for n in path_names]
+    combined_path = fit_combined(t_h[:, cols], t_all[:, cols], path_names, fpr=fpr, two_sided=True)
     center, spread = healthy_band(t_h)
     out = {"combined": combined.to_json(), "combined_path": combined_path.to_json(), "methods": {}, "curves": {}}
     # the calibrated scores (what check/audit report): their healthy FPR on evaluation units
@@ -520,7 +529,8 @@ def markdown_table(res: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     for c, m in res["methods"].items():
         eff = "n/a" if m.get("effective_fraction") is None else f"{100 * m['effective_fraction']:.0f}%"
-        rows.append(f"| {c} | {m['n']} | {eff} | {m['best_signal']} | {m['auc']:.2f} [{m['auc_ci'][0]:.2f}, "
+        best = m["best_signal"].replace("|", "\\|")  # a two-sided signal's name, e.g. |rank_own|
+        rows.append(f"| {c} | {m['n']} | {eff} | {best} | {m['auc']:.2f} [{m['auc_ci'][0]:.2f}, "
                     f"{m['auc_ci'][1]:.2f}] | {m['tpr_at_5fpr']:.2f} ({m['fpr_at_threshold']:.2f}) | "
                     f"{m['verdict_tpr_own_layer_diverges']:.2f} / {m['verdict_tpr_any_layer_diverges']:.2f} |")
     ho = res.get("healthy_outcomes", {})
