@@ -27,6 +27,7 @@ from fvsanity.compare.detect import (
     roc_auc,
     roc_curve,
     threshold_at_fpr,
+    threshold_fpr_interval,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -482,3 +483,25 @@ def test_benchmark_scoring_leaves_out_a_signal_missing_for_a_whole_condition():
     assert "rank_own" not in res["combined"]["names"] and "rank_own" not in res["methods"]["a"]["signals"]
     assert res["methods"]["a"]["auc"] < 0.8  # nothing else separates it
     assert abs(res["methods"]["b"]["signals"]["combined"]["auc"] - 0.5) < 0.25
+
+
+def test_threshold_fpr_interval_matches_simulated_thresholds_from_few_tuning_units():
+    """Known answer by simulation: thresholds chosen at 5% FPR on 26 normal healthy scores have
+    true FPRs with the Beta(2, 25) mean and 90% interval, and the evaluation count on 30 new
+    units follows the predictive (beta-binomial) distribution."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    t = threshold_fpr_interval(26, 0.05, 0.9, n_eval=30, observed=3 / 30)
+    assert t["k"] == 25 and t["mean"] == pytest.approx(2 / 27)
+    thr = np.array([threshold_at_fpr(rng.normal(size=26), 0.05) for _ in range(4000)])
+    true_fpr = norm.sf(thr)
+    assert abs(true_fpr.mean() - t["mean"]) < 0.004
+    inside = np.mean((true_fpr >= t["interval"][0]) & (true_fpr <= t["interval"][1]))
+    assert abs(inside - 0.9) < 0.02
+    counts = rng.binomial(30, true_fpr)
+    assert abs(np.mean(counts >= 3) - t["p_at_least_observed"]) < 0.03
+    lo, hi = t["predictive_interval"]
+    assert np.mean((counts / 30 >= lo) & (counts / 30 <= hi)) >= 0.9
+    with pytest.raises(DetectionError, match="healthy tuning score"):
+        threshold_fpr_interval(0)

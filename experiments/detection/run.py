@@ -230,6 +230,7 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
         roc_auc,
         roc_curve,
         threshold_at_fpr,
+        threshold_fpr_interval,
     )
 
     names = list(SIGNALS)
@@ -258,6 +259,10 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
     # the calibrated scores (what check/audit report): their healthy FPR on evaluation units
     out["combined_eval_healthy_fpr"] = rate_above(combined.score(e_h), combined.threshold_5fpr)
     out["combined_path_eval_healthy_fpr"] = rate_above(combined_path.score(e_h[:, cols]), combined_path.threshold_5fpr)
+    # what FPR a threshold from this few healthy tuning units can promise, and whether the
+    # evaluation FPR measured is within it (beyond it: the healthy scores shifted between roles)
+    out["combined_threshold_fpr"] = threshold_fpr_interval(len(t_h), fpr, n_eval=len(e_h),
+                                                           observed=out["combined_eval_healthy_fpr"])
     for c in conds:
         t_m, e_m = signals["tuning"][c], signals["evaluation"][c]
         cands = {}
@@ -503,6 +508,7 @@ def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
         "combined_path_score": res["combined_path"],
         "combined_eval_healthy_fpr": res["combined_eval_healthy_fpr"],
         "combined_path_eval_healthy_fpr": res["combined_path_eval_healthy_fpr"],
+        "combined_threshold_fpr": res["combined_threshold_fpr"],
         "units": meta["units"],
         "images": meta["images"],
         "fv": {"steps": mcfg["steps"], "seeds": mcfg["seeds"]},
@@ -522,6 +528,15 @@ def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
     return result
 
 
+def _threshold_text(t: dict | None) -> str:
+    """What a 5%-FPR threshold from this few tuning units promises (:func:`threshold_fpr_interval`)."""
+    if not t:
+        return ""
+    return (f"; a threshold from {t['n_tuning']} healthy tuning units has a true FPR of mean {t['mean']:.3f}, "
+            f"{100 * t['confidence']:.0f}% interval [{t['interval'][0]:.3f}, {t['interval'][1]:.3f}]; chance of "
+            f"measuring >= {t['observed']:.3f} on {t['n_eval']} evaluation units {t['p_at_least_observed']:.2f}")
+
+
 def markdown_table(res: dict) -> str:
     """The README's per-method table of one model's results.json entry."""
     rows = ["| manipulation | n | effective (FV changed) | best score (chosen on tuning) | AUC [95% CI] | "
@@ -538,7 +553,8 @@ def markdown_table(res: dict) -> str:
                 + ", ".join(f"{k} {v}" for k, v in ho.items())
                 + f"; verdict FPR (own layer 'diverges') {res['healthy_fpr']:.3f}, any layer {res['healthy_fpr_any_layer']:.3f}; "
                 f"combined score's FPR at its tuned threshold {res['combined_eval_healthy_fpr']:.3f} "
-                f"(path-only {res['combined_path_eval_healthy_fpr']:.3f}); measured in {res.get('seconds')} s")
+                f"(path-only {res['combined_path_eval_healthy_fpr']:.3f}){_threshold_text(res.get('combined_threshold_fpr'))}; "
+                f"measured in {res.get('seconds')} s")
     return "\n".join(rows)
 
 

@@ -89,6 +89,7 @@ __all__ = [
     "signals_from_json",
     "signals_from_path",
     "threshold_at_fpr",
+    "threshold_fpr_interval",
 ]
 
 
@@ -179,6 +180,47 @@ def threshold_at_fpr(negatives, fpr: float = 0.05) -> float:
         raise DetectionError(f"fpr must be in [0, 1), got {fpr}")
     k = max(1, math.ceil((1.0 - fpr) * neg.size - 1e-9))
     return float(neg[k - 1])
+
+
+def threshold_fpr_interval(n: int, fpr: float = 0.05, confidence: float = 0.9, n_eval: int | None = None,
+                           observed: float | None = None) -> dict:
+    """What FPR a :func:`threshold_at_fpr` threshold chosen on ``n`` healthy tuning scores has on
+    new healthy units of the same distribution (continuous scores).
+
+    The threshold is the k-th smallest of n scores, k = ceil((1 - fpr) n), so its true FPR,
+    1 - F(X_(k)), is Beta(n + 1 - k, k) distributed over tuning draws: e.g. n = 26 gives mean
+    7.4% and a 90% interval of about [1.4%, 17%]. An evaluation FPR inside the interval is what
+    so few tuning units give; one above it says the healthy scores shifted between the roles.
+
+    With ``n_eval`` the share of ``n_eval`` new healthy units above the threshold is predicted
+    too (beta-binomial: the threshold's draw and the evaluation units' draw), and with
+    ``observed`` (that share as measured) the chance of measuring at least as much.
+
+    Returns:
+        {"n_tuning", "k", "mean", "interval": [lo, hi], "confidence"} and, with ``n_eval``,
+        "n_eval", "predictive_interval" [lo, hi] (shares), with ``observed`` "observed",
+        "p_at_least_observed".
+    """
+    from scipy.stats import beta, betabinom
+
+    if n < 1:
+        raise DetectionError(f"need >= 1 healthy tuning score, got {n}")
+    if not 0.0 <= fpr < 1.0 or not 0.0 < confidence < 1.0:
+        raise DetectionError(f"fpr must be in [0, 1) and confidence in (0, 1), got {fpr} and {confidence}")
+    k = max(1, math.ceil((1.0 - fpr) * n - 1e-9))
+    a, b = n + 1 - k, k
+    lo, hi = beta.ppf([(1 - confidence) / 2, (1 + confidence) / 2], a, b)
+    out = {"n_tuning": int(n), "k": int(k), "mean": a / (a + b), "interval": [float(lo), float(hi)],
+           "confidence": confidence}
+    if n_eval:
+        d = betabinom(int(n_eval), a, b)
+        out["n_eval"] = int(n_eval)
+        out["predictive_interval"] = [float(d.ppf((1 - confidence) / 2)) / n_eval, float(d.ppf((1 + confidence) / 2)) / n_eval]
+        if observed is not None:
+            count = round(float(observed) * n_eval)
+            out["observed"] = float(observed)
+            out["p_at_least_observed"] = float(d.sf(count - 1))
+    return out
 
 
 def rate_above(scores, threshold: float) -> float:
