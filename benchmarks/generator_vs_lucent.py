@@ -14,6 +14,9 @@ lucent's ``preprocess=True`` would apply ImageNet mean/std, which is wrong for S
 Caffe input and for CIFAR). lucent is told ``fixed_image_size=size``, so after its transforms it
 resamples the canvas back to ``size`` px; fvsanity optimizes on the slightly larger transformed
 canvas (``size + 2 pad - jitters``, ~6-13% more pixels), which only handicaps fvsanity.
+``--lucent-canvas default`` gives lucent its own default instead (no ``fixed_image_size``: the
+model sees the transformed canvas, about as large as fvsanity's), the like-for-like comparison
+of the two libraries' defaults.
 
 lucent hooks every module on every ``render_vis`` call and never removes the hooks, so each of
 its units runs on a fresh deep copy of the model (copying is not timed). fvsanity renders all
@@ -66,8 +69,10 @@ def lucent_transforms(spec, preprocess) -> list:
     return out + [preprocess]
 
 
-def render_lucent(lm, unit, steps: int, size: int, spec, seed: int) -> tuple[torch.Tensor, float]:
-    """One lucent FV of ``unit``: (image [1, 3, H, W] RGB in [0, 1], seconds)."""
+def render_lucent(lm, unit, steps: int, size: int, spec, seed: int, fixed: bool = True) -> tuple[torch.Tensor, float]:
+    """One lucent FV of ``unit``: (image [1, 3, H, W] RGB in [0, 1], seconds). ``fixed``: lucent's
+    ``fixed_image_size=size`` (resample the transformed canvas to ``size``), else lucent's default
+    (the model sees the transformed canvas, as fvsanity's)."""
     from lucent.optvis import objectives, param
     from lucent.optvis import render as lrender
 
@@ -78,7 +83,7 @@ def render_lucent(lm, unit, steps: int, size: int, spec, seed: int) -> tuple[tor
     imgs = lrender.render_vis(
         model, objectives.channel(unit.layer.replace(".", "_"), unit.channel),
         param_f=lambda: param.image(size), transforms=lucent_transforms(spec, lm.preprocess), preprocess=False,
-        thresholds=(steps,), show_image=False, progress=False, fixed_image_size=size,
+        thresholds=(steps,), show_image=False, progress=False, fixed_image_size=size if fixed else None,
     )
     seconds = time.perf_counter() - t
     return torch.as_tensor(np.asarray(imgs[-1])).permute(0, 3, 1, 2).float(), seconds
@@ -129,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                     help="fvsanity's bf16 autocast + channels_last: auto = render's default (CUDA, CPUs with "
                          "native bf16) [%(default)s]")
+    ap.add_argument("--lucent-canvas", choices=["fixed", "default"], default="fixed",
+                    help="lucent's canvas: fixed = fixed_image_size=size (resampled to the model's size, "
+                         "fewer pixels than fvsanity's transformed canvas); default = lucent's default, the "
+                         "transformed canvas as fvsanity uses it [%(default)s]")
     ap.add_argument("--repeats", type=int, default=3,
                     help="interleaved rounds (fvsanity renders; lucent's units split over them) [%(default)s]")
     args = ap.parse_args(argv)
@@ -166,10 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
         t_ours.append(time.perf_counter() - t)
         loop_ours.append(float(ours.settings["seconds"]))
         for i in range(r, len(units), rounds):
-            theirs[i], sec = render_lucent(lm, units[i], args.steps, size, spec, args.seed + i)
+            theirs[i], sec = render_lucent(lm, units[i], args.steps, size, spec, args.seed + i,
+                                           fixed=args.lucent_canvas == "fixed")
             t_units.append(sec)
         t_fb.append(fwd_bwd_seconds(lm, min(bs, len(units)), canvas, device, repeats=args.steps * n_batches,
                                     amp=bool(ours.settings.get("amp"))))
+    # lucent's default canvas returns the untransformed image at its parametrization's size (= size)
     obj_theirs = torch.stack([evaluate(lm, img[None], [u], device)[0][0, 0] for img, u in zip(theirs, units)])
     obj_ours = ours.final[:, 0]
 
@@ -185,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": ours.settings.get("dtype", "float32"),
         "model": lm.name,
         "threads": args.threads,
+        "lucent_canvas": args.lucent_canvas,
         "repeats": rounds,
         "throughput_ratio_totals": round(sum(t_units) / (sum(t_ours) / rounds), 3),
         "seconds_fvsanity": round(min(t_ours), 3),
