@@ -268,10 +268,6 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
         cands = {}
         for k, n in enumerate(names):
             th, tm = _fill(t_h[:, k] * SIGNALS[n][0]), _fill(t_m[:, k] * SIGNALS[n][0])
-            if not all(np.isfinite(a[:, k]).any() for a in (t_h, t_m, e_h, e_m)):
-                # a signal missing for a whole group (e.g. measured before the signal existed)
-                # would score by its NaN filling, not by what it measures
-                continue
             sign = 1.0 if roc_auc(th, tm) >= 0.5 else -1.0  # orientation chosen on tuning
             cands[n] = (lambda x, k=k, s=sign * SIGNALS[n][0]: s * x[:, k], sign)
             # two-sided: distance from the healthy tuning band, either way

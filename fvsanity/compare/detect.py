@@ -416,6 +416,11 @@ def atypicality(x: np.ndarray, center, spread) -> np.ndarray:
     return np.log1p(np.abs(x - np.asarray(center, dtype=np.float64)) / np.asarray(spread, dtype=np.float64))
 
 
+def _with_atypicality(x: np.ndarray, center, spread) -> np.ndarray:
+    """[U, 2K]: the signals, then their :func:`atypicality` (a two-sided fit's features)."""
+    return np.concatenate([x, atypicality(x, center, spread)], axis=1)
+
+
 def healthy_band(healthy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """([K] median, [K] spread) of healthy signal columns: spread = 1.4826 MAD (the SD of a normal),
     floored at 1e-3 (1 + |median|) so a constant column gives finite atypicalities; an all-NaN
@@ -459,7 +464,7 @@ class CombinedScore:
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(self.names):
             raise DetectionError(f"signal matrix must be [U, {len(self.names)}] ({', '.join(self.names)}), got {x.shape}")
-        return np.concatenate([x, atypicality(x, self.center, self.spread)], axis=1) if self.center else x
+        return _with_atypicality(x, self.center, self.spread) if self.center else x
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """[U] scores of an [U, K] signal matrix (columns in ``names`` order; NaN -> tuning mean)."""
@@ -502,7 +507,7 @@ def fit_combined(healthy: np.ndarray, manipulated: np.ndarray, names: Sequence[s
         raise DetectionError(f"need >= 1 healthy and >= 1 manipulated tuning unit, got {len(h)} and {len(m)}")
     center, spread = healthy_band(h) if two_sided else ((), ())
     if two_sided:
-        h, m = (np.concatenate([a, atypicality(a, center, spread)], axis=1) for a in (h, m))
+        h, m = (_with_atypicality(a, center, spread) for a in (h, m))
     x = np.concatenate([h, m])
     mean = np.array([np.nanmean(c) if np.isfinite(c).any() else 0.0 for c in x.T])
     sd = np.array([np.nanstd(c) if np.isfinite(c).sum() > 1 else 0.0 for c in x.T])
