@@ -295,6 +295,28 @@ def test_unit_targets_render_the_source_unit_and_fine_tune(tmp_path):
     assert fooled.model.info["training"]["steps"][0] == 0
 
 
+def test_fv_size_sets_the_canvas_the_manipulation_shapes(tmp_path):
+    """An auditor rendering FVs at 12 px (``--fv-size``) on a 16-px model: the slingshot's points,
+    its mining ascents and its unit targets live on that canvas, read from FoolSettings.fv_size."""
+    from fvsanity.fool import FoolSettings
+
+    lm = _tiny()
+    method = get_manipulation("slingshot")
+    s = method.settings_from(FoolSettings(method="slingshot", fv_size=12, method_options=FAST))
+    assert s.fv_size == 12 and s.sl_steps == FAST["sl_steps"]
+    routes = make_routes(lm, ["fc:0"], "unit:fc:4")
+    pics = method.prepare(lm, routes, _images(8), _images(4), s, fool=None, work_dir=tmp_path)
+    assert pics["fc:4"].shape == (3, 12, 12)
+    net = finetune_slingshot(lm, routes, _images(16, 3), s, pictures=pics)[0]
+    shim = _Shim(lm, net, 12)
+    assert shim.input_size == (12, 12)
+    pts = mine_ascent(net, shim, routes, s, torch.Generator().manual_seed(0), keep=2)
+    assert pts.shape == (1, 2 * s.sl_mine_seeds, 3, 12, 7, 2)  # rfft of a 12-px side: 7 columns
+    assert _Shim(lm, net).input_size == tuple(lm.input_size)
+    with pytest.raises(FVSanityError, match=r"^--fv-size must be >= 1, got 0$"):
+        SlingshotSettings(fv_size=0)
+
+
 # ------------------------------------------------------------------------------ settings, CLI
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(FVSanityError, match=r"^--sl-steps must be >= 1, got 0$"):

@@ -178,8 +178,9 @@ def build(lm, method: str, variant: dict, units: list[str], build_images, measur
     prepared = None
     att = mcfg.get("attacker_fvs")
     if method == "circuit" and att:
+        size = {"size": int(fs.fv_size)} if fs.fv_size else {}  # the size the method's own detector FVs use
         fv_att, reused = render_cached(lm, units, work / "fv_attacker", seeds=list(att["seeds"]), steps=int(fs.det_steps),
-                                       checkpoints=tuple(fs.det_checkpoints), pngs=False, progress=False)
+                                       checkpoints=tuple(fs.det_checkpoints), pngs=False, progress=False, **size)
         log(f"  attacker FVs of the routed units {'reused' if reused else 'rendered'}: {len(units)} units x "
             f"{len(att['seeds'])} seeds, {fs.det_steps} steps")
         prepared = prepare_detector(lm, build_images, measure_images, fs, prep_dir, extra_train_fvs=[fv_att],

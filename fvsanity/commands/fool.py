@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     settings = FoolSettings(
         method=args.method, seed=args.seed, fv_size=args.fv_size, eval_units=args.eval_units,
         eval_seeds=args.eval_seeds, eval_steps=args.eval_steps, check=not args.no_check, progress=not args.no_progress,
-        **{k: v for k, v in ms.items() if k in flat},
+        **{k: v for k, v in ms.items() if k in flat and k != "fv_size"},  # --fv-size is the command's own
         method_options={k: v for k, v in ms.items() if k not in flat},
     )
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random

@@ -183,6 +183,9 @@ class SlingshotSettings(MethodSettings):
                                       lt=1.000001)
     sl_mine_buffer: int = setting(256, "mined points kept per unit (the newest)", min=1)
     sl_seed: int = setting(0, "seed of the fine-tuning's draws", min=0)
+    fv_size: int | None = setting(None, "side in px of the FV canvas the manipulation shapes (FoolSettings.fv_size, "
+                                        "the fool command's --fv-size; None: the model's input size)",
+                                  min=1, type=int, flag=False)
 
     def check(self) -> None:
         if self.sl_grad_weight == 0 and self.sl_value_weight == 0:
@@ -503,8 +506,8 @@ def _reference(lm, routes, images: torch.Tensor, batch: int = 128) -> dict:
             "mu": vals.mean(1), "sd": vals.std(1).clamp_min(_EPS)}
 
 
-def _unit_target_pictures(lm, routes, steps: int, seed: int) -> dict[str, torch.Tensor]:
-    """The source unit's FV on the original model (seed ``7000 + seed``), one per source unit."""
+def _unit_target_pictures(lm, routes, steps: int, seed: int, size: int | None = None) -> dict[str, torch.Tensor]:
+    """The source unit's FV on the original model (seed ``7000 + seed``, ``size`` px), one per source unit."""
     from ..generate.render import render
 
     src = sorted({str(r.source) for r in routes if r.source is not None and r.picture is None})
@@ -512,18 +515,18 @@ def _unit_target_pictures(lm, routes, steps: int, seed: int) -> dict[str, torch.
         return {}
     units = [r.source for r in routes if r.source is not None]
     uniq = {str(u): u for u in units}
-    res = render(lm, [uniq[k] for k in src], [7000 + int(seed)], steps=steps, progress=False)
+    res = render(lm, [uniq[k] for k in src], [7000 + int(seed)], steps=steps, size=size, progress=False)
     return {k: res.images[i, 0] for i, k in enumerate(src)}
 
 
-def _targets(lm, routes, pictures: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[R,3,H,W]`` what each route's FV should show, at the model's input size."""
+def _targets(routes, pictures: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """``[R,3,H,W]`` what each route's FV should show, at the FV canvas ``size`` (H, W)."""
     out = []
     for r in routes:
         pic = r.picture if r.picture is not None else pictures.get(str(r.source))
         if pic is None:
             raise FVSanityError(f"route {r.unit}: no target picture (source {r.source} not rendered)")
-        pic = F.interpolate(pic[None].float(), size=lm.input_size, mode="bilinear", antialias=True,
+        pic = F.interpolate(pic[None].float(), size=tuple(size), mode="bilinear", antialias=True,
                             align_corners=False)[0]
         out.append(pic.clamp(0, 1))
     return torch.stack(out)
@@ -571,8 +574,9 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
     pics = dict(pictures or {})
     missing = [r for r in routes if r.picture is None and str(r.source) not in pics]
     if missing:
-        pics.update(_unit_target_pictures(lm, missing, s.sl_target_steps, s.sl_seed))
-    targets = _targets(lm, routes, pics).to(dev)
+        pics.update(_unit_target_pictures(lm, missing, s.sl_target_steps, s.sl_seed, s.fv_size))
+    shim = _Shim(lm, net, s.fv_size)  # the losses' view of the model, at the FV canvas size
+    targets = _targets(routes, pics, shim.input_size).to(dev)
     thetas = fft_spectrum_of(targets)  # [R,3,h,wf,2]
     train = train_images.to(dev, torch.float32)
     ref = _reference(lm, routes, train)
@@ -581,7 +585,6 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
     g_aug = None if s.sl_nat_augment == "none" else torch.Generator().manual_seed(int(s.sl_seed) + 1_000_003)
     opt = torch.optim.Adam(params, lr=s.sl_lr)
     steps, lm_hist, lp_hist = [], [], []
-    shim = _Shim(lm, net)
     # the bowl's height: gamma times the rise the unit's own FV ascent reaches on the original weights
     first = mine_ascent(net, shim, routes, s, g).cpu()
     rise = (_point_values(net, shim, routes, first).amax(1) - ref["mu"]).clamp_min(0)
@@ -636,11 +639,16 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
 
 
 class _Shim:
-    """``lm``'s preprocess and layer layouts for a copy of its network (what the losses read)."""
+    """``lm``'s preprocess and layer layouts for a copy of its network (what the losses read);
+    ``input_size`` is the FV canvas the manipulation shapes (``fv_size`` px, else the model's)."""
 
-    def __init__(self, lm: LoadedModel, net: torch.nn.Module):
+    def __init__(self, lm: LoadedModel, net: torch.nn.Module, fv_size: int | None = None):
         self._lm, self.model = lm, net
-        self.preprocess, self.input_size, self.device = lm.preprocess, lm.input_size, lm.device
+        self.preprocess, self.device = lm.preprocess, lm.device
+        self.input_size = tuple(lm.input_size) if fv_size is None else (int(fv_size), int(fv_size))
+        if fv_size is not None and lm.config.fixed_input_size and self.input_size != tuple(lm.input_size):
+            raise FVSanityError(f"{lm.name} takes {lm.input_size[0]}x{lm.input_size[1]} px inputs only (fixed input "
+                                f"size); got fv_size {fv_size}: drop it or pass {lm.input_size[0]}")
 
     def layer_info(self, name: str):
         return self._lm.layer_info(name)
@@ -778,7 +786,8 @@ class Slingshot(Manipulation):
         if prepared is not None:
             return prepared
         need = [r for r in routes if r.picture is None]
-        return _unit_target_pictures(lm, need, settings.sl_target_steps, settings.sl_seed) if need else {}
+        return (_unit_target_pictures(lm, need, settings.sl_target_steps, settings.sl_seed, settings.fv_size)
+                if need else {})
 
     def build(self, lm, routes, train_images, settings, *, prepared=None):
         from .model import ManipulatedModel, wrap_loaded
