@@ -19,10 +19,12 @@ from fvsanity.compare.detect import (
     atypicality,
     auc_ci,
     channel_rank,
+    confident_rank,
     detection_signals,
     exemplar_agreement,
     fit_combined,
     healthy_band,
+    min_units_for_confidence,
     rate_above,
     roc_auc,
     roc_curve,
@@ -324,6 +326,33 @@ def test_check_and_audit_report_the_calibrated_score_and_its_operating_point(tmp
     assert rows[0]["text"] in capsys.readouterr().out
 
 
+def test_calibration_reports_the_confident_threshold_where_the_results_have_one(tmp_path):
+    from fvsanity.compare.detect import PATH_SIGNALS, load_calibration
+
+    res = _fake_results(tmp_path / "results.json", "m")
+    names = list(SIGNALS)
+    values = dict(zip(names, np.zeros(len(names))))
+    old = load_calibration(res, "m").rate(values)
+    assert "confident" not in old and "confident" not in old["text"]  # a results.json from before
+    doc = json.loads(res.read_text())
+    score = old["score"]
+    doc["m"]["combined_confident"] = {"confidence": 0.9, "n_tuning": 100, "attainable": True,
+                                      "threshold": score + 1.0, "fpr_at_threshold": 0.03}
+    doc["m"]["combined_path_confident"] = {"confidence": 0.9, "n_tuning": 100, "attainable": False, "n_needed": 45}
+    doc["m"]["methods"]["circuit:unit"]["signals"]["combined"]["confident"] = {"attainable": True, "tpr": 0.6}
+    res.write_text(json.dumps(doc))
+    cal = load_calibration(res, "m")
+    r = cal.rate(values)
+    assert r["confident"]["flagged"] is False and r["confident"]["threshold"] == score + 1.0
+    assert r["text"].endswith(f"not flagged at the 90%-confident threshold {score + 1.0:.2f} "
+                              f"(healthy FPR 3.0%; TPR circuit:unit 60%)")
+    doc["m"]["combined_confident"]["threshold"] = score - 1.0
+    res.write_text(json.dumps(doc))
+    assert load_calibration(res, "m").rate(values)["confident"]["flagged"] is True
+    path = load_calibration(res, "m").rate({n: values[n] for n in PATH_SIGNALS})  # no exemplars: path-only
+    assert path["score_name"] == "combined_path" and "confident" not in path  # not attainable there
+
+
 def test_a_calibration_measured_on_another_model_is_refused_in_one_line(tmp_path, toy_images, capsys):
     from fvsanity.cli import main
 
@@ -505,3 +534,27 @@ def test_threshold_fpr_interval_matches_simulated_thresholds_from_few_tuning_uni
     assert np.mean((counts / 30 >= lo) & (counts / 30 <= hi)) >= 0.9
     with pytest.raises(DetectionError, match="healthy tuning score"):
         threshold_fpr_interval(0)
+
+
+def test_confident_threshold_holds_its_fpr_with_the_stated_probability():
+    """Known answers (P(true FPR <= 5%) = P(Binomial(n, 0.05) >= n + 1 - k)): from 100 healthy
+    scores the 90%-confident threshold is the 2nd largest (k = 99: 0.963; k = 98: 0.882); 45
+    units are the fewest that can give one (1 - 0.95^45 = 0.901, 1 - 0.95^44 = 0.895), fewer are a
+    one-line error naming 45. By simulation its true FPR is <= 5% in at least 90% of tuning draws,
+    where the plain 5% threshold's is in about half."""
+    from scipy.stats import norm
+
+    assert confident_rank(100, 0.05, 0.9) == 99
+    assert min_units_for_confidence(0.05, 0.9) == 45
+    assert confident_rank(45, 0.05, 0.9) == 45 and confident_rank(44, 0.05, 0.9) is None
+    x = np.arange(100.0)
+    assert threshold_at_fpr(x, 0.05, confidence=0.9) == 98.0  # the 2nd largest
+    assert threshold_at_fpr(x, 0.05) == 94.0
+    with pytest.raises(DetectionError, match=r"^26 healthy tuning scores cannot give .* need >= 45$"):
+        threshold_at_fpr(np.arange(26.0), 0.05, confidence=0.9)
+    rng = np.random.default_rng(1)
+    sims = rng.normal(size=(3000, 100))
+    conf = norm.sf([threshold_at_fpr(r, 0.05, confidence=0.9) for r in sims])
+    plain = norm.sf([threshold_at_fpr(r, 0.05) for r in sims])
+    assert np.mean(conf <= 0.05) >= 0.9 - 0.015 and np.mean(conf <= 0.05) == pytest.approx(0.963, abs=0.015)
+    assert 0.3 < np.mean(plain <= 0.05) < 0.7

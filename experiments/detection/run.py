@@ -75,8 +75,8 @@ def setup(name: str, mcfg: dict, smoke: bool):
 
 def candidate_units(lm, ucfg: dict) -> list[str]:
     """Class units (``class``: true = every channel of the output layer, an int n = n of them drawn
-    with ``seed``, false = none; never one of ``exclude``) plus ``hidden`` {layer: n} channels per
-    layer, drawn with ``seed``."""
+    with ``seed``, false = none) plus ``hidden`` {layer: n} channels per layer, drawn with
+    ``seed``; never one of ``exclude`` (units an earlier run measured)."""
     n_cls = lm.layer_info(lm.output_layer).layout.channels
     want = ucfg.get("class", True)
     if want is True:
@@ -89,9 +89,13 @@ def candidate_units(lm, ucfg: dict) -> list[str]:
         classes = sorted([c for c in torch.randperm(n_cls, generator=gc).tolist() if c not in skip][: int(want)])
     out = [f"{lm.output_layer}:{c}" for c in classes]
     g = torch.Generator().manual_seed(int(ucfg["seed"]) + 1)
+    excluded = set(ucfg.get("exclude", []))
     for layer, n in ucfg.get("hidden", {}).items():
         c = lm.layer_info(layer).layout.channels
-        out += [f"{layer}:{i}" for i in sorted(torch.randperm(c, generator=g)[: int(n)].tolist())]
+        fresh = [i for i in torch.randperm(c, generator=g).tolist() if f"{layer}:{i}" not in excluded]
+        if len(fresh) < int(n):
+            raise SystemExit(f"detection: {layer} has {len(fresh)} channels not in exclude, config asks for {n}")
+        out += [f"{layer}:{i}" for i in sorted(fresh[: int(n)])]
     return out
 
 
@@ -200,6 +204,8 @@ def _fill(x: np.ndarray) -> np.ndarray:
 
 #: mean |pixel difference| above which a manipulated FV counts as changed by the manipulation
 EFFECTIVE = 0.01
+#: the confident operating point: a threshold whose FPR is <= fpr with this probability
+CONFIDENCE = 0.9
 
 
 def _loo_scores(t_h: np.ndarray, t_m: np.ndarray, names, fpr: float, two_sided: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -227,12 +233,25 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
         auc_ci,
         fit_combined,
         healthy_band,
+        min_units_for_confidence,
         rate_above,
         roc_auc,
         roc_curve,
         threshold_at_fpr,
         threshold_fpr_interval,
     )
+
+    def confident(h_tune, h_eval, m_eval) -> dict:
+        """The threshold whose FPR is <= fpr with probability CONFIDENCE (from the healthy tuning
+        scores ``h_tune``), measured on evaluation units; or why there is none."""
+        d = {"confidence": CONFIDENCE, "n_tuning": int(len(h_tune))}
+        if len(h_tune) < min_units_for_confidence(fpr, CONFIDENCE):
+            return {**d, "attainable": False, "n_needed": min_units_for_confidence(fpr, CONFIDENCE)}
+        t = threshold_at_fpr(h_tune, fpr, confidence=CONFIDENCE)
+        d.update(attainable=True, threshold=t, fpr_at_threshold=rate_above(h_eval, t))
+        if m_eval is not None:
+            d["tpr"] = rate_above(m_eval, t)
+        return d
 
     names = list(SIGNALS)
     # a signal missing for a whole group (e.g. conditions kept from a run before the signal
@@ -264,6 +283,9 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
     # evaluation FPR measured is within it (beyond it: the healthy scores shifted between roles)
     out["combined_threshold_fpr"] = threshold_fpr_interval(len(t_h), fpr, n_eval=len(e_h),
                                                            observed=out["combined_eval_healthy_fpr"])
+    # the operating point whose FPR claim holds with probability CONFIDENCE (a higher order statistic)
+    out["combined_confident"] = confident(combined.score(t_h), combined.score(e_h), None)
+    out["combined_path_confident"] = confident(combined_path.score(t_h[:, cols]), combined_path.score(e_h[:, cols]), None)
     for c in conds:
         t_m, e_m = signals["tuning"][c], signals["evaluation"][c]
         cands = {}
@@ -295,6 +317,7 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
                 "auc_ci": list(auc_ci(seh, sem, n_boot=n_boot, seed=seed)), "threshold": thr,
                 "tpr_at_5fpr": rate_above(sem, thr), "fpr_at_threshold": rate_above(seh, thr),
                 "tuning_tpr_at_5fpr": rate_above(stm, thr),
+                "confident": confident(sth, seh, sem),
             }
             fp, tp = roc_curve(seh, sem)
             out["curves"].setdefault(c, {})[n] = {"fpr": fp.tolist(), "tpr": tp.tolist()}
@@ -315,6 +338,7 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
             "fpr_at_threshold": b["fpr_at_threshold"], "best_signal": best, "best_chosen_on": "tuning AUC",
             "n_effective": b.get("n_effective"), "auc_effective": b.get("auc_effective"),
             "tpr_at_5fpr_effective": b.get("tpr_at_5fpr_effective"),
+            "confident": b["confident"],
             "n_tuning": int(len(t_m)),
             "verdict_tpr_own_layer_diverges": float(np.mean([o == "diverges" for o in v["outcome"]])),
             "verdict_tpr_any_layer_diverges": float(np.mean(v["diverges_any"])),
@@ -506,6 +530,8 @@ def finish(name: str, mcfg: dict, raw: dict, out: Path) -> dict:
         "combined_eval_healthy_fpr": res["combined_eval_healthy_fpr"],
         "combined_path_eval_healthy_fpr": res["combined_path_eval_healthy_fpr"],
         "combined_threshold_fpr": res["combined_threshold_fpr"],
+        "combined_confident": res["combined_confident"],
+        "combined_path_confident": res["combined_path_confident"],
         "units": meta["units"],
         "images": meta["images"],
         "fv": {"steps": mcfg["steps"], "seeds": mcfg["seeds"]},
@@ -534,16 +560,28 @@ def _threshold_text(t: dict | None) -> str:
             f"measuring >= {t['observed']:.3f} on {t['n_eval']} evaluation units {t['p_at_least_observed']:.2f}")
 
 
+def _confident_text(c: dict | None, rate: str) -> str:
+    """A confident operating point (``confident`` of a method or ``combined_confident``) in words."""
+    if not c:
+        return "n/a"
+    if not c.get("attainable"):
+        return f"none ({c['n_tuning']} < {c['n_needed']} tuning units)"
+    return f"{c[rate]:.2f} ({c['fpr_at_threshold']:.2f})" if rate in c else f"{c['fpr_at_threshold']:.3f}"
+
+
 def markdown_table(res: dict) -> str:
     """The README's per-method table of one model's results.json entry."""
+    conf = next((m["confident"]["confidence"] for m in res["methods"].values() if m.get("confident")), CONFIDENCE)
     rows = ["| manipulation | n | effective (FV changed) | best score (chosen on tuning) | AUC [95% CI] | "
-            "TPR at the 5%-FPR threshold (FPR measured) | verdict: diverges at own layer / any layer |",
-            "|---|---|---|---|---|---|---|"]
+            f"TPR at the 5%-FPR threshold (FPR measured) | TPR at the {100 * conf:.0f}%-confident one (FPR measured) | "
+            "verdict: diverges at own layer / any layer |",
+            "|---|---|---|---|---|---|---|---|"]
     for c, m in res["methods"].items():
         eff = "n/a" if m.get("effective_fraction") is None else f"{100 * m['effective_fraction']:.0f}%"
         best = m["best_signal"].replace("|", "\\|")  # a two-sided signal's name, e.g. |rank_own|
         rows.append(f"| {c} | {m['n']} | {eff} | {best} | {m['auc']:.2f} [{m['auc_ci'][0]:.2f}, "
                     f"{m['auc_ci'][1]:.2f}] | {m['tpr_at_5fpr']:.2f} ({m['fpr_at_threshold']:.2f}) | "
+                    f"{_confident_text(m.get('confident'), 'tpr')} | "
                     f"{m['verdict_tpr_own_layer_diverges']:.2f} / {m['verdict_tpr_any_layer_diverges']:.2f} |")
     ho = res.get("healthy_outcomes", {})
     rows.append(f"\nhealthy evaluation units: {res['n_healthy']}; verdict at the own layer: "
@@ -551,6 +589,7 @@ def markdown_table(res: dict) -> str:
                 + f"; verdict FPR (own layer 'diverges') {res['healthy_fpr']:.3f}, any layer {res['healthy_fpr_any_layer']:.3f}; "
                 f"combined score's FPR at its tuned threshold {res['combined_eval_healthy_fpr']:.3f} "
                 f"(path-only {res['combined_path_eval_healthy_fpr']:.3f}){_threshold_text(res.get('combined_threshold_fpr'))}; "
+                f"at its {100 * conf:.0f}%-confident threshold {_confident_text(res.get('combined_confident'), '')}; "
                 f"measured in {res.get('seconds')} s")
     return "\n".join(rows)
 

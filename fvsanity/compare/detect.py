@@ -48,7 +48,10 @@ two-sided, their atypicalities; NaN imputed with the tuning mean, i.e. 0 after
 standardization), classes weighted equally, a small L2 penalty, fit on the TUNING units only
 (healthy vs manipulated by any method). Its threshold for a 5% false-positive rate is chosen on
 the tuning units' healthy scores (:func:`threshold_at_fpr`) and then only measured on
-evaluation units.
+evaluation units. That threshold's true FPR scatters around 5% (:func:`threshold_fpr_interval`);
+``threshold_at_fpr(..., confidence=0.9)`` picks a higher order statistic (:func:`confident_rank`)
+whose FPR is <= 5% with probability 0.9, which needs >= 45 healthy tuning units
+(:func:`min_units_for_confidence`).
 
 ROC utilities: :func:`roc_auc` (Mann-Whitney, ties count 1/2), :func:`auc_ci` (stratified
 bootstrap over units), :func:`roc_curve`, :func:`threshold_at_fpr`, :func:`rate_above`.
@@ -76,11 +79,13 @@ __all__ = [
     "atypicality",
     "auc_ci",
     "channel_rank",
+    "confident_rank",
     "detection_signals",
     "exemplar_agreement",
     "fit_combined",
     "healthy_band",
     "load_calibration",
+    "min_units_for_confidence",
     "orient",
     "rate_above",
     "roc_auc",
@@ -168,18 +173,58 @@ def roc_curve(negatives, positives) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(fpr), np.asarray(tpr)
 
 
-def threshold_at_fpr(negatives, fpr: float = 0.05) -> float:
+def threshold_at_fpr(negatives, fpr: float = 0.05, confidence: float | None = None) -> float:
     """The smallest threshold t with (share of ``negatives`` > t) <= ``fpr`` (flag = score > t).
 
     It is the ceil((1 - fpr) n)-th smallest negative score (the largest one if that is n): at
     most floor(fpr n) negatives lie above it. Choose it on tuning units, then measure
-    :func:`rate_above` on evaluation units.
+    :func:`rate_above` on evaluation units. Its true FPR on new units scatters around ``fpr``
+    (:func:`threshold_fpr_interval`; above it about half the time).
+
+    With ``confidence`` (e.g. 0.9): the k-th smallest negative score for the smallest k
+    (:func:`confident_rank`) whose true FPR is <= ``fpr`` with that probability over draws of the
+    n tuning units (continuous scores): a threshold whose FPR claim holds, at some cost in TPR.
+
+    Raises:
+        DetectionError: ``fpr`` outside [0, 1); with ``confidence``, too few negatives for it (the
+            line names how many it needs).
     """
     neg = np.sort(_scores(negatives, "negative"))
     if not 0.0 <= fpr < 1.0:
         raise DetectionError(f"fpr must be in [0, 1), got {fpr}")
+    if confidence is not None:
+        k = confident_rank(neg.size, fpr, confidence)
+        if k is None:
+            raise DetectionError(f"{neg.size} healthy tuning scores cannot give a threshold whose FPR is <= {fpr:g} "
+                                 f"with confidence {confidence:g}; need >= {min_units_for_confidence(fpr, confidence)}")
+        return float(neg[k - 1])
     k = max(1, math.ceil((1.0 - fpr) * neg.size - 1e-9))
     return float(neg[k - 1])
+
+
+def confident_rank(n: int, fpr: float = 0.05, confidence: float = 0.9) -> int | None:
+    """The smallest k in 1..n such that the k-th smallest of n healthy scores, as a threshold, has a
+    true FPR <= ``fpr`` with probability >= ``confidence`` (its true FPR is Beta(n + 1 - k, k)
+    distributed, i.e. P(FPR <= fpr) = P(Binomial(n, fpr) >= n + 1 - k)); None when even the
+    largest score (k = n) does not reach it (n < :func:`min_units_for_confidence`)."""
+    from scipy.stats import beta
+
+    if n < 1 or not 0.0 < fpr < 1.0 or not 0.0 < confidence < 1.0:
+        raise DetectionError(f"need n >= 1, fpr in (0, 1), confidence in (0, 1); got {n}, {fpr}, {confidence}")
+    ks = np.arange(1, n + 1)
+    ok = beta.cdf(fpr, n + 1 - ks, ks) >= confidence - 1e-12
+    return int(ks[ok][0]) if ok.any() else None
+
+
+def min_units_for_confidence(fpr: float = 0.05, confidence: float = 0.9) -> int:
+    """How many healthy tuning units a :func:`confident_rank` threshold needs at least: the largest
+    of n scores has a true FPR <= ``fpr`` with probability 1 - (1 - fpr)^n (45 for 5% and 0.9)."""
+    if not 0.0 < fpr < 1.0 or not 0.0 < confidence < 1.0:
+        raise DetectionError(f"fpr and confidence must be in (0, 1), got {fpr} and {confidence}")
+    n = math.ceil(math.log1p(-confidence) / math.log1p(-fpr) - 1e-9)
+    while 1.0 - (1.0 - fpr) ** n < confidence - 1e-12:  # float guard
+        n += 1
+    return int(n)
 
 
 def threshold_fpr_interval(n: int, fpr: float = 0.05, confidence: float = 0.9, n_eval: int | None = None,
@@ -571,7 +616,10 @@ class Calibration:
         model: the model name it was measured on; source: the results.json path.
         scores: {"combined": CombinedScore (every signal), "combined_path": CombinedScore
             (:data:`PATH_SIGNALS` only)}; operating: per score, what was measured on evaluation
-            units at its 5%-FPR threshold: {"healthy_fpr": float, "tpr": {method: float}}.
+            units at its 5%-FPR threshold: {"healthy_fpr": float, "tpr": {method: float}}, and,
+            where the tuning units sufficed for one, at its confident threshold (FPR <= 5% with
+            probability ``confidence``): "confident": {"threshold", "confidence", "healthy_fpr",
+            "tpr": {method: float}}.
     """
 
     model: str
@@ -601,9 +649,18 @@ class Calibration:
         text = (f"calibrated score ({name}) {s:.2f} {'>' if flagged else '<='} {cs.threshold_5fpr:.2f}: "
                 f"{'flagged' if flagged else 'not flagged'} at the 5%-FPR threshold measured on {self.model} "
                 f"({fpr_txt}" + (f"; TPR {tpr_txt}" if tpr_txt else "") + " on its evaluation units)")
-        return {"score_name": name, "score": s, "threshold": cs.threshold_5fpr, "flagged": bool(flagged),
-                "healthy_fpr": op.get("healthy_fpr"), "tpr": dict(tpr), "measured_on": self.model,
-                "source": self.source, "text": text}
+        out = {"score_name": name, "score": s, "threshold": cs.threshold_5fpr, "flagged": bool(flagged),
+               "healthy_fpr": op.get("healthy_fpr"), "tpr": dict(tpr), "measured_on": self.model,
+               "source": self.source}
+        c = op.get("confident")
+        if c:
+            fc = s > c["threshold"]
+            out["confident"] = {**c, "flagged": bool(fc)}
+            text += (f"; {'flagged' if fc else 'not flagged'} at the {100 * c['confidence']:.0f}%-confident threshold "
+                     f"{c['threshold']:.2f} (healthy FPR {100 * c['healthy_fpr']:.1f}%; TPR "
+                     + ", ".join(f"{m} {100 * v:.0f}%" for m, v in c["tpr"].items()) + ")")
+        out["text"] = text
+        return out
 
 
 def load_calibration(path, model: str) -> Calibration:
@@ -639,6 +696,12 @@ def load_calibration(path, model: str) -> Calibration:
         operating[name] = {"healthy_fpr": r.get(fpr_key),
                            "tpr": {m: v["signals"][name]["tpr_at_5fpr"] for m, v in r.get("methods", {}).items()
                                    if name in v.get("signals", {})}}
+        conf = r.get(f"{name}_confident") or {}
+        if conf.get("attainable"):  # older results.json files have none
+            operating[name]["confident"] = {
+                "threshold": conf["threshold"], "confidence": conf["confidence"], "healthy_fpr": conf["fpr_at_threshold"],
+                "tpr": {m: v["signals"][name]["confident"]["tpr"] for m, v in r.get("methods", {}).items()
+                        if (v.get("signals", {}).get(name) or {}).get("confident", {}).get("attainable")}}
     if "combined_path" not in scores:
         raise DetectionError(f"--calibration {str(p)!r} has no path-only score for {model!r}; re-run the detection benchmark")
     return Calibration(model, str(p), scores, operating)
