@@ -245,8 +245,9 @@ def score(signals: dict, verdicts: dict, fpr: float, n_boot: int, seed: int, cha
         """The threshold whose FPR is <= fpr with probability CONFIDENCE (from the healthy tuning
         scores ``h_tune``), measured on evaluation units; or why there is none."""
         d = {"confidence": CONFIDENCE, "n_tuning": int(len(h_tune))}
-        if len(h_tune) < min_units_for_confidence(fpr, CONFIDENCE):
-            return {**d, "attainable": False, "n_needed": min_units_for_confidence(fpr, CONFIDENCE)}
+        need = min_units_for_confidence(fpr, CONFIDENCE)
+        if len(h_tune) < need:
+            return {**d, "attainable": False, "n_needed": need}
         t = threshold_at_fpr(h_tune, fpr, confidence=CONFIDENCE)
         d.update(attainable=True, threshold=t, fpr_at_threshold=rate_above(h_eval, t))
         if m_eval is not None:

@@ -176,11 +176,14 @@ def run(args: argparse.Namespace) -> int:
     # the method's settings: flat FoolSettings fields where FoolSettings has them (the built-in
     # methods' knobs, as configs and fool.json name them), method_options for the others
     flat = {f.name for f in dataclasses.fields(FoolSettings)}
-    ms = dataclasses.asdict(method_settings)
+    # only what came from the method's flags: a field without a flag (e.g. slingshot's fv_size, read
+    # from FoolSettings) holds its default here and must not override the command's own value
+    ms = {f.name: getattr(method_settings, f.name) for f in dataclasses.fields(method_settings)
+          if f.metadata.get("flag", True)}
     settings = FoolSettings(
         method=args.method, seed=args.seed, fv_size=args.fv_size, eval_units=args.eval_units,
         eval_seeds=args.eval_seeds, eval_steps=args.eval_steps, check=not args.no_check, progress=not args.no_progress,
-        **{k: v for k, v in ms.items() if k in flat and k != "fv_size"},  # --fv-size is the command's own
+        **{k: v for k, v in ms.items() if k in flat},
         method_options={k: v for k, v in ms.items() if k not in flat},
     )
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
