@@ -265,10 +265,14 @@ def sharded(device=None, env=None) -> Iterator[Shard]:
             raise DistributedError(f"cannot start the process group of rank {shard.rank}/{shard.world_size}: "
                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         started = True
+    ok = False
     try:
         yield Shard(shard.rank, shard.world_size, shard.local_rank, shard.local_world_size, True)
+        ok = True
     finally:
         if started and dist.is_initialized():
+            if ok:  # every rank done before any tears down: gloo aborts a rank whose peer is gone mid-send
+                dist.barrier()
             dist.destroy_process_group()
         if dev.type != "cuda":
             torch.set_num_threads(threads)
