@@ -55,9 +55,10 @@ def _setup(run: dict, smoke: bool):
     return lm, nat, three_way_split(len(nat), sp["fractions"], sp["seed"])
 
 
-def lucent_fvs(lm, unit, seeds, steps: int):
-    """FVs of ``unit`` by lucent's ``render_vis`` (its fft parametrization at the model's input size,
-    its Adam at lr 0.05, its standard transforms with pixel amounts scaled to the size): ``[S,3,H,W]``."""
+def lucent_fvs(lm, unit, seeds, steps: int, size: int | None = None):
+    """FVs of ``unit`` by lucent's ``render_vis`` (its fft parametrization at ``size`` px, else the
+    model's input size, its Adam at lr 0.05, its standard transforms with pixel amounts scaled to the
+    size): ``[S,3,H,W]``."""
     import numpy as np
     import torch
     from lucent.optvis import param, render, transform
@@ -70,7 +71,7 @@ def lucent_fvs(lm, unit, seeds, steps: int):
         def forward(self, x):
             return self.net(x)
 
-    h, w = lm.input_size
+    h, w = lm.input_size if size is None else (size, size)
     f = min(h, w) / 224
     tr = [transform.pad(max(1, round(12 * f)), mode="constant", constant_value=0.5),
           transform.jitter(max(2, round(8 * f))), transform.random_scale([1 + (i - 5) / 50.0 for i in range(11)]),
@@ -101,7 +102,9 @@ def run_variant(lm, nat, split, name: str, var: dict, cfg: dict, work: Path, fig
     target = var.get("target")
     if target is not None and not target.startswith("unit:"):
         target = str(HERE / target)
-    routes = make_routes(lm, var["units"], target, shift=var.get("shift"), picture_size=lm.input_size)
+    fv_size = var.get("fv_size")  # the FV canvas (auditors' and the attacker's), else the model's input size
+    routes = make_routes(lm, var["units"], target, shift=var.get("shift"),
+                         picture_size=lm.input_size if fv_size is None else (fv_size, fv_size))
     build = split.building[: var.get("n_build", cfg["n_build"])]
     train = nat.images[build]
     ev = nat.subset(split.evaluation)
@@ -109,7 +112,8 @@ def run_variant(lm, nat, split, name: str, var: dict, cfg: dict, work: Path, fig
     s = FoolSettings(method="slingshot", seed=0, eval_units=var.get("eval_units", len(routes)),
                      eval_seeds=var["eval_seeds"], eval_steps=var["eval_steps"], check=True, lpips=c["lpips"] and not smoke,
                      check_top_k=c["check_top_k"], check_n_boot=c["check_n_boot"], check_n_perm=c["check_n_perm"],
-                     timing_repeats=c["timing_repeats"], progress=False, method_options=dict(var["settings"]))
+                     timing_repeats=c["timing_repeats"], progress=False, method_options=dict(var["settings"]),
+                     fv_size=fv_size)
     out = work / f"{model_name}_{name}"
     t0 = time.process_time()
     res = run_fool(lm, routes, train, ev, s, out)
@@ -131,6 +135,7 @@ def run_variant(lm, nat, split, name: str, var: dict, cfg: dict, work: Path, fig
     row.update({
         "n_units": len(routes), "eval_units": res.figure_fvs["units"], "n_eval_images": len(ev),
         "n_build_images": len(train), "fv_settings": {"steps": var["eval_steps"], "seeds": var["eval_seeds"],
+                                                      "size": fv_size or lm.input_size[0],
                                                       "rest": "fvsanity defaults (fft, Adam lr 0.05, standard transforms)"},
         "auroc_change": max(aurocs, key=abs) if aurocs else None,
         "auroc_change_mean": sum(aurocs) / len(aurocs) if aurocs else None,
@@ -158,7 +163,8 @@ def run_variant(lm, nat, split, name: str, var: dict, cfg: dict, work: Path, fig
         t1 = time.process_time()
         u = routes[0].unit
         seeds = [2000 + i for i in range(var["eval_seeds"])]
-        fm, fo = lucent_fvs(fooled, u, seeds, var["eval_steps"]), lucent_fvs(lm, u, seeds, var["eval_steps"])
+        fm = lucent_fvs(fooled, u, seeds, var["eval_steps"], fv_size)
+        fo = lucent_fvs(lm, u, seeds, var["eval_steps"], fv_size)
         pic = routes[0].picture[None] if routes[0].picture is not None else None
         if pic is not None:
             row["lucent"] = {"unit": str(u), "seeds": seeds, "steps": var["eval_steps"],
@@ -197,6 +203,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, random images")
     ap.add_argument("--only", default=None, help="one model of config.json")
+    ap.add_argument("--variant", default=None, help="with --only: re-run this variant, keep the model's other "
+                                                    "variants' rows from the existing results.json")
     ap.add_argument("--work", default=None, help="[runs/slingshot]")
     ap.add_argument("--figures", default=None, help="[figures/slingshot, or runs/smoke/slingshot with --smoke]")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads [1] (CPU times are per process: with "
@@ -217,6 +225,8 @@ def _run(args) -> int:
 
     cfg = json.loads((HERE / "config.json").read_text())
     torch.manual_seed(0)
+    if args.variant and not args.only:
+        raise SystemExit("--variant needs --only MODEL")
     if args.smoke:
         sm = cfg["smoke"]
         runs = {"tiny": {"model": "tiny", "split": sm["split"], "variants": sm["variants"], "n_build": sm["n_build"]}}
@@ -228,11 +238,24 @@ def _run(args) -> int:
     figures.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     results = {"config": cfg, "provenance": provenance(), "smoke": args.smoke}
+    old = figures / "results.json"
+    if args.only and old.exists():  # one model re-run: keep the others' rows (each with its provenance)
+        prev = json.loads(old.read_text())
+        results.update({k: {**v, "provenance": v.get("provenance", prev.get("provenance"))}
+                        for k, v in prev.items() if k in cfg["runs"] and k != args.only})
     t_all = time.process_time()
     for name, run in runs.items():
         lm, nat, split = _setup(run, args.smoke)
         rcfg = {"n_build": run["n_build"], "check": cfg["check"], "exemplars": cfg["exemplars"]}
-        rows = {v: run_variant(lm, nat, split, v, var, rcfg, work, figures, name, args.smoke)
+        kept = {}
+        if args.variant:  # the other variants' rows as they were (their settings must be unchanged)
+            prev = json.loads(old.read_text()) if old.exists() else {}
+            kept = {v: r for v, r in prev.get(name, {}).get("variants", {}).items() if v != args.variant}
+            stale = [v for v in kept if prev["config"]["runs"][name]["variants"].get(v) != run["variants"].get(v)]
+            if stale or set(kept) | {args.variant} != set(run["variants"]):
+                raise SystemExit(f"--variant {args.variant}: the kept variants {sorted(kept)} do not match "
+                                 f"config.json's {sorted(run['variants'])} (changed: {stale}); re-run the whole model")
+        rows = {v: kept[v] if v in kept else run_variant(lm, nat, split, v, var, rcfg, work, figures, name, args.smoke)
                 for v, var in run["variants"].items()}
         pic = rows.get("picture") or next(iter(rows.values()))
         results[name] = {
@@ -252,10 +275,11 @@ def _run(args) -> int:
             "finetune_cpu_seconds": sum(r["finetune_cpu_seconds"] for r in rows.values()),
             "variants": rows,
             "split": split.to_json(),
+            "provenance": results["provenance"],
         }
     results["total_cpu_seconds"] = time.process_time() - t_all
     atomic_write_json(figures / "results.json", results)
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("variants", "split")}
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("variants", "split", "provenance")}
                       for k, v in results.items() if k in runs}, indent=1, default=str))
     print(f"wrote {figures / 'results.json'} ({results['total_cpu_seconds'] / 60:.1f} CPU min)")
     return 0

@@ -1,13 +1,18 @@
 """Slingshot trials on the TUNING split (never the evaluation split): fine-tune the picture
 variant's unit with given settings and, every ``--every`` steps, measure on the tuning split the
 top-1 change (points), the unit's AUROC change for its class and SSIM(FV, target) of fvsanity's
-default FVs (``--fv-steps`` 512, seeds 0 and 1), as the README's trial table reports them.
+default FVs (``--fv-steps`` 512, seeds 0 .. ``--fv-seeds`` - 1), as the README's trial table reports them.
 
     python experiments/slingshot/tune.py '{"sl_steps": 2000, "sl_nat_augment": "mixup", "sl_beta": 10}' \\
         --every 500 --tag mixb10 > /tmp/trial_mixb10.log
+    python experiments/slingshot/tune.py '{"sl_steps": 600, "sl_lr": 1e-4, "sl_nat_batch": 16}' \\
+        --model imagenet-squeezenet --threads 2 --every 300 --fv-steps 256
 
-One CPU thread; about 0.3 CPU s per fine-tuning step and 7 CPU s per evaluation on ResNet-20.
-Prints one line per evaluation: ``[tag] step N: top1 +0.60 pts, auroc -0.0152, ssim [a, b], ...``.
+The model's picture variant of config.json (its units, target and ``fv_size``; the settings given
+here replace the variant's). One CPU thread by default; about 0.3 CPU s per fine-tuning step and
+7 CPU s per evaluation on ResNet-20. Prints one line per evaluation:
+``[tag] step N: top1 +0.60 pts, auroc [-0.0152], ssim [[a, b]], ...`` (AUROC and SSIM per unit;
+AUROC NaN where the unit's class has no tuning image).
 """
 
 from __future__ import annotations
@@ -43,45 +48,58 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=500, help="evaluate every this many steps [500]")
     ap.add_argument("--tag", default="trial")
     ap.add_argument("--fv-steps", type=int, default=512)
+    ap.add_argument("--fv-seeds", type=int, default=2, help="FV seeds 0..n-1 per evaluation [2]")
     ap.add_argument("--save-fvs", default=None, help="folder for the FVs (<tag>_<step>.pt)")
+    ap.add_argument("--model", default="cifar10-resnet20", help="a run of config.json [cifar10-resnet20]")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
+    ap.add_argument("--n-build", type=int, default=None, help="building images for the preservation loss "
+                                                                "[the variant's n_build, else the run's]")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, args.threads))
     cfg = json.loads((HERE / "config.json").read_text())
-    run = cfg["runs"]["cifar10-resnet20"]
+    run = cfg["runs"][args.model]
     var = run["variants"]["picture"]
     data = Path(os.environ.get("FVSANITY_DATA", ROOT.parent / "shared" / "data"))
     lm = load_model(run["model"])
     nat = load_images(data / run["images"], lm, into_memory=True)
     sp = three_way_split(len(nat), run["split"]["fractions"], run["split"]["seed"])
-    train = nat.images[sp.building[: run["n_build"]]]
+    n_build = args.n_build or var.get("n_build", run["n_build"])
+    train = nat.images[sp.building[:n_build]]
     tun = nat.subset(sp.tuning)
-    routes = make_routes(lm, var["units"], str(HERE / var["target"]), picture_size=lm.input_size)
+    fv_size = var.get("fv_size")
+    size = lm.input_size if fv_size is None else (fv_size, fv_size)
+    routes = make_routes(lm, var["units"], str(HERE / var["target"]), picture_size=size)
     pic = routes[0].picture[None]
-    u = routes[0].unit
-    s = SlingshotSettings(**json.loads(args.settings))
-    with torch.no_grad():
-        z0 = lm.model(lm.preprocess(tun.images))
+    units = [r.unit for r in routes]
+    s = SlingshotSettings(**{**var["settings"], **json.loads(args.settings), "fv_size": fv_size})
+
+    def logits(model):
+        with torch.no_grad():
+            return torch.cat([model(lm.preprocess(b)) for b in tun.images.split(100)])
+
+    z0 = logits(lm.model)
     top0 = (z0.argmax(1) == tun.labels).float().mean().item()
-    au0 = auroc(z0[:, u.channel], tun.labels == u.channel)
+    au0 = [auroc(z0[:, u.channel], tun.labels == u.channel) for u in units]
 
     def evaluate(step, net):
         if (step + 1) % args.every:
             return
         t = time.process_time()
         m = dataclasses.replace(lm, model=prepare_model(copy.deepcopy(net).eval()))
-        with torch.no_grad():
-            z = m.model(lm.preprocess(tun.images))
+        z = logits(m.model)
         top = (z.argmax(1) == tun.labels).float().mean().item()
-        au = auroc(z[:, u.channel], tun.labels == u.channel)
-        res = render(m, [u], [0, 1], steps=args.fv_steps, progress=False)
-        ss = ssim(res.images[0], pic.expand(2, -1, -1, -1))
-        print(f"[{args.tag}] step {step + 1}: top1 {100 * (top - top0):+.2f} pts, auroc {au - au0:+.4f}, "
-              f"ssim {ss.tolist()}, eval cpu {time.process_time() - t:.0f}s, process cpu {time.process_time():.0f}s",
+        au = [round(auroc(z[:, u.channel], tun.labels == u.channel) - a0, 4) for u, a0 in zip(units, au0)]
+        res = render(m, units, args.fv_seeds, steps=args.fv_steps, size=fv_size, progress=False)
+        ss = [[round(v, 3) for v in ssim(res.images[i], pic.expand(args.fv_seeds, -1, -1, -1)).tolist()]
+              for i in range(len(units))]
+        print(f"[{args.tag}] step {step + 1}: top1 {100 * (top - top0):+.2f} pts, auroc {au}, "
+              f"ssim {ss}, eval cpu {time.process_time() - t:.0f}s, process cpu {time.process_time():.0f}s",
               flush=True)
         if args.save_fvs:
             Path(args.save_fvs).mkdir(parents=True, exist_ok=True)
-            torch.save(res.images[0], Path(args.save_fvs) / f"{args.tag}_{step + 1}.pt")
+            torch.save(res.images, Path(args.save_fvs) / f"{args.tag}_{step + 1}.pt")
 
+    evaluate(-1, lm.model)  # step 0: the original model's FVs (the SSIM baseline)
     _, tr = finetune_slingshot(lm, routes, train, s, log_every=250, callback=evaluate,
                                log=lambda msg: print(f"[{args.tag}]", msg, flush=True))
     print(f"[{args.tag}] done, fine-tuning + evaluations {tr.cpu_seconds:.0f} CPU s")
