@@ -100,6 +100,27 @@ def test_preservation_loss_is_exactly_zero_before_fine_tuning():
     assert preservation_loss(net, _Shim(lm, net), routes, train, ref, s).item() > 0
 
 
+def test_unit_term_of_the_preservation_loss_is_zero_before_and_sees_the_unit_move():
+    import copy
+
+    lm, routes, s, train, _ = _setup(sl_unit_weight=5.0)
+    ref = _reference(lm, routes, train)
+    net = copy.deepcopy(lm.model)
+    assert preservation_loss(net, _Shim(lm, net), routes, train, ref, s).item() == 0.0
+    off = SlingshotSettings(**{**FAST, "sl_unit_weight": 0.0})
+    with torch.no_grad():  # move only the manipulated unit's row of the last layer
+        net.fc.bias[routes[0].unit.channel] += ref["sd"][0]
+    base = preservation_loss(net, _Shim(lm, net), routes, train, ref, off).item()
+    # the unit moved by exactly one natural sd on every image: the added term is 5 * 1^2
+    got = preservation_loss(net, _Shim(lm, net), routes, train, ref, s).item()
+    assert got == pytest.approx(base + 5.0, rel=1e-5)
+    # and in the fine-tuning it starts at exactly 0 too (plain and augmented batches)
+    for mode in ("none", "mixup"):
+        _, training = finetune_slingshot(lm, routes, train, SlingshotSettings(**{**FAST, "sl_unit_weight": 5.0,
+                                                                                "sl_nat_augment": mode}), log_every=4)
+        assert training.preservation[0] == 0.0
+
+
 @pytest.mark.parametrize("mode", ["flip_crop", "mixup", "cutmix"])
 def test_augmented_preservation_loss_is_exactly_zero_before_fine_tuning(mode):
     import copy

@@ -161,6 +161,9 @@ class SlingshotSettings(MethodSettings):
     sl_beta: float = setting(40.0, "weight of the preservation loss", min=0)
     sl_logit_weight: float = setting(1.0, "share of the logits in the preservation loss (rest: the unit's layer)",
                                      min=0, lt=1.000001)
+    sl_unit_weight: float = setting(0.0, "preservation: weight of an added term, the manipulated units' own pooled "
+                                         "responses on the natural images (standardized by their natural sd); with "
+                                         "1,000 logits a class unit is a thousandth of the logit term", min=0)
     sl_grad_weight: float = setting(1.0, "manipulation: weight of 1 - cos(FV gradient, way to the target)", min=0)
     sl_value_weight: float = setting(1.0, "manipulation: weight of the unit's value following the bowl", min=0)
     sl_gamma: float = setting(3.0, "height of the bowl at the target above the natural mean: this many times the rise "
@@ -408,7 +411,9 @@ def preservation_loss(model, lm, routes, images: torch.Tensor, ref: dict, s: Sli
     """Standardized squared difference to the original model on natural ``images`` ``[N,3,H,W]``:
     ``(1 - w) * mean over the units' layers of ((act - act0)/sd_c)^2 + w * mean(((z - z0)/sd_z)^2)``
     (``w`` = ``sl_logit_weight``; ``ref``: the original's ``logits``, ``acts`` {layer: act} and the
-    per-channel ``act_sd`` {layer: [C]} and ``logit_sd``). Exactly 0 for an unchanged copy."""
+    per-channel ``act_sd`` {layer: [C]} and ``logit_sd``), plus ``sl_unit_weight`` times the mean
+    over routes and images of ``((v_u - v0_u)/sd_u)^2``, the manipulated units' own pooled values
+    (``ref["sd"]`` their natural sd). Exactly 0 for an unchanged copy."""
     layers = sorted({r.unit.layer for r in routes})
     logits, acts = _forward(model, lm, images, layers)
     w = s.sl_logit_weight
@@ -418,7 +423,12 @@ def preservation_loss(model, lm, routes, images: torch.Tensor, ref: dict, s: Sli
         sd_c = ref["act_sd"][layer]
         sd_c = sd_c.view(1, -1, *([1] * (acts[layer].ndim - 2)))
         a = a + (((acts[layer] - ref["acts"][layer]) / sd_c) ** 2).mean()
-    return w * z + (1 - w) * a / max(1, len(layers))
+    loss = w * z + (1 - w) * a / max(1, len(layers))
+    if s.sl_unit_weight > 0:
+        v = torch.stack([_unit_value(acts[r.unit.layer], r.unit, lm) - _unit_value(ref["acts"][r.unit.layer], r.unit, lm)
+                         for r in routes])  # [R, N]
+        loss = loss + s.sl_unit_weight * ((v / ref["sd"].view(-1, 1)) ** 2).mean()
+    return loss
 
 
 def augment_naturals(images: torch.Tensor, mode: str, g: torch.Generator, crop: float = 0.125,
@@ -483,7 +493,7 @@ def preservation_reference(lm, routes, images: torch.Tensor, ref: dict) -> dict:
     :func:`preservation_loss` reads: ``logits``, ``acts``, and ``ref``'s standardizing sds."""
     layers = sorted({r.unit.layer for r in routes})
     logits, acts = _forward(lm.model, lm, images, layers)
-    return {"logits": logits, "acts": acts, "act_sd": ref["act_sd"], "logit_sd": ref["logit_sd"]}
+    return {"logits": logits, "acts": acts, "act_sd": ref["act_sd"], "logit_sd": ref["logit_sd"], "sd": ref["sd"]}
 
 
 @torch.no_grad()
@@ -608,7 +618,7 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
         if g_aug is None:
             nat = train[idx]
             sub = {"logits": ref["logits"][idx], "acts": {k: v[idx] for k, v in ref["acts"].items()},
-                   "act_sd": ref["act_sd"], "logit_sd": ref["logit_sd"]}
+                   "act_sd": ref["act_sd"], "logit_sd": ref["logit_sd"], "sd": ref["sd"]}
         else:  # the original's outputs on the same augmented batch
             nat = augment_naturals(train[idx], s.sl_nat_augment, g_aug, s.sl_nat_crop, s.sl_nat_mix)
             sub = preservation_reference(lm, routes, nat, ref)
