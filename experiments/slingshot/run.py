@@ -239,8 +239,8 @@ def _run(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = {"config": cfg, "provenance": provenance(), "smoke": args.smoke}
     old = figures / "results.json"
-    if args.only and old.exists():  # one model re-run: keep the others' rows (each with its provenance)
-        prev = json.loads(old.read_text())
+    prev = json.loads(old.read_text()) if args.only and old.exists() else {}
+    if prev:  # one model re-run: keep the others' rows (each with its provenance)
         results.update({k: {**v, "provenance": v.get("provenance", prev.get("provenance"))}
                         for k, v in prev.items() if k in cfg["runs"] and k != args.only})
     t_all = time.process_time()
@@ -249,9 +249,9 @@ def _run(args) -> int:
         rcfg = {"n_build": run["n_build"], "check": cfg["check"], "exemplars": cfg["exemplars"]}
         kept = {}
         if args.variant:  # the other variants' rows as they were (their settings must be unchanged)
-            prev = json.loads(old.read_text()) if old.exists() else {}
             kept = {v: r for v, r in prev.get(name, {}).get("variants", {}).items() if v != args.variant}
-            stale = [v for v in kept if prev["config"]["runs"][name]["variants"].get(v) != run["variants"].get(v)]
+            stale = [v for v in kept if prev["config"]["runs"].get(name, {}).get("variants", {}).get(v)
+                     != run["variants"].get(v)]
             if stale or set(kept) | {args.variant} != set(run["variants"]):
                 raise SystemExit(f"--variant {args.variant}: the kept variants {sorted(kept)} do not match "
                                  f"config.json's {sorted(run['variants'])} (changed: {stale}); re-run the whole model")
