@@ -85,7 +85,11 @@ def _counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
     return k_t, k_b, n - k_t - k_b
 
 
-def three_way_split(n: int, fractions: Sequence[float] = (0.5, 0.25, 0.25), seed: int = 0) -> Split:
+ROLES = ("tuning", "building", "evaluation")
+
+
+def three_way_split(n: int, fractions: Sequence[float] = (0.5, 0.25, 0.25), seed: int = 0,
+                    order: Sequence[str] = ROLES) -> Split:
     """A fresh seeded split of ``range(n)`` into tuning, building and evaluation.
 
     Args:
@@ -94,13 +98,28 @@ def three_way_split(n: int, fractions: Sequence[float] = (0.5, 0.25, 0.25), seed
             ``round(f_t*n)``, ``round(f_b*n)`` and the rest.
         seed: seeds the ``torch.Generator`` of one ``randperm(n)``: its first part is tuning, the
             next building, the rest evaluation (each returned sorted).
+        order: the roles of the permutation's consecutive parts (each part sized by its role's
+            fraction). The default is tuning, building, evaluation. Another order re-deals the same
+            seeded parts: with ``("tuning", "evaluation", "building")`` and equal building and
+            evaluation fractions, the new evaluation split is the default order's building split
+            (images a model was trained on but nothing was ever measured on).
     """
     if int(n) < 0:
         raise SplitError(f"n must be >= 0, got {n}")
+    order = tuple(order)
+    if sorted(order) != sorted(ROLES):
+        raise SplitError(f"order must name each of {list(ROLES)} once, got {list(order)}")
     k_t, k_b, _ = _counts(int(n), fractions)
+    size = {"tuning": k_t, "building": k_b, "evaluation": int(n) - k_t - k_b}
     perm = torch.randperm(int(n), generator=torch.Generator().manual_seed(int(seed)))
-    return Split(perm[:k_t].sort().values, perm[k_t:k_t + k_b].sort().values, perm[k_t + k_b:].sort().values,
-                 int(n), int(seed), f"three_way_split(fractions={[float(f) for f in fractions]})")
+    parts, at = {}, 0
+    for role in order:
+        parts[role] = perm[at:at + size[role]].sort().values
+        at += size[role]
+    how = f"three_way_split(fractions={[float(f) for f in fractions]})"
+    if order != ROLES:
+        how = f"three_way_split(fractions={[float(f) for f in fractions]}, order={list(order)})"
+    return Split(parts["tuning"], parts["building"], parts["evaluation"], int(n), int(seed), how)
 
 
 def split_with_tuning(n: int, tuning: torch.Tensor | Sequence[int], evaluation_fraction: float = 0.5, seed: int = 0) -> Split:

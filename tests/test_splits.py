@@ -151,3 +151,18 @@ def test_silent_smoke_records_splits_and_evaluates_held_out_units(tmp_path):
         evaluated = [u["unit"] for u in r["check_units"]]
         assert evaluated == r["split"]["units"]["evaluation"] and "fc:0" not in evaluated
         assert "evaluation images" in json.dumps(r["split"]["numbers_from"])
+
+
+def test_three_way_split_order_re_deals_the_same_parts():
+    base = three_way_split(100, (0.2, 0.4, 0.4), seed=13)
+    rot = three_way_split(100, (0.2, 0.4, 0.4), seed=13, order=("tuning", "evaluation", "building"))
+    assert torch.equal(rot.tuning, base.tuning)
+    assert torch.equal(rot.evaluation, base.building)
+    assert torch.equal(rot.building, base.evaluation)
+    assert rot.sizes() == {"tuning": 20, "building": 40, "evaluation": 40}
+    assert "order" in rot.how and "order" not in base.how
+    # unequal fractions: each part keeps its role's size
+    r2 = three_way_split(10, (0.2, 0.3, 0.5), seed=1, order=("evaluation", "tuning", "building"))
+    assert r2.sizes() == {"tuning": 2, "building": 3, "evaluation": 5}
+    with pytest.raises(SplitError, match="order must name each"):
+        three_way_split(10, (0.2, 0.3, 0.5), order=("tuning", "tuning", "building"))

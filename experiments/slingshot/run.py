@@ -41,7 +41,7 @@ def _setup(run: dict, smoke: bool):
 
     from fvsanity import load_model
     from fvsanity.data import from_tensor, load_images
-    from fvsanity.splits import three_way_split
+    from fvsanity.splits import ROLES, three_way_split
     from fvsanity.testing import tiny_model
 
     if smoke:
@@ -52,7 +52,7 @@ def _setup(run: dict, smoke: bool):
         lm = load_model(run["model"])
         nat = load_images(_data_root() / run["images"], lm, into_memory=True)
     sp = run["split"]
-    return lm, nat, three_way_split(len(nat), sp["fractions"], sp["seed"])
+    return lm, nat, three_way_split(len(nat), sp["fractions"], sp["seed"], sp.get("order", ROLES))
 
 
 def lucent_fvs(lm, unit, seeds, steps: int, size: int | None = None):

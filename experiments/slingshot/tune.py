@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from fvsanity.fool.slingshot import SlingshotSettings, auroc, finetune_slingshot
     from fvsanity.generate.render import render
     from fvsanity.models import prepare_model
-    from fvsanity.splits import three_way_split
+    from fvsanity.splits import ROLES, three_way_split
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("settings", help="JSON of SlingshotSettings fields")
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     data = Path(os.environ.get("FVSANITY_DATA", ROOT.parent / "shared" / "data"))
     lm = load_model(run["model"])
     nat = load_images(data / run["images"], lm, into_memory=True)
-    sp = three_way_split(len(nat), run["split"]["fractions"], run["split"]["seed"])
+    sp = three_way_split(len(nat), run["split"]["fractions"], run["split"]["seed"],
+                         run["split"].get("order", ROLES))
     n_build = args.n_build or var.get("n_build", run["n_build"])
     train = nat.images[sp.building[:n_build]]
     tun = nat.subset(sp.tuning)
