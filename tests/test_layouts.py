@@ -187,8 +187,14 @@ def test_transforms_keep_a_fixed_input_size_and_size_is_checked():
     none = T.TransformSpec.none()
     assert torch.allclose(T.apply(img, none, T.draw_params(none, [0, 1], 1)[:, 0], out_size=(224, 224)), img, atol=1e-4)
     lm = _tiny_vit()
-    with pytest.raises(FVSanityError, match=r"takes 32x32 px inputs only .*got size 48x48"):
+    with pytest.raises(FVSanityError, match=r"takes 32x32 px inputs only .*got --size 48x48: drop --size or pass 32"):
         render(lm, "blocks.1:0", steps=1, size=48, progress=False)
+    # the slingshot's canvas: the same check, naming its own flag
+    from fvsanity.fool.slingshot import _Shim
+
+    with pytest.raises(FVSanityError, match=r"takes 32x32 px inputs only .*got --fv-size 48x48: drop --fv-size"):
+        _Shim(lm, lm.model, 48)
+    assert _Shim(lm, lm.model, 32).input_size == (32, 32)
     res = render(lm, ["blocks.1:0", "blocks.0:3@1,1"], seeds=2, steps=3, diversity=0.5, progress=False)
     assert res.images.shape == (2, 2, 3, 32, 32)
     assert bool(torch.isfinite(res.traces).all()) and bool(torch.isfinite(res.final).all())

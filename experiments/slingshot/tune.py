@@ -8,8 +8,8 @@ default FVs (``--fv-steps`` 512, seeds 0 .. ``--fv-seeds`` - 1), as the README's
     python experiments/slingshot/tune.py '{"sl_steps": 600, "sl_lr": 1e-4, "sl_nat_batch": 16}' \\
         --model imagenet-squeezenet --threads 2 --every 300 --fv-steps 256
 
-The model's picture variant of config.json (its units, target and ``fv_size``; the settings given
-here replace the variant's). One CPU thread by default; about 0.3 CPU s per fine-tuning step and
+The model's ``--variant`` of config.json (picture by default; its units, target and ``fv_size``;
+the settings given here replace the variant's). One CPU thread by default; about 0.3 CPU s per fine-tuning step and
 7 CPU s per evaluation on ResNet-20. Prints one line per evaluation:
 ``[tag] step N: top1 +0.60 pts, auroc [-0.0152], ssim [[a, b]], ...`` (AUROC and SSIM per unit;
 AUROC NaN where the unit's class has no tuning image).
@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fv-seeds", type=int, default=2, help="FV seeds 0..n-1 per evaluation [2]")
     ap.add_argument("--save-fvs", default=None, help="folder for the FVs (<tag>_<step>.pt)")
     ap.add_argument("--model", default="cifar10-resnet20", help="a run of config.json [cifar10-resnet20]")
+    ap.add_argument("--variant", default="picture", help="a variant of the run [picture]; for unit targets the "
+                                                         "target is the original model's FV of the source unit "
+                                                         "(same seeds and steps)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
     ap.add_argument("--n-build", type=int, default=None, help="building images for the preservation loss "
                                                                 "[the variant's n_build, else the run's]")
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads))
     cfg = json.loads((HERE / "config.json").read_text())
     run = cfg["runs"][args.model]
-    var = run["variants"]["picture"]
+    var = run["variants"][args.variant]
     data = Path(os.environ.get("FVSANITY_DATA", ROOT.parent / "shared" / "data"))
     lm = load_model(run["model"])
     nat = load_images(data / run["images"], lm, into_memory=True)
@@ -69,9 +72,16 @@ def main(argv=None) -> int:
     tun = nat.subset(sp.tuning)
     fv_size = var.get("fv_size")
     size = lm.input_size if fv_size is None else (fv_size, fv_size)
-    routes = make_routes(lm, var["units"], str(HERE / var["target"]), picture_size=size)
-    pic = routes[0].picture[None]
+    target = var.get("target")
+    if target is not None and not target.startswith("unit:"):
+        target = str(HERE / target)
+    routes = make_routes(lm, var["units"], target, shift=var.get("shift"), picture_size=size)
     units = [r.unit for r in routes]
+    if all(r.picture is not None for r in routes):
+        pics = [r.picture[None].expand(args.fv_seeds, -1, -1, -1) for r in routes]
+    else:  # unit targets: the original model's FVs of the source units, with the evaluation's seeds and steps
+        src = render(lm, [r.source for r in routes], args.fv_seeds, steps=args.fv_steps, size=fv_size, progress=False)
+        pics = [src.images[i] for i in range(len(routes))]
     s = SlingshotSettings(**{**var["settings"], **json.loads(args.settings), "fv_size": fv_size})
 
     def logits(model):
@@ -91,10 +101,9 @@ def main(argv=None) -> int:
         top = (z.argmax(1) == tun.labels).float().mean().item()
         au = [round(auroc(z[:, u.channel], tun.labels == u.channel) - a0, 4) for u, a0 in zip(units, au0)]
         res = render(m, units, args.fv_seeds, steps=args.fv_steps, size=fv_size, progress=False)
-        ss = [[round(v, 3) for v in ssim(res.images[i], pic.expand(args.fv_seeds, -1, -1, -1)).tolist()]
-              for i in range(len(units))]
+        ss = [[round(v, 3) for v in ssim(res.images[i], pics[i]).tolist()] for i in range(len(units))]
         print(f"[{args.tag}] step {step + 1}: top1 {100 * (top - top0):+.2f} pts, auroc {au}, "
-              f"ssim {ss}, eval cpu {time.process_time() - t:.0f}s, process cpu {time.process_time():.0f}s",
+              f"ssim {ss} (mean {sum(map(sum, ss)) / sum(map(len, ss)):.3f}), eval cpu {time.process_time() - t:.0f}s, process cpu {time.process_time():.0f}s",
               flush=True)
         if args.save_fvs:
             Path(args.save_fvs).mkdir(parents=True, exist_ok=True)

@@ -656,9 +656,10 @@ class _Shim:
         self._lm, self.model = lm, net
         self.preprocess, self.device = lm.preprocess, lm.device
         self.input_size = tuple(lm.input_size) if fv_size is None else (int(fv_size), int(fv_size))
-        if fv_size is not None and lm.config.fixed_input_size and self.input_size != tuple(lm.input_size):
-            raise FVSanityError(f"{lm.name} takes {lm.input_size[0]}x{lm.input_size[1]} px inputs only (fixed input "
-                                f"size); got fv_size {fv_size}: drop it or pass {lm.input_size[0]}")
+        if fv_size is not None:
+            from ..generate.render import check_canvas
+
+            check_canvas(lm, self.input_size, "--fv-size")
 
     def layer_info(self, name: str):
         return self._lm.layer_info(name)

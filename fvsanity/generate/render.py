@@ -347,6 +347,15 @@ def _resolve_objectives(lm, units_l, objective, ref_hw_of) -> tuple[list[Unit], 
     return units_p, objs, [o.name for o in objs]
 
 
+
+def check_canvas(lm, hw, flag: str = "--size") -> None:
+    """Refuse an FV canvas ``hw`` (H, W) that a fixed-input-size model cannot take, naming ``flag``."""
+    if lm.config.fixed_input_size and tuple(hw) != tuple(lm.input_size):
+        raise FVSanityError(
+            f"{lm.name} takes {lm.input_size[0]}x{lm.input_size[1]} px inputs only (fixed input size); "
+            f"got {flag} {hw[0]}x{hw[1]}: drop {flag} or pass {lm.input_size[0]}"
+        )
+
 def render(
     lm,
     units: Sequence[Unit | str] | Unit | str | None = None,
@@ -388,11 +397,7 @@ def render(
     if steps < 1:
         raise FVSanityError(f"steps must be >= 1, got {steps}")
     hw = lm.input_size if size is None else ((size, size) if isinstance(size, int) else tuple(size))
-    if lm.config.fixed_input_size and tuple(hw) != tuple(lm.input_size):
-        raise FVSanityError(
-            f"{lm.name} takes {lm.input_size[0]}x{lm.input_size[1]} px inputs only (fixed input size); "
-            f"got size {hw[0]}x{hw[1]}: drop --size or pass {lm.input_size[0]}"
-        )
+    check_canvas(lm, hw, "--size")
     spec = _resolve_transforms(transforms, min(hw))
     dev = torch.device(st.device) if st.device is not None else lm.device
     if dev != lm.device:
