@@ -1,11 +1,16 @@
 """SSIM(FV, target) of the ResNet-20 picture variant's saved slingshot over more FV seeds than the
 experiment's two, on the model ``run.py`` saved (``--work``, default runs/slingshot): fvsanity's
-default FVs (512 steps) of the manipulated and the original model, seeds 2000..2000+n-1 (the
-experiment's evaluation seeds and more; the trials used seeds 0-3). Writes
-figures/slingshot/ssim_seeds.json and prints it.
+default FVs (512 steps) of the manipulated and the original model, seeds ``--first`` ..
+``--first`` + n - 1 (from 2000: the experiment's evaluation seeds and more; the trials used seeds
+0-3), rendered in chunks of ``--chunk`` seeds. Writes ``--out`` (figures/slingshot/ssim_seeds.json)
+and prints it: per seed, mean, sd, standard error, the normal 95% interval of the mean and the
+verdict on the issue's bound (``met``: the interval lies at or above 0.3; ``missed``: below;
+``inconclusive``: it straddles 0.3).
 
     python experiments/slingshot/run.py --only cifar10-resnet20 --variant picture   # the model
     python experiments/slingshot/ssim_seeds.py --seeds 8                              # ~2 CPU min
+    python experiments/slingshot/ssim_seeds.py --seeds 400 --first 2008 \
+        --out figures/slingshot/ssim_seeds_400.json                                  # fresh seeds
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ def main(argv=None) -> int:
     from fvsanity.io import atomic_write_json, provenance
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=8, help="FV seeds from 2000 [8]")
+    ap.add_argument("--seeds", type=int, default=8, help="how many FV seeds [8]")
+    ap.add_argument("--first", type=int, default=2000, help="the first FV seed [2000]")
+    ap.add_argument("--chunk", type=int, default=50, help="seeds per render batch [50]")
+    ap.add_argument("--bound", type=float, default=0.3, help="the SSIM bound the verdict is about [0.3]")
+    ap.add_argument("--out", default=str(ROOT / "figures" / "slingshot" / "ssim_seeds.json"))
     ap.add_argument("--work", default=str(ROOT / "runs" / "slingshot"), help="run.py's --work [runs/slingshot]")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -45,16 +54,25 @@ def main(argv=None) -> int:
     fooled = get_manipulation("slingshot").load(folder, base=lm)
     unit = var["units"][0]
     pic = make_routes(lm, [unit], str(HERE / var["target"]), picture_size=lm.input_size)[0].picture[None]
-    seeds = list(range(2000, 2000 + args.seeds))
+    if args.seeds < 2 or args.chunk < 1:
+        raise SystemExit(f"--seeds must be >= 2 and --chunk >= 1, got {args.seeds} and {args.chunk}")
+    seeds = list(range(args.first, args.first + args.seeds))
     out = {"unit": unit, "seeds": seeds, "steps": var["eval_steps"], "settings": var["settings"],
            "provenance": provenance()}
     for name, m in (("manipulated", fooled), ("original", lm)):
-        v = ssim(render(m, [unit], seeds, steps=var["eval_steps"], progress=False).images[0],
-                 pic.expand(len(seeds), -1, -1, -1))
-        out[name] = {"per_seed": v.tolist(), "mean": float(v.mean()), "sd": float(v.std()),
-                     "standard_error": float(v.std() / len(seeds) ** 0.5)}
-    atomic_write_json(ROOT / "figures" / "slingshot" / "ssim_seeds.json", out)
-    print(json.dumps({k: out[k] for k in ("manipulated", "original")}, indent=1))
+        v = torch.cat([ssim(render(m, [unit], chunk, steps=var["eval_steps"], progress=False).images[0],
+                            pic.expand(len(chunk), -1, -1, -1))
+                       for chunk in (seeds[i:i + args.chunk] for i in range(0, len(seeds), args.chunk))])
+        se = float(v.std() / len(seeds) ** 0.5)
+        lo, hi = float(v.mean()) - 1.96 * se, float(v.mean()) + 1.96 * se
+        out[name] = {"per_seed": v.tolist(), "mean": float(v.mean()), "sd": float(v.std()), "standard_error": se,
+                     "ci95": [lo, hi], "bound": args.bound,
+                     "verdict": "met" if lo >= args.bound else "missed" if hi < args.bound else "inconclusive"}
+        print(f"{name}: SSIM {out[name]['mean']:.4f} +- {se:.4f} (95% {lo:.4f}..{hi:.4f}) over {len(seeds)} seeds: "
+              f"{out[name]['verdict']} (bound {args.bound})", flush=True)
+    atomic_write_json(Path(args.out), out)
+    print(json.dumps({k: {kk: vv for kk, vv in out[k].items() if kk != "per_seed"} for k in ("manipulated", "original")},
+                     indent=1))
     return 0
 
 
