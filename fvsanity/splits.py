@@ -25,7 +25,7 @@ import torch
 
 from .errors import FVSanityError
 
-__all__ = ["Split", "SplitError", "UnitSplit", "split_with_tuning", "three_way_split", "unit_split"]
+__all__ = ["ROLES", "Split", "SplitError", "UnitSplit", "split_with_tuning", "three_way_split", "unit_split"]
 
 
 class SplitError(FVSanityError, ValueError):

@@ -347,7 +347,6 @@ def _resolve_objectives(lm, units_l, objective, ref_hw_of) -> tuple[list[Unit], 
     return units_p, objs, [o.name for o in objs]
 
 
-
 def check_canvas(lm, hw, flag: str = "--size") -> None:
     """Refuse an FV canvas ``hw`` (H, W) that a fixed-input-size model cannot take, naming ``flag``."""
     if lm.config.fixed_input_size and tuple(hw) != tuple(lm.input_size):
@@ -355,6 +354,7 @@ def check_canvas(lm, hw, flag: str = "--size") -> None:
             f"{lm.name} takes {lm.input_size[0]}x{lm.input_size[1]} px inputs only (fixed input size); "
             f"got {flag} {hw[0]}x{hw[1]}: drop {flag} or pass {lm.input_size[0]}"
         )
+
 
 def render(
     lm,
