@@ -91,20 +91,30 @@ def lucent_fvs(lm, unit, seeds, steps: int, size: int | None = None):
     return torch.cat(out)
 
 
-def run_variant(lm, nat, split, name: str, var: dict, cfg: dict, work: Path, figures: Path, model_name: str,
-                smoke: bool) -> dict:
-
-    from fvsanity.compare.exemplars import exemplar_agreement
-    from fvsanity.fool import FoolSettings, get_manipulation, make_routes, run_fool
-    from fvsanity.fool.metrics import ssim
-    from fvsanity.fool.slingshot import unit_diagnostics
+def variant_routes(lm, var: dict):
+    """``(routes, fv_size)`` of a config variant: its units routed to its target (a picture beside
+    config.json, ``unit:L:C``) or shifted; ``fv_size`` is the FV canvas (auditors' and the
+    attacker's), None for the model's input size."""
+    from fvsanity.fool import make_routes
 
     target = var.get("target")
     if target is not None and not target.startswith("unit:"):
         target = str(HERE / target)
-    fv_size = var.get("fv_size")  # the FV canvas (auditors' and the attacker's), else the model's input size
+    fv_size = var.get("fv_size")
     routes = make_routes(lm, var["units"], target, shift=var.get("shift"),
                          picture_size=lm.input_size if fv_size is None else (fv_size, fv_size))
+    return routes, fv_size
+
+
+def run_variant(lm, nat, split, name: str, var: dict, cfg: dict, work: Path, figures: Path, model_name: str,
+                smoke: bool) -> dict:
+
+    from fvsanity.compare.exemplars import exemplar_agreement
+    from fvsanity.fool import FoolSettings, get_manipulation, run_fool
+    from fvsanity.fool.metrics import ssim
+    from fvsanity.fool.slingshot import unit_diagnostics
+
+    routes, fv_size = variant_routes(lm, var)
     build = split.building[: var.get("n_build", cfg["n_build"])]
     train = nat.images[build]
     ev = nat.subset(split.evaluation)

@@ -29,14 +29,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's fvsanity
+sys.path.insert(0, str(HERE))  # run.py's variant_routes
 
 
 def main(argv=None) -> int:
     import torch
+    from run import variant_routes
 
     from fvsanity import load_model
     from fvsanity.data import load_images
-    from fvsanity.fool import make_routes
     from fvsanity.fool.metrics import ssim
     from fvsanity.fool.slingshot import SlingshotSettings, auroc, finetune_slingshot
     from fvsanity.generate.render import render
@@ -70,12 +71,7 @@ def main(argv=None) -> int:
     n_build = args.n_build or var.get("n_build", run["n_build"])
     train = nat.images[sp.building[:n_build]]
     tun = nat.subset(sp.tuning)
-    fv_size = var.get("fv_size")
-    size = lm.input_size if fv_size is None else (fv_size, fv_size)
-    target = var.get("target")
-    if target is not None and not target.startswith("unit:"):
-        target = str(HERE / target)
-    routes = make_routes(lm, var["units"], target, shift=var.get("shift"), picture_size=size)
+    routes, fv_size = variant_routes(lm, var)
     units = [r.unit for r in routes]
     if all(r.picture is not None for r in routes):
         pics = [r.picture[None].expand(args.fv_seeds, -1, -1, -1) for r in routes]
