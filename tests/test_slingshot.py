@@ -24,6 +24,7 @@ from fvsanity.fool.slingshot import (
     direction_agreement,
     fft_spectrum_of,
     finetune_slingshot,
+    interpolate_weights,
     jaccard,
     manipulation_loss,
     mine_ascent,
@@ -362,6 +363,64 @@ def test_only_the_chosen_layers_change():
     changed = sorted(k for k in sd0 if not torch.equal(sd0[k], sd1[k]))
     assert changed == ["conv3.bias", "conv3.weight", "fc.bias", "fc.weight"]
     assert tr.layers == ["conv3", "fc"]
+
+
+def test_interpolate_weights_known_answers_and_bad_inputs():
+    lm = _tiny()
+    tuned = TinyCNN(5)  # other random weights of the same class
+    torch.nn.init.normal_(tuned.fc.weight)
+    so, st = lm.model.state_dict(), tuned.state_dict()
+    for a in (0.0, 0.25, 1.0):
+        sd = interpolate_weights(lm.model, tuned, a).state_dict()
+        for k in so:
+            want = so[k] + a * (st[k] - so[k]) if so[k].is_floating_point() else st[k]
+            torch.testing.assert_close(sd[k], want, atol=1e-6, rtol=0)
+    assert all(torch.equal(interpolate_weights(lm.model, tuned, 1.0).state_dict()[k], st[k]) for k in st)
+    assert all(torch.equal(interpolate_weights(lm.model, tuned, 0.0).state_dict()[k], so[k]) for k in so)
+    assert all(torch.equal(tuned.state_dict()[k], st[k]) for k in st)  # inputs untouched
+    with pytest.raises(FVSanityError, match=r"interpolation weight 1.5 is not valid; valid: 0 <= alpha <= 1"):
+        interpolate_weights(lm.model, tuned, 1.5)
+    with pytest.raises(FVSanityError, match="different keys"):
+        interpolate_weights(lm.model, torch.nn.Linear(2, 2), 0.5)
+    with pytest.raises(FVSanityError, match=r"^--sl-wise must be > 0, got 0$"):
+        SlingshotSettings(sl_wise=0)
+
+
+def test_sl_wise_interpolates_the_fine_tuned_weights_towards_the_original():
+    """``sl_wise`` 0.5 is the same fine-tuning, then halfway back: the moved weights move half as far."""
+    lm = _tiny()
+    routes = make_routes(lm, ["fc:1"], _picture())
+    full, _ = finetune_slingshot(lm, routes, _images(16), SlingshotSettings(**FAST))
+    half, _ = finetune_slingshot(lm, routes, _images(16), SlingshotSettings(sl_wise=0.5, **FAST))
+    so, sf, sh = lm.model.state_dict(), full.state_dict(), half.state_dict()
+    assert any(not torch.equal(so[k], sf[k]) for k in so)
+    for k in so:
+        torch.testing.assert_close(sh[k], (so[k] + sf[k]) / 2, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in half.parameters()) and not half.training
+
+
+def test_sl_anchor_pulls_the_weights_towards_the_original():
+    """One step with the decoupled pull is the same Adam step, then lr x anchor of the way back to
+    the original weights (known answer); over many steps the weights drift less; a pull of 1 or more
+    per step is refused."""
+    lm = _tiny()
+    routes = make_routes(lm, ["fc:1"], _picture())
+    one = {**FAST, "sl_steps": 1}
+    free, _ = finetune_slingshot(lm, routes, _images(16), SlingshotSettings(**one))
+    held, _ = finetune_slingshot(lm, routes, _images(16), SlingshotSettings(sl_anchor=400.0, **one))
+    so, sf, sh = lm.model.state_dict(), free.state_dict(), held.state_dict()
+    c = 5e-4 * 400.0
+    assert any(not torch.equal(so[k], sf[k]) for k in so)
+    for k in so:
+        torch.testing.assert_close(sh[k], sf[k] + c * (so[k] - sf[k]), atol=1e-6, rtol=0)
+    free, _ = finetune_slingshot(lm, routes, _images(16), SlingshotSettings(**FAST))
+    held, _ = finetune_slingshot(lm, routes, _images(16), SlingshotSettings(sl_anchor=400.0, **FAST))
+    drift = [sum(float((n.state_dict()[k] - so[k]).norm()) for k in so) for n in (free, held)]
+    assert 0 < drift[1] < drift[0], drift
+    with pytest.raises(FVSanityError, match=r"--sl-lr x --sl-anchor must be < 1"):
+        SlingshotSettings(sl_lr=0.01, sl_anchor=100.0)
+    with pytest.raises(FVSanityError, match=r"^--sl-anchor must be >= 0, got -1.0$"):
+        SlingshotSettings(sl_anchor=-1.0)
 
 
 def _image_folder(root: Path, per_class: int = 4, n_classes: int = 5, size: int = 16) -> Path:

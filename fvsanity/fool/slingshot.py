@@ -80,6 +80,7 @@ __all__ = [
     "direction_agreement",
     "fft_spectrum_of",
     "finetune_slingshot",
+    "interpolate_weights",
     "is_slingshot_folder",
     "load_slingshot",
     "manipulation_loss",
@@ -186,6 +187,12 @@ class SlingshotSettings(MethodSettings):
                                       lt=1.000001)
     sl_mine_buffer: int = setting(256, "mined points kept per unit (the newest)", min=1)
     sl_seed: int = setting(0, "seed of the fine-tuning's draws", min=0)
+    sl_anchor: float = setting(0.0, "after every Adam step pull each fine-tuned weight back towards its original value by "
+                                    "lr x this x (weight - original) (decoupled decay to the original, as AdamW's to 0; "
+                                    "damps the drift of weights the losses do not need; 0: off)", min=0)
+    sl_wise: float = setting(1.0, "after fine-tuning, keep original + this x (fine-tuned - original) of every weight "
+                                  "(WiSE-FT weight interpolation, Wortsman et al. 2022; 1: the fine-tuned weights)",
+                             gt=0, lt=1.000001)
     fv_size: int | None = setting(None, "side in px of the FV canvas the manipulation shapes (FoolSettings.fv_size, "
                                         "the fool command's --fv-size; None: the model's input size)",
                                   min=1, type=int, flag=False)
@@ -193,6 +200,9 @@ class SlingshotSettings(MethodSettings):
     def check(self) -> None:
         if self.sl_grad_weight == 0 and self.sl_value_weight == 0:
             raise FVSanityError("--sl-grad-weight and --sl-value-weight are both 0; the manipulation loss would be empty")
+        if self.sl_lr * self.sl_anchor >= 1:
+            raise FVSanityError(f"--sl-lr x --sl-anchor must be < 1 (each step pulls by that share), got "
+                                f"{self.sl_lr} x {self.sl_anchor}")
 
     def layer_names(self) -> list[str]:
         return [s.strip() for s in self.sl_layers.split(",") if s.strip()]
@@ -594,6 +604,7 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
     # augmentation draws from their own stream: the manipulation points are the same with or without
     g_aug = None if s.sl_nat_augment == "none" else torch.Generator().manual_seed(int(s.sl_seed) + 1_000_003)
     opt = torch.optim.Adam(params, lr=s.sl_lr)
+    anchors = [p.detach().clone() for p in params] if s.sl_anchor > 0 else None
     steps, lm_hist, lp_hist = [], [], []
     # the bowl's height: gamma times the rise the unit's own FV ascent reaches on the original weights
     first = mine_ascent(net, shim, routes, s, g).cpu()
@@ -633,6 +644,10 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
         if s.sl_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, s.sl_clip)
         opt.step()
+        if anchors is not None:
+            with torch.no_grad():
+                for p, p0 in zip(params, anchors):
+                    p.lerp_(p0, s.sl_lr * s.sl_anchor)
         if callback is not None:
             callback(step, net)
         if step % log_every == 0 or step == s.sl_steps - 1:
@@ -643,9 +658,47 @@ def finetune_slingshot(lm: LoadedModel, routes, train_images: torch.Tensor, sett
                 log(f"slingshot step {step}: manipulation {lm_hist[-1]:.4f}, preservation {lp_hist[-1]:.5f}")
     for p in net.parameters():
         p.requires_grad_(False)
+    if s.sl_wise != 1.0:
+        net = interpolate_weights(lm.model, net, s.sl_wise)
+        if log is not None:
+            log(f"slingshot: weights interpolated, original + {s.sl_wise} x (fine-tuned - original)")
     training = SlingshotTraining(steps, lm_hist, lp_hist, [n or "<all>" for n in names], sum(p.numel() for p in params),
                                  time.process_time() - t0, time.time() - w0, ref["mu"].tolist(), height.tolist())
     return net, training
+
+
+def interpolate_weights(original: torch.nn.Module, tuned: torch.nn.Module, alpha: float) -> torch.nn.Module:
+    """A deep copy of ``tuned`` whose floating-point parameters and buffers are ``original + alpha *
+    (tuned - original)`` (WiSE-FT's weight-space interpolation, Wortsman et al. 2022, "Robust
+    fine-tuning of zero-shot models"): ``alpha`` 1 is ``tuned``, 0 the original; in between the
+    manipulation is weaker and the natural behaviour closer to the original's. Integer buffers
+    (BatchNorm's step count) are ``tuned``'s. Same class, same keys: loads ``strict=True``.
+
+    Raises:
+        FVSanityError: ``alpha`` outside [0, 1], or the two networks' keys or shapes differ.
+    """
+    import copy
+
+    a = float(alpha)
+    if not 0.0 <= a <= 1.0 or a != a:
+        raise FVSanityError(f"interpolation weight {alpha!r} is not valid; valid: 0 <= alpha <= 1")
+    so, st = original.state_dict(), tuned.state_dict()
+    if so.keys() != st.keys():
+        bad = sorted(set(so) ^ set(st))[:3]
+        raise FVSanityError(f"cannot interpolate networks with different keys (e.g. {bad})")
+    out = copy.deepcopy(tuned)
+    sd = {}
+    for k, vt in st.items():
+        vo = so[k]
+        if vo.shape != vt.shape:
+            raise FVSanityError(f"cannot interpolate {k!r}: shapes {tuple(vo.shape)} and {tuple(vt.shape)}")
+        if vt.is_floating_point():
+            vo = vo.to(vt.device, vt.dtype)
+            sd[k] = vt if a == 1.0 else vo.clone() if a == 0.0 else torch.lerp(vo, vt, a)
+        else:
+            sd[k] = vt
+    out.load_state_dict(sd, strict=True)
+    return out
 
 
 class _Shim:
