@@ -260,8 +260,8 @@ def _run(args) -> int:
         kept = {}
         if args.variant:  # the other variants' rows as they were (their settings must be unchanged)
             kept = {v: r for v, r in prev.get(name, {}).get("variants", {}).items() if v != args.variant}
-            stale = [v for v in kept if prev["config"]["runs"].get(name, {}).get("variants", {}).get(v)
-                     != run["variants"].get(v)]
+            stale = [v for v in kept if _substance(prev["config"]["runs"].get(name, {}).get("variants", {}).get(v))
+                     != _substance(run["variants"].get(v))]
             if stale or set(kept) | {args.variant} != set(run["variants"]):
                 raise SystemExit(f"--variant {args.variant}: the kept variants {sorted(kept)} do not match "
                                  f"config.json's {sorted(run['variants'])} (changed: {stale}); re-run the whole model")
@@ -293,6 +293,11 @@ def _run(args) -> int:
                       for k, v in results.items() if k in runs}, indent=1, default=str))
     print(f"wrote {figures / 'results.json'} ({results['total_cpu_seconds'] / 60:.1f} CPU min)")
     return 0
+
+
+def _substance(variant):
+    """A config variant without its notes (``*_note``: prose that does not change a result)."""
+    return None if variant is None else {k: v for k, v in variant.items() if not k.endswith("_note")}
 
 
 def _weighted(pairs):

@@ -50,6 +50,11 @@ def main(argv=None) -> int:
     if not folder.is_dir():
         raise SystemExit(f"no saved slingshot at {folder}; run `python experiments/slingshot/run.py --only "
                          f"cifar10-resnet20 --variant picture` first")
+    saved = json.loads((folder / "slingshot.json").read_text()).get("settings") or {}
+    stale = {k: (saved.get(k), v) for k, v in var["settings"].items() if saved.get(k) != v}
+    if stale:
+        raise SystemExit(f"the saved slingshot at {folder} was built with other settings than config.json's picture "
+                         f"variant (saved, config: {stale}); re-run run.py --only cifar10-resnet20 --variant picture")
     lm = load_model("cifar10-resnet20")
     fooled = get_manipulation("slingshot").load(folder, base=lm)
     unit = var["units"][0]

@@ -8,6 +8,14 @@ default FVs (``--fv-steps`` 512, seeds 0 .. ``--fv-seeds`` - 1), as the README's
     python experiments/slingshot/tune.py '{"sl_steps": 600, "sl_lr": 1e-4, "sl_nat_batch": 16}' \\
         --model imagenet-squeezenet --threads 2 --every 300 --fv-steps 256
 
+With ``--wise FOLDER`` nothing is fine-tuned: the saved slingshot model in FOLDER (a run.py
+``model`` folder) is interpolated towards the original (``fvsanity.fool.slingshot.interpolate_weights``,
+the ``sl_wise`` setting) at every ``--alphas`` value, each measured as above (``step`` is then
+1000 x alpha)::
+
+    python experiments/slingshot/tune.py '{}' --wise runs/slingshot/cifar10-resnet20_picture/model \
+        --alphas 0.5,0.6,0.7,0.8,0.9,1 --fv-seeds 32 --tag wise
+
 The model's ``--variant`` of config.json (picture by default; its units, target and ``fv_size``;
 the settings given here replace the variant's). One CPU thread by default; about 0.3 CPU s per fine-tuning step and
 7 CPU s per evaluation on ResNet-20. Prints one line per evaluation:
@@ -41,6 +49,7 @@ def main(argv=None) -> int:
     from fvsanity.fool.metrics import ssim
     from fvsanity.fool.slingshot import SlingshotSettings, auroc, finetune_slingshot
     from fvsanity.generate.render import render
+    from fvsanity.io import atomic_write_json, provenance
     from fvsanity.models import prepare_model
     from fvsanity.splits import ROLES, three_way_split
 
@@ -58,6 +67,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
     ap.add_argument("--n-build", type=int, default=None, help="building images for the preservation loss "
                                                                 "[the variant's n_build, else the run's]")
+    ap.add_argument("--wise", default=None, help="a saved slingshot model folder: measure its interpolations "
+                                                 "towards the original at --alphas instead of fine-tuning")
+    ap.add_argument("--out", default=None, help="also write every evaluation to this JSON (rewritten after each)")
+    ap.add_argument("--alphas", default="0.5,0.6,0.7,0.8,0.9,1", help="with --wise: interpolation weights")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     cfg = json.loads((HERE / "config.json").read_text())
@@ -88,23 +101,43 @@ def main(argv=None) -> int:
     top0 = (z0.argmax(1) == tun.labels).float().mean().item()
     au0 = [auroc(z0[:, u.channel], tun.labels == u.channel) for u in units]
 
-    def evaluate(step, net):
+    records = []
+
+    def evaluate(step, net, extra=None):
         if (step + 1) % args.every:
             return
         t = time.process_time()
         m = dataclasses.replace(lm, model=prepare_model(copy.deepcopy(net).eval()))
         z = logits(m.model)
         top = (z.argmax(1) == tun.labels).float().mean().item()
+        changed = int((z.argmax(1) != z0.argmax(1)).sum())
         au = [round(auroc(z[:, u.channel], tun.labels == u.channel) - a0, 4) for u, a0 in zip(units, au0)]
         res = render(m, units, args.fv_seeds, steps=args.fv_steps, size=fv_size, progress=False)
         ss = [[round(v, 3) for v in ssim(res.images[i], pics[i]).tolist()] for i in range(len(units))]
-        print(f"[{args.tag}] step {step + 1}: top1 {100 * (top - top0):+.2f} pts, auroc {au}, "
+        print(f"[{args.tag}] step {step + 1}: top1 {100 * (top - top0):+.2f} pts ({changed} of {len(z)} changed), auroc {au}, "
               f"ssim {ss} (mean {sum(map(sum, ss)) / sum(map(len, ss)):.3f}), eval cpu {time.process_time() - t:.0f}s, process cpu {time.process_time():.0f}s",
               flush=True)
+        records.append({**(extra or {}), "step": step + 1, "top1_change_points": 100 * (top - top0), "changed": changed,
+                        "n_images": len(z), "auroc_change": au, "ssim": ss})
+        if args.out:
+            atomic_write_json(Path(args.out), {"tag": args.tag, "model": args.model, "variant": args.variant,
+                                               "wise": args.wise, "fv_seeds": args.fv_seeds, "fv_steps": args.fv_steps,
+                                               "settings": dataclasses.asdict(s), "split": "tuning",
+                                               "evaluations": records, "provenance": provenance()})
         if args.save_fvs:
             Path(args.save_fvs).mkdir(parents=True, exist_ok=True)
             torch.save(res.images, Path(args.save_fvs) / f"{args.tag}_{step + 1}.pt")
 
+    if args.wise:
+        from fvsanity.fool import get_manipulation
+        from fvsanity.fool.slingshot import interpolate_weights
+
+        tuned = get_manipulation("slingshot").load(args.wise, base=lm).model
+        args.every = 1
+        for a in [float(x) for x in args.alphas.split(",")]:
+            print(f"[{args.tag}] alpha {a}:", flush=True)
+            evaluate(round(1000 * a) - 1, interpolate_weights(lm.model, tuned, a), {"alpha": a})
+        return 0
     evaluate(-1, lm.model)  # step 0: the original model's FVs (the SSIM baseline)
     _, tr = finetune_slingshot(lm, routes, train, s, log_every=250, callback=evaluate,
                                log=lambda msg: print(f"[{args.tag}]", msg, flush=True))
