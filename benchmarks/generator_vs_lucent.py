@@ -18,6 +18,15 @@ canvas (``size + 2 pad - jitters``, ~6-13% more pixels), which only handicaps fv
 model sees the transformed canvas, about as large as fvsanity's), the like-for-like comparison
 of the two libraries' defaults.
 
+``--lucent-weights`` says what lucent's model copy is: ``trainable`` (its parameters require
+gradients, as torchvision, timm and lucent's own model zoo return a model and as lucent's
+tutorials use it: each backward then also computes, and accumulates, every weight's gradient) or
+``frozen`` (``requires_grad`` off, as fvsanity's ``load_model`` prepares every model: lucent's best
+case, fvsanity's own optimization handed to it). Both by default, interleaved in the same rounds;
+``throughput_ratio_vs_lucent`` is against the first kind given, and each kind's ratio is in
+``throughput_ratio_vs_lucent_<kind>``. The weights' flag does not change an input gradient, so
+both kinds give the same images (``lucent_kinds_max_abs_diff``).
+
 lucent hooks every module on every ``render_vis`` call and never removes the hooks, so each of
 its units runs on a fresh deep copy of the model (copying is not timed). fvsanity renders all
 units in one batch (chunks of ``--batch-size`` on CPU).
@@ -69,14 +78,18 @@ def lucent_transforms(spec, preprocess) -> list:
     return out + [preprocess]
 
 
-def render_lucent(lm, unit, steps: int, size: int, spec, seed: int, fixed: bool = True) -> tuple[torch.Tensor, float]:
+def render_lucent(lm, unit, steps: int, size: int, spec, seed: int, fixed: bool = True,
+                  trainable: bool = False) -> tuple[torch.Tensor, float]:
     """One lucent FV of ``unit``: (image [1, 3, H, W] RGB in [0, 1], seconds). ``fixed``: lucent's
     ``fixed_image_size=size`` (resample the transformed canvas to ``size``), else lucent's default
-    (the model sees the transformed canvas, as fvsanity's)."""
+    (the model sees the transformed canvas, as fvsanity's). ``trainable``: the copy's parameters
+    require gradients (a model as torchvision returns it), else they are frozen."""
     from lucent.optvis import objectives, param
     from lucent.optvis import render as lrender
 
     model = copy.deepcopy(lm.model).eval()
+    for p in model.parameters():
+        p.requires_grad_(trainable)
     np.random.seed(seed)
     torch.manual_seed(seed)
     t = time.perf_counter()
@@ -138,9 +151,17 @@ def main(argv: list[str] | None = None) -> dict:
                     help="lucent's canvas: fixed = fixed_image_size=size (resampled to the model's size, "
                          "fewer pixels than fvsanity's transformed canvas); default = lucent's default, the "
                          "transformed canvas as fvsanity uses it [%(default)s]")
+    ap.add_argument("--lucent-weights", default="trainable,frozen",
+                    help="lucent's model copy, comma-separated kinds measured side by side: trainable (as "
+                         "torchvision returns a model), frozen (requires_grad off, as fvsanity prepares it); "
+                         "the headline ratio is against the first [%(default)s]")
     ap.add_argument("--repeats", type=int, default=3,
                     help="interleaved rounds (fvsanity renders; lucent's units split over them) [%(default)s]")
     args = ap.parse_args(argv)
+    kinds = [k.strip() for k in args.lucent_weights.split(",") if k.strip()]
+    if not kinds or any(k not in ("trainable", "frozen") for k in kinds) or len(set(kinds)) != len(kinds):
+        raise SystemExit(f"--lucent-weights {args.lucent_weights!r} is not valid; valid: trainable, frozen or both, "
+                         f"comma-separated")
     torch.set_num_threads(args.threads)
 
     from fvsanity import load_model, parse_unit
@@ -165,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     canvas = spec.output_size(lm.input_size)
     n_batches = (len(units) + bs - 1) // bs
     rounds = max(1, min(args.repeats, len(units)))
-    t_ours, loop_ours, t_units, t_fb, theirs = [], [], [], [], [None] * len(units)
+    t_ours, loop_ours, t_fb = [], [], []
+    t_units = {k: [] for k in kinds}
+    imgs = {k: [None] * len(units) for k in kinds}
     for r in range(rounds):  # interleaved: load from other processes hits both sides alike
         sync()
         t = time.perf_counter()
@@ -175,18 +198,21 @@ def main(argv: list[str] | None = None) -> dict:
         t_ours.append(time.perf_counter() - t)
         loop_ours.append(float(ours.settings["seconds"]))
         for i in range(r, len(units), rounds):
-            theirs[i], sec = render_lucent(lm, units[i], args.steps, size, spec, args.seed + i,
-                                           fixed=args.lucent_canvas == "fixed")
-            t_units.append(sec)
+            for k in kinds:
+                imgs[k][i], sec = render_lucent(lm, units[i], args.steps, size, spec, args.seed + i,
+                                                fixed=args.lucent_canvas == "fixed", trainable=k == "trainable")
+                t_units[k].append(sec)
         t_fb.append(fwd_bwd_seconds(lm, min(bs, len(units)), canvas, device, repeats=args.steps * n_batches,
                                     amp=bool(ours.settings.get("amp"))))
+    theirs = imgs[kinds[0]]
     # lucent's default canvas returns the untransformed image at its parametrization's size (= size)
     obj_theirs = torch.stack([evaluate(lm, img[None], [u], device)[0][0, 0] for img, u in zip(theirs, units)])
     obj_ours = ours.final[:, 0]
 
     per_step = min(loop_ours) / (args.steps * n_batches)
+    ratio = {k: round(min(t_units[k]) * len(units) / min(t_ours), 3) for k in kinds}
     result = {
-        "throughput_ratio_vs_lucent": round(min(t_units) * len(units) / min(t_ours), 3),
+        "throughput_ratio_vs_lucent": ratio[kinds[0]],
         "overhead_vs_fwd_bwd": round(per_step / min(t_fb), 3),
         "objective_ratio_vs_lucent": round((obj_ours.mean() / obj_theirs.mean()).item(), 3),
         "units": len(units),
@@ -197,11 +223,16 @@ def main(argv: list[str] | None = None) -> dict:
         "model": lm.name,
         "threads": args.threads,
         "lucent_canvas": args.lucent_canvas,
+        "lucent_weights": kinds[0],
+        **{f"throughput_ratio_vs_lucent_{k}": ratio[k] for k in kinds},
+        "lucent_kinds_max_abs_diff": (max(float((a - b).abs().max()) for a, b in zip(imgs[kinds[0]], imgs[kinds[1]]))
+                                      if len(kinds) == 2 else None),
         "repeats": rounds,
-        "throughput_ratio_totals": round(sum(t_units) / (sum(t_ours) / rounds), 3),
+        "throughput_ratio_totals": round(sum(t_units[kinds[0]]) / (sum(t_ours) / rounds), 3),
         "seconds_fvsanity": round(min(t_ours), 3),
-        "seconds_lucent": round(min(t_units) * len(units), 3),
-        "seconds_lucent_total": round(sum(t_units), 3),
+        **{("seconds_lucent" if k == kinds[0] else f"seconds_lucent_{k}"): round(min(t_units[k]) * len(units), 3)
+           for k in kinds},
+        "seconds_lucent_total": round(sum(t_units[kinds[0]]), 3),
         "ms_per_step_fvsanity": round(1e3 * per_step, 2),
         "ms_fwd_bwd": round(1e3 * min(t_fb), 2),
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -210,8 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
     t_lucent = result["seconds_lucent"]
     t_fb = min(t_fb)
     print(f"model {lm.name}: {len(units)} class units, {args.steps} steps, {size} px, {device}, {args.threads} threads")
-    print(f"fvsanity (batched): {t_ours:.2f} s   lucent render_vis (looped): {t_lucent:.2f} s   "
+    print(f"fvsanity (batched): {t_ours:.2f} s   lucent render_vis (looped, {kinds[0]} weights): {t_lucent:.2f} s   "
           f"ratio {result['throughput_ratio_vs_lucent']:.2f}x")
+    for k in kinds[1:]:
+        print(f"  vs lucent with {k} weights: {min(t_units[k]) * len(units):.2f} s, ratio {ratio[k]:.2f}x")
     print(f"fvsanity per step {1e3 * per_step:.1f} ms vs bare forward+backward {1e3 * t_fb:.1f} ms: "
           f"overhead {result['overhead_vs_fwd_bwd']:.2f}x")
     for u, a, b in zip(units, obj_ours.tolist(), obj_theirs.tolist()):

@@ -23,7 +23,7 @@ fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-  timeout 240 python3 benchmarks/generator_vs_lucent.py --model imagenet-squeezenet --units 64 --steps 128 --device cuda
+  timeout 240 python3 benchmarks/generator_vs_lucent.py --model imagenet-squeezenet --units 64 --steps 128 --device cuda --lucent-weights frozen
   timeout 200 python3 benchmarks/gpu_figures.py --device cuda
 } 2>&1 | tee "$out/gpu.log"
 python3 - "$out/gpu.log" <<'PY'
