@@ -564,3 +564,42 @@ def test_load_picture_closes_its_file(tmp_path):
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
     assert pic.shape == (3, 3, 2)
     assert torch.equal(pic, torch.tensor([1.0, 0.0, 0.2]).view(3, 1, 1).expand(3, 3, 2))
+
+
+def test_prediction_report_counts_gained_and_lost_and_the_paired_standard_error():
+    """Known answer: 100 labelled images, 3 gained and 5 lost by the manipulated model: change
+    -2 points, paired SE sqrt((0.08 - 0.0004) / 100) = 2.821 points; no labels: NaN, no counts."""
+    import dataclasses
+
+    from fvsanity.fool.evaluate import evaluate_predictions
+    from fvsanity.testing import tiny_model
+
+    base = tiny_model()
+    n, c = 100, 5
+    y = torch.arange(n) % c
+    right = torch.nn.functional.one_hot(y, c).float() * 10
+    wrong = torch.nn.functional.one_hot((y + 1) % c, c).float() * 10
+    orig_ok = torch.ones(n, dtype=torch.bool)
+    orig_ok[:10] = False  # the original gets 90 right
+    man_ok = orig_ok.clone()
+    man_ok[:3] = True  # gained 3
+    man_ok[10:15] = False  # lost 5
+    table = {"o": torch.where(orig_ok[:, None], right, wrong), "m": torch.where(man_ok[:, None], right, wrong)}
+
+    class Lookup(torch.nn.Module):  # image i -> its row of logits (the image's first pixel holds i)
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x):
+            return self.logits[x[:, 0, 0, 0].round().long()]
+
+    images = torch.zeros(n, 3, 4, 4)
+    images[:, 0, 0, 0] = torch.arange(n).float()
+    lo, lm_ = (dataclasses.replace(base, model=Lookup(table[k]), preprocess=lambda x: x) for k in ("o", "m"))
+    rep = evaluate_predictions(lo, lm_, images, y, batch_size=32)
+    assert (rep.top1_gained, rep.top1_lost, rep.n_different_top1) == (3, 5, 8)
+    assert rep.top1_original == pytest.approx(0.90) and rep.top1_manipulated == pytest.approx(0.88)
+    assert 100 * rep.top1_change_se == pytest.approx(100 * ((0.08 - 0.0004) / 100) ** 0.5, rel=1e-9)
+    none = evaluate_predictions(lo, lm_, images, None, batch_size=32)
+    assert none.top1_change_se != none.top1_change_se and (none.top1_gained, none.top1_lost) == (0, 0)

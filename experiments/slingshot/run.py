@@ -135,7 +135,8 @@ def run_variant(lm, nat, split, name: str, var: dict, cfg: dict, work: Path, fig
     units = [r.unit for r in routes]
     ud = unit_diagnostics(lm, fooled, units, ev.images, ev.labels, k=cfg["exemplars"]["k"])
     aurocs = [d["auroc_change"] for d in ud if "auroc_change" in d]
-    row = {k: sm.get(k) for k in ("top1_original", "top1_manipulated", "top1_change_points", "top5_original",
+    row = {k: sm.get(k) for k in ("top1_original", "top1_manipulated", "top1_change_points", "top1_change_se_points",
+                                  "top1_gained_lost", "top5_original",
                                   "top5_manipulated", "max_abs_logit_diff", "identical_top1_fraction",
                                   "ssim_manipulated_fv_to_target", "ssim_original_fv_to_target",
                                   "corr_manipulated_fv_to_target", "corr_original_fv_to_target",

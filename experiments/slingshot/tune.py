@@ -111,13 +111,17 @@ def main(argv=None) -> int:
         z = logits(m.model)
         top = (z.argmax(1) == tun.labels).float().mean().item()
         changed = int((z.argmax(1) != z0.argmax(1)).sum())
+        ra, rb = z0.argmax(1) == tun.labels, z.argmax(1) == tun.labels
+        g_, l_ = int((rb & ~ra).sum()), int((ra & ~rb).sum())
+        se = 100 * max((g_ + l_) / len(z) - ((g_ - l_) / len(z)) ** 2, 0.0) ** 0.5 / len(z) ** 0.5
         au = [round(auroc(z[:, u.channel], tun.labels == u.channel) - a0, 4) for u, a0 in zip(units, au0)]
         res = render(m, units, args.fv_seeds, steps=args.fv_steps, size=fv_size, progress=False)
         ss = [[round(v, 3) for v in ssim(res.images[i], pics[i]).tolist()] for i in range(len(units))]
-        print(f"[{args.tag}] step {step + 1}: top1 {100 * (top - top0):+.2f} pts ({changed} of {len(z)} changed), auroc {au}, "
+        print(f"[{args.tag}] step {step + 1}: top1 {100 * (top - top0):+.2f} pts (se {se:.2f}; {changed} of {len(z)} changed), auroc {au}, "
               f"ssim {ss} (mean {sum(map(sum, ss)) / sum(map(len, ss)):.3f}), eval cpu {time.process_time() - t:.0f}s, process cpu {time.process_time():.0f}s",
               flush=True)
-        records.append({**(extra or {}), "step": step + 1, "top1_change_points": 100 * (top - top0), "changed": changed,
+        records.append({**(extra or {}), "step": step + 1, "top1_change_points": 100 * (top - top0), "top1_change_se_points": se,
+                        "changed": changed,
                         "n_images": len(z), "auroc_change": au, "ssim": ss})
         if args.out:
             atomic_write_json(Path(args.out), {"tag": args.tag, "model": args.model, "variant": args.variant,

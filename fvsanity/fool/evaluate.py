@@ -35,7 +35,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PredictionReport:
-    """Original vs manipulated predictions on ``n`` natural images (accuracies in [0, 1])."""
+    """Original vs manipulated predictions on ``n`` natural images (accuracies in [0, 1]).
+
+    ``top1_gained`` / ``top1_lost``: labelled images the manipulated model gets right and the
+    original wrong / the other way round; ``top1_change_se``: the standard error of the top-1
+    change from these paired outcomes, ``sqrt(((g + l) / n - d^2) / n)`` with ``d = (g - l) / n``
+    (the same images on both models; NaN without labels). With many changed predictions the change
+    is noisy even when the changes are unbiased: the bound a change is held to should be wider
+    than about 2 standard errors to be checkable.
+    """
 
     n: int
     top1_original: float
@@ -46,6 +54,9 @@ class PredictionReport:
     n_different_top1: int
     max_abs_logit_diff: float
     n_exactly_equal_logits: int
+    top1_gained: int = 0
+    top1_lost: int = 0
+    top1_change_se: float = float("nan")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -91,14 +102,21 @@ def evaluate_predictions(
             return float((t[ok] == yy[:, None]).any(1).float().mean()) if ok.any() else float("nan")
 
         t1o, t1m, t5o, t5m = acc1(p1a), acc1(p1b), acc5(t5a), acc5(t5b)
+        ra, rb = p1a[ok] == yy, p1b[ok] == yy
+        gained, lost, m = int((rb & ~ra).sum()), int((ra & ~rb).sum()), int(ok.sum())
+        d = (gained - lost) / m if m else float("nan")
+        se = max((gained + lost) / m - d * d, 0.0) ** 0.5 / m ** 0.5 if m else float("nan")
     else:
         t1o = t1m = t5o = t5m = float("nan")
+        gained = lost = 0
+        se = float("nan")
     same = p1a == p1b
     return PredictionReport(
         n=n, top1_original=t1o, top1_manipulated=t1m, top5_original=t5o, top5_manipulated=t5m,
         identical_top1_fraction=float(same.float().mean()), n_different_top1=int((~same).sum()),
         max_abs_logit_diff=float((a - b).abs().max()) if n else float("nan"),
         n_exactly_equal_logits=int((a == b).all(1).sum()),
+        top1_gained=gained, top1_lost=lost, top1_change_se=se,
     )
 
 
