@@ -303,9 +303,14 @@ def _check_run(out: Path, run: dict) -> None:
             if old.get("fv_settings_hash") != run["fv_settings_hash"]:
                 diff = sorted(k for k in set(old.get("fv_settings", {})) | set(run["fv_settings"])
                               if old.get("fv_settings", {}).get(k) != run["fv_settings"].get(k))
+                hint = ""
+                if "dtype" in diff:  # float32 FVs record no dtype; bf16 ones record "bfloat16"
+                    was = old.get("fv_settings", {}).get("dtype", "float32")
+                    hint = f" (its FVs are {was}: FVSANITY_AMP={'off' if was == 'float32' else 'on'} resumes it)"
                 raise MixedRunError(
                     f"--out {str(out)!r} holds an audit with other FV settings (hash {old.get('fv_settings_hash')} "
-                    f"!= {run['fv_settings_hash']}; differ: {', '.join(diff) or '?'}); use a new --out or the same settings"
+                    f"!= {run['fv_settings_hash']}; differ: {', '.join(diff) or '?'}){hint}; use a new --out or the "
+                    "same settings"
                 )
             if old.get("run_hash") != run["run_hash"]:
                 diff = sorted(k for k in set(old.get("check_settings", {})) | set(run["check_settings"])

@@ -137,3 +137,21 @@ def test_bf16_objective_parity_with_float32_on_resnet20(data_root):
     assert z >= -3, (change, se, z)
     assert ((change / a.mean(1)).abs() <= 0.25).all(), change / a.mean(1)
     assert (a > 0).all() and (b > 0).all()
+
+
+def test_a_float32_audit_folder_refused_under_bf16_says_how_to_resume(tmp_path):
+    """An audit folder whose FVs were float32, resumed where bf16 is the default: refused (the FVs
+    would mix), and the message names the switch that resumes it; the other way round too."""
+    import json
+
+    from fvsanity.audit import MixedRunError, _check_run
+
+    f32 = {"fv_settings": {"steps": 8}, "fv_settings_hash": "aaa", "run_hash": "r"}
+    bf = {"fv_settings": {"steps": 8, "dtype": "bfloat16"}, "fv_settings_hash": "bbb", "run_hash": "r"}
+    for old, new, switch in ((f32, bf, "off"), (bf, f32, "on")):
+        out = tmp_path / switch
+        out.mkdir()
+        (out / "run.json").write_text(json.dumps(old))
+        with pytest.raises(MixedRunError, match=rf"differ: dtype\) \(its FVs are \w+: FVSANITY_AMP={switch} resumes it\)"):
+            _check_run(out, new)
+        assert json.loads((out / "run.json").read_text()) == old  # nothing overwritten
