@@ -556,3 +556,22 @@ def test_experiment_smoke(tmp_path):
     assert "lucent" in row["variants"]["picture"]
     for name in ("tiny_picture.png", "tiny_units.png", "tiny_picture_lucent.png"):
         assert (tmp_path / "fig" / name).is_file(), name
+
+
+def test_wise_figure_draws_a_round_and_refuses_a_file_without_one(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exp_wise_figure", ROOT / "experiments" / "slingshot" / "wise_figure.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ev = [{"alpha": a, "step": round(1000 * a), "top1_change_points": -a, "changed": round(30 * a), "n_images": 500,
+           "auroc_change": [0.0], "ssim": [[0.1 * a, 0.2 * a, 0.3 * a]]} for a in (0.0, 0.5, 1.0)]
+    d = {"model": "m", "variant": "picture", "split": "tuning", "fv_seeds": 3, "evaluations": ev}
+    src = tmp_path / "wise.json"
+    src.write_text(json.dumps(d))
+    assert mod.main([str(src)]) == 0
+    png = tmp_path / "wise.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    src.write_text(json.dumps({**d, "evaluations": [{k: v for k, v in e.items() if k != "alpha"} for e in ev]}))
+    with pytest.raises(SystemExit, match="holds no WiSE evaluations"):
+        mod.main([str(src)])
