@@ -46,6 +46,7 @@ def main(argv=None) -> int:
 
     from fvsanity import load_model
     from fvsanity.data import load_images
+    from fvsanity.fool.evaluate import top1_gained_lost
     from fvsanity.fool.metrics import ssim
     from fvsanity.fool.slingshot import SlingshotSettings, auroc, finetune_slingshot
     from fvsanity.generate.render import render
@@ -111,9 +112,7 @@ def main(argv=None) -> int:
         z = logits(m.model)
         top = (z.argmax(1) == tun.labels).float().mean().item()
         changed = int((z.argmax(1) != z0.argmax(1)).sum())
-        ra, rb = z0.argmax(1) == tun.labels, z.argmax(1) == tun.labels
-        g_, l_ = int((rb & ~ra).sum()), int((ra & ~rb).sum())
-        se = 100 * max((g_ + l_) / len(z) - ((g_ - l_) / len(z)) ** 2, 0.0) ** 0.5 / len(z) ** 0.5
+        se = 100 * top1_gained_lost(z0.argmax(1), z.argmax(1), tun.labels)[2]
         au = [round(auroc(z[:, u.channel], tun.labels == u.channel) - a0, 4) for u, a0 in zip(units, au0)]
         res = render(m, units, args.fv_seeds, steps=args.fv_steps, size=fv_size, progress=False)
         ss = [[round(v, 3) for v in ssim(res.images[i], pics[i]).tolist()] for i in range(len(units))]

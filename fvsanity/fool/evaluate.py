@@ -24,6 +24,7 @@ from .metrics import pixel_correlation, ssim
 
 __all__ = [
     "PredictionReport",
+    "top1_gained_lost",
     "SimilarityReport",
     "TimingReport",
     "evaluate_predictions",
@@ -60,6 +61,18 @@ class PredictionReport:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def top1_gained_lost(pred_a: torch.Tensor, pred_b: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, float]:
+    """``(gained, lost, se)``: images model b gets right and model a wrong, the other way round,
+    and the standard error of b's top-1 minus a's from these paired outcomes,
+    ``sqrt(((g + l) / n - d^2) / n)`` with ``d = (g - l) / n`` (a fraction; NaN for no images)."""
+    ra, rb = pred_a == labels, pred_b == labels
+    gained, lost, n = int((rb & ~ra).sum()), int((ra & ~rb).sum()), int(labels.numel())
+    if not n:
+        return gained, lost, float("nan")
+    d = (gained - lost) / n
+    return gained, lost, max((gained + lost) / n - d * d, 0.0) ** 0.5 / n ** 0.5
 
 
 @torch.no_grad()
@@ -102,10 +115,7 @@ def evaluate_predictions(
             return float((t[ok] == yy[:, None]).any(1).float().mean()) if ok.any() else float("nan")
 
         t1o, t1m, t5o, t5m = acc1(p1a), acc1(p1b), acc5(t5a), acc5(t5b)
-        ra, rb = p1a[ok] == yy, p1b[ok] == yy
-        gained, lost, m = int((rb & ~ra).sum()), int((ra & ~rb).sum()), int(ok.sum())
-        d = (gained - lost) / m if m else float("nan")
-        se = max((gained + lost) / m - d * d, 0.0) ** 0.5 / m ** 0.5 if m else float("nan")
+        gained, lost, se = top1_gained_lost(p1a[ok], p1b[ok], yy)
     else:
         t1o = t1m = t5o = t5m = float("nan")
         gained = lost = 0
