@@ -22,6 +22,22 @@ from pathlib import Path
 PACKAGED_DIR = Path(__file__).resolve().parent / "assets"
 
 
+def offline(env=None) -> bool:
+    """True when ``FVSANITY_OFFLINE=1``: no network attempt anywhere (``0``, empty or unset:
+    online).
+
+    Raises:
+        EnvError: any other value (``yes``, ``true``: refused rather than silently online).
+    """
+    from .errors import EnvError
+
+    env = os.environ if env is None else env
+    v = env.get("FVSANITY_OFFLINE", "").strip()
+    if v not in ("", "0", "1"):
+        raise EnvError(f"FVSANITY_OFFLINE={env['FVSANITY_OFFLINE']!r} is not valid; valid: 1 (no network) or 0")
+    return v == "1"
+
+
 def data_dirs() -> list[Path]:
     """Candidate data folders, in lookup order (existing ones only)."""
     out: list[Path] = []

@@ -74,12 +74,44 @@ def config_path(argv: list[str]) -> Path | None:
     return None if path is None else Path(path)
 
 
+def _strict_yaml_loader(yaml, where: str):
+    """A ``yaml.SafeLoader`` that refuses aliases (``*name``: the billion-laughs bomb, and merges
+    ``<<: *name``) and duplicate keys (PyYAML keeps the last), each a one-line :class:`ConfigError`."""
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                ev = self.peek_event()
+                raise ConfigError(f"{where}: YAML alias *{ev.anchor} at line {ev.start_mark.line + 1} is not allowed "
+                                  "in a config (write the value out)")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise ConfigError(f"{where}: duplicate key {key!r} at line {line} (first at line "
+                                              f"{seen[key]}; each key once: YAML keeps only the last)")
+                        seen[key] = line
+                    except TypeError:  # an unhashable key: SafeLoader refuses it
+                        continue
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """A config file as a dict: YAML for ``.yaml``/``.yml``, JSON otherwise.
 
     Raises:
-        ConfigError: missing or unreadable file, a parse error (with line and column), or a
-            document that is not a mapping of flag names to values.
+        ConfigError: missing or unreadable file, a parse error (with line and column), a
+            duplicate key, a YAML alias (refused: no alias bombs), or a document that is not a
+            mapping of flag names to values.
     """
     path = Path(path)
     where = f"--config {str(path)!r}"
@@ -99,19 +131,31 @@ def read_config(path: str | Path) -> dict[str, Any]:
         except ModuleNotFoundError as e:  # declared in pyproject; a broken install
             raise ConfigError(f"{where}: reading YAML needs PyYAML (pip install pyyaml), or use a .json file") from e
         try:
-            cfg = yaml.safe_load(text)
+            cfg = yaml.load(text, Loader=_strict_yaml_loader(yaml, where))  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from e
+        except RecursionError:
+            raise ConfigError(f"{where}: the YAML is nested too deeply") from None
         cfg = {} if cfg is None else cfg  # an empty YAML file sets nothing
         kind = "YAML"
     else:
+        def pairs(items):
+            seen = set()
+            for k, _ in items:
+                if k in seen:
+                    raise ConfigError(f"{where}: duplicate key {k!r} (each key once: JSON keeps only the last)")
+                seen.add(k)
+            return dict(items)
+
         try:
-            cfg = json.loads(text)
+            cfg = json.loads(text, object_pairs_hook=pairs)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        except RecursionError:
+            raise ConfigError(f"{where}: the JSON is nested too deeply") from None
         kind = "JSON"
     if not isinstance(cfg, dict):
         raise ConfigError(f"{where}: the {kind} must be a mapping of flag names to values, got {type(cfg).__name__}")
@@ -201,8 +245,11 @@ def load_config_defaults(parser: argparse.ArgumentParser, argv: list[str], comma
     for raw, v in cfg.items():
         key = str(raw).lstrip("-").replace("-", "_")
         if key in flags:
-            if v is None and flags[key].default is None:
-                continue  # null: the flag was not given (a saved config records it so); keep its default
+            if v is None:
+                if flags[key].default is None:
+                    continue  # null: the flag was not given (a saved config records it so); keep its default
+                raise ConfigError(f"{where}: {str(raw)!r} ({flags[key].option_strings[-1]}) must not be null; "
+                                  f"leave the key out for its default ({json.dumps(flags[key].default, default=str)})")
             defaults[key] = _check_value(where, str(raw), flags[key], v)
         elif key == "command":
             if command is not None and v != command:
@@ -235,17 +282,74 @@ def save_config(args: argparse.Namespace, out: str | Path, name: str = "config.j
 
 
 def resolve_device(name: str | None):
-    import torch
+    """``--device`` as a ``torch.device`` (None: cuda if available, else cpu); a device this
+    machine or PyTorch build lacks is a one-line error naming the devices there are
+    (:meth:`fvsanity.distributed.Shard.device`)."""
+    from .distributed import SINGLE
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise FVSanityError(f"unknown --device {name!r}; valid: cpu, cuda, cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FVSanityError(f"--device {name!r} requested but CUDA is not available; valid here: cpu")
-    return dev
+    return SINGLE.device(name)
+
+
+#: what --seed may be: every seed fvsanity derives from it goes to torch.Generator.manual_seed
+#: (which takes < 2**64) and numpy's default_rng (>= 0)
+SEED_RANGE = (0, 2**63 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_environment() -> None:
+    """Refuse an ``FVSANITY_*`` variable holding a number or a choice it cannot be, naming the
+    variable and its valid values: ``FVSANITY_THREADS``, ``FVSANITY_DIST_TIMEOUT_S``
+    (:func:`fvsanity.distributed.check_env`), ``FVSANITY_OFFLINE`` (0 or 1,
+    :func:`fvsanity._paths.offline`), ``FVSANITY_AMP`` (on, off, auto,
+    :func:`fvsanity.generate.render.resolve_amp`). Unset or empty variables are their defaults."""
+    import os
+
+    from ._paths import offline
+    from .distributed import check_env
+
+    check_env()
+    offline()
+    if os.environ.get("FVSANITY_AMP", "").strip():
+        from .generate.render import resolve_amp
+
+        resolve_amp(None, "cpu")  # its own check: FVSANITY_AMP='fast' is not valid; valid: on, off, auto
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """The checks every command shares, before it starts: the environment
+    (:func:`check_environment`), ``--seed`` in :data:`SEED_RANGE`, a ``--device`` this machine
+    has, and ``--weights`` not given with ``--random-weights``."""
+    from .errors import check_number
+
+    check_environment()
+    if getattr(args, "seed", None) is not None:
+        check_number("--seed", args.seed, integer=True, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    if getattr(args, "device", None) is not None:
+        resolve_device(args.device)
+    if getattr(args, "random_weights", False) and getattr(args, "weights", None) is not None:
+        raise FVSanityError(f"--random-weights and --weights {str(args.weights)!r} conflict (random weights would "
+                            "ignore the file); give one of them")
+
+
+def check_ints(args: argparse.Namespace, bounds: dict[str, tuple[int, int | None]]) -> None:
+    """Refuse an integer flag outside its bounds, before any work: ``bounds`` maps a flag's dest
+    to (lowest, highest or None); every other integer flag must fit 64 bits (what torch takes).
+
+    Raises:
+        SettingError: ``--steps must be in 1..1000000, got 99999999999999999999`` (one line).
+    """
+    from .errors import check_number
+
+    for dest, (lo, hi) in bounds.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            flag = "--" + dest.replace("_", "-")
+            check_number(flag, v, integer=True, ge=lo, le=hi)
+            if hi is None and not v <= _INT64[1]:
+                check_number(flag, v, integer=True, ge=lo, le=_INT64[1])
+    for dest, v in vars(args).items():
+        if isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
+            check_number("--" + dest.replace("_", "-"), v, integer=True, ge=_INT64[0], le=_INT64[1])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        check_common(args)
         return int(args.func(args) or 0)
     except FVSanityError as e:
         print(f"fvsanity: error: {e}", file=sys.stderr)

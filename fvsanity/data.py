@@ -518,25 +518,48 @@ def _detect(root: Path) -> str:
     return "flat"
 
 
-def _read_labels_file(path: Path) -> dict[str, str]:
+def _read_labels_file(path: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """``({filename: label}, {filename: line})`` from a CSV of ``filename,label`` rows (an
+    optional header row first; blank and ``#`` comment lines allowed; a file listed twice with the
+    same label counts once).
+
+    Raises:
+        DataError: one line naming the file and the line: a row with other than two columns or an
+            empty cell, a file listed twice with different labels, or no rows at all.
+    """
     if not path.is_file():
         raise DataError(f"labels file not found: {str(path)!r}")
     out: dict[str, str] = {}
+    line_of: dict[str, int] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read labels file {str(path)!r}: {_reason(e)}") from e
+    where = f"labels file {str(path)!r}"
+    first = True
     for i, row in enumerate(rows):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
-        if len(row) < 2:
-            raise DataError(f"labels file {str(path)!r} line {i + 1}: expected 'filename,label', got {row!r}")
+        if len(row) != 2:
+            what = "extra column" if len(row) > 2 else "one column"
+            raise DataError(f"{where} line {i + 1}: expected 2 columns 'filename,label', got {len(row)} ({what}): "
+                            f"{row!r}")
         name, label = row[0].strip(), row[1].strip()
-        if i == 0 and label.lower() in ("label", "class", "target"):
+        if first and label.lower() in ("label", "class", "target"):
+            first = False
             continue  # header
-        out[name] = label
-    return out
+        first = False
+        if not name or not label:
+            raise DataError(f"{where} line {i + 1}: empty {'filename' if not name else 'label'} in {row!r}")
+        if name in out and out[name] != label:
+            raise DataError(f"{where} line {i + 1}: {name!r} labelled {label!r} but {out[name]!r} at line "
+                            f"{line_of[name]}; give each file one label")
+        out.setdefault(name, label)
+        line_of.setdefault(name, i + 1)
+    if not out:
+        raise DataError(f"{where} has no 'filename,label' rows; add rows or remove the file")
+    return out, line_of
 
 
 def _default_names(labels: dict[str, int], names_of: dict[str, str]) -> list[str]:
@@ -579,9 +602,16 @@ def _scan(root: Path, layout: str, labels_file: Path | None, space: _LabelSpace)
         labels_file = root / "labels.csv"
     if labels_file is None:
         return files, [-1] * len(files), list(space.names), (), ()
-    table = _read_labels_file(labels_file)
-    values = sorted(set(table.values()))
+    table, line_of = _read_labels_file(labels_file)
     where = f"labels file {str(labels_file)!r}:"
+    present = {p.name for p in files}
+    missing = [name for name in table if name not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more listed files)" if len(missing) > 1 else ""
+        raise DataError(f"labels file {str(labels_file)!r} line {line_of[missing[0]]}: {missing[0]!r} is not an image "
+                        f"file in {str(root)!r}"
+                        f"{more}; list only the folder's images")
+    values = sorted(set(table.values()))
     if values and all(re.fullmatch(r"-?\d+", v) for v in values):
         n = len(space.names)
         for v in values:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ._paths import cache_dir, find_data_file, searched_locations
+from ._paths import offline as _offline
 from .errors import DataError, MissingWeightsError
 
 __all__ = [
@@ -53,8 +54,9 @@ PROCEDURAL_PER_CLASS = 100
 
 
 def offline() -> bool:
-    """True when ``FVSANITY_OFFLINE=1``: no network attempt anywhere."""
-    return os.environ.get("FVSANITY_OFFLINE", "0") == "1"
+    """True when ``FVSANITY_OFFLINE=1``: no network attempt anywhere (:func:`fvsanity._paths.offline`;
+    a value other than 0 or 1 is an :class:`~fvsanity.errors.EnvError`)."""
+    return _offline()
 
 
 def _say(msg: str, stream: TextIO | None) -> None:

@@ -35,7 +35,8 @@ import torch
 
 from .errors import FVSanityError
 
-__all__ = ["Shard", "from_env", "sharded", "render_sharded", "DistributedError", "SINGLE"]
+__all__ = ["Shard", "from_env", "sharded", "render_sharded", "DistributedError", "SINGLE", "available_devices",
+           "check_env"]
 
 #: variables torchrun sets for every worker
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -124,6 +125,9 @@ class Shard:
             raise DistributedError(f"unknown --device {str(requested)!r}; valid: cpu, cuda, cuda:N") from e
         if dev.type == "cuda" and not cuda:
             raise DistributedError(f"--device {str(requested)!r} requested but CUDA is not available; valid here: cpu")
+        if dev.type not in ("cpu", "cuda") and not _backend_available(dev.type):
+            raise DistributedError(f"--device {str(requested)!r} is not available with this PyTorch build on this "
+                                   f"machine; valid here: {', '.join(available_devices())}")
         if self.active and dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", self.local_rank)
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -140,6 +144,28 @@ class Shard:
 
 #: the single process (no launcher)
 SINGLE = Shard()
+
+
+def _backend_available(kind: str) -> bool:
+    """Whether this PyTorch build and machine can run on a device of type ``kind`` (mps, xpu; no
+    other accelerator types are supported)."""
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return bool(mps is not None and mps.is_available())
+    if kind == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        return bool(xpu is not None and xpu.is_available())
+    return False
+
+
+def available_devices() -> list[str]:
+    """The ``--device`` values this machine can run: ``cpu``, ``cuda``/``cuda:N`` per GPU,
+    ``mps``, ``xpu`` (only those present)."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    out += [k for k in ("mps", "xpu") if _backend_available(k)]
+    return out
 
 
 def render_sharded(shard: Shard, lm, units: Sequence, seeds, settings=None, **kw):
@@ -180,14 +206,41 @@ def render_sharded(shard: Shard, lm, units: Sequence, seeds, settings=None, **kw
     )
 
 
+#: fvsanity's own variables read here: name -> (lowest valid value, what it sets)
+FVSANITY_VARS = {"FVSANITY_THREADS": (1, "CPU threads per rank"),
+                 "FVSANITY_DIST_TIMEOUT_S": (1, "seconds a rank waits at a barrier")}
+
+
 def _int_env(name: str, env) -> int | None:
     v = env.get(name)
-    if v is None or v == "":
+    if v is None or v.strip() == "":
         return None
+    if name in FVSANITY_VARS:
+        lo, what = FVSANITY_VARS[name]
+        try:
+            n = int(v)
+        except ValueError:
+            n = None
+        if n is None or n < lo:
+            raise DistributedError(f"{name}={v!r} is not valid; valid: a whole number >= {lo} ({what}), or unset")
+        return n
     try:
         return int(v)
     except ValueError:
         raise DistributedError(f"environment variable {name}={v!r} must be an integer (set by torchrun)") from None
+
+
+def check_env(env=None) -> None:
+    """Refuse an ``FVSANITY_THREADS`` / ``FVSANITY_DIST_TIMEOUT_S`` that is not a whole number >= 1
+    (they are read only under torchrun; a command checks them in every run, so a typo is never
+    silently ignored).
+
+    Raises:
+        DistributedError: one line naming the variable and its valid values.
+    """
+    env = os.environ if env is None else env
+    for name in FVSANITY_VARS:
+        _int_env(name, env)
 
 
 def from_env(env=None) -> Shard:
@@ -216,10 +269,8 @@ def from_env(env=None) -> Shard:
 
 
 def _cpu_threads(shard: Shard, env) -> int:
-    v = _int_env("FVSANITY_THREADS", env)
+    v = _int_env("FVSANITY_THREADS", env)  # refused unless a whole number >= 1
     if v is not None:
-        if v < 1:
-            raise DistributedError(f"FVSANITY_THREADS must be >= 1, got {v}")
         return v
     try:
         cores = len(os.sched_getaffinity(0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -95,13 +96,36 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`atomic_save_tensors` (never unpickles arbitrary objects)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Inverse of :func:`atomic_save_tensors` (never unpickles arbitrary objects).
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    Raises:
+        DataError: a file that is not a tensor file this can read safely (a pickle of other
+            objects, a truncated or foreign file), one line naming it.
+        OSError: a missing or unreadable file, as the OS says.
+    """
+    import warnings
+
+    from .errors import DataError
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a pickle of other objects, a truncated or foreign file
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        if "weights only load failed" in text.lower():
+            why = "it holds other objects than tensors (a pickle, never unpickled)"
+        else:
+            why = f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+        raise DataError(f"{str(path)!r} is not a tensor file fvsanity reads safely (torch.load weights_only=True "
+                        f"or safetensors): {why}") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

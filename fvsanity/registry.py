@@ -25,9 +25,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import math
+import numbers
+import os
+import types
+import typing
 from typing import Any, Iterator, TypeVar
 
-from .errors import FVSanityError
+from .errors import FVSanityError, show_value
 
 __all__ = ["Registry", "RegistryError", "resolve_with_options"]
 
@@ -152,8 +157,10 @@ def resolve_with_options(registry: Registry, entry, options=None, *, fixed: tupl
         hidden: keywords accepted but not listed as options (e.g. ``decorrelate``).
 
     Raises:
-        FVSanityError: unknown name, not callable, or an option it does not take (one line naming
-            the options it has). A callable taking ``**kwargs`` accepts any option.
+        FVSanityError: unknown name, not callable, an option it does not take (one line naming
+            the options it has), or an option value of another type than the parameter's
+            annotation (or, unannotated, its default) says (:func:`check_option_types`). A
+            callable taking ``**kwargs`` accepts any option.
     """
     fn = registry.get(entry) if isinstance(entry, str) else entry
     if not callable(fn):
@@ -170,4 +177,79 @@ def resolve_with_options(registry: Registry, entry, options=None, *, fixed: tupl
         if bad:
             raise FVSanityError(f"{registry.kind} {_describe(entry)} has no option {bad[0]!r}; "
                                 f"options: {', '.join(k for k in known if k not in hidden) or 'none'}")
+    if options:
+        check_option_types(fn, options, what=f"{registry.kind} {_describe(entry)}")
     return fn
+
+
+def check_option_types(fn, options, *, what: str) -> None:
+    """Refuse an option whose value does not fit the type ``fn`` declares for that parameter.
+
+    The type is the parameter's annotation (``float``, ``int``, ``bool``, ``str``, a ``Path``,
+    ``tuple[float, float]``, a class such as ``torch.Tensor``, or a union of them), else the type
+    of its default (a float default takes any finite number). Options ``fn`` takes through
+    ``**kwargs``, parameters without either, and annotations of other kinds are not checked.
+
+    Raises:
+        FVSanityError: ``"<what> option <key>=<value> must be <kind>"``, one line.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an annotation that cannot be resolved: fall back to defaults
+        hints = {}
+    for key, value in dict(options).items():
+        p = sig.parameters.get(key)
+        if p is None:
+            continue
+        want = hints.get(key, p.annotation if not isinstance(p.annotation, str) else inspect.Parameter.empty)
+        if want is inspect.Parameter.empty:
+            if p.default is inspect.Parameter.empty or p.default is None:
+                continue
+            want = float if isinstance(p.default, float) else type(p.default)
+        ok, kind = _fits(value, want)
+        if not ok:
+            raise FVSanityError(f"{what} option {key}={show_value(value)} must be {kind}")
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "null"}
+
+
+def _fits(v, want) -> tuple[bool, str]:
+    """(whether ``v`` fits the type ``want``, what ``want`` is in words); unknown kinds fit."""
+    origin, args = typing.get_origin(want), typing.get_args(want)
+    if want is Any or want is object:
+        return True, "anything"
+    if origin in (typing.Union, types.UnionType):
+        res = [_fits(v, a) for a in args]
+        return any(ok for ok, _ in res), " or ".join(dict.fromkeys(k for _, k in res))
+    if want is type(None):
+        return v is None, _KINDS[want]
+    if want is bool:
+        return isinstance(v, bool), _KINDS[want]
+    if want is int:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool), _KINDS[want]
+    if want is float:
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        return ok, _KINDS[want]
+    if want is str:
+        return isinstance(v, str), _KINDS[want]
+    if isinstance(want, type) and issubclass(want, os.PathLike):
+        return isinstance(v, (str, os.PathLike)), "a path"
+    if origin in (tuple, list) or want in (tuple, list):
+        if not isinstance(v, (tuple, list)):
+            n = f"{len(args)} " if origin is tuple and args and args[-1] is not Ellipsis else ""
+            return False, f"a list of {n}values"
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            inner = [_fits(x, a) for x, a in zip(v, args)]
+            kinds = " or ".join(dict.fromkeys(_fits(None, a)[1] for a in args))
+            return len(v) == len(args) and all(ok for ok, _ in inner), f"a list of {len(args)} values, each {kinds}"
+        if args:
+            return all(_fits(x, args[0])[0] for x in v), f"a list of values, each {_fits(None, args[0])[1]}"
+        return True, "a list"
+    if isinstance(want, type) and origin is None:
+        return isinstance(v, want), f"a {want.__name__}"
+    return True, str(want)

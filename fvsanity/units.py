@@ -249,6 +249,20 @@ def parse_units(specs, lm) -> list[Unit]:
     return out
 
 
+def check_distinct(units: list[Unit], flag: str = "units") -> list[Unit]:
+    """``units`` if no unit is in it twice (compared by spec, after parsing: ``layer3_2:1`` and
+    ``layer3.2:1`` are one unit; direction units are not compared), else a one-line
+    :class:`~fvsanity.errors.UnitError` naming it."""
+    seen: set[str] = set()
+    for u in units:
+        if u.direction is not None:
+            continue
+        if str(u) in seen:
+            raise UnitError(f"unit {str(u)!r} given twice in {flag}; give each unit once")
+        seen.add(str(u))
+    return units
+
+
 def describe_layers(lm) -> list[tuple[str, str, tuple]]:
     """(name, module type, output shape) for every module, in forward-registration order."""
     infos = lm.layers if hasattr(lm, "layers") else layer_infos(lm.model, lm.input_size, lm.preprocess)

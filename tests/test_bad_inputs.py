@@ -306,3 +306,111 @@ def test_cli_bad_unit_exits_2_with_one_line(tmp_path, capsys, resnet, spec):
                "--images", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and err == [f"fvsanity: error: {e.value}"]
+
+
+# ----------------------------------------------------------------------------- settings, labels, configs
+BAD_RENDER_SETTINGS = [
+    ({"lr": float("inf")}, r"^lr must be a finite number > 0, got inf$"),
+    ({"lr": float("nan")}, r"^lr must be a finite number > 0, got nan$"),
+    ({"lr": 0}, r"^lr must be > 0, got 0$"),
+    ({"diversity": float("nan")}, r"^diversity must be a finite number >= 0, got nan$"),
+    ({"diversity": -1.0}, r"^diversity must be >= 0, got -1\.0$"),
+    ({"steps": 0}, r"^steps must be in 1\.\.1000000, got 0$"),
+    ({"steps": 10**20}, r"^steps must be in 1\.\.1000000, got 100000000000000000000$"),
+    ({"steps": 2.5}, r"^steps must be an integer in 1\.\.1000000, got 2\.5$"),
+    ({"size": 100000}, r"^size must be in 1\.\.4096, got 100000$"),
+    ({"size": (32, 0)}, r"^size must be in 1\.\.4096, got 0$"),
+    ({"batch_size": 0}, r"^batch_size must be >= 1, got 0$"),
+    ({"checkpoints": (0,)}, r"^checkpoints must be >= 1, got 0$"),
+    ({"transforms": "fancy"}, r"^unknown transforms 'fancy'; valid: standard, lucent, none"),
+    ({"amp": "on"}, r"^amp must be None \(automatic\), True or False, got 'on'$"),
+    ({"param_options": {"decay_power": "abc"}}, r"^parametrization 'fft' option decay_power='abc' must be a finite number$"),
+    ({"optimizer": "sgd", "optimizer_options": {"momentum": -5}}, r"^optimizer 'sgd' refuses lr=0\.05, momentum=-5: "),
+    ({"optimizer_options": {"eps": "tiny"}}, r"^optimizer 'adam' option eps='tiny' must be a finite number$"),
+]
+
+
+@pytest.mark.parametrize("kw,message", BAD_RENDER_SETTINGS, ids=[str(k) for k, _ in BAD_RENDER_SETTINGS])
+def test_render_settings_refuse_bad_values_when_made(kw, message):
+    from fvsanity.errors import FVSanityError
+    from fvsanity.generate import RenderSettings
+
+    with pytest.raises(FVSanityError, match=message):
+        RenderSettings(**kw)
+    with pytest.raises(FVSanityError, match=message):
+        RenderSettings().replace(**kw)  # and through render(**overrides)
+
+
+def test_render_settings_memory_estimate_refuses_what_does_not_fit():
+    from fvsanity.errors import SettingError
+    from fvsanity.generate import RenderSettings
+
+    s = RenderSettings(steps=10)
+    assert s.check_memory(2, (32, 32), available=10**9) == 2 * 12288 + 2 * 40 + 2 * 12288 * 8
+    with pytest.raises(SettingError, match=r"^size 4096x4096 px is too large for 100 FV\(s\) x 1 image\(s\) each: "
+                                           r"about 114\.8 GiB of memory needed, 1\.0 GiB available"):
+        s.check_memory(100, (4096, 4096), available=2**30)
+
+
+BAD_LABELS = [
+    ("a.png,1\nb.png,2\na.png,3\n", r"line 3: 'a\.png' labelled '3' but '1' at line 1; give each file one label"),
+    ("", r"has no 'filename,label' rows"),
+    ("filename,label\n# nothing yet\n", r"has no 'filename,label' rows"),
+    ("a.png,1\ngone.png,2\nalso-gone.png,2\n", r"line 2: 'gone\.png' is not an image file in '.*' \(and 1 more listed files\)"),
+    ("a.png,1,dog\n", r"line 1: expected 2 columns 'filename,label', got 3 \(extra column\)"),
+    ("a.png\n", r"line 1: expected 2 columns 'filename,label', got 1 \(one column\)"),
+    ("a.png,\n", r"line 1: empty label in \['a\.png', ''\]"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_LABELS, ids=[t[:18] or "empty" for t, _ in BAD_LABELS])
+def test_labels_file_is_refused_naming_file_and_row(tmp_path, text, message):
+    root = tmp_path / "flat"
+    _good(root, 2)
+    (root / "a.png").write_bytes((root / "good0.png").read_bytes())
+    (root / "labels.csv").write_text(text)
+    with pytest.raises(DataError, match=rf"^labels file '{root}/labels\.csv'[: ].*{message}") as e:
+        load_images(root, PRE)
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_config_refuses_aliases_and_duplicate_keys_at_once(tmp_path):
+    import time
+
+    from fvsanity.cli import ConfigError, read_config
+
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nunit: [" + ", ".join(["*l8"] * 9) + "]\n")
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"YAML alias \*l0 at line 2 is not allowed in a config"):
+        read_config(bomb)
+    assert time.perf_counter() - t0 < 2.0
+    dup = tmp_path / "dup.yml"
+    dup.write_text("steps: 2\nnested: {a: 1, a: 2}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'a' at line 2 \(first at line 2"):
+        read_config(dup)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ConfigError, match="nested too deeply|invalid JSON"):
+        read_config(deep)
+
+
+def test_plugin_options_are_checked_against_the_signature_types():
+    from fvsanity.errors import FVSanityError
+    from fvsanity.registry import check_option_types
+
+    def plugin(size, seeds, device, *, level: float = 0.0, n: int = 2, on: bool = False, pair: tuple[int, int] = (1, 2),
+               path: str | Path | None = None, free=None, scale=1.0):
+        raise AssertionError("never called")
+
+    check_option_types(plugin, {"level": 1, "n": 3, "on": True, "pair": [3, 4], "path": "x.pt", "free": object(),
+                                "scale": 2}, what="toy")
+    for opts, message in [({"level": "abc"}, r"level='abc' must be a finite number"),
+                          ({"n": 2.5}, r"n=2\.5 must be an integer"), ({"on": 1}, r"on=1 must be true or false"),
+                          ({"pair": [1, 2, 3]}, r"pair=\[1, 2, 3\] must be a list of 2 values, each an integer"),
+                          ({"path": 3}, r"path=3 must be a string or a path or null"),
+                          ({"scale": float("nan")}, r"scale=nan must be a finite number")]:
+        with pytest.raises(FVSanityError, match=rf"^toy option {message}$"):
+            check_option_types(plugin, opts, what="toy")

@@ -53,7 +53,7 @@ def _run_error(capsys, argv, code=2):
         ([*TOY, "--units", "fc"], r"bad unit 'fc'; expected LAYER:CHANNEL"),
         ([*TOY, "--layer", "block4", "--sample", "100"], r"--sample 100 out of range for 'block4': valid 1\.\.64"),
         ([*TOY], r"no units: pass --units"),
-        ([*TOY, "--units", "fc:1", "--steps", "0"], r"--steps must be >= 1, got 0"),
+        ([*TOY, "--units", "fc:1", "--steps", "0"], r"--steps must be in 1\.\.1000000, got 0"),
     ],
 )
 def test_bad_model_or_unit(argv, expect, previous, images, capsys):
@@ -179,9 +179,9 @@ BAD_INPUTS = [
     # visualize
     (["visualize", "--model", "nope", *U], r"unknown model 'nope'"),
     (["visualize", *R20, "--device", "tpu", *U], r"unknown --device 'tpu'; valid: cpu, cuda, cuda:N"),
-    (["visualize", *R20, "--steps", "-1", *U], r"--steps must be >= 1, got -1"),
+    (["visualize", *R20, "--steps", "-1", *U], r"--steps must be in 1\.\.1000000, got -1"),
     (["visualize", *R20, "--seeds", "0", *U], r"--seeds must be >= 1, got 0"),
-    (["visualize", *R20, "--size", "0", *U], r"--size must be >= 1, got 0"),
+    (["visualize", *R20, "--size", "0", *U], r"--size must be in 1\.\.4096, got 0"),
     (["visualize", *R20, "--lr", "-1", *U], r"--lr must be > 0, got -1.0"),
     (["visualize", *R20, "--batch-size", "0", *U], r"--batch-size must be >= 1, got 0"),
     (["visualize", *R20, "--checkpoints", "abc", *U], r"--checkpoints must be comma-separated step numbers, got 'abc'"),
@@ -194,12 +194,12 @@ BAD_INPUTS = [
     (["visualize", *R20, "--steps", "many", *U], r"visualize: argument --steps: invalid int value: 'many'"),
     # check
     (["check", "--model", "nope", *U], r"unknown model 'nope'"),
-    (["check", *R20, "--steps", "-1", *U], r"--steps must be >= 1, got -1"),
+    (["check", *R20, "--steps", "-1", *U], r"--steps must be in 1\.\.1000000, got -1"),
     (["check", *R20, "--seeds", "0", *U], r"--seeds must be >= 1, got 0"),
     (["check", *R20, "--alpha", "2", *U], r"--alpha must be in \(0, 0\.5\), got 2\.0"),
     (["check", *R20, "--alpha", "0.6", *U], r"--alpha must be in \(0, 0\.5\), got 0\.6"),
-    (["check", *R20, "--n-perm", "0", *U], r"--n-perm must be >= 1, got 0"),
-    (["check", *R20, "--n-boot", "-1", *U], r"--n-boot must be >= 0, got -1"),
+    (["check", *R20, "--n-perm", "0", *U], r"--n-perm must be in 1\.\.1000000, got 0"),
+    (["check", *R20, "--n-boot", "-1", *U], r"--n-boot must be in 0\.\.1000000, got -1"),
     (["check", *R20, "--out", "{file}/out", *U], r"is not writable"),
     (["check", *R20, "--images", "{tmp}/nope", *U], r"image folder not found"),
     (["check", *R20, "--labels", "{tmp}/nope.csv", *U], r"--labels file not found"),
@@ -212,7 +212,7 @@ BAD_INPUTS = [
     (["fool", *R20, "--split", "2"], r"--split must be in \(0, 1\), got 2\.0"),
     (["fool", *R20, "--det-steps", "-1", *S3], r"--det-steps must be >= 1, got -1"),
     (["fool", *R20, "--eval-seeds", "0", *S3], r"--eval-seeds must be >= 1, got 0"),
-    (["fool", *R20, "--fv-size", "0", *S3], r"--fv-size must be >= 1, got 0"),
+    (["fool", *R20, "--fv-size", "0", *S3], r"--fv-size must be in 1\.\.4096, got 0"),
     (["fool", *R20, "--k", "-1", *S3], r"--k must be > 0, got -1\.0"),
     (["fool", *R20, "--margin-sd", "-1", *S3], r"--margin-sd must be >= 0, got -1\.0"),
     (["fool", *R20, "--out", "{file}/out", *S3], r"is not writable"),
@@ -220,18 +220,18 @@ BAD_INPUTS = [
     (["fool", *R20, "--method", "magic"], r"fool: argument --method: invalid choice: 'magic'"),
     # audit
     (["audit", "--model", "nope", "--units", "linear:1"], r"unknown model 'nope'"),
-    (["audit", *R20, "--steps", "-1", "--units", "linear:1"], r"--steps must be >= 1, got -1"),
+    (["audit", *R20, "--steps", "-1", "--units", "linear:1"], r"--steps must be in 1\.\.1000000, got -1"),
     (["audit", *R20, "--seeds", "0", "--units", "linear:1"], r"--seeds must be >= 1, got 0"),
-    (["audit", *R20, "--size", "0", "--units", "linear:1"], r"--size must be >= 1, got 0"),
+    (["audit", *R20, "--size", "0", "--units", "linear:1"], r"--size must be in 1\.\.4096, got 0"),
     (["audit", *R20, "--alpha", "2", "--units", "linear:1"], r"--alpha must be in \(0, 0\.5\), got 2\.0"),
-    (["audit", *R20, "--n-perm", "0", "--units", "linear:1"], r"--n-perm must be >= 1, got 0"),
-    (["audit", *R20, "--n-boot", "-1", "--units", "linear:1"], r"--n-boot must be >= 0, got -1"),
+    (["audit", *R20, "--n-perm", "0", "--units", "linear:1"], r"--n-perm must be in 1\.\.1000000, got 0"),
+    (["audit", *R20, "--n-boot", "-1", "--units", "linear:1"], r"--n-boot must be in 0\.\.1000000, got -1"),
     (["audit", *R20, "--n-other", "0", "--units", "linear:1"], r"--n-other must be >= 1, got 0"),
     (["audit", *R20, "--out", "{file}/out", "--units", "linear:1"], r"is not writable"),
     (["audit", *R20, "--images", "{tmp}/nope", "--units", "linear:1"], r"image folder not found"),
     (["audit", *R20, "--units", "linear:x"], r"bad unit 'linear:x'"),
     # demo
-    (["demo", "--steps", "-1"], r"--steps must be >= 1, got -1"),
+    (["demo", "--steps", "-1"], r"--steps must be in 1\.\.1000000, got -1"),
     (["demo", "--seeds", "0"], r"--seeds must be >= 1, got 0"),
     (["demo", "--class-units", "-1"], r"--class-units must be >= 0, got -1"),
     (["demo", "--class-units", "0", "--block-units", "0"], r"no units to audit"),
@@ -435,3 +435,223 @@ def test_n_boot_zero_is_valid_no_intervals(command, tmp_path, data_root, capsys)
     layers = unit_doc["layers"] if command == "check" else unit_doc["path"]["layers"]
     assert layers and all(r["ci_low"] is None and r["ci_high"] is None for r in layers)
     assert all(r["p_value"] is not None for r in layers)
+
+
+# ------------------------------------------------------------------------------ refused before work starts
+# Every bad value is refused before any work: exit 2, one line naming the value and the valid
+# range or choices, no traceback, and an --out that already holds FVs is left byte for byte.
+@pytest.fixture(scope="module")
+def finished_fvs(tmp_path_factory):
+    """An --out folder holding a finished `fvsanity visualize` run (good FVs to be kept)."""
+    out = tmp_path_factory.mktemp("fvs") / "fvs"
+    assert main(["visualize", *R20, "--unit", "linear:1", "--steps", "1", "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def _md5s(folder) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _flat_images(root, names=("a.png", "b.png", "c.png", "d.png")):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(names):
+        Image.new("RGB", (32, 32), (40 * i, 90, 160)).save(root / n)
+    return root
+
+
+def _alias_bomb(key: str = "unit", depth: int = 9) -> str:
+    """Billion laughs: 9**9 strings from a few hundred bytes, under a valid key."""
+    lines = ['l0: &l0 ["linear:1", "linear:1", "linear:1", "linear:1", "linear:1", "linear:1", "linear:1", "linear:1", "linear:1"]']
+    for i in range(1, depth):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    return "\n".join(lines) + f"\n{key}: [{', '.join([f'*l{depth - 1}'] * 9)}]\n"
+
+
+V1 = ["visualize", *R20, *U, "--steps", "2", "--no-progress"]
+FLAT = ["--images", "{flat}", "--steps", "2", "--seeds", "2", "--no-progress"]
+CHK = ["check", *R20, *U, *FLAT]
+WEIGHTS = "{data}/weights/cifar10_resnet20-12fca82f.th"
+
+# (argv, environment, files to write {name: text}, regex the one line must match)
+REFUSED = {
+    # non-finite or out-of-range numbers (they wrote NaN FVs over good ones, exit 0)
+    "lr inf": ([*V1, "--lr", "inf"], {}, {}, r"--lr must be a finite number > 0, got inf"),
+    "lr nan": ([*V1, "--lr", "nan"], {}, {}, r"--lr must be a finite number > 0, got nan"),
+    "diversity nan": ([*V1, "--seeds", "2", "--diversity", "nan"], {}, {},
+                      r"--diversity must be a finite number >= 0, got nan"),
+    "diversity -inf": ([*V1, "--diversity=-inf"], {}, {}, r"--diversity must be a finite number >= 0, got -inf"),
+    "diversity < 0": ([*V1, "--diversity", "-0.5"], {}, {}, r"--diversity must be >= 0, got -0\.5"),
+    "steps 0": ([*V1, "--steps", "0"], {}, {}, r"--steps must be in 1\.\.1000000, got 0"),
+    "fool k inf": (["fool", *R20, *S3, "--k", "inf"], {}, {}, r"--k must be a finite number > 0, got inf"),
+    # ignored input: labels.csv
+    "labels conflicting rows": (CHK, {}, {"flat/labels.csv": "a.png,1\nb.png,2\na.png,3\n"},
+                                r"labels file '.*labels\.csv' line 3: 'a\.png' labelled '3' but '1' at line 1"),
+    "labels empty": (CHK, {}, {"flat/labels.csv": ""}, r"labels file '.*labels\.csv' has no 'filename,label' rows"),
+    "labels header only": (CHK, {}, {"flat/labels.csv": "filename,label\n"},
+                           r"labels file '.*labels\.csv' has no 'filename,label' rows"),
+    "labels missing file": (CHK, {}, {"flat/labels.csv": "a.png,1\nnope.png,2\n"},
+                            r"labels file '.*labels\.csv' line 2: 'nope\.png' is not an image file in '.*flat'"),
+    "labels extra column": (CHK, {}, {"flat/labels.csv": "a.png,1\nb.png,2,cat\n"},
+                            r"labels file '.*labels\.csv' line 2: expected 2 columns 'filename,label', got 3"),
+    "labels flag conflicting rows": ([*CHK, "--labels", "{tmp}/l.csv"], {}, {"l.csv": "a.png,cat\na.png,dog\n"},
+                                     r"labels file '.*l\.csv' line 2: 'a\.png' labelled 'dog' but 'cat'"),
+    # ignored input: flags and environment
+    "random and file weights visualize": ([*V1, "--random-weights", "--weights", WEIGHTS], {}, {},
+                                          r"--random-weights and --weights '.*' conflict"),
+    "random and file weights audit": (["audit", *R20, "--units", "linear:1", "--random-weights", "--weights", WEIGHTS],
+                                      {}, {}, r"--random-weights and --weights '.*' conflict"),
+    "random weights in config": ([*V1, "--weights", WEIGHTS, "--config", "{tmp}/c.json"], {},
+                                 {"c.json": '{"random_weights": true}'}, r"--random-weights and --weights '.*' conflict"),
+    "threads abc": (V1, {"FVSANITY_THREADS": "abc"}, {}, r"FVSANITY_THREADS='abc' is not valid; valid: a whole number >= 1"),
+    "threads 0": (["check", *R20, *U], {"FVSANITY_THREADS": "0"}, {}, r"FVSANITY_THREADS='0' is not valid; valid: a whole"),
+    "timeout abc": (["audit", *R20, "--units", "linear:1"], {"FVSANITY_DIST_TIMEOUT_S": "soon"}, {},
+                    r"FVSANITY_DIST_TIMEOUT_S='soon' is not valid; valid: a whole number >= 1"),
+    "offline yes": (V1, {"FVSANITY_OFFLINE": "yes"}, {}, r"FVSANITY_OFFLINE='yes' is not valid; valid: 1 \(no network\) or 0"),
+    "amp fast": (V1, {"FVSANITY_AMP": "fast"}, {}, r"FVSANITY_AMP='fast' is not valid; valid: on, off, auto"),
+    "unit twice visualize": ([*V1, "--unit", "linear:1"], {}, {}, r"unit 'linear:1' given twice in --unit"),
+    "unit twice comma": (["visualize", *R20, "--unit", "layer3.2:4,layer3_2:4", "--steps", "2"], {}, {},
+                         r"unit 'layer3\.2:4' given twice in --unit"),
+    "unit twice check": (["check", *R20, "--unit", "linear:1,linear:2", "--unit", "linear:2", *FLAT], {}, {},
+                         r"unit 'linear:2' given twice in --unit"),
+    "unit twice audit": (["audit", *R20, "--units", "linear:1,linear:1"], {}, {}, r"unit 'linear:1' given twice in --units"),
+    "unit twice fool": (["fool", *R20, *S3, "--unit", "linear:1,linear:1"], {}, {}, r"unit 'linear:1' given twice in --unit"),
+    "config duplicate yaml key": ([*V1, "--config", "{tmp}/c.yaml"], {}, {"c.yaml": "lr: 0.1\nseeds: 2\nlr: 0.2\n"},
+                                  r"duplicate key 'lr' at line 3 \(first at line 1"),
+    "config duplicate json key": ([*V1, "--config", "{tmp}/c.json"], {}, {"c.json": '{"lr": 0.1, "lr": 0.2}'},
+                                  r"duplicate key 'lr'"),
+    "config yaml merge alias": ([*V1, "--config", "{tmp}/c.yaml"], {}, {"c.yaml": "base: &b {lr: 0.1}\n<<: *b\n"},
+                                r"YAML alias \*b at line 2 is not allowed"),
+    # a hang (100% CPU): billion laughs under a valid key, timed in the test below
+    "config yaml alias bomb": (["visualize", *R20, "--steps", "2", "--config", "{tmp}/bomb.yaml"], {},
+                               {"bomb.yaml": _alias_bomb()}, r"YAML alias \*l0 at line 2 is not allowed"),
+    # tracebacks
+    "device mps visualize": ([*V1, "--device", "mps"], {}, {}, r"--device 'mps' is not available .*; valid here: cpu"),
+    "device mps check": (["check", *R20, *U, "--device", "mps"], {}, {}, r"--device 'mps' is not available .*valid here: cpu"),
+    "device mps audit": (["audit", *R20, "--units", "linear:1", "--device", "mps"], {}, {},
+                         r"--device 'mps' is not available .*valid here: cpu"),
+    "device mps fool": (["fool", *R20, *S3, "--device", "mps"], {}, {}, r"--device 'mps' is not available .*valid here: cpu"),
+    "steps beyond int64": ([*V1, "--steps", "99999999999999999999"], {}, {},
+                           r"--steps must be in 1\.\.1000000, got 99999999999999999999"),
+    "check steps beyond int64": (["check", *R20, *U, "--steps", "99999999999999999999"], {}, {},
+                                 r"--steps must be in 1\.\.1000000, got 9999"),
+    "n-other beyond int64": (["check", *R20, *U, "--n-other", "99999999999999999999"], {}, {},
+                             r"--n-other must be in 1\.\.9223372036854775807, got 9999"),
+    "seed beyond torch": ([*V1, "--seed", "99999999999999999999999"], {}, {},
+                          r"--seed must be in 0\.\.9223372036854775807, got 99999999999999999999999"),
+    "seed negative": (["audit", *R20, "--units", "linear:1", "--seed", "-1"], {}, {}, r"--seed must be in 0\.\.922"),
+    "size 100000": ([*V1, "--size", "100000"], {}, {}, r"--size must be in 1\.\.4096, got 100000"),
+    "seeds beyond memory": ([*V1, "--seeds", "100000000000"], {}, {},
+                            r"--seeds 100000000000 for 1 unit\(s\) is too many: size 32x32 px is too large .* GiB available"),
+    "param-opt not a number": ([*V1, "--param-opt", "decay_power=abc"], {}, {},
+                               r"parametrization 'fft' option decay_power='abc' must be a finite number"),
+    "param-opt inf": ([*V1, "--param-opt", "sd=Infinity"], {}, {}, r"parametrization 'fft' option sd=inf must be a finite"),
+    "optimizer-opt torch refuses": ([*V1, "--optimizer", "sgd", "--optimizer-opt", "momentum=-5"], {}, {},
+                                    r"optimizer 'sgd' refuses lr=0\.05, momentum=-5: Invalid momentum value: -5"),
+    "optimizer-opt bool": ([*V1, "--optimizer", "sgd", "--optimizer-opt", "nesterov=1"], {}, {},
+                           r"optimizer 'sgd' option nesterov=1 must be true or false"),
+    "optimizer-opt pair": ([*V1, "--optimizer-opt", "betas=[0.9]"], {}, {},
+                           r"optimizer 'adam' option betas=\[0\.9\] must be a list of 2 values, each a finite number"),
+    "config null": (["visualize", *R20, *U, "--config", "{tmp}/c.json"], {}, {"c.json": '{"steps": null}'},
+                    r"'steps' \(--steps\) must not be null; leave the key out for its default \(512\)"),
+    "check fv pickle": (["check", *R20, *U, "--fv", "{tmp}/pk", *FLAT], {}, {"pk/fv.pt": "PICKLE", "pk/fv.json": "{fvjson}"},
+                        r"--fv '.*pk': '.*fv\.pt' is not a tensor file fvsanity reads safely .*other objects than tensors"),
+    "check fv garbage": (["check", *R20, *U, "--fv", "{tmp}/pk", *FLAT], {}, {"pk/fv.pt": "garbage", "pk/fv.json": "{fvjson}"},
+                         r"--fv '.*pk': '.*fv\.pt' is not a tensor file fvsanity reads safely"),
+    "check fv bad json": (["check", *R20, *U, "--fv", "{tmp}/pk", *FLAT], {}, {"pk/fv.pt": "FVPT", "pk/fv.json": "{nope"},
+                          r"--fv '.*pk': fv\.json is not valid JSON \(line 1, column 2"),
+    "audit fv pickle": (["audit", *R20, "--fv", "{tmp}/pk"], {}, {"pk/fv.pt": "PICKLE", "pk/fv.json": "{fvjson}"},
+                        r"--fv '.*pk': '.*fv\.pt' is not a tensor file fvsanity reads safely"),
+}
+
+
+def _write_case_files(tmp_path, files, fvs):
+    import argparse
+    import shutil
+
+    import torch
+
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text == "PICKLE":  # what torch.load(weights_only=True) refuses: an object other than tensors
+            torch.save({"images": torch.zeros(1, 1, 3, 32, 32), "args": argparse.Namespace(steps=2)}, path)
+        elif text == "FVPT":
+            shutil.copy(fvs / "fv.pt", path)
+        elif text == "{fvjson}":
+            shutil.copy(fvs / "fv.json", path)
+        else:
+            path.write_text(text)
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_bad_value_is_refused_before_work(case, finished_fvs, tmp_path, data_root, capsys, monkeypatch):
+    """Exit 2, one line naming the value and the valid range or choices, and an --out holding
+    finished FVs unchanged by md5 (nothing written, nothing overwritten with NaN FVs)."""
+    import re
+    import shutil
+
+    import torch
+
+    argv, env, files, expect = REFUSED[case]
+    if hasattr(torch.backends, "mps"):  # the same answer on a machine with MPS
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    shutil.copytree(finished_fvs, out)
+    _flat_images(tmp_path / "flat")
+    _write_case_files(tmp_path, files, finished_fvs)
+    before = _md5s(out)
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{flat}", str(tmp_path / "flat")).replace("{data}", str(data_root))
+            for a in argv] + ["--out", str(out)]
+    line = _one_error_line(capsys, argv)
+    assert re.search(expect, line), line
+    assert _md5s(out) == before
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    """Billion laughs under a valid key spun at 100% CPU; refused in well under 2 s."""
+    import time
+
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(_alias_bomb())
+    t0 = time.perf_counter()
+    line = _one_error_line(capsys, ["visualize", *R20, "--config", str(cfg), "--out", str(tmp_path / "o")])
+    assert time.perf_counter() - t0 < 2.0
+    assert "YAML alias *l0 at line 2 is not allowed" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_layers_refuses_random_and_file_weights(data_root, capsys):
+    line = _one_error_line(capsys, ["layers", "--random-weights", "--weights",
+                                    str(data_root / "weights" / "cifar10_resnet20-12fca82f.th")])
+    assert "--random-weights and --weights" in line and "conflict" in line
+
+
+def test_valid_values_next_to_the_refused_ones_still_run(tmp_path, capsys):
+    """The checks refuse only what is bad: YAML anchors without aliases, labels with a header and
+    a file listed twice with one label, finite options of the right type."""
+    from fvsanity.commands.visualize import parse_options
+    from fvsanity.generate import RenderSettings
+    from fvsanity.generate import param as P
+
+    cfg = _cfg(tmp_path, "ok.yaml", "steps: &s 3\nlr: 0.1\n")
+    from fvsanity.cli import read_config
+
+    assert read_config(cfg) == {"steps": 3, "lr": 0.1}
+    s = RenderSettings(steps=3, lr=0.1, diversity=0.5, optimizer="sgd", optimizer_options={"momentum": 0.5, "nesterov": True},
+                       param_options=parse_options("--param-opt", ["decay_power=2"]), size=(16, 24))
+    assert s.check_memory(4, (16, 24)) > 0
+    P.check_options("maco", {"magnitude": str(tmp_path / "spec.pt"), "contrast": 2})
+    from fvsanity.data import load_images
+    from fvsanity.models import Preprocess
+
+    root = _flat_images(tmp_path / "flat")
+    (root / "labels.csv").write_text("filename,label\na.png,3\na.png,3\n# note\nb.png,1\n")
+    nat = load_images(root, Preprocess(size=(8, 8), mean=(0.5,) * 3, std=(0.25,) * 3))
+    assert nat.labels.tolist() == [3, 1, -1, -1]

@@ -75,14 +75,16 @@ def register(sub) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from ..audit import AuditConfig
+    from ..cli import check_ints
     from ..errors import FVSanityError
+    from ..generate import RenderSettings
+    from .check import MAX_RESAMPLES
 
-    for name in ("steps", "seeds", "size", "fv_batch", "top_k", "n_other", "n_boot", "n_perm", "batch_size",
-                 "circuit_images", "circuit_steps"):
-        v = getattr(args, name)
-        lo = 0 if name == "n_boot" else 1  # --n-boot 0: no CIs; the verdict needs a test, so --n-perm >= 1
-        if v is not None and v < lo:
-            raise FVSanityError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    # --n-boot 0: no CIs; the verdict needs a test, so --n-perm >= 1
+    check_ints(args, {"steps": (1, RenderSettings.MAX_STEPS), "seeds": (1, None), "size": (1, RenderSettings.MAX_SIZE),
+                      "fv_batch": (1, None), "top_k": (1, None), "n_other": (1, None), "n_boot": (0, MAX_RESAMPLES),
+                      "n_perm": (1, MAX_RESAMPLES), "batch_size": (1, None), "circuit_images": (1, None),
+                      "circuit_steps": (1, None), "sample": (1, None), "max_per_class": (1, None), "limit": (1, None)})
     if not 0 < args.alpha < 0.5:  # the verdict's claims need alpha < 0.5 (VerdictSettings)
         raise FVSanityError(f"--alpha must be in (0, 0.5), got {args.alpha}")
     return AuditConfig(
@@ -125,8 +127,11 @@ def _run(args: argparse.Namespace, shard, device) -> int:
     from ..audit import run_audit, select_units
     from ..cli import save_config
     from ..compare.path import validate_metrics
+    from ..errors import FVSanityError, SettingError
+    from ..generate import RenderSettings
     from ..io import ensure_writable_dir
     from ..models import load_model
+    from ..units import check_distinct
 
     cfg = config_from_args(args)
     validate_metrics(cfg.metric, cfg.paired_metrics)  # e.g. a --config metric: refused before any model work
@@ -140,10 +145,18 @@ def _run(args: argparse.Namespace, shard, device) -> int:
         calib = load_calibration(args.calibration, lm.name)
     specs = args.units
     if args.fv and not args.units and not args.layer:
-        from ..generate import FVResult
+        from ..generate.saved import read_fv_result
 
-        specs = [str(u) for u in FVResult.load(args.fv).units]  # every unit of the FV set
-    units = select_units(lm, specs, args.layer, args.sample, args.seed)
+        specs = [str(u) for u in read_fv_result(args.fv).units]  # every unit of the FV set
+    units = check_distinct(select_units(lm, specs, args.layer, args.sample, args.seed), "--units")
+    try:  # the FVs to render must fit in memory
+        hw = lm.input_size if args.size is None else (args.size, args.size)
+        RenderSettings(steps=args.steps).check_memory(min(len(units), cfg.fv_batch_units) * args.seeds, hw)
+    except SettingError as e:
+        if args.size is not None:
+            raise e.renamed("--size") from None
+        raise FVSanityError(f"--seeds {args.seeds} for {min(len(units), cfg.fv_batch_units)} unit(s) per batch "
+                            f"(--fv-batch) is too many: {e}") from None
     images = args.images
     if images is None:
         from ..defaults import default_images

@@ -18,6 +18,9 @@ import torch
 
 from ..errors import FVSanityError
 
+#: the most bootstrap resamples or permutations a check or audit takes
+MAX_RESAMPLES = 1_000_000
+
 
 def register(sub) -> None:
     from ..cli import add_common
@@ -146,22 +149,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, shard, device) -> int:
-    from ..cli import save_config
+    from ..cli import check_ints, save_config
     from ..compare.path import PathCheckSettings, path_check, validate_metrics
     from ..compare.similarity import metric_info
     from ..data import load_images
+    from ..errors import SettingError
+    from ..generate import RenderSettings
     from ..generate.saved import load_fvs
     from ..io import ensure_writable_dir
     from ..models import load_model
     from ..report.path_figure import plot_path_similarity
     from ..report.writers import write_outputs
-    from ..units import parse_units
+    from ..units import check_distinct, parse_units
 
-    for flag, v, lo in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1), ("--top-k", args.top_k, 0),
-                        ("--n-other", args.n_other, 1), ("--batch-size", args.batch_size, 1),
-                        ("--n-boot", args.n_boot, 0), ("--n-perm", args.n_perm, 1)):  # n-boot 0: no CIs
-        if v < lo:
-            raise FVSanityError(f"{flag} must be >= {lo}, got {v}")
+    check_ints(args, {"steps": (1, RenderSettings.MAX_STEPS), "seeds": (1, None), "top_k": (0, None),
+                      "n_other": (1, None), "batch_size": (1, None), "n_boot": (0, MAX_RESAMPLES),
+                      "n_perm": (1, MAX_RESAMPLES), "max_per_class": (1, None), "limit": (1, None)})  # n-boot 0: no CIs
     if not 0 < args.alpha < 0.5:  # the verdict's claims need alpha < 0.5 (VerdictSettings)
         raise FVSanityError(f"--alpha must be in (0, 0.5), got {args.alpha}")
     if args.labels is not None and not Path(args.labels).is_file():
@@ -182,7 +185,12 @@ def _run(args: argparse.Namespace, shard, device) -> int:
         from ..compare.detect import load_calibration
 
         calib = load_calibration(args.calibration, lm.name)
-    units = parse_units(args.unit, lm) if args.unit else []
+    units = check_distinct(parse_units(args.unit, lm), "--unit") if args.unit else []
+    if units and not args.fv:
+        try:  # the FVs to render must fit in memory
+            RenderSettings(steps=args.steps).check_memory(len(units) * args.seeds, lm.input_size)
+        except SettingError as e:
+            raise FVSanityError(f"--seeds {args.seeds} for {len(units)} unit(s) is too many: {e}") from None
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
     if layers:  # before any FV work
         from ..units import resolve_layer

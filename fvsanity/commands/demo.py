@@ -52,15 +52,14 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from .._paths import describe_location
     from ..audit import AuditConfig, run_audit
-    from ..cli import resolve_device, save_config
+    from ..cli import check_ints, resolve_device, save_config
     from ..defaults import default_images, default_model
     from ..errors import FVSanityError
+    from ..generate import RenderSettings
     from ..io import ensure_writable_dir
 
-    for flag, v, lo in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1), ("--class-units", args.class_units, 0),
-                        ("--block-units", args.block_units, 0)):
-        if v < lo:
-            raise FVSanityError(f"{flag} must be >= {lo}, got {v}")
+    check_ints(args, {"steps": (1, RenderSettings.MAX_STEPS), "seeds": (1, None), "class_units": (0, None),
+                      "block_units": (0, None)})
     if args.class_units + args.block_units < 1:
         raise FVSanityError("--class-units and --block-units are both 0: no units to audit")
     out = ensure_writable_dir(args.out)

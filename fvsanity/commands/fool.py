@@ -133,17 +133,16 @@ def _images(lm, folder, limit, seed):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cli import resolve_device, save_config
+    from ..cli import check_ints, resolve_device, save_config
     from ..errors import FVSanityError
     from ..fool import get_manipulation, make_routes
     from ..fool.pipeline import FoolSettings, run_fool, split_indices
+    from ..generate import RenderSettings
     from ..io import ensure_writable_dir
     from ..models import load_model
 
-    for flag in ("eval_units", "eval_seeds", "eval_steps", "fv_size", "limit"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise FVSanityError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    check_ints(args, {"eval_units": (1, None), "eval_seeds": (1, None), "eval_steps": (1, RenderSettings.MAX_STEPS),
+                      "fv_size": (1, RenderSettings.MAX_SIZE), "limit": (1, None)})
     if not 0 < args.split < 1:
         raise FVSanityError(f"--split must be in (0, 1), got {args.split}")
     method = get_manipulation(args.method)
@@ -152,6 +151,16 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
+    shift = args.shift
+    out_c = lm.layer_info(lm.output_layer).layout.channels
+    if args.target is None and shift is None:
+        shift = max(1, out_c // 10)  # 100 of ImageNet's 1000 classes, 1 of CIFAR-10's 10
+    if args.target is not None and shift is not None:
+        raise FVSanityError("give either --target or --shift, not both")
+    if shift is not None:
+        if shift % out_c == 0 and args.unit in ("all", f"{lm.output_layer}:all"):
+            raise FVSanityError(f"--shift {shift} is a multiple of the {out_c} class units (identity); valid: 1..{out_c - 1}")
+    routes = make_routes(lm, args.unit, args.target, shift=shift, picture_size=lm.input_size)  # before the images
     if args.train_images is None:
         from ..defaults import default_images
 
@@ -163,16 +172,6 @@ def run(args: argparse.Namespace) -> int:
         args.eval_split = {"train": len(tr), "eval": len(ev), "seed": args.seed, "from": args.train_images}
     else:
         eval_nat, train_imgs = _images(lm, args.eval_images, args.limit, args.seed), train.images
-    shift = args.shift
-    out_c = lm.layer_info(lm.output_layer).layout.channels
-    if args.target is None and shift is None:
-        shift = max(1, out_c // 10)  # 100 of ImageNet's 1000 classes, 1 of CIFAR-10's 10
-    if args.target is not None and shift is not None:
-        raise FVSanityError("give either --target or --shift, not both")
-    if shift is not None:
-        if shift % out_c == 0 and args.unit in ("all", f"{lm.output_layer}:all"):
-            raise FVSanityError(f"--shift {shift} is a multiple of the {out_c} class units (identity); valid: 1..{out_c - 1}")
-    routes = make_routes(lm, args.unit, args.target, shift=shift, picture_size=lm.input_size)
     # the method's settings: flat FoolSettings fields where FoolSettings has them (the built-in
     # methods' knobs, as configs and fool.json name them), method_options for the others
     flat = {f.name for f in dataclasses.fields(FoolSettings)}

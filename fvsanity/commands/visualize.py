@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 
@@ -29,7 +30,8 @@ def register(sub) -> None:
     p.add_argument("--transforms", choices=["standard", "lucent", "none"], default="standard",
                    help="robustness transforms (standard = lucent's set scaled to the image size) [%(default)s]")
     p.add_argument("--diversity", type=float, default=0.0, help="diversity weight across seeds [%(default)s]")
-    p.add_argument("--batch-size", type=int, default=None, help="elements per batch [all on CUDA, 64 on CPU]")
+    p.add_argument("--batch-size", type=int, default=None, help="FV compute width: elements per optimization batch, "
+                   "fixed (changes the last bits, so recorded and hashed) [8 on CPU, 32 on CUDA]")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast + channels_last for the model (FVs differ slightly from float32; recorded as "
                         "dtype) [auto: on for CUDA and CPUs with native bf16, or $FVSANITY_AMP=on|off]")
@@ -57,6 +59,21 @@ def parse_options(flag: str, items) -> dict:
     return out
 
 
+#: RenderSettings field -> the flag that sets it
+_FLAGS = {"param_options": "--param-opt", "optimizer_options": "--optimizer-opt"}
+
+
+@contextlib.contextmanager
+def _as_flags():
+    """A :class:`~fvsanity.errors.SettingError` of a RenderSettings field, named by its flag (``lr`` -> ``--lr``)."""
+    from ..errors import SettingError
+
+    try:
+        yield
+    except SettingError as e:
+        raise e.renamed(_FLAGS.get(e.name, "--" + e.name.replace("_", "-"))) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..distributed import sharded
 
@@ -65,43 +82,47 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, shard, device) -> int:
-    from ..cli import save_config
+    from ..cli import check_ints, save_config
     from ..distributed import render_sharded
-    from ..errors import FVSanityError
-    from ..generate import RenderSettings, optim
-    from ..generate import param as P
+    from ..errors import FVSanityError, SettingError
+    from ..generate import RenderSettings
+    from ..generate.render import check_canvas
     from ..io import ensure_writable_dir
     from ..models import load_model
-    from ..units import parse_units
+    from ..units import check_distinct, parse_units
 
-    for flag, v in (("--steps", args.steps), ("--seeds", args.seeds), ("--size", args.size), ("--batch-size", args.batch_size)):
-        if v is not None and v < 1:
-            raise FVSanityError(f"{flag} must be >= 1, got {v}")
-    if not args.lr > 0:
-        raise FVSanityError(f"--lr must be > 0, got {args.lr}")
+    check_ints(args, {"seeds": (1, None), "steps": (1, RenderSettings.MAX_STEPS), "size": (1, RenderSettings.MAX_SIZE),
+                      "batch_size": (1, None)})  # the other settings: RenderSettings below
     try:
         checkpoints = [int(c) for c in str(args.checkpoints).split(",") if c.strip()]
     except ValueError:
         raise FVSanityError(f"--checkpoints must be comma-separated step numbers, got {args.checkpoints!r}") from None
+    args.param_opt, args.optimizer_opt = list(args.param_opt or []), list(args.optimizer_opt or [])  # config.json: lists
     bad = [c for c in checkpoints if not 1 <= c <= args.steps]
     if bad:
         raise FVSanityError(f"--checkpoints {bad[0]} out of range; valid: 1..{args.steps} (--steps)")
-    args.param_opt, args.optimizer_opt = list(args.param_opt or []), list(args.optimizer_opt or [])  # config.json: lists
     param_options = parse_options("--param-opt", args.param_opt)
     optimizer_options = parse_options("--optimizer-opt", args.optimizer_opt)
-    P.check_options(args.param, param_options)  # before anything is loaded or written
-    optim.check_options(args.optimizer, optimizer_options)
+    with _as_flags():  # every setting checked here, before anything is loaded or written
+        settings = RenderSettings(
+            steps=args.steps, size=args.size, lr=args.lr, param=args.param, param_options=param_options,
+            transforms=args.transforms, diversity=args.diversity, optimizer=args.optimizer,
+            optimizer_options=optimizer_options, batch_size=args.batch_size, progress=not args.no_progress,
+            amp=args.amp, checkpoints=checkpoints,
+        )
     out = ensure_writable_dir(args.out)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device, seed=args.seed,
                     allow_partial=args.allow_partial_weights)
-    units = parse_units(args.unit, lm)
+    units = check_distinct(parse_units(args.unit, lm), "--unit")
+    hw = lm.input_size if args.size is None else (args.size, args.size)
+    check_canvas(lm, hw, "--size")
+    try:
+        settings.check_memory(len(units) * args.seeds, hw)
+    except SettingError as e:
+        if args.size is not None:
+            raise e.renamed("--size") from None
+        raise FVSanityError(f"--seeds {args.seeds} for {len(units)} unit(s) is too many: {e}") from None
     seeds = [args.seed + i for i in range(args.seeds)]
-    settings = RenderSettings(
-        steps=args.steps, size=args.size, lr=args.lr, param=args.param, param_options=param_options,
-        transforms=args.transforms, diversity=args.diversity, optimizer=args.optimizer,
-        optimizer_options=optimizer_options, batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp,
-        checkpoints=checkpoints,
-    )
     res = render_sharded(shard, lm, units, seeds, settings, objective=args.objective)
     if res is None:
         return 0  # not rank 0: its FVs went to rank 0

@@ -39,6 +39,7 @@ name; an unknown one is a one-line error naming the choices).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,6 +97,9 @@ def check_settings(settings: Any) -> None:
         if v is None:
             continue
         flag = _flag(f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            bounds = " and ".join(f"{w} {m[k]}" for k, w in (("min", ">="), ("gt", ">"), ("lt", "<")) if m.get(k) is not None)
+            raise FVSanityError(f"{flag} must be a finite number{' ' + bounds if bounds else ''}, got {v}")
         if m.get("choices") is not None and v not in m["choices"]:
             raise FVSanityError(f"{flag} {v!r} is not valid; valid: {', '.join(map(str, m['choices']))}")
         for key, ok, word in (("min", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),

@@ -97,6 +97,9 @@ def make_routes(
     units = [parse_unit(u, lm) for u in units]
     if not units:
         raise FVSanityError("no units to manipulate; give --unit L:C, a range L:a-b, or all")
+    from ..units import check_distinct
+
+    check_distinct(units, "--unit")
     for u in units:
         if u.kind != "channel":
             raise UnitError(f"unit {u} is a {u.kind}; fooling manipulates whole channels (LAYER:CHANNEL)")

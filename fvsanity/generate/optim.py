@@ -54,16 +54,35 @@ def _describe(opt) -> str:
     return repr(opt) if isinstance(opt, str) else getattr(opt, "__name__", type(opt).__name__)
 
 
-def check_options(optimizer, options=None) -> Callable:
+def check_options(optimizer, options=None, *, lr: float | None = None) -> Callable:
     """The factory of ``optimizer`` (a name in :data:`OPTIMIZERS` or a factory), after checking
-    that it takes every key of ``options`` (:func:`fvsanity.registry.resolve_with_options`).
+    that it takes every key of ``options`` with a value of the type it declares
+    (:func:`fvsanity.registry.resolve_with_options`). With ``lr``, a built-in factory (one of this
+    module's) is also tried once on a one-element dummy parameter, so that a value torch itself
+    refuses (its ``ValueError``, e.g. SGD's ``momentum=-5``) is refused here, before any work; a
+    plug-in's factory is never called here (it may count or log its calls), its refusal is one
+    line when :func:`make_optimizer` builds it.
 
     Raises:
-        FVSanityError: unknown name, not callable, or an option it does not take (one line
-            naming the options it has).
+        FVSanityError: unknown name, not callable, an option it does not take or of the wrong
+            type, or (with ``lr``) options it refuses (one line).
     """
-    return resolve_with_options(OPTIMIZERS, optimizer, options, fixed=("params", "lr"), arg="optimizer",
-                                callable_word="factory")
+    factory = resolve_with_options(OPTIMIZERS, optimizer, options, fixed=("params", "lr"), arg="optimizer",
+                                   callable_word="factory")
+    if lr is not None and getattr(factory, "__module__", None) == __name__:
+        _build(factory, optimizer, [torch.zeros(1, requires_grad=True)], lr, options)
+    return factory
+
+
+def _build(factory, optimizer, params, lr, options) -> torch.optim.Optimizer:
+    """``factory(params, lr, **options)``; a ValueError it raises (torch's refusal of a value) is
+    one line naming the options."""
+    try:
+        return factory(params, lr, **dict(options or {}))
+    except ValueError as e:
+        opts = ", ".join(f"{k}={v!r}" for k, v in sorted(dict(options or {}).items())) or "no options"
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FVSanityError(f"optimizer {_describe(optimizer)} refuses lr={lr!r}, {opts}: {why}") from None
 
 
 def make_optimizer(optimizer, params, lr: float, options=None) -> torch.optim.Optimizer:
@@ -78,7 +97,7 @@ def make_optimizer(optimizer, params, lr: float, options=None) -> torch.optim.Op
             does not return a ``torch.optim.Optimizer``.
     """
     factory = check_options(optimizer, options)
-    opt = factory(params, lr, **dict(options or {}))
+    opt = _build(factory, optimizer, params, lr, options)
     if not isinstance(opt, torch.optim.Optimizer):
         raise FVSanityError(f"optimizer {_describe(optimizer)} must return a torch.optim.Optimizer, "
                             f"got {type(opt).__name__}")

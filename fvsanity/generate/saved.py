@@ -16,7 +16,7 @@ from ..errors import FVSanityError
 from ..fingerprint import check_fv_model
 from .render import FVResult
 
-__all__ = ["IMAGE_SUFFIXES", "load_fvs"]
+__all__ = ["IMAGE_SUFFIXES", "load_fvs", "read_fv_result"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -35,6 +35,29 @@ def _read_image(path: Path) -> torch.Tensor:
         raise FVSanityError(f"--fv image {str(path)!r} cannot be read: {e}") from e
 
 
+def read_fv_result(spec, flag: str = "--fv") -> FVResult:
+    """:meth:`FVResult.load` of a ``fvsanity visualize`` output named by ``flag`` (``spec``), with
+    any malformed content a one-line error: an ``fv.pt`` that is a pickle of other objects or not
+    a dict of tensors, an ``fv.json`` that is not valid JSON or lacks what ``visualize`` writes.
+
+    Raises:
+        FVSanityError: naming ``flag``, the path and what is wrong.
+    """
+    import json
+
+    try:
+        return FVResult.load(spec)
+    except FVSanityError as e:
+        raise FVSanityError(f"{flag} {str(spec)!r}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise FVSanityError(f"{flag} {str(spec)!r}: fv.json is not valid JSON (line {e.lineno}, column {e.colno}: "
+                            f"{e.msg})") from None
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError) as e:
+        what = f"missing {e.args[0]!r}" if isinstance(e, KeyError) and e.args else type(e).__name__
+        raise FVSanityError(f"{flag} {str(spec)!r} is not a `fvsanity visualize` output (fv.pt: a dict of tensors, "
+                            f"fv.json: its record): {what}") from None
+
+
 def load_fvs(spec: str, units: list, lm):
     """(units, FV source) from ``--fv``: an FVResult folder/file, a tensor file, or image(s).
 
@@ -49,7 +72,7 @@ def load_fvs(spec: str, units: list, lm):
         raise FVSanityError(f"--fv {spec!r} not found")
     folder = path if path.is_dir() else path.parent
     if (folder / "fv.json").is_file() and (folder / "fv.pt").is_file() and (path.is_dir() or path.name in ("fv.pt", "fv.json")):
-        res = FVResult.load(folder)
+        res = read_fv_result(folder)
         check_fv_model(res, lm, spec)  # made for these weights, or refused
         have = [str(u) for u in res.units]
         if not units:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._paths import cache_dir, find_data_file, searched_locations
+from .._paths import cache_dir, find_data_file, offline, searched_locations
 from ..errors import FVSanityError, MissingWeightsError, UnitError, UnknownModelError
 from ..io import file_sha256
 from ..layouts import LayerInfo
@@ -455,7 +455,7 @@ def _find_or_fetch(relpath: str, url: str | None, sha256: str | None, hint: str)
             f"{where}; fvsanity knows no full sha256 for {url}, so it does not download it: fetch it "
             f"yourself, check it, and {todo}"
         )
-    if url and os.environ.get("FVSANITY_OFFLINE", "0") == "1":
+    if url and offline():
         raise MissingWeightsError(f"{where}; not downloading {url} (FVSANITY_OFFLINE=1); {todo}")
     if url:
         try:
@@ -629,7 +629,7 @@ def _torchvision(name: str, pretrained: bool) -> LoadedModel:
         w = torchvision.models.get_model_weights(name).DEFAULT
         categories = list(w.meta.get("categories", []))
         hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
-        if not hub.is_file() and os.environ.get("FVSANITY_OFFLINE", "0") == "1":
+        if not hub.is_file() and offline():
             raise MissingWeightsError(
                 f"torchvision weights for {name} are not cached at {hub}; not downloading {w.url} "
                 "(FVSANITY_OFFLINE=1); pass --weights FILE or use --random-weights"
@@ -784,7 +784,8 @@ def load_model(
             ``.safetensors``); overrides the named model's own weights. Loaded strictly: missing,
             unexpected or other-shaped keys and NaN/inf values are a one-line
             :class:`~fvsanity.errors.MissingWeightsError`.
-        pretrained: False gives random weights (structural tests); True looks the weights up
+        pretrained: False gives random weights (structural tests; refused together with
+            ``weights``, which it would ignore); True looks the weights up
             (``$FVSANITY_DATA``, the user cache, the packaged copy, then a download checked
             against a full sha256) and raises :class:`~fvsanity.errors.MissingWeightsError` with
             where it looked if none are found.
@@ -798,6 +799,9 @@ def load_model(
     """
     if allow_partial and weights is None:
         raise FVSanityError("--allow-partial-weights applies to a --weights FILE only; none was given")
+    if weights is not None and not pretrained:
+        raise FVSanityError(f"--random-weights and --weights {str(weights)!r} conflict (random weights would ignore "
+                            "the file); give one of them")
     if spec not in _REGISTRY:
         # other kinds of spec (register_loader): e.g. the model/ folder ``fvsanity fool`` wrote
         for loader in LOADERS:
