@@ -29,6 +29,7 @@ __all__ = [
     "collect",
     "collect_with_responses",
     "iter_batches",
+    "pad_batch",
     "pooled_capture",
     "PooledStore",
     "run_pooled",
@@ -74,6 +75,19 @@ def iter_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
 
 
 _iter_batches = iter_batches  # deprecated private name
+
+
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` [B, ...] with its last row repeated up to ``size`` rows (B >= size: ``x`` as it is).
+
+    Why: CPU kernels round differently for other batch shapes, so a forward of the same image in
+    a batch of 5 and in a batch of 64 can differ in the last bits; padding every batch to one size
+    makes an image's numbers independent of the images that happen to share its batch (the last
+    batch of a folder, a ``--limit``, a resumed run)."""
+    b = x.shape[0]
+    if b >= size or b == 0:
+        return x
+    return torch.cat([x, x[-1:].expand(size - b, *x.shape[1:])])
 
 
 @dataclass
@@ -217,17 +231,18 @@ class _Sink:
                 self.resp_pre = torch.empty(n_total, n_units)
 
     def add(self, store: PooledStore, b: int) -> None:
+        """Take the first ``b`` rows of the store (the rest are the padding of a short batch)."""
         s = self.n
         if self.pre is not None:
             for name in self.layers:
-                self.pre[name][s : s + b] = store.pooled[name]
+                self.pre[name][s : s + b] = store.pooled[name][:b]
             for j in range(self.n_units):
-                self.resp_pre[s : s + b, j] = store.responses[j]
+                self.resp_pre[s : s + b, j] = store.responses[j][:b]
         else:
             for name in self.layers:
-                self.lists[name].append(store.pooled[name].float().cpu())
+                self.lists[name].append(store.pooled[name][:b].float().cpu())
             if self.n_units:
-                self.resp_list.append(torch.stack([store.responses[j] for j in range(self.n_units)], 1).float().cpu())
+                self.resp_list.append(torch.stack([store.responses[j][:b] for j in range(self.n_units)], 1).float().cpu())
         self.n += b
 
     def result(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -235,6 +250,19 @@ class _Sink:
             return {k: v[: self.n] for k, v in self.pre.items()}, self.resp_pre[: self.n]
         acts = {name: torch.cat(c) for name, c in self.lists.items()}
         return acts, (torch.cat(self.resp_list) if self.n_units else torch.empty(self.n, 0))
+
+
+def _refuse_non_finite(store: PooledStore, n: int, start: int, images) -> None:
+    """Raise :class:`~fvsanity.errors.DataError` naming the first image (index, and file when
+    known) whose pooled activations or unit responses are NaN or infinite."""
+    for name, t in list(store.pooled.items()) + [(f"unit {j}", r) for j, r in store.responses.items()]:
+        ok = torch.isfinite(t[:n].reshape(n, -1)).all(1)
+        if not bool(ok.all()):
+            i = start + int((~ok).nonzero()[0])
+            paths = getattr(images, "paths", ())
+            where = f" ({paths[i]})" if i < len(paths) and paths[i] else ""
+            raise DataError(f"image {i}{where} gives non-finite (NaN/inf) activations at {name}; "
+                            "the model or its weights produce NaN on it")
 
 
 def collect_with_responses(
@@ -261,7 +289,10 @@ def collect_with_responses(
         units: units whose scalar response (:func:`fvsanity.layouts.unit_values`) is recorded per image.
         pool: ``mean`` | ``max`` over space (over patch tokens for a token layout), or None to
             keep full outputs (memory grows with N).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass. Every pass has exactly this many (a short batch is
+            padded by repeating its last image, see :func:`pad_batch`), so an image's numbers do
+            not depend on how many images come with it; they may differ in the last bits between
+            batch sizes (kernels round differently for other shapes).
         device: where to run (default: the model's device).
         progress: show a tqdm bar.
         trim_memory: after each batch, return freed heap memory to the OS
@@ -289,11 +320,13 @@ def collect_with_responses(
     layouts = {name: lm.layer_info(name).layout for name in need}
     with torch.no_grad(), pooled_capture(lm.model, layers, units, pool, layouts) as store:
         for x in batches:
-            run_pooled(lm.model, lm.preprocess(x.to(dev, torch.float32)), store)
+            n = x.shape[0]
+            run_pooled(lm.model, lm.preprocess(pad_batch(x, batch_size).to(dev, torch.float32)), store)
             missing = sorted(need - store.seen)
             if missing:
                 raise FVSanityError(f"layer {missing[0]!r} did not run in the forward pass")
-            sink.add(store, x.shape[0])
+            _refuse_non_finite(store, n, sink.n, images)
+            sink.add(store, n)
             if trim_memory:
                 release_freed_memory()
     if sink.n == 0:

@@ -148,6 +148,7 @@ def fv_settings(cfg: AuditConfig, lm) -> dict:
     """The settings that determine the FVs (hashed with the generator's ``settings_hash``); the
     compute dtype only when not float32 (bf16 autocast, automatic on this device)."""
     from .generate import dtype_settings
+    from .generate.render import fv_batch_width
 
     hw = list(lm.input_size) if cfg.size is None else [cfg.size, cfg.size]
     return {
@@ -161,6 +162,7 @@ def fv_settings(cfg: AuditConfig, lm) -> dict:
         "diversity": cfg.diversity,
         "seeds": [cfg.seed + i for i in range(cfg.seeds)],
         **dtype_settings(None, lm.device),
+        "fv_batch": fv_batch_width(None, lm.device),  # the compute width: it changes the FVs' last bits
     }
 
 
@@ -318,7 +320,11 @@ def _check_run(out: Path, run: dict) -> None:
                 if old.get("model") != run["model"]:
                     diff.insert(0, "model")
                 if old.get("images") != run["images"]:
-                    diff.insert(0, "images")
+                    raise MixedRunError(
+                        f"--out {str(out)!r} holds an audit of other images (the image set at "
+                        f"{run['images'].get('root')} differs from the one it started with: files, content or labels "
+                        "changed); its numbers cannot be reused: use a new --out, or restore the images to resume"
+                    )
                 raise MixedRunError(
                     f"--out {str(out)!r} holds an audit with other settings (differ: {', '.join(diff) or '?'}); "
                     "use a new --out or the same settings"
@@ -633,6 +639,7 @@ def prepare_audit(
     refuse other settings), find the finished units, write ``plan.json`` (the units in order, read
     by ``audit --merge``; ``write_plan=False`` on ranks other than 0). No forward pass over the
     natural images. Arguments as :func:`run_audit`."""
+    from .cache import image_set_identity
     from .compare.path import validate_metrics
     from .compare.pipeline import resolve_units
     from .data import NaturalImages, load_images
@@ -676,7 +683,9 @@ def prepare_audit(
     run = {
         "format": FORMAT,
         "model": lm.provenance(),
-        "images": {"root": str(getattr(natural, "root", None)), "n": len(natural)},
+        # by content (file bytes, labels, decoding size): pictures replaced under the same names
+        # are another image set, refused on resume, never reused
+        "images": {"root": str(getattr(natural, "root", None)), "n": len(natural), **image_set_identity(natural)},
         "fv_settings": fvs,
         "fv_settings_hash": fv_hash,
         "check_settings": check_settings,

@@ -191,7 +191,7 @@ def _transforms_json(transforms) -> Any:
 def fv_key(
     lm, units, seeds: Sequence[int], *, steps: int = 512, size=None, lr: float = 0.05, param: str = "fft",
     decorrelate: bool = True, transforms="standard", diversity: float = 0.0, checkpoints: Sequence[int] = (),
-    dtype: str = "float32",
+    dtype: str = "float32", fv_batch: int | None = None,
 ) -> dict:
     """The cache key of FVs rendered by :func:`fvsanity.generate.render` with these arguments.
 
@@ -199,9 +199,12 @@ def fv_key(
     option that changes the images: steps, size (resolved to [H, W] px), lr, param, decorrelate,
     transforms, diversity and the kept checkpoints, plus the fvsanity and torch versions; and the
     compute ``dtype`` ("bfloat16" under autocast) when it is not float32, so a float32 key is what
-    it always was and bf16 FVs are never served for a float32 request or back. Device, batch size
-    and progress do not enter (as in ``settings_hash``).
+    it always was and bf16 FVs are never served for a float32 request or back. ``fv_batch``: the
+    compute width (:func:`fvsanity.generate.render.fv_batch_width`, default for the CPU), which
+    changes the floating-point result. Device and progress do not enter.
     """
+    from .generate.render import fv_batch_width
+
     if size is None:
         hw = list(lm.input_size)
     elif isinstance(size, int):
@@ -223,6 +226,7 @@ def fv_key(
         "diversity": float(diversity),
         "checkpoints": sorted({int(c) for c in checkpoints if 0 < int(c) <= int(steps)}),
         **({} if dtype == "float32" else {"dtype": str(dtype)}),
+        "fv_batch": fv_batch_width(fv_batch, "cpu"),
         **_library_versions(),
     }
 
@@ -240,26 +244,43 @@ def fv_result_digest(res, checkpoints: Sequence[int] | None = None) -> str:
 
 
 def image_set_identity(natural) -> dict:
-    """What identifies a natural-image set's pixels: in-memory images by content digest, files by
-    path, size in bytes and modification time (ns), in order; plus the decoding size."""
+    """What identifies a natural-image set: its pixels, its labels and how it is decoded.
+
+    Files by content: the sha256 of every file's bytes with its path, in order (reading 2,000
+    CIFAR JPEGs or 1,000 ImageNet ones takes well under a second), so pictures replaced under the
+    same names, with the same sizes and modification times, are another image set. In-memory
+    images by the digest of their pixels. Plus the labels (their digest), the class names and the
+    decoding size (H, W). The model's preprocessing enters through its fingerprint, elsewhere.
+    """
     images = getattr(natural, "images", None)
     ident: dict = {"n": len(natural), "size": list(getattr(natural, "size", ()))}
+    labels = getattr(natural, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        ident["labels"] = tensor_digest(labels)
+    names = getattr(natural, "class_names", ())
+    if names:
+        ident["class_names"] = hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()[:16]
     if images is not None:
         ident["content"] = tensor_digest(images)
         return ident
     h = hashlib.sha256()
     for p in natural.paths:
+        h.update(f"{p}\0".encode())
         try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            with open(p, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
         except OSError:
-            h.update(f"{p}\0missing\n".encode())
-    ident["files"] = h.hexdigest()
+            h.update(b"missing")
+        h.update(b"\n")
+    ident["file_content"] = h.hexdigest()
     return ident
 
 
-def natural_pass_key(lm, natural, layers: Sequence[str], units=None, pooling: str = "mean") -> dict:
-    """The cache key of a natural-image pass: model fingerprint, image set, layers, pooling.
+def natural_pass_key(lm, natural, layers: Sequence[str], units=None, pooling: str = "mean",
+                     batch_size: int | None = None) -> dict:
+    """The cache key of a natural-image pass: model fingerprint, image set (content, labels),
+    layers, pooling and the batch size (every forward is padded to it; see
+    :func:`fvsanity.activations.pad_batch`).
 
     No unit list: shards of one sweep with different units share one pass (the units'
     responses are keyed on their own, :func:`fvsanity.compare.pipeline.natural_pass`).
@@ -272,6 +293,7 @@ def natural_pass_key(lm, natural, layers: Sequence[str], units=None, pooling: st
         "images": image_set_identity(natural),
         "layers": list(layers),
         "pooling": pooling,
+        **({} if batch_size is None else {"batch_size": int(batch_size)}),
         **_library_versions(),
     }
 
@@ -284,14 +306,16 @@ def render_cached(lm, units, folder: str | os.PathLike, *, seeds: Sequence[int],
         lm, units, seeds: as for ``render`` (seeds explicit).
         folder: where the FVs live (``fv.pt``, ``fv.json``, PNGs if ``pngs``, ``cache_key.json``).
         kw: the other ``render`` options (steps, size, lr, param, decorrelate, transforms,
-            diversity, checkpoints; device, batch_size, progress pass through unkeyed; amp, None
-            = automatic as in ``render``, is keyed by the dtype it resolves to on the device).
+            diversity, checkpoints; batch_size keyed as the compute width it resolves to;
+            device, progress pass through unkeyed; amp, None = automatic as in ``render``, is
+            keyed by the dtype it resolves to on the device).
 
     Returns:
         (FVResult, reused: bool). Reused only if ``folder``'s stored key equals
         :func:`fv_key` of these arguments; otherwise rendered and written.
     """
     from .generate import FVResult, dtype_settings, render
+    from .generate.render import fv_batch_width
 
     keyed = {k: kw[k] for k in ("steps", "size", "lr", "param", "decorrelate", "transforms", "diversity", "checkpoints")
              if k in kw}
@@ -299,8 +323,10 @@ def render_cached(lm, units, folder: str | os.PathLike, *, seeds: Sequence[int],
     if unknown:
         raise TypeError(f"render_cached: unknown render options {sorted(unknown)}")
     folder = Path(folder)
-    dtype = dtype_settings(kw.get("amp"), kw.get("device") or lm.device).get("dtype", "float32")
-    entry = CacheEntry.folder(folder, fv_key(lm, units, seeds, **keyed, dtype=dtype), ("fv.pt", "fv.json"))
+    dev = kw.get("device") or lm.device
+    dtype = dtype_settings(kw.get("amp"), dev).get("dtype", "float32")
+    width = fv_batch_width(kw.get("batch_size"), dev)
+    entry = CacheEntry.folder(folder, fv_key(lm, units, seeds, **keyed, dtype=dtype, fv_batch=width), ("fv.pt", "fv.json"))
 
     def compute():
         res = render(lm, units, seeds=list(seeds), **kw)

@@ -158,7 +158,7 @@ def test_path_check_takes_a_handed_down_natural_pass(tiny, monkeypatch):
     calls = _Count(act.collect_with_responses)
     monkeypatch.setattr(act, "collect_with_responses", calls)
     got = path_check(tiny, units, fv, natural, paired_metrics=(), natural_pass=p, **SETTINGS).to_json()
-    assert calls.n == 1  # the FVs only
+    assert calls.n == 2  # the FVs only, one pass per unit (a unit's numbers never depend on its neighbours)
     assert got["units"] == want["units"]
     with pytest.raises(NaturalPassMismatch, match="no layer"):
         path_check(tiny, units, fv, natural, paired_metrics=(), natural_pass=natural_pass(tiny, natural, ["relu1"], units),

@@ -171,7 +171,7 @@ def natural_pass(
 
     cache_dir = Path(cache_dir)
     with _file_lock(cache_dir / "natural_pass.lock"):  # processes sharing cache_dir: one computes, the rest read
-        return _cached_pass(lm, natural, layers, units, cache_dir, pooling, fp, ident, labels, run, derive)
+        return _cached_pass(lm, natural, layers, units, cache_dir, pooling, fp, ident, labels, run, derive, batch_size)
 
 
 @contextmanager
@@ -192,13 +192,14 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _cached_pass(lm, natural, layers, units, cache_dir: Path, pooling, fp, ident, labels, run, derive) -> NaturalPass:
+def _cached_pass(lm, natural, layers, units, cache_dir: Path, pooling, fp, ident, labels, run, derive,
+                 batch_size: int | None = None) -> NaturalPass:
     """:func:`natural_pass` through the on-disk cache in ``cache_dir`` (called under its lock)."""
     from ..cache import CacheEntry, _units_json, cached, key_digest, natural_pass_key
     from ..io import atomic_save_tensors, load_tensors
 
     p = cache_dir / "natural_pass.safetensors"
-    entry = CacheEntry.file(p, natural_pass_key(lm, natural, layers, pooling=pooling))
+    entry = CacheEntry.file(p, natural_pass_key(lm, natural, layers, pooling=pooling, batch_size=batch_size))
     fresh: dict = {}
 
     def compute():

@@ -1,8 +1,9 @@
 """Batched FV optimization: many units x seeds in one batch, each element with its own objective.
 
 Elements never interact (eval-mode model, per-element optimizer state, per-element random
-transforms, per-element initial image), so optimizing K units together gives the same FVs as K
-separate runs with the same seeds, at the cost of one forward+backward of the batch per step.
+transforms, per-element initial image), and every batch has one fixed shape (``batch_size``
+elements, the last batch padded, :func:`plan_chunks`), so optimizing K units together gives bit
+for bit the FVs of K separate runs with the same seeds.
 
 The seams are plug-ins, each a registry: the parametrization (``param.PARAMS``: fft, pixel,
 maco), the objective (``objectives.OBJECTIVES``, or any lucent-style ``Objective``), the
@@ -199,7 +200,7 @@ def settings_hash(settings: dict) -> str:
 
     ``amp`` is not hashed (an old bf16 flag); the effective compute ``dtype``, recorded only when
     not float32 (:func:`dtype_settings`), is."""
-    keys = {k: v for k, v in settings.items() if k not in ("device", "batch_size", "progress", "amp", "weights_source", "seconds")}
+    keys = {k: v for k, v in settings.items() if k not in ("device", "progress", "amp", "weights_source", "seconds")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -248,7 +249,10 @@ class RenderSettings:
             or a factory ``(params, lr, **options) -> torch.optim.Optimizer``.
         optimizer_options: keyword options for the optimizer (e.g. ``{"momentum": 0.5}``).
         checkpoints: steps after which to keep a copy of the images.
-        batch_size: elements per optimization batch (default: all on CUDA, 64 on CPU).
+        batch_size: the FV compute width: every optimization batch holds exactly this many
+            elements (the last batch padded, :func:`plan_chunks`), so an FV never depends on
+            what else is rendered (default: 8 on the CPU, 32 on CUDA). It changes the
+            floating-point result, so it is recorded and hashed.
         device: default: the model's device.
         amp: bf16 autocast + channels_last for the model's forward and backward (the image, the
             transforms and the optimizer stay float32). None (default): automatic, on for CUDA
@@ -274,6 +278,90 @@ class RenderSettings:
     device: str | torch.device | None = None
     amp: bool | None = None
     progress: bool = True
+
+    MAX_STEPS = 1_000_000  # not fields (no annotation): the sane bounds __post_init__ enforces
+    MAX_SIZE = 4096
+
+    def __post_init__(self):
+        """Refuse a bad value when the settings are made, before any work (one line each).
+
+        Raises:
+            SettingError: ``steps`` not in 1..MAX_STEPS, ``size`` not in 1..MAX_SIZE (or a pair
+                of such), ``lr`` not finite > 0, ``diversity`` not finite >= 0, ``batch_size`` < 1,
+                a checkpoint < 1, unknown ``transforms``, ``amp`` not None/True/False.
+            FVSanityError: an unknown parametrization or optimizer, an option it does not take or
+                of the wrong type, or an option value the optimizer itself refuses (e.g. SGD's
+                ``momentum=-5``).
+        """
+        from ..errors import SettingError, check_number
+        from . import optim
+
+        check_number("steps", self.steps, integer=True, ge=1, le=self.MAX_STEPS)
+        if self.size is not None:
+            sides = list(self.size) if isinstance(self.size, (tuple, list)) else [self.size]
+            if len(sides) not in (1, 2):
+                raise SettingError("size", f"must be an integer or (H, W), got {self.size!r}")
+            for s in sides:
+                check_number("size", s, integer=True, ge=1, le=self.MAX_SIZE)
+        check_number("lr", self.lr, gt=0)
+        check_number("diversity", self.diversity, ge=0)
+        if self.batch_size is not None:
+            check_number("batch_size", self.batch_size, integer=True, ge=1)
+        for c in self.checkpoints:
+            check_number("checkpoints", c, integer=True, ge=1)
+        if not isinstance(self.transforms, T.TransformSpec) and self.transforms not in (None, "standard", "lucent", "none"):
+            raise FVSanityError(f"unknown transforms {self.transforms!r}; valid: standard, lucent, none "
+                                "(or a TransformSpec)")
+        if self.amp is not None and not isinstance(self.amp, bool):
+            raise SettingError("amp", f"must be None (automatic), True or False, got {self.amp!r}")
+        for name in ("param_options", "optimizer_options"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise SettingError(name, f"must be a mapping of option names to values, got "
+                                         f"{type(getattr(self, name)).__name__}")
+        P.check_options(self.param, self.param_options)
+        optim.check_options(self.optimizer, self.optimizer_options, lr=self.lr)
+
+    def check_memory(self, n_elements: int, hw, available: int | None = None) -> int:
+        """Bytes of memory a render of ``n_elements`` FVs (units x seeds) on an ``hw`` = (H, W)
+        canvas needs at least, refused beyond ``available`` (default: this machine's available memory).
+
+        Counted: the result's images and checkpoints [n, 3, H, W] and traces [n, steps] (float32),
+        and one batch's parameters, gradients, optimizer state and transformed images (about 8
+        canvases per element); the model's activations come on top.
+
+        Raises:
+            SettingError: (named ``size``) the estimate exceeds ``available``.
+        """
+        from ..errors import SettingError, check_number
+
+        check_number("units x seeds", n_elements, integer=True, ge=1)
+        h, w = int(hw[0]), int(hw[1])
+        canvas = 3 * h * w * 4
+        n_ckpt = len({int(c) for c in self.checkpoints if int(c) <= self.steps})
+        batch = fv_batch_width(self.batch_size, self.device or "cpu")  # one batch of the fixed width
+        need = n_elements * canvas * (1 + n_ckpt) + n_elements * self.steps * 4 + batch * canvas * 8
+        available = self.available_memory() if available is None else available
+        if available is not None and need > available:
+            raise SettingError("size", f"{h}x{w} px is too large for {n_elements} FV(s) x {1 + n_ckpt} image(s) "
+                                       f"each: about {need / 2**30:.1f} GiB of memory needed, {available / 2**30:.1f} "
+                                       "GiB available; use a smaller size, fewer units x seeds or checkpoints")
+        return need
+
+    @staticmethod
+    def available_memory() -> int | None:
+        """Bytes of memory available now (``MemAvailable`` of /proc/meminfo, else free physical
+        pages), or None when unknown."""
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            return None
 
     def replace(self, **overrides) -> RenderSettings:
         """A copy with ``overrides`` applied; an unknown name is a one-line error naming the fields."""
@@ -412,11 +500,9 @@ def render(
     units_p, objs, objective_entry = _resolve_objectives(lm, units_l, objective, ref_hw_of)
     ref_hw = {u.layer: ref_hw_of(u.layer) for u in units_p if ref_hw_of(u.layer) is not None}
 
-    # One batch element per (unit, seed); chunk if needed (elements are independent, so exact).
-    elems = [(i, j) for i in range(len(units_p)) for j in range(len(seeds_l))]
-    bs = st.batch_size or (len(elems) if dev.type == "cuda" else 64)
-    if st.diversity and len(seeds_l) > 1:
-        bs = max(bs, len(seeds_l)) // len(seeds_l) * len(seeds_l)  # keep a unit's seeds together
+    # Fixed compute shapes (see :func:`plan_chunks`): an FV depends on its unit, seed and settings only.
+    width = fv_batch_width(st.batch_size, dev)
+    chunks = plan_chunks(len(units_p), seeds_l, width, coupled=bool(st.diversity) and len(seeds_l) > 1)
     settings_d = {
         "model": lm.name,
         "model_fingerprint": lm.fingerprint(),  # the weights these FVs are for (checked on --fv reuse)
@@ -431,7 +517,7 @@ def render(
         "device": str(dev),
         "amp": use_amp,
         **dtype_settings(use_amp, dev),  # hashed; absent for float32
-        "batch_size": bs,
+        "batch_size": width,  # hashed: the compute shape changes the floating-point result
     }
     # Keys added after the first release enter only when not at their default, so the settings
     # (and settings_hash, which caches and --fv reuse key on) of a default render never change.
@@ -452,32 +538,108 @@ def render(
     traces = torch.zeros(n_u, n_s, steps)
     ckpts = {c: torch.zeros(n_u, n_s, 3, *hw) for c in plan.checkpoints}
 
+    final = torch.zeros(n_u, n_s)
+    acts_rows: list[list[torch.Tensor | None]] = [[None] * n_s for _ in range(n_u)]
+
     bar = None
     if st.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps * ((len(elems) + bs - 1) // bs), desc=f"FV {n_u}x{n_s}", unit="step", leave=False)
+        bar = tqdm(total=steps * len(chunks), desc=f"FV {n_u}x{n_s}", unit="step", leave=False)
     t0 = time.perf_counter()
     try:
-        for start in range(0, len(elems), bs):
-            part = elems[start : start + bs]
+        for elems in chunks:
             chunk = _Chunk(
-                units=[units_p[i] for i, _ in part], seeds=[seeds_l[j] for _, j in part], groups=[i for i, _ in part],
-                objectives=None if objs is None else [objs[i] for i, _ in part],
+                units=[units_p[r] for r, _, _ in elems], seeds=[sd for _, sd, _ in elems],
+                # a padding element (j None) is a group of its own: never in another's diversity term
+                groups=[r if j is not None else -1 - k for k, (r, _, j) in enumerate(elems)],
+                objectives=None if objs is None else [objs[r] for r, _, _ in elems],
             )
             res = _optimize_chunk(lm, plan, chunk, bar)
-            for k, (i, j) in enumerate(part):
-                images[i, j] = res["images"][k]
-                traces[i, j] = res["traces"][k]
+            _refuse_non_finite(res, chunk, elems, objs)
+            for k, (row, _, j) in enumerate(elems):
+                if j is None:
+                    continue
+                images[row, j] = res["images"][k]
+                traces[row, j] = res["traces"][k]
+                final[row, j] = res["final"][k]
+                acts_rows[row][j] = res["acts"][k]
                 for c in plan.checkpoints:
-                    ckpts[c][i, j] = res["ckpts"][c][k]
+                    ckpts[c][row, j] = res["ckpts"][c][k]
     finally:
         if bar is not None:
             bar.close()
     settings_d["seconds"] = round(time.perf_counter() - t0, 3)
-    final, acts = score_images(lm, images, units_p, dev, objectives=objs)
+    acts = [torch.stack(r) for r in acts_rows]
     return FVResult(images, traces, final, acts, units_p, seeds_l, settings_d, ckpts,
                     objectives=[] if objs is None else [o.name for o in objs])
+
+
+class NonFiniteFVError(FVSanityError):
+    """An FV (its objective, image or activations) became NaN or infinite during optimization."""
+
+
+def _refuse_non_finite(res: dict, chunk: _Chunk, elems, objectives) -> None:
+    """Raise :class:`NonFiniteFVError` naming the first requested element whose trace, image or
+    final score is not finite: its unit (or objective), seed and the first bad step."""
+    for k, (row, _, j) in enumerate(elems):
+        if j is None:
+            continue
+        tr = res["traces"][k]
+        bad_steps = (~torch.isfinite(tr)).nonzero()
+        bad_final = not (torch.isfinite(res["images"][k]).all() and torch.isfinite(res["final"][k]).all())
+        if len(bad_steps) or bad_final:
+            what = f"objective {objectives[row].name}" if objectives is not None else f"unit {chunk.units[k]}"
+            when = f"at step {int(bad_steps[0]) + 1} of {tr.numel()}" if len(bad_steps) else "in its final image"
+            raise NonFiniteFVError(
+                f"the FV of {what}, seed {chunk.seeds[k]}, became non-finite (NaN/inf) {when}; nothing was "
+                "written: lower --lr or --diversity, or use float32 (FVSANITY_AMP=off)"
+            )
+
+
+FV_BATCH_CPU = 8
+"""Default FV compute width on the CPU: every optimization batch holds exactly this many elements."""
+FV_BATCH_CUDA = 32
+"""Default FV compute width on an accelerator."""
+
+
+def fv_batch_width(batch_size: int | None, device) -> int:
+    """The FV compute width: ``batch_size`` if given, else :data:`FV_BATCH_CPU` on the CPU and
+    :data:`FV_BATCH_CUDA` elsewhere. Never the number of elements in flight, which would make an
+    FV depend on what it is rendered beside."""
+    if batch_size is not None:
+        return int(batch_size)
+    return FV_BATCH_CPU if torch.device(device).type == "cpu" else FV_BATCH_CUDA
+
+
+def plan_chunks(n_rows: int, seeds: Sequence[int], width: int, coupled: bool = False
+                ) -> list[list[tuple[int, int, int | None]]]:
+    """The optimization batches of a render: each a list of exactly ``width`` elements
+    ``(row, seed, j)``, ``j`` indexing ``seeds``, or None for a padding element (rendered, dropped).
+
+    Why fixed shapes: CPU kernels (oneDNN convolutions, the split of work over threads) round
+    differently for other batch shapes (measured on ResNet-20: the input gradient of one image
+    differs by ~2e-7 between batches of 1, 2 and 3), and an FV's optimization amplifies that to
+    another image (objective 25.0 vs 38.8 after 32 steps). At one shape, an element's result does
+    not depend on its position or its neighbours (measured bit for bit on ResNet-20 at 32 px and
+    SqueezeNet at 227 px; ``tests/test_batch_invariance.py``). So the (row, seed) elements are
+    packed in order into batches of ``width``, the last one padded by repeating its last element:
+    an FV depends on its row, its seed, the settings and ``width`` alone, never on the other rows,
+    the number of seeds, their order, a resume or a rank. ``coupled`` (the diversity term ties a
+    row's seeds together): one batch per row, its seeds then padding up to ``width`` (a row with
+    more seeds than ``width``: exactly its seeds).
+    """
+    if width < 1:
+        raise FVSanityError(f"FV batch size must be >= 1, got {width}")
+    elems = [[(row, int(s), j) for j, s in enumerate(seeds)] for row in range(n_rows)]
+
+    def padded(part):
+        return part + [(part[-1][0], part[-1][1], None)] * (width - len(part))
+
+    if coupled:
+        return [padded(row) for row in elems]
+    flat = [e for row in elems for e in row]
+    return [padded(flat[i : i + width]) for i in range(0, len(flat), width)]
 
 
 @dataclass(frozen=True)
@@ -582,13 +744,31 @@ def _optimize_chunk(lm, plan: _Plan, chunk: _Chunk, bar) -> dict:
             if bar is not None:
                 bar.update(1)
     with torch.no_grad():
-        final_images = image_fn().float().cpu()
-    return {"images": final_images, "traces": traces.cpu(), "ckpts": ckpts}
+        final_images = image_fn().float()
+    final, pooled = _score_batch(lm, final_images, units, dev, objectives)
+    return {"images": final_images.cpu(), "traces": traces.cpu(), "ckpts": ckpts, "final": final, "acts": pooled}
+
+
+@torch.no_grad()
+def _score_batch(lm, x: torch.Tensor, units: Sequence[Unit], device, objectives=None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Objective [B] and, per element, the pooled activations [C_b] of its unit's layer, for
+    untransformed images ``x`` [B, 3, H, W] (element b under ``units[b]`` or ``objectives[b]``)."""
+    layers = sorted({u.layer for u in units} | {layer for o in objectives or () for layer in o.layers})
+    with capture_until(lm.model, layers, detach=True) as store:
+        run_partial(lm.model, lm.preprocess(x.to(device)), store)
+        if objectives is None:
+            final = batched_unit_scores(store, list(units)).float().cpu()
+        else:
+            final = _objective_scores(dict(store), list(objectives)).float().cpu()
+        pooled = {u.layer: pool(store[u.layer].float(), u.layout or lm.layer_info(u.layer).layout).cpu() for u in units}
+    return final, [pooled[u.layer][b] for b, u in enumerate(units)]
 
 
 @torch.no_grad()
 def score_images(
-    lm, images: torch.Tensor, units: Sequence[Unit], device=None, objectives: Sequence[Objective] | None = None
+    lm, images: torch.Tensor, units: Sequence[Unit], device=None, objectives: Sequence[Objective] | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Objective and pooled unit-layer activations of untransformed images.
 
@@ -596,23 +776,29 @@ def score_images(
         images: [U, S, 3, H, W] (image i is scored under ``units[i]``).
         objectives: optional, one per row: score row i under ``objectives[i]`` instead of its
             unit's own objective (the unit then only names the layer whose activations are pooled).
+        width: images per forward pass (default: :func:`fv_batch_width` for the device). Every
+            pass has exactly this many (the last padded by repeating an image), so an image's
+            numbers never depend on how many share its row.
     Returns:
         final [U, S] objective values and, per unit, [S, C] mean-pooled activations of its layer
         (over space, or over patch tokens for a token layout).
     """
     dev = device or lm.device
     n_u, n_s = images.shape[:2]
-    layers = sorted({u.layer for u in units} | {layer for o in objectives or () for layer in o.layers})
+    w = fv_batch_width(width, dev)
     final = torch.zeros(n_u, n_s)
     acts_out = []
-    with capture_until(lm.model, layers, detach=True) as store:
-        for i, u in enumerate(units):
-            run_partial(lm.model, lm.preprocess(images[i].to(dev)), store)
-            if objectives is None:
-                final[i] = batched_unit_scores(store, [u] * n_s).float().cpu()
-            else:
-                final[i] = _objective_scores(dict(store), [objectives[i]] * n_s).float().cpu()
-            acts_out.append(pool(store[u.layer].float(), u.layout or lm.layer_info(u.layer).layout).cpu())
+    for i, u in enumerate(units):
+        rows = []
+        for start in range(0, n_s, w):
+            x = images[i, start : start + w]
+            n = x.shape[0]
+            if n < w:
+                x = torch.cat([x, x[-1:].expand(w - n, *x.shape[1:])])
+            f, a = _score_batch(lm, x, [u] * w, dev, None if objectives is None else [objectives[i]] * w)
+            final[i, start : start + n] = f[:n]
+            rows.append(torch.stack(a[:n]))
+        acts_out.append(torch.cat(rows))
     return final, acts_out
 
 

@@ -338,6 +338,7 @@ def _unit_section(rec: dict, root: Path, audit: dict) -> str:
 <section class="unit" id="u-{_e(rec['id'])}">
 <h3>{_e(name)} <span class="badge {_e(own)}">{_e(sv)}</span></h3>
 {f'<p class="note no"><b>Insufficient references:</b> {_e(v.get("status"))}; every layer is {INCONCLUSIVE}.</p>' if v.get("status", "ok") != "ok" else ""}
+{f'<p class="note{" no" if (v.get("seed_stability") or {}).get("fragile") else ""}"><b>Seed stability:</b> {_e(v["seed_stability"]["note"])}</p>' if (v.get("seed_stability") or {}).get("n_subsets") else ""}
 <p><b>Verdict:</b> {_e(v['label'])}. Layers: {_e(", ".join(f"{(v.get('counts') or {}).get(o, 0)} {o}" for o in OUTCOMES))}
 of {_e(v['n_layers'])} (alpha = {_e(alpha)} per kind of claim). {_e(VERDICT_NOTE)}
 Activation range (FV response / largest natural response, per seed):

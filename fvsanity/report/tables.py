@@ -313,6 +313,9 @@ def check_lines(doc: dict) -> list[str]:
                 f"other {u.get('n_other', '?')}; activation range "
                 + (f"{_fmt(ar['ratio_median'])}x [{_fmt(min(ar['ratio']))}, {_fmt(ar['ratio_max'])}]" if ar else "n/a") + ")")
         lines.append(head)
+        stab = (u.get("verdict") or {}).get("seed_stability")
+        if stab and stab.get("n_subsets"):  # leave-one-seed-out: is the verdict carried by one seed?
+            lines.append(f"  seed stability: {stab['note']}")
         if u.get("calibrated"):  # --calibration: the detection benchmark's score and operating point
             lines.append(f"  {u['calibrated']['text']}")
         width = max((len(r["name"]) for r in u.get("layers", [])), default=5)
