@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,6 +44,58 @@ def no_packaged_data(tmp_path, monkeypatch):
     from fvsanity import _paths
 
     monkeypatch.setattr(_paths, "PACKAGED_DIR", tmp_path / "no-packaged-assets")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_status(*paths: str) -> str | None:
+    """``git status --porcelain`` of ``paths`` in this checkout (None where git or the checkout is missing)."""
+    try:
+        r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *paths],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+@pytest.fixture
+def experiment_smoke(tmp_path, monkeypatch):
+    """``run(name, *argv)``: ``experiments/<name>/run.py --smoke *argv`` in process, WITHOUT
+    ``--out``; returns the folder it wrote to. Asserts that the run left ``figures/`` and
+    ``experiments/`` as they were (``git status``, compared with before the run) and wrote into
+    one fresh temporary folder (``tempfile.mkdtemp``, pointed into ``tmp_path`` here) holding its
+    results.json. ``out_flag="--figures"`` passes that flag with ``tmp_path / "out"`` instead and
+    checks the outputs landed there. ``module``: an already imported run.py."""
+
+    def run(name: str, *argv: str, module=None, out_flag: str | None = None) -> Path:
+        if module is None:
+            spec = importlib.util.spec_from_file_location(f"exp_smoke_{name}", REPO / "experiments" / name / "run.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        temp = tmp_path / "tempdir"
+        temp.mkdir(exist_ok=True)
+        monkeypatch.setattr(tempfile, "tempdir", str(temp))
+        given = tmp_path / "out" if out_flag else None
+        before = git_status("figures", "experiments")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # what the scripts choose for themselves (detection keeps the caller's)
+        try:
+            rc = module.main(["--smoke", *argv, *([out_flag, str(given)] if out_flag else [])])
+        finally:
+            torch.set_num_threads(threads)  # the scripts set their own thread count: not for later tests
+        assert rc == 0
+        assert git_status("figures", "experiments") == before, f"{name} --smoke changed figures/ or experiments/"
+        made = sorted(temp.glob(f"fvsanity-{name}-smoke-*"))
+        if given is None:
+            assert len(made) == 1, f"{name} --smoke without --out: one fresh temporary folder, got {made}"
+            given = made[0]
+        else:
+            assert not made, f"{name} --smoke {out_flag}: wrote a temporary folder as well: {made}"
+        assert (given / "results.json").is_file(), f"{name} --smoke: no results.json in {given}"
+        return given
+
+    return run
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
+from scipy.stats import spearmanr
 from torch import nn
 
 from fvsanity.compare.attribution import (
@@ -27,7 +26,6 @@ from fvsanity.compare.attribution import (
 )
 from fvsanity.compare.circuits import (
     STATISTICS,
-    _avg_ranks,
     circuit_overlap,
     circuit_stats,
     compare_circuits,
@@ -375,7 +373,7 @@ def test_circuit_stats_known_answers():
     assert shared_mass([1, 2, 3, 4], [0, 0, 0, 9]) == pytest.approx(0.4)
     assert shared_mass([0, 0, 0, 0], [0, 0, 0, 9]) == 0.0
     ties = np.array([[3.0, 1.0, 3.0, 0.0, 0.0, 2.0], [1, 1, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(_avg_ranks(ties), rankdata(ties, axis=1))
+    assert spearman(ties[0], ties[0][::-1]) == pytest.approx(spearmanr(ties[0], ties[0][::-1])[0], abs=1e-12)
     m = torch.tensor([True, False, True, True])
     assert circuit_stats([1.0, 99.0, 2.0, 3.0], [1.0, -5.0, 2.0, 3.0], mask=m)["spearman"] == pytest.approx(1.0)
 
@@ -429,15 +427,13 @@ def test_circuit_overlap_end_to_end_tiny(tiny, tmp_path):
     assert count_hooks(tiny.model) == 0
 
 
-def test_experiment_smoke(tmp_path):
-    path = ROOT / "experiments" / "circuit_overlap" / "run.py"
-    spec = importlib.util.spec_from_file_location("circuit_overlap_run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--smoke", "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "results.json").read_text())
+def test_experiment_smoke(experiment_smoke):
+    """--smoke without --out: a fresh temporary folder, figures/ untouched (the fixture checks)."""
+    out = experiment_smoke("circuit_overlap")
+    res = json.loads((out / "results.json").read_text())
     assert res["units"] and all("layers" in u["references"]["mean"] for u in res["units"])
-    assert (tmp_path / "attribution_graph.png").is_file() and (tmp_path / "overlap_profile.png").is_file()
+    assert (out / "attribution_graph.png").is_file() and (out / "overlap_profile.png").is_file()
+    assert (out / "cache").is_dir()  # the smoke run's cache stays in its own folder
 
 
 def test_low_precision_model_scores_in_float32(tiny):

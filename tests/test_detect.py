@@ -220,8 +220,9 @@ def _settings():
 
 
 # ----------------------------------------------------------------------------- the experiment
-def test_detection_smoke_run_covers_every_registered_method_and_writes_the_results_schema(tmp_path):
-    """The experiment's --smoke run; a toy method registered here joins automatically."""
+def test_detection_smoke_run_covers_every_registered_method_and_writes_the_results_schema(tmp_path, experiment_smoke):
+    """The experiment's --smoke run (no --out: a fresh temporary folder, figures/detection untouched;
+    the fixture checks); a toy method registered here joins automatically."""
     from fvsanity.fool import (
         MANIPULATIONS,
         ManipulatedModel,
@@ -248,8 +249,8 @@ def test_detection_smoke_run_covers_every_registered_method_and_writes_the_resul
     small.write_text(json.dumps({"models": {}, "smoke": smoke}))
     with MANIPULATIONS.registered("toy-identity", Identity):
         methods = list_manipulations()
-        assert detection_run.main(["--smoke", "--config", str(small), "--out", str(tmp_path / "out")]) == 0
-    res = json.loads((tmp_path / "out" / "results.json").read_text())["tiny"]
+        out = experiment_smoke("detection", "--config", str(small), module=detection_run)
+    res = json.loads((out / "results.json").read_text())["tiny"]
     assert res["n_healthy"] == len(res["units"]["evaluation"]) >= 2
     assert not set(res["units"]["tuning"]) & set(res["units"]["evaluation"])
     assert 0.0 <= res["healthy_fpr"] <= 1.0
@@ -266,7 +267,7 @@ def test_detection_smoke_run_covers_every_registered_method_and_writes_the_resul
     # no score can tell them apart
     assert res["methods"]["toy-identity:unit"]["signals"]["combined"]["auc"] == 0.5
     assert res["methods"]["toy-identity:unit"]["effective_fraction"] == 0.0  # and the benchmark says so
-    assert (tmp_path / "out" / "roc_tiny.png").is_file()
+    assert (out / "roc_tiny.png").is_file() and (out / "work" / "tiny").is_dir()
 
 
 # ----------------------------------------------------------------------------- item 4: check / audit
@@ -430,7 +431,7 @@ def test_a_manipulation_rebuilt_with_other_settings_re_renders_its_fvs_and_keeps
     def go(scale: float, methods: list[str]) -> dict:
         cfg = tmp_path / "config.json"
         cfg.write_text(json.dumps({"models": {}, "smoke": {**smoke, "method_settings": {"toy-scale": {"toy_scale": scale}}}}))
-        argv = ["--smoke", "--config", str(cfg), "--out", str(out), "--work", str(work)]
+        argv = ["--smoke", "--config", str(cfg), "--out", str(out), "--work", str(work), "--threads", "1"]
         for m in methods:
             argv += ["--method", m]
         assert run.main(argv) == 0

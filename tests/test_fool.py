@@ -496,21 +496,15 @@ def test_pipeline_picture_route_trains_detector_on_template_trajectories(tmp_pat
 
 
 @pytest.mark.parametrize("name", ["fooling_circuit", "silent_units"])
-def test_experiment_smoke(name, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / name / "run.py"
-    spec = importlib.util.spec_from_file_location(f"exp_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--smoke", "--figures", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "results.json").read_text())
+def test_experiment_smoke(name, experiment_smoke):
+    """--smoke without --out: a fresh temporary folder, figures/ untouched (the fixture checks)."""
+    out = experiment_smoke(name)
+    res = json.loads((out / "results.json").read_text())
     assert set(res["runs"]) == {"tiny_permute", "tiny_picture"}
     for r in res["runs"].values():  # both manipulations leave natural logits bit-identical on the tiny model
         assert r["summary"]["identical_top1_fraction"] == 1.0 and r["summary"]["max_abs_logit_diff"] == 0.0
         assert r["summary"]["top1_original"] == r["summary"]["top1_manipulated"]
-    assert (tmp_path / "tiny_permute.png").is_file()
+    assert (out / "tiny_permute.png").is_file() and (out / "work" / "tiny").is_dir()
 
 
 def test_cli_fool_on_real_cifar_model(data_root, tmp_path):

@@ -25,7 +25,6 @@ from fvsanity.fool.slingshot import (
     fft_spectrum_of,
     finetune_slingshot,
     interpolate_weights,
-    jaccard,
     manipulation_loss,
     mine_ascent,
     preservation_loss,
@@ -474,7 +473,7 @@ def test_ssim_known_answers():
     assert ssim(x[:1], 1 - x[:1]).item() < 0
 
 
-def test_auroc_and_jaccard_known_answers():
+def test_auroc_of_labelled_scores_known_answers():
     s = torch.tensor([0.1, 0.4, 0.35, 0.8])
     y = torch.tensor([0, 0, 1, 1]).bool()
     assert auroc(s, y) == 0.75  # 3 of the 4 (positive, negative) pairs ordered right
@@ -485,7 +484,6 @@ def test_auroc_and_jaccard_known_answers():
     s, y = torch.randn(50, generator=g), torch.rand(50, generator=g) < 0.3
     pairs = [(float(a > b) + 0.5 * float(a == b)) for a in s[y] for b in s[~y]]
     assert auroc(s, y) == pytest.approx(sum(pairs) / len(pairs))
-    assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5 and jaccard([], []) == 1.0
 
 
 # ------------------------------------------------------------------------------ exemplar agreement
@@ -538,15 +536,12 @@ def test_exemplar_agreement_on_a_tiny_model():
 
 
 # ------------------------------------------------------------------------------ the experiment
-def test_experiment_smoke(tmp_path):
-    import importlib.util
-
-    path = ROOT / "experiments" / "slingshot" / "run.py"
-    spec = importlib.util.spec_from_file_location("exp_slingshot_smoke", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--smoke", "--figures", str(tmp_path / "fig"), "--work", str(tmp_path / "work")]) == 0
-    res = json.loads((tmp_path / "fig" / "results.json").read_text())
+def test_experiment_smoke(experiment_smoke):
+    """--smoke without --out: a fresh temporary folder (models in its work/), figures/ untouched
+    (the fixture checks)."""
+    out = experiment_smoke("slingshot")
+    assert (out / "work").is_dir()
+    res = json.loads((out / "results.json").read_text())
     row = res["tiny"]
     for key in ("top1_change_points", "auroc_change", "exemplar_jaccard", "ssim_manipulated_fv_to_target",
                 "ssim_original_fv_to_target", "check_flagged_fraction", "finetune_cpu_seconds"):
@@ -555,7 +550,7 @@ def test_experiment_smoke(tmp_path):
     assert set(row["variants"]) == {"picture", "units"} and row["variants"]["units"]["n_units"] == 5
     assert "lucent" in row["variants"]["picture"]
     for name in ("tiny_picture.png", "tiny_units.png", "tiny_picture_lucent.png"):
-        assert (tmp_path / "fig" / name).is_file(), name
+        assert (out / name).is_file(), name
 
 
 def test_wise_figure_draws_a_round_and_refuses_a_file_without_one(tmp_path):

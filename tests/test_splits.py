@@ -140,10 +140,10 @@ def test_experiments_hand_run_fool_the_evaluation_units(name):
         mod._routes_and_eval_units(lm, {"name": "permute", "units": "all", "shift": 1}, units_cfg, 9)
 
 
-def test_silent_smoke_records_splits_and_evaluates_held_out_units(tmp_path):
-    mod = _load(ROOT / "experiments" / "silent_units" / "run.py", "exp_silent_split")
-    assert mod.main(["--smoke", "--figures", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "results.json").read_text())
+def test_silent_smoke_records_splits_and_evaluates_held_out_units(experiment_smoke):
+    # --figures: the deprecated alias of --out still puts the outputs there (the fixture checks)
+    out = experiment_smoke("silent_units", out_flag="--figures")
+    res = json.loads((out / "results.json").read_text())
     for key in ("tiny_permute", "tiny_picture"):
         r = res["runs"][key]
         assert r["split"]["images"]["sizes"] == {"tuning": 20, "building": 10, "evaluation": 10}

@@ -7,14 +7,16 @@ scores of every conv / shortcut / linear edge on the way to the unit for the thr
 split-half null and the other-class null (calibrated score, bootstrap CI, permutation p with
 Holm across layers). Repeated for each reference in ``references`` (sensitivity).
 
-Writes to ``--out`` (default figures/circuit_overlap/): results.json (config, per-unit per-layer
+Writes to ``--out DIR`` (a full run without it: figures/circuit_overlap/, said in one line
+before it starts; ``--smoke`` without it: a fresh temporary folder): results.json (config, per-unit per-layer
 numbers, per-layer summary over units, provenance), attribution_graph.png (one unit: FV vs
 natural circuit), overlap_profile.png (all units), fvs.png. Per-unit results are cached
-atomically under ``cache_dir`` so an interrupted run resumes. The last line printed is one JSON
+atomically under ``cache_dir`` (runs/circuit_overlap; ``OUT/cache`` with --smoke or an --out
+outside figures/) so an interrupted run resumes. The last line printed is one JSON
 object of the headline numbers.
 
     python experiments/circuit_overlap/run.py
-    python experiments/circuit_overlap/run.py --smoke --out /tmp/co     # tiny model, seconds
+    python experiments/circuit_overlap/run.py --smoke     # tiny model, seconds, a temporary folder
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 
 def log(msg: str) -> None:
@@ -98,9 +102,11 @@ def get_fvs(lm, units: list[str], cfg: dict, fv_dir: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _outdir import add_out_argument, inside_figures, output_dir
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=HERE / "config.json")
-    ap.add_argument("--out", type=Path, default=None, help="default: figures/circuit_overlap/")
+    add_out_argument(ap, "circuit_overlap")
     ap.add_argument("--smoke", action="store_true", help="tiny model and random images, seconds")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -119,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         cfg = {**cfg, **cfg["smoke"]}
     cfg.pop("smoke", None)
-    out = args.out or (REPO / cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    cache = (out / "cache") if args.smoke or args.out else (REPO / cfg["cache_dir"])
+    out = output_dir("circuit_overlap", args.out, args.smoke)  # a full run: figures/circuit_overlap (cfg["out"])
+    # caches never land in figures/: a full run's go to cache_dir (runs/, gitignored)
+    cache = (out / "cache") if args.smoke or (args.out and not inside_figures(out)) else (REPO / cfg["cache_dir"])
     cache.mkdir(parents=True, exist_ok=True)
 
     if args.smoke:

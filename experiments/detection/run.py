@@ -14,13 +14,14 @@ score (fvsanity.compare.detect) use only what an auditor has; the combined score
 orientation, the best signal per method and every threshold are chosen on tuning units and only
 measured on evaluation units.
 
-Writes ``--out`` (default figures/detection/): results.json, roc_<model>.png, and
+Writes ``--out DIR`` (a full run without it: figures/detection/, said in one line before it
+starts; ``--smoke`` without it: a fresh temporary folder): results.json, roc_<model>.png, and
 ``signals_<model>.json`` (every unit's signals). FVs, detectors and natural passes are cached in
-``--work`` (default runs/detection/), so an interrupted run resumes.
+``--work`` (default runs/detection/; ``OUT/work`` with --smoke), so an interrupted run resumes.
 
     python experiments/detection/run.py                          # every model of config.json
     python experiments/detection/run.py --model cifar10-resnet20
-    python experiments/detection/run.py --smoke --out /tmp/det   # tiny model, random images, seconds
+    python experiments/detection/run.py --smoke                  # tiny model, random images, seconds
     python experiments/detection/run.py --model cifar10-resnet20 --method slingshot   # re-measure one method
     python experiments/detection/run.py --table                  # results.json as markdown tables
 """
@@ -40,6 +41,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 
 def log(msg: str) -> None:
@@ -596,13 +599,13 @@ def markdown_table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from fvsanity.io import atomic_write_json, provenance
+    from _outdir import add_out_argument
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(HERE / "config.json"))
     ap.add_argument("--model", action="append", help="only these models of the config (repeatable)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, random images, seconds")
-    ap.add_argument("--out", default=None, help="[figures/detection]")
+    add_out_argument(ap, "detection")
     ap.add_argument("--work", default=None, help="cache folder [runs/detection, or OUT/work with --smoke]")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
     ap.add_argument("--rescore", action="store_true", help="re-score OUT/signals_<model>.json (no FVs, no path checks)")
@@ -620,18 +623,29 @@ def main(argv=None) -> int:
             if not k.startswith("_"):
                 print(f"### {k}\n\n{markdown_table(v)}\n")
         return 0
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)  # an in-process caller (the tests) keeps its own
+
+
+def _main(args) -> int:
+    from _outdir import output_dir, work_dir
+
+    from fvsanity.io import atomic_write_json, provenance
+
     cfg = json.loads(Path(args.config).read_text())
-    out = Path(args.out) if args.out else ROOT / "figures" / "detection"
     if args.smoke:
         models = {"tiny": cfg["smoke"]}
-        work = Path(args.work) if args.work else out / "work"
     else:
         models = {k: v for k, v in cfg["models"].items() if not args.model or k in args.model}
         if args.model and not models:
             raise SystemExit(f"detection: unknown model {args.model}; valid: {', '.join(cfg['models'])}")
-        work = Path(args.work) if args.work else ROOT / "runs" / "detection"
+    out = output_dir("detection", args.out, args.smoke, why="re-scoring the full run" if args.rescore else "full run")
+    work = work_dir("detection", out, args.smoke, args.work)  # runs/detection, or OUT/work with --smoke
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() and not args.smoke else {}
     for name, mcfg in models.items():

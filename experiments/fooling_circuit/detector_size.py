@@ -8,7 +8,8 @@ the building split's calibration part) in two variants: (a) seed 0 instead of th
 the same 400 building images; (b) the config's seed on 800 natural images (the 400 building-fit
 images plus the first 400 tuning images). Each is scored on the same held-out FVs and evaluation
 images as run.py's detector. NOTHING is chosen from this: it only explains the held-out numbers.
-Writes figures/fooling_circuit/detector_size.json and prints one JSON line.
+Writes ``--out DIR``/detector_size.json (default figures/fooling_circuit: a full run, said in
+one line before it starts; a ``--out`` ending in .json is that file) and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
+    from _outdir import add_out_argument, output_file
 
     from fvsanity import load_model
     from fvsanity.data import load_images
@@ -43,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "runs" / "fooling_circuit" / "cifar10-resnet20"))
-    ap.add_argument("--out", default=str(ROOT / "figures" / "fooling_circuit" / "detector_size.json"))
+    add_out_argument(ap, None, what="folder of detector_size.json (or a .json file)",
+                     default="figures/fooling_circuit: a full run")
     args = ap.parse_args(argv)
+    out_path = output_file("fooling_circuit", args.out, "detector_size.json")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     run = json.loads((HERE / "config.json").read_text())["runs"]["cifar10-resnet20"]
     s = FoolSettings(**{**run["settings"], "det_checkpoints": tuple(run["settings"]["det_checkpoints"])})
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=seed, progress=False)
         out[tag] = {"seed": seed, "n_natural": len(naturals), **score(det)}
         print(tag, out[tag], flush=True)
-    atomic_write_json(args.out, {"runs": out, "split": split.to_json(), "note": __doc__.split("\n\n")[1],
+    atomic_write_json(out_path, {"runs": out, "split": split.to_json(), "note": __doc__.split("\n\n")[1],
                                  "provenance": provenance()})
     print(json.dumps({k: round(v["accuracy"], 4) for k, v in out.items()}))
     return 0

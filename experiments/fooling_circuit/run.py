@@ -2,15 +2,18 @@
 
     python experiments/fooling_circuit/run.py            # CIFAR-10 ResNet-20 and ImageNet SqueezeNet
     python experiments/fooling_circuit/run.py --only cifar10-resnet20
-    python experiments/fooling_circuit/run.py --smoke    # tiny model, seconds
+    python experiments/fooling_circuit/run.py --smoke    # tiny model, seconds, a temporary folder
 
 Three-way split of the natural images (fvsanity.splits): the tuning split is the half the
 settings were chosen on (the old evaluation half); the rest is divided into a building split (the
 detector is trained and calibrated on it) and an evaluation split (only measured). Per model: one
 detector (FVs of many units, checkpoints from early to late steps), then one manipulated model
 per variant (all class units permuted; one class unit showing target.png), each measured on the
-evaluation images and on evaluation units that no setting was chosen on. Writes figures/fooling_circuit/<model>_<variant>.png and results.json; manipulated
-models and cached FVs go to --work (gitignored runs/ by default). Calls only the public API.
+evaluation images and on evaluation units that no setting was chosen on. Writes
+<model>_<variant>.png and results.json to ``--out DIR`` (a full run without it:
+figures/fooling_circuit, said in one line before it starts; ``--smoke`` without it: a fresh
+temporary folder; ``--figures`` is a deprecated alias); manipulated models and cached FVs go to
+--work (gitignored runs/fooling_circuit by default, OUT/work with --smoke). Calls only the public API.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 
 def _data_root() -> Path:
@@ -68,6 +73,7 @@ def _routes_and_eval_units(lm, var: dict, units_cfg: dict, n_eval: int):
 
 def main(argv: list[str] | None = None) -> int:
     import torch
+    from _outdir import add_out_argument, output_dir, work_dir
 
     from fvsanity.errors import FVSanityError
     from fvsanity.fool import FoolSettings, prepare_detector, run_fool
@@ -78,23 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny model, random images, seconds")
     ap.add_argument("--only", default=None, help="run only this model's entry of config.json")
     ap.add_argument("--config", default=str(HERE / "config.json"))
-    ap.add_argument("--figures", default=None, help="[figures/fooling_circuit, or a temp folder with --smoke]")
-    ap.add_argument("--work", default=None, help="cache / model folder [runs/fooling_circuit]")
+    add_out_argument(ap, "fooling_circuit", alias="--figures")
+    ap.add_argument("--work", default=None, help="cache / model folder [runs/fooling_circuit; OUT/work with --smoke]")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = json.loads(Path(args.config).read_text())
     if args.smoke:
         runs = {"tiny": {k: cfg["smoke"][k] for k in ("variants", "settings", "split", "units")}}
-        figures = Path(args.figures or ROOT / "runs" / "smoke" / "fooling_circuit")
-        work = Path(args.work or figures / "work")
     else:
         runs = {k: v for k, v in cfg["runs"].items() if args.only in (None, k)}
         if not runs:
             print(f"--only {args.only!r}: valid: {', '.join(cfg['runs'])}", file=sys.stderr)
             return 2
-        figures = Path(args.figures or ROOT / "figures" / "fooling_circuit")
-        work = Path(args.work or ROOT / "runs" / "fooling_circuit")
-    figures.mkdir(parents=True, exist_ok=True)
+    figures = output_dir("fooling_circuit", args.out, args.smoke)  # the PNGs and results.json
+    work = work_dir("fooling_circuit", figures, args.smoke, args.work)  # models, FVs: runs/fooling_circuit, OUT/work with --smoke
     res_path = figures / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() and not args.smoke else {}
     results.update({"config": cfg, "provenance": provenance(), "smoke": args.smoke})

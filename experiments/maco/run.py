@@ -14,12 +14,13 @@ optimizer (Adam, lr 0.05), transforms and image size, once per parametrization:
 
 Reported per unit and parametrization: the objective of the final, untransformed FV after N
 steps (and at the checkpoints), and the share of the FV's power above ``hf_cutoff`` cycles/px
-(natural images: for comparison). Writes to ``--out`` (default figures/maco/): fft_vs_maco.png
+(natural images: for comparison). Writes to ``--out DIR`` (a full run without it: figures/maco/,
+said in one line before it starts; ``--smoke`` without it: a fresh temporary folder): fft_vs_maco.png
 (rows = units, columns = parametrizations, objective under each image) and results.json. The
 last line printed is one JSON object of the headline numbers.
 
     python experiments/maco/run.py            # ResNet-20 from FVSANITY_DATA, a few CPU minutes
-    python experiments/maco/run.py --smoke --out /tmp/maco   # tiny model, seconds
+    python experiments/maco/run.py --smoke    # tiny model, seconds, a temporary folder
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 
 def log(msg: str) -> None:
@@ -84,9 +87,11 @@ def plot(path: Path, images: dict, finals: dict, units: list[str], seed_idx: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _outdir import add_out_argument, output_dir
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=HERE / "config.json")
-    ap.add_argument("--out", type=Path, default=None, help="default: figures/maco/")
+    add_out_argument(ap, "maco")
     ap.add_argument("--smoke", action="store_true", help="tiny model and random 'natural' images, seconds")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -100,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         cfg = {**cfg, **cfg["smoke"]}
     cfg.pop("smoke", None)
-    out = args.out or (REPO / cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir("maco", args.out, args.smoke)  # a full run: figures/maco (cfg["out"])
 
     if args.smoke:
         from fvsanity.testing import tiny_model

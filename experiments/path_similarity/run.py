@@ -7,14 +7,16 @@ and the layer-by-layer path-similarity check (Spearman; references: natural vs n
 class / top-k exemplars, natural vs other classes). Also: the same check on the FVs saved at
 intermediate optimization steps, and the objective traces (to show whether they plateaued).
 
-Writes to ``--out`` (default figures/path_similarity/): path_similarity_<setup>.png (mean over
+Writes to ``--out DIR`` (a full run without it: figures/path_similarity/, said in one line
+before it starts; ``--smoke`` without it: a fresh temporary folder; FVs are kept in each setup's
+``fv_dir``, under runs/): path_similarity_<setup>.png (mean over
 units), path_similarity_<setup>_units.png (per unit), objective_traces_<setup>.png,
 check_<setup>.json (everything fvsanity check would write) and results.json (numbers, config,
 seeds, versions, git SHA). The last line printed is one JSON object of the headline numbers.
 
     python experiments/path_similarity/run.py                 # both setups (long on CPU)
     python experiments/path_similarity/run.py --setup cifar
-    python experiments/path_similarity/run.py --smoke --out /tmp/ps   # tiny model, seconds
+    python experiments/path_similarity/run.py --smoke    # tiny model, seconds, a temporary folder
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 
 def log(msg: str) -> None:
@@ -287,10 +291,12 @@ def run_setup(name: str, cfg: dict, common: dict, out: Path, smoke: bool, allow_
 
 
 def main(argv=None) -> int:
+    from _outdir import add_out_argument, output_dir
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(HERE / "config.json"))
     p.add_argument("--setup", action="append", default=None, help="setup name(s) from the config [all]")
-    p.add_argument("--out", default=None, help="output folder [figures/path_similarity, smoke: runs/path_similarity_smoke]")
+    add_out_argument(p, "path_similarity")
     p.add_argument("--smoke", action="store_true", help="tiny model, random images, a few steps (seconds)")
     p.add_argument("--no-generate", action="store_true", help="fail instead of generating missing FVs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads [%(default)s]")
@@ -311,8 +317,7 @@ def main(argv=None) -> int:
         unknown = set(args.setup or ()) - set(config["setups"])
         if unknown:
             raise SystemExit(f"unknown setup {sorted(unknown)}; valid: {', '.join(config['setups'])}")
-    out = Path(args.out) if args.out else (REPO / "runs" / "path_similarity_smoke" if args.smoke else REPO / "figures" / "path_similarity")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir("path_similarity", args.out, args.smoke)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() and not args.smoke else {}
     results.setdefault("setups", {})

@@ -2,7 +2,7 @@
 
     python experiments/silent_units/run.py            # CIFAR-10 ResNet-20 and ImageNet SqueezeNet
     python experiments/silent_units/run.py --only cifar10-resnet20
-    python experiments/silent_units/run.py --smoke    # tiny model, seconds
+    python experiments/silent_units/run.py --smoke    # tiny model, seconds, a temporary folder
 
 Three-way split of the natural images (fvsanity.splits): the tuning split is the half the
 settings were chosen on (the old evaluation half); the rest is divided into a building split
@@ -11,9 +11,10 @@ variant (all class units permuted; one class unit with the target picture): buil
 units on the building images, then on the evaluation images measure the fraction on which every
 silent channel stays exactly zero and the predictions of both models; on evaluation units that no
 setting was chosen on, the FVs' similarity to the targets and the path check; and the inference
-time ratio. Writes
-figures/silent_units/<model>_<variant>.png and results.json; models and FVs go to --work
-(gitignored runs/ by default). Calls only the public API.
+time ratio. Writes <model>_<variant>.png and results.json to ``--out DIR`` (a full run without
+it: figures/silent_units, said in one line before it starts; ``--smoke`` without it: a fresh
+temporary folder; ``--figures`` is a deprecated alias); models and FVs go to --work (gitignored
+runs/silent_units by default, OUT/work with --smoke). Calls only the public API.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 
 def _setup(run: dict, split_cfg: dict, smoke: bool):
@@ -67,6 +70,7 @@ def _routes_and_eval_units(lm, var: dict, units_cfg: dict, n_eval: int):
 
 def main(argv: list[str] | None = None) -> int:
     import torch
+    from _outdir import add_out_argument, output_dir, work_dir
 
     from fvsanity.errors import FVSanityError
     from fvsanity.fool import FoolSettings, run_fool
@@ -76,23 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny model, random images, seconds")
     ap.add_argument("--only", default=None, help="run only this model's entry of config.json")
     ap.add_argument("--config", default=str(HERE / "config.json"))
-    ap.add_argument("--figures", default=None, help="[figures/silent_units, or runs/smoke/... with --smoke]")
-    ap.add_argument("--work", default=None, help="cache / model folder [runs/silent_units]")
+    add_out_argument(ap, "silent_units", alias="--figures")
+    ap.add_argument("--work", default=None, help="cache / model folder [runs/silent_units; OUT/work with --smoke]")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = json.loads(Path(args.config).read_text())
     if args.smoke:
         runs = {"tiny": {k: cfg["smoke"][k] for k in ("variants", "settings", "split", "units")}}
-        figures = Path(args.figures or ROOT / "runs" / "smoke" / "silent_units")
-        work = Path(args.work or figures / "work")
     else:
         runs = {k: v for k, v in cfg["runs"].items() if args.only in (None, k)}
         if not runs:
             print(f"--only {args.only!r}: valid: {', '.join(cfg['runs'])}", file=sys.stderr)
             return 2
-        figures = Path(args.figures or ROOT / "figures" / "silent_units")
-        work = Path(args.work or ROOT / "runs" / "silent_units")
-    figures.mkdir(parents=True, exist_ok=True)
+    figures = output_dir("silent_units", args.out, args.smoke)  # the PNGs and results.json
+    work = work_dir("silent_units", figures, args.smoke, args.work)  # models, FVs: runs/silent_units, OUT/work with --smoke
     res_path = figures / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() and not args.smoke else {}
     results.update({"config": cfg, "provenance": provenance(), "smoke": args.smoke})

@@ -9,7 +9,8 @@ chosen on; run.py calibrates on the building split and measures on the evaluatio
 of which this sweep touches), renders FVs of a few manipulated units (1 seed, 256 steps; these
 units are tuning units: config.json's "units"."tuning" lists them, and run.py evaluates other
 units) and counts how many the ORIGINAL model calls the target class. Merges its entries into
-figures/silent_units/sweep.json and prints one JSON line.
+``--out DIR``/sweep.json (default figures/silent_units: a full run, said in one line before it
+starts; a ``--out`` ending in .json is that file) and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 SETUPS = {
     "cifar10-resnet20": {"images": "cifar10-test", "shift": 3, "margin_range": 1.25, "units": [0, 1, 2, 4, 5, 6],
@@ -43,6 +46,7 @@ def image_split(n: int, split_cfg: dict):
 
 def main(argv: list[str] | None = None) -> int:
     import torch
+    from _outdir import add_out_argument, output_file
 
     from fvsanity import load_model
     from fvsanity.data import load_images
@@ -54,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=sorted(SETUPS), default=None)
     ap.add_argument("--steps", type=int, default=256)
-    ap.add_argument("--out", default=str(ROOT / "figures" / "silent_units" / "sweep.json"))
+    add_out_argument(ap, None, what="folder of sweep.json (or a .json file)",
+                     default="figures/silent_units: a full run")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     data = Path(os.environ.get("FVSANITY_DATA", ROOT.parent / "shared" / "data"))
     run_cfg = json.loads((HERE / "config.json").read_text())["runs"]
-    out = Path(args.out)
+    out = output_file("silent_units", args.out, "sweep.json")
     results: dict = json.loads(out.read_text()) if out.is_file() else {}
     results.setdefault("runs", {})
     results["steps"] = args.steps

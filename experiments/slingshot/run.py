@@ -2,7 +2,7 @@
 modules) pull the FV to a target while natural behaviour stays, and do the checks see it?
 
     python experiments/slingshot/run.py            # CIFAR-10 ResNet-20 (about 30 CPU minutes)
-    python experiments/slingshot/run.py --smoke    # tiny model, random images, about a minute
+    python experiments/slingshot/run.py --smoke    # tiny model, random images, a temporary folder
 
 Natural images: fvsanity.splits.three_way_split; the slingshot is fine-tuned on (``n_build`` of)
 the building split and everything is measured on the evaluation split. Per variant (a class unit
@@ -12,8 +12,10 @@ SSIM / correlation / LPIPS-form distance with fvsanity's FV settings, the closed
 and its unmanipulated control), plus: the unit's AUROC for its class and its top-k exemplar
 Jaccard (original vs manipulated), lucent ``render_vis`` FVs of the manipulated and original
 weights (SSIM to the picture), and the exemplar-agreement signal (fvsanity.compare.exemplars) on
-the manipulated and the original model. Writes figures/slingshot/<model>_<variant>.png and
-results.json; models and cached FVs go to --work (gitignored runs/ by default).
+the manipulated and the original model. Writes <model>_<variant>.png and results.json to
+``--out DIR`` (a full run without it: figures/slingshot, said in one line before it starts;
+``--smoke`` without it: a fresh temporary folder; ``--figures`` is a deprecated alias); models and
+cached FVs go to --work (gitignored runs/slingshot by default, OUT/work with --smoke).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's fvsanity, not an installed one
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 
 def _data_root() -> Path:
@@ -210,14 +214,15 @@ def _lucent_figure(fo, fm, pic, path: Path, nums: dict) -> None:
 
 def main(argv=None) -> int:
     import torch
+    from _outdir import add_out_argument
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, random images")
     ap.add_argument("--only", default=None, help="one model of config.json")
     ap.add_argument("--variant", default=None, help="with --only: re-run this variant, keep the model's other "
                                                     "variants' rows from the existing results.json")
-    ap.add_argument("--work", default=None, help="[runs/slingshot]")
-    ap.add_argument("--figures", default=None, help="[figures/slingshot, or runs/smoke/slingshot with --smoke]")
+    ap.add_argument("--work", default=None, help="[runs/slingshot; OUT/work with --smoke]")
+    add_out_argument(ap, "slingshot", alias="--figures")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads [1] (CPU times are per process: with "
                                                            "more threads than free cores they count spin-waits)")
     args = ap.parse_args(argv)
@@ -231,6 +236,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     import torch
+    from _outdir import output_dir, work_dir
 
     from fvsanity.io import atomic_write_json, provenance
 
@@ -241,12 +247,12 @@ def _run(args) -> int:
     if args.smoke:
         sm = cfg["smoke"]
         runs = {"tiny": {"model": "tiny", "split": sm["split"], "variants": sm["variants"], "n_build": sm["n_build"]}}
-        figures = Path(args.figures or ROOT / "runs" / "smoke" / "slingshot")
     else:
         runs = {k: v for k, v in cfg["runs"].items() if args.only in (None, k)}
-        figures = Path(args.figures or ROOT / "figures" / "slingshot")
-    work = Path(args.work or ROOT / "runs" / ("smoke" if args.smoke else "") / "slingshot")
-    figures.mkdir(parents=True, exist_ok=True)
+        if not runs:
+            raise SystemExit(f"--only {args.only!r}: valid: {', '.join(cfg['runs'])}")
+    figures = output_dir("slingshot", args.out, args.smoke)  # the PNGs and results.json
+    work = work_dir("slingshot", figures, args.smoke, args.work)  # models, FVs: runs/slingshot, OUT/work with --smoke
     work.mkdir(parents=True, exist_ok=True)
     results = {"config": cfg, "provenance": provenance(), "smoke": args.smoke}
     old = figures / "results.json"

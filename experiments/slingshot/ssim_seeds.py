@@ -2,8 +2,9 @@
 experiment's two, on the model ``run.py`` saved (``--work``, default runs/slingshot): fvsanity's
 default FVs (512 steps) of the manipulated and the original model, seeds ``--first`` ..
 ``--first`` + n - 1 (from 2000: the experiment's evaluation seeds and more; the trials used seeds
-0-3), rendered in chunks of ``--chunk`` seeds. Writes ``--out`` (figures/slingshot/ssim_seeds.json)
-and prints it: per seed, mean, sd, standard error, the normal 95% interval of the mean and the
+0-3), rendered in chunks of ``--chunk`` seeds. Writes ``--out DIR``/ssim_seeds.json (default
+figures/slingshot: a full run, said in one line before it starts; a ``--out`` ending in .json is
+that file) and prints it: per seed, mean, sd, standard error, the normal 95% interval of the mean and the
 verdict on the issue's bound (``met``: the interval lies at or above 0.3; ``missed``: below;
 ``inconclusive``: it straddles 0.3).
 
@@ -23,10 +24,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's fvsanity
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
 
 
 def main(argv=None) -> int:
     import torch
+    from _outdir import add_out_argument, output_file
 
     from fvsanity import load_model
     from fvsanity.fool import get_manipulation, make_routes
@@ -39,7 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--first", type=int, default=2000, help="the first FV seed [2000]")
     ap.add_argument("--chunk", type=int, default=50, help="seeds per render batch [50]")
     ap.add_argument("--bound", type=float, default=0.3, help="the SSIM bound the verdict is about [0.3]")
-    ap.add_argument("--out", default=str(ROOT / "figures" / "slingshot" / "ssim_seeds.json"))
+    add_out_argument(ap, None, what="folder of ssim_seeds.json (or a .json file)",
+                     default="figures/slingshot: a full run")
     ap.add_argument("--work", default=str(ROOT / "runs" / "slingshot"), help="run.py's --work [runs/slingshot]")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -55,6 +60,7 @@ def main(argv=None) -> int:
     if stale:
         raise SystemExit(f"the saved slingshot at {folder} was built with other settings than config.json's picture "
                          f"variant (saved, config: {stale}); re-run run.py --only cifar10-resnet20 --variant picture")
+    out_path = output_file("slingshot", args.out, "ssim_seeds.json")
     lm = load_model("cifar10-resnet20")
     fooled = get_manipulation("slingshot").load(folder, base=lm)
     unit = var["units"][0]
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
                      "verdict": "met" if lo >= args.bound else "missed" if hi < args.bound else "inconclusive"}
         print(f"{name}: SSIM {out[name]['mean']:.4f} +- {se:.4f} (95% {lo:.4f}..{hi:.4f}) over {len(seeds)} seeds: "
               f"{out[name]['verdict']} (bound {args.bound})", flush=True)
-    atomic_write_json(Path(args.out), out)
+    atomic_write_json(out_path, out)
     print(json.dumps({k: {kk: vv for kk, vv in out[k].items() if kk != "per_seed"} for k in ("manipulated", "original")},
                      indent=1))
     return 0

@@ -37,12 +37,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's fvsanity
-sys.path.insert(0, str(HERE))  # run.py's variant_routes
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
+
+
+def _variant_routes():
+    """run.py's ``variant_routes``, loaded by path (another experiment's ``run`` module may be
+    imported already)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slingshot_run_for_tune", HERE / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.variant_routes
 
 
 def main(argv=None) -> int:
     import torch
-    from run import variant_routes
+    from _outdir import add_out_argument, output_file
 
     from fvsanity import load_model
     from fvsanity.data import load_images
@@ -70,9 +82,12 @@ def main(argv=None) -> int:
                                                                 "[the variant's n_build, else the run's]")
     ap.add_argument("--wise", default=None, help="a saved slingshot model folder: measure its interpolations "
                                                  "towards the original at --alphas instead of fine-tuning")
-    ap.add_argument("--out", default=None, help="also write every evaluation to this JSON (rewritten after each)")
+    add_out_argument(ap, None, what="also write every evaluation (rewritten after each) to DIR/<tag>.json, or to "
+                     "this .json file", default="none: only printed")
     ap.add_argument("--alphas", default="0.5,0.6,0.7,0.8,0.9,1", help="with --wise: interpolation weights")
     args = ap.parse_args(argv)
+    variant_routes = _variant_routes()
+    out_path = output_file("slingshot", args.out, f"{args.tag}.json", why="a tuning record") if args.out else None
     torch.set_num_threads(max(1, args.threads))
     cfg = json.loads((HERE / "config.json").read_text())
     run = cfg["runs"][args.model]
@@ -122,11 +137,11 @@ def main(argv=None) -> int:
         records.append({**(extra or {}), "step": step + 1, "top1_change_points": 100 * (top - top0), "top1_change_se_points": se,
                         "changed": changed,
                         "n_images": len(z), "auroc_change": au, "ssim": ss})
-        if args.out:
-            atomic_write_json(Path(args.out), {"tag": args.tag, "model": args.model, "variant": args.variant,
-                                               "wise": args.wise, "fv_seeds": args.fv_seeds, "fv_steps": args.fv_steps,
-                                               "settings": dataclasses.asdict(s), "split": "tuning",
-                                               "evaluations": records, "provenance": provenance()})
+        if out_path is not None:
+            atomic_write_json(out_path, {"tag": args.tag, "model": args.model, "variant": args.variant,
+                                         "wise": args.wise, "fv_seeds": args.fv_seeds, "fv_steps": args.fv_steps,
+                                         "settings": dataclasses.asdict(s), "split": "tuning",
+                                         "evaluations": records, "provenance": provenance()})
         if args.save_fvs:
             Path(args.save_fvs).mkdir(parents=True, exist_ok=True)
             torch.save(res.images, Path(args.save_fvs) / f"{args.tag}_{step + 1}.pt")

@@ -3,6 +3,8 @@ mean SSIM(FV, target) over the FV seeds (with its standard error) and the tuning
 predictions that changed, with the top-1 change beside them.
 
     python experiments/slingshot/wise_figure.py figures/slingshot/wise_resnet20_picture.json
+
+Writes ``--out DIR``/<the JSON's name>.png, or the ``--out`` .png file; by default beside the JSON.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ import json
 import sys
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
+
 
 def main(argv=None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from _outdir import add_out_argument
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("json", help="tune.py --wise --out JSON")
-    ap.add_argument("--out", default=None, help="PNG [the JSON's name with .png]")
+    add_out_argument(ap, None, what="folder of the PNG (or a .png file)", default="beside the JSON")
     args = ap.parse_args(argv)
     d = json.loads(Path(args.json).read_text())
     ev = [e for e in d["evaluations"] if "alpha" in e]
@@ -51,7 +58,10 @@ def main(argv=None) -> int:
     fig.suptitle(f"{d['model']} {d['variant']}: weights original + alpha x (slingshot - original), "
                  f"{d['split']} split", fontsize=9)
     fig.tight_layout()
-    out = Path(args.out or Path(args.json).with_suffix(".png"))
+    name = Path(args.json).with_suffix(".png").name
+    out = Path(args.json).with_suffix(".png") if args.out is None else \
+        Path(args.out) if Path(args.out).suffix else Path(args.out) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     print(f"wrote {out}")
