@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import DataError, FVSanityError
-from .hooks import StopForward, get_module, run_partial
+from .hooks import StopForward, hooked, run_partial
 from .layouts import Layout, infer_layout, unit_values
 from .layouts import pool as _layout_pool
 from .units import Unit, parse_unit
@@ -138,31 +138,27 @@ def pooled_capture(
         units_at.setdefault(u.layer, []).append((j, u))
     need = want | set(units_at)
     known = dict(layouts or {})
-    handles = []
-    try:
-        for name in need:
-            mod = get_module(model, name)
 
-            def hook(_m, _inp, out, _name=name):
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
-                out = out.detach()
-                lay = known.get(_name)
-                if lay is None:
-                    lay = known[_name] = infer_layout(model, _name, tuple(out.shape[1:]))
-                if _name in want:
-                    store.pooled[_name] = pool_activation(out, pool, lay)
-                for j, u in units_at.get(_name, ()):
-                    store.responses[j] = unit_values(out, u, lay)
-                store.seen.add(_name)
-                if store.seen >= need:
-                    raise StopForward
+    def make(name):
+        def hook(_m, _inp, out):
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            out = out.detach()
+            lay = known.get(name)
+            if lay is None:
+                lay = known[name] = infer_layout(model, name, tuple(out.shape[1:]))
+            if name in want:
+                store.pooled[name] = pool_activation(out, pool, lay)
+            for j, u in units_at.get(name, ()):
+                store.responses[j] = unit_values(out, u, lay)
+            store.seen.add(name)
+            if store.seen >= need:
+                raise StopForward
 
-            handles.append(mod.register_forward_hook(hook))
+        return hook
+
+    with hooked(model, [(name, make(name)) for name in need]):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def run_pooled(model: nn.Module, x: torch.Tensor, store: PooledStore) -> PooledStore:

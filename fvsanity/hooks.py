@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .errors import UnitError
+from .names import resolve_layer
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -16,9 +17,39 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules and name:
         return modules[name]
-    from .units import resolve_layer
-
     return modules[resolve_layer(model, name)]
+
+
+@contextlib.contextmanager
+def hooked(
+    model: nn.Module,
+    hooks: Mapping[str | nn.Module, Callable] | Iterable[tuple[str | nn.Module, Callable]],
+    pre: bool = False,
+) -> Iterator[None]:
+    """Register hooks for the duration of the block; every one is removed in ``finally``.
+
+    The one place in fvsanity that calls ``register_forward_hook`` /
+    ``register_forward_pre_hook``: everything else that needs a hook goes through here.
+
+    Args:
+        model: the network the names refer to.
+        hooks: ``{target: fn}`` or ``[(target, fn), ...]`` (pairs when one module takes several
+            hooks); a target is a ``named_modules()`` name (resolved by :func:`get_module`, with
+            its clear error) or a module. Registered in the given order, so they run in it.
+        pre: forward pre-hooks ``fn(module, inputs)`` instead of forward hooks
+            ``fn(module, inputs, output)``; a hook's return value replaces inputs / output as
+            in PyTorch.
+    """
+    pairs = list(hooks.items()) if isinstance(hooks, Mapping) else list(hooks)
+    handles = []
+    try:
+        for target, fn in pairs:
+            mod = target if isinstance(target, nn.Module) else get_module(model, target)
+            handles.append(mod.register_forward_pre_hook(fn) if pre else mod.register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
@@ -31,21 +62,17 @@ def capture(
     the autograd graph unless ``detach``. Hooks are removed in ``finally``.
     """
     store: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for name in layers:
-            mod = get_module(model, name)
 
-            def hook(_m, _inp, out, _name=name):
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
-                store[_name] = out.detach() if detach else out
+    def make(name):
+        def hook(_m, _inp, out):
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            store[name] = out.detach() if detach else out
 
-            handles.append(mod.register_forward_hook(hook))
+        return hook
+
+    with hooked(model, [(name, make(name)) for name in layers]):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class StopForward(Exception):
@@ -62,20 +89,12 @@ def capture_until(
     Saves the cost of the layers after the deepest one needed.
     """
     need = set(layers)
-    with capture(model, layers, detach=detach) as store:
-        handles = []
-        try:
-            for name in need:
+    def stop(_m, _i, _o):
+        if need.issubset(store.keys()):
+            raise StopForward
 
-                def stop(_m, _i, _o):
-                    if need.issubset(store.keys()):
-                        raise StopForward
-
-                handles.append(get_module(model, name).register_forward_hook(stop))
-            yield store
-        finally:
-            for h in handles:
-                h.remove()
+    with capture(model, layers, detach=detach) as store, hooked(model, [(name, stop) for name in need]):
+        yield store
 
 
 def run_partial(model: nn.Module, x: torch.Tensor, store: dict) -> dict:
@@ -97,4 +116,4 @@ def count_hooks(model: nn.Module) -> int:
     return n
 
 
-__all__ = ["capture", "capture_until", "run_partial", "count_hooks", "get_module", "StopForward", "UnitError"]
+__all__ = ["hooked", "capture", "capture_until", "run_partial", "count_hooks", "get_module", "StopForward", "UnitError"]

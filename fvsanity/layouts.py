@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import FVSanityError, UnitError
+from .hooks import hooked
 
 __all__ = [
     "Layout",
@@ -175,18 +176,18 @@ def layer_infos(model: nn.Module, input_size: tuple[int, int], preprocess=None) 
     that remove themselves. Not cached here (see ``LoadedModel.layer_info``).
     """
     shapes: dict[str, tuple] = {}
-    handles = []
     mods = [(n, m) for n, m in model.named_modules() if n]
-    try:
-        for name, mod in mods:
 
-            def hook(_m, _i, out, _n=name):
-                if isinstance(out, (tuple, list)) and out:
-                    out = out[0]
-                if isinstance(out, torch.Tensor):
-                    shapes[_n] = tuple(out.shape[1:])
+    def make(name):
+        def hook(_m, _i, out):
+            if isinstance(out, (tuple, list)) and out:
+                out = out[0]
+            if isinstance(out, torch.Tensor):
+                shapes[name] = tuple(out.shape[1:])
 
-            handles.append(mod.register_forward_hook(hook))
+        return hook
+
+    with hooked(model, [(mod, make(name)) for name, mod in mods]):
         p0 = next(model.parameters(), None)
         dev = p0.device if p0 is not None else torch.device("cpu")
         dtype = p0.dtype if p0 is not None and p0.is_floating_point() else torch.float32
@@ -195,9 +196,6 @@ def layer_infos(model: nn.Module, input_size: tuple[int, int], preprocess=None) 
             x = preprocess(x)
         with torch.no_grad():
             model(x)
-    finally:
-        for h in handles:
-            h.remove()
     out = {}
     for name, mod in mods:
         if name in shapes and len(shapes[name]) >= 1:

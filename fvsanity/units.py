@@ -7,7 +7,6 @@ name the closest valid layers or the valid channel range.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 from .errors import UnitError
 from .layouts import Layout, layer_infos
+from .names import layer_names, resolve_layer  # noqa: F401 - re-exported: units.layer_names, units.resolve_layer
 
 
 @dataclass(frozen=True)
@@ -105,27 +105,6 @@ def _spec_problem(spec: str) -> str:
     if at and not re.fullmatch(r"-?[0-9]+,-?[0-9]+", pos):
         return f"position {_show('@' + pos)} must be @Y,X (two whole numbers)"
     return "malformed"
-
-
-def layer_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_modules() if n]
-
-
-def resolve_layer(model: nn.Module, name: str) -> str:
-    """Canonical dotted name for ``name`` (accepts lucent's underscores); UnitError if unknown."""
-    names = layer_names(model)
-    if name in names:
-        return name
-    alt = name.replace("_", ".")
-    if alt in names:
-        return alt
-    # lucent names keep underscores inside module names (conv2d0_pre_relu_conv): try all splits
-    for cand in names:
-        if cand.replace(".", "_") == name:
-            return cand
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
-    hint = ", ".join(close) if close else ", ".join(names[:8]) + ", ..."
-    raise UnitError(f"unknown layer {name!r}; closest valid layers: {hint} (see `fvsanity layers MODEL`)")
 
 
 def layer_shapes(model: nn.Module, input_size: tuple[int, int], preprocess=None) -> dict[str, tuple]:

@@ -35,10 +35,12 @@ def test_rankdata_matches_scipy_average_ties():
     np.testing.assert_array_equal(rankdata(x).numpy(), ss.rankdata(x.numpy(), method="average", axis=-1))
     y = torch.randn(3, 4, 50, generator=gen(1), dtype=F64).round(decimals=1)
     np.testing.assert_allclose(rankdata(y).numpy(), ss.rankdata(y.numpy(), axis=-1), rtol=0, atol=0)
-    # the one implementation: similarity and circuits rank with it
+    # the one implementation: similarity ranks with it, circuits correlates with similarity's
     assert similarity.rankdata is rankdata
-    ties = np.array([[3.0, 1.0, 3.0, 0.0, 0.0, 2.0], [1, 1, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(circuits._avg_ranks(ties), ss.rankdata(ties, axis=1))
+    ties = np.array([3.0, 1.0, 3.0, 0.0, 0.0, 2.0])
+    other = np.array([1.0, 1.0, 2.0, 5.0, 0.0, 2.0])
+    want = ss.spearmanr(ties, other)[0]
+    assert circuits.edge_rank_correlation(ties, other) == pytest.approx(want, abs=1e-12)
 
 
 # -------------------------------------------------------------------------------- bootstrap

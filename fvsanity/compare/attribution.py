@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FVSanityError
-from ..hooks import StopForward, get_module
+from ..hooks import StopForward, get_module, hooked
 from ..layouts import Layout, infer_layout, pool, unit_values
 from ..units import Unit, layer_names, parse_unit
 
@@ -299,21 +299,19 @@ def _discover(lm, unit: Unit, layers, image_shape: tuple[int, ...]) -> list[_Spe
         cand = _expand_names(model, list(layers))
     seen: list[tuple[str, int, tuple]] = []  # name, id(input), input shape
     inputs: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for n in cand:
 
-            def hook(_m, inp, _out, _n=n):
-                x = inp[0]
-                inputs[_n] = x  # keep alive so ids stay unique during the forward
-                seen.append((_n, id(x), tuple(x.shape)))
+    def make(n):
+        def hook(_m, inp, _out):
+            x = inp[0]
+            inputs[n] = x  # keep alive so ids stay unique during the forward
+            seen.append((n, id(x), tuple(x.shape)))
 
-            handles.append(mods[n].register_forward_hook(hook))
+        return hook
 
-        def stop(_m, _i, _o):
-            raise StopForward
+    def stop(_m, _i, _o):
+        raise StopForward
 
-        handles.append(get_module(model, unit.layer).register_forward_hook(stop))
+    with hooked(model, [(mods[n], make(n)) for n in cand] + [(unit.layer, stop)]):
         dev, dt = lm.device, next(model.parameters()).dtype
         x = torch.full((1, *image_shape), 0.5, device=dev, dtype=dt)
         with torch.no_grad():
@@ -321,9 +319,6 @@ def _discover(lm, unit: Unit, layers, image_shape: tuple[int, ...]) -> list[_Spe
                 model(lm.preprocess(x))
             except StopForward:
                 pass
-    finally:
-        for h in handles:
-            h.remove()
     order = [s[0] for s in seen]
     if len(set(order)) != len(order):
         dup = next(n for n in order if order.count(n) > 1)
@@ -375,30 +370,25 @@ def edge_layers(lm, unit: Unit | str, layers=None, image_size: tuple[int, int] |
 def _recording(model: nn.Module, specs: Sequence[_Spec], unit: Unit) -> Iterator[dict]:
     """Hooks that store (input, output) of every spec and the unit metric, then stop the forward."""
     rec: dict = {"io": {}, "m": None}
-    handles = []
-    try:
-        for spec in specs:
 
-            def hook(_m, inp, out, _n=spec.name):
-                x = inp[0]
-                if out is x:  # identity module: give the skip branch its own tensor (and gradient)
-                    out = out.clone()
-                rec["io"][_n] = (x, out)
-                return out
+    def make(name):
+        def hook(_m, inp, out):
+            x = inp[0]
+            if out is x:  # identity module: give the skip branch its own tensor (and gradient)
+                out = out.clone()
+            rec["io"][name] = (x, out)
+            return out
 
-            handles.append(spec.module.register_forward_hook(hook))
+        return hook
 
-        def unit_hook(_m, _i, out):
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            rec["m"] = unit_values(out, unit)
-            raise StopForward
+    def unit_hook(_m, _i, out):
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        rec["m"] = unit_values(out, unit)
+        raise StopForward
 
-        handles.append(get_module(model, unit.layer).register_forward_hook(unit_hook))
+    with hooked(model, [(spec.module, make(spec.name)) for spec in specs] + [(unit.layer, unit_hook)]):
         yield rec
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _forward(lm, rec: dict, x: torch.Tensor) -> torch.Tensor:
@@ -833,7 +823,6 @@ def node_attribution(
                     return state["replace"]
                 return None
 
-            handle_fn = mod.register_forward_hook
         else:
 
             def hook(_m, inp, state=state):
@@ -842,10 +831,9 @@ def node_attribution(
                     return (state["replace"],) + tuple(inp[1:])
                 return None
 
-            handle_fn = mod.register_forward_pre_hook
-        handle = handle_fn(hook)  # before the unit hook, so a unit on this layer sees the replacement
+        # registered before the unit hook, so a unit on this layer sees the replacement
         try:
-            with _recording(model, [], unit) as rec:
+            with hooked(model, [(mod, hook)], pre=where == "input"), _recording(model, [], unit) as rec:
                 for start in range(0, images.shape[0], batch_size):
                     x = images[start : start + batch_size].to(dev, mdt)
                     r = refs_all[start : start + batch_size].to(dev, mdt)
@@ -874,7 +862,6 @@ def node_attribution(
                     lay = infer_layout(model, name, tuple(contrib.shape[1:]))
                     result[name].append(_spatial_sum(contrib, lay).cpu())
         finally:
-            handle.remove()
             state["replace"] = None
     return {n: torch.cat(v) for n, v in result.items()}
 
@@ -940,28 +927,24 @@ def patch_edges(
             o[:, patch["v"]] += patch["add"]
             return o
 
-        handle = mod.register_forward_hook(hook)
-        try:
-            with _recording(model, [], unit) as rec:
-                for i, (v, u) in enumerate(edges.tolist()):
-                    if spec.kind == "conv":
-                        g = mod.groups
-                        cin_g, cout_g = mod.weight.shape[1], c_out // g
-                        grp = v // cout_g
-                        if not grp * cin_g <= u < (grp + 1) * cin_g:
-                            add = torch.zeros_like(z_c[:, v])
-                        else:
-                            w = mod.weight[v : v + 1, u - grp * cin_g : u - grp * cin_g + 1]
-                            add = F.conv2d(
-                                delta[:, u : u + 1], w, None, mod.stride, _conv_padding(mod), mod.dilation
-                            )[:, 0]
-                    elif spec.kind == "linear":
-                        add = delta[..., u] * mod.weight[v, u]
+        with hooked(model, [(mod, hook)]), _recording(model, [], unit) as rec:
+            for i, (v, u) in enumerate(edges.tolist()):
+                if spec.kind == "conv":
+                    g = mod.groups
+                    cin_g, cout_g = mod.weight.shape[1], c_out // g
+                    grp = v // cout_g
+                    if not grp * cin_g <= u < (grp + 1) * cin_g:
+                        add = torch.zeros_like(z_c[:, v])
                     else:
-                        add = d_out[:, v] if spec.src[v] == u else torch.zeros_like(d_out[:, v])
-                    patch["v"], patch["add"] = v, add
-                    out[i] = (_forward(lm, rec, x) - m0).to(out.dtype).cpu()
-                    patch["add"] = None
-        finally:
-            handle.remove()
+                        w = mod.weight[v : v + 1, u - grp * cin_g : u - grp * cin_g + 1]
+                        add = F.conv2d(
+                            delta[:, u : u + 1], w, None, mod.stride, _conv_padding(mod), mod.dilation
+                        )[:, 0]
+                elif spec.kind == "linear":
+                    add = delta[..., u] * mod.weight[v, u]
+                else:
+                    add = d_out[:, v] if spec.src[v] == u else torch.zeros_like(d_out[:, v])
+                patch["v"], patch["add"] = v, add
+                out[i] = (_forward(lm, rec, x) - m0).to(out.dtype).cpu()
+                patch["add"] = None
     return out

@@ -32,7 +32,8 @@ resampled within FV, A, B, other; :func:`fvsanity.compare.stats.percentile_inter
 ``perm_splits`` fixed splits for the observed and every permuted labelling; p = (1 + k) /
 (1 + n_perm), :func:`fvsanity.compare.stats.permutation_pvalue`), Holm-corrected across layers
 (``p_holm``). A small p means the FV circuit is closer to the natural circuit than unrelated
-images' circuits are. Ranks are :func:`fvsanity.compare.stats.rankdata`.
+images' circuits are. Rank correlations are :func:`fvsanity.compare.similarity.spearman` and
+top-k overlaps :func:`fvsanity.compare.similarity.jaccard` (the one implementation of each).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ import numpy as np
 import torch
 
 from .attribution import AttributionError, EdgeAttribution, edge_attribution
-from .stats import holm, percentile_interval, permutation_pvalue, rankdata
+from .similarity import jaccard
+from .similarity import spearman as _vector_spearman
+from .stats import holm, percentile_interval, permutation_pvalue
 
 __all__ = [
     "FRACTIONS",
@@ -82,17 +85,10 @@ def _top_masks(a: np.ndarray, k: int) -> np.ndarray:
     return mask & (mag > 0)
 
 
-def _avg_ranks(a: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based, ties share their mean rank) of every row of a [K, E]
-    (:func:`fvsanity.compare.stats.rankdata`)."""
-    return rankdata(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))).numpy()
-
-
 def _jaccard_many(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """IoU of the top-k sets of every row of a [K, E] with b's [E] (:func:`~.similarity.jaccard`)."""
     ma, mb = _top_masks(a, k), _top_masks(b[None], k)
-    inter = (ma & mb).sum(1)
-    union = (ma | mb).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return jaccard(torch.from_numpy(ma), torch.from_numpy(mb)).numpy()
 
 
 def _weighted_jaccard_many(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -104,15 +100,12 @@ def _weighted_jaccard_many(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
 
 
-def _pearson_rows(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
-    ca = ra - ra.mean(1, keepdims=True)
-    cb = rb - rb.mean()
-    den = np.sqrt((ca**2).sum(1) * (cb**2).sum())
-    return np.where(den > 0, (ca * cb).sum(1) / np.where(den > 0, den, 1.0), 0.0)
-
-
 def _spearman_many(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return _pearson_rows(_avg_ranks(a), _avg_ranks(b[None])[0])
+    """Spearman of every row of a [K, E] with b [E] (:func:`~.similarity.spearman`, average
+    ranks; 0 for a constant row)."""
+    ta = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    tb = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64))
+    return _vector_spearman(ta, tb).numpy()
 
 
 def _shared_mass_many(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -155,9 +148,9 @@ def weighted_jaccard(a, b) -> float:
 
 def edge_rank_correlation(a, b) -> float:
     """Spearman rank correlation of two edge-score vectors, flattened (average ranks): a float;
-    0.0 when either is constant. The circuit statistic ``"spearman"``; not the vector metric
-    :func:`fvsanity.compare.similarity.spearman` (batched over leading dims, a tensor, NaN in ->
-    NaN out)."""
+    0.0 when either is constant, NaN when either holds NaN. The circuit statistic
+    ``"spearman"``: the vector metric :func:`fvsanity.compare.similarity.spearman` of the two
+    flattened vectors, returned as a float."""
     return float(_spearman_many(_vec(a)[None], _vec(b))[0])
 
 

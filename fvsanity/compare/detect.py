@@ -68,6 +68,7 @@ import numpy as np
 import torch
 
 from ..errors import FVSanityError
+from .stats import auroc
 
 __all__ = [
     "PATH_SIGNALS",
@@ -126,7 +127,9 @@ def _scores(x, name: str) -> np.ndarray:
 
 
 def roc_auc(negatives, positives) -> float:
-    """ROC AUC = P(score of a positive > score of a negative), ties counted 1/2 (Mann-Whitney U / (n m)).
+    """ROC AUC = P(score of a positive > score of a negative), ties counted 1/2 (Mann-Whitney U / (n m)):
+    :func:`fvsanity.compare.stats.auroc` after checking the scores (DetectionError if empty or
+    not finite).
 
     Args:
         negatives: [n] scores of healthy units; positives: [m] scores of manipulated units
@@ -135,14 +138,7 @@ def roc_auc(negatives, positives) -> float:
     Returns:
         AUC in [0, 1]: 1 perfectly separated, 0.5 for identical distributions or all ties.
     """
-    neg, pos = _scores(negatives, "negative"), _scores(positives, "positive")
-    allv = np.concatenate([neg, pos])
-    from scipy.stats import rankdata
-
-    ranks = rankdata(allv)  # average ranks: ties share
-    r_pos = ranks[neg.size:].sum()
-    u = r_pos - pos.size * (pos.size + 1) / 2.0
-    return float(u / (neg.size * pos.size))
+    return auroc(_scores(negatives, "negative"), _scores(positives, "positive"))
 
 
 def auc_ci(negatives, positives, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:

@@ -52,6 +52,7 @@ __all__ = [
     "compute_rdm",
     "cosine",
     "get_metric",
+    "jaccard",
     "list_metrics",
     "metric_info",
     "mmd2_unbiased",
@@ -303,6 +304,24 @@ def _pearson(x: Tensor, y: Tensor) -> Tensor:
     singular = _is_const(xc, x, -1) | _is_const(yc, y, -1)
     num = (xc * yc).sum(-1)
     return _safe_ratio(num, (xc * xc).sum(-1), (yc * yc).sum(-1), singular)
+
+
+def jaccard(a: Tensor, b: Tensor) -> Tensor:
+    """Jaccard index ``|A & B| / |A | B|`` of two sets given as boolean masks over the last dim.
+
+    The one set-overlap implementation (top-k exemplar and top-k edge overlaps use it).
+    a [..., d], b [..., d] (bool, or anything nonzero = member) -> [...] float64, in [0, 1]:
+    1 for identical sets, 0 for disjoint ones. Two EMPTY sets are defined to overlap fully
+    (1.0): nothing was selected by either, so they agree.
+    """
+    a, b = torch.as_tensor(a).bool(), torch.as_tensor(b).bool()
+    if a.dim() == 0 or b.dim() == 0:
+        raise MetricError(f"jaccard: masks must have at least one dim, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[-1]:
+        raise MetricError(f"jaccard: masks differ in the last dim: {a.shape[-1]} vs {b.shape[-1]}")
+    inter = (a & b).sum(-1, dtype=torch.float64)
+    union = (a | b).sum(-1, dtype=torch.float64)
+    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Every pipeline (the path check :mod:`fvsanity.compare.path`, the circuit compari
 its statistics from here; there is one implementation of each:
 
 * :func:`rankdata`: average ranks for ties (as ``scipy.stats.rankdata(method="average")``).
+* :func:`auroc`: ROC AUC as the Mann-Whitney U statistic over ``n * m`` (ties count 1/2).
 * bootstrap: :func:`bootstrap_indices` / :func:`bootstrap_counts` draw resamples (indices, or
   their multiplicities for statistics that are linear in per-item weights), and
   :func:`percentile_interval` turns resampled statistics into a percentile interval at the
@@ -40,6 +41,7 @@ __all__ = [
     "BootstrapCI",
     "MetricError",
     "PermutationResult",
+    "auroc",
     "bootstrap_ci",
     "bootstrap_counts",
     "bootstrap_indices",
@@ -104,6 +106,31 @@ def rankdata(x: Tensor | Sequence[float]) -> Tensor:
     avg = start.to(x.dtype) + (counts.to(x.dtype) + 1) / 2  # 1-based mean rank of each group
     rank_sorted = torch.gather(avg, -1, gid)
     return torch.empty_like(rank_sorted).scatter_(-1, order, rank_sorted)
+
+
+def auroc(negatives: Tensor | Sequence[float], positives: Tensor | Sequence[float]) -> float:
+    """ROC AUC: P(positive score > negative score), ties counted 1/2 (Mann-Whitney U / (n m)).
+
+    The one AUROC in fvsanity. Computed in float64 from the average ranks (:func:`rankdata`) of
+    the pooled scores: ``U = sum(ranks of positives) - m (m + 1) / 2``.
+
+    Args:
+        negatives: [n] scores of the negative class (any shape, flattened).
+        positives: [m] scores of the positive class (larger = more positive).
+
+    Returns:
+        AUC in [0, 1]: 1 when every positive scores above every negative, 0 when below, 0.5 for
+        all ties; NaN when either class is empty or a score is NaN (NaN in, NaN out, as the
+        similarity metrics; :func:`fvsanity.compare.detect.roc_auc` refuses such input instead).
+    """
+    neg = _as_float(negatives).detach().flatten().double().cpu()
+    pos = _as_float(positives).detach().flatten().double().cpu()
+    n, m = neg.numel(), pos.numel()
+    if n == 0 or m == 0 or bool(torch.isnan(neg).any()) or bool(torch.isnan(pos).any()):
+        return float("nan")
+    ranks = rankdata(torch.cat([neg, pos]))
+    u = ranks[n:].sum() - m * (m + 1) / 2.0
+    return float(u / (n * m))
 
 
 # -------------------------------------------------------------------------------- bootstrap

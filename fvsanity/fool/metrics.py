@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..compare.similarity import pearson
+
 __all__ = ["ssim", "pixel_correlation", "match_size", "perceptual_distance"]
 
 
@@ -80,17 +82,12 @@ def ssim(
 def pixel_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of all pixel values per image pair, ``[N]`` in [-1, 1].
 
-    A constant image has no correlation with anything: returns 0 there, with finite (zero)
-    gradients (double ``torch.where``: the division only ever sees a safe denominator).
+    :func:`fvsanity.compare.similarity.pearson` of the flattened images (after
+    :func:`match_size`). A constant image has no correlation with anything: returns 0 there,
+    with finite (zero) gradients.
     """
     x, y = match_size(x, y)
-    a = x.flatten(1) - x.flatten(1).mean(1, keepdim=True)
-    b = y.flatten(1) - y.flatten(1).mean(1, keepdim=True)
-    cov = (a * b).sum(1)
-    denom_sq = (a * a).sum(1) * (b * b).sum(1)
-    ok = denom_sq > 0
-    safe = torch.where(ok, denom_sq, torch.ones_like(denom_sq))
-    return torch.where(ok, cov / torch.sqrt(safe), torch.zeros_like(cov))
+    return pearson(x.flatten(1), y.flatten(1))
 
 
 def _unit_normalize(f: torch.Tensor) -> torch.Tensor:

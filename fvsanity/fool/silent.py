@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FVSanityError
-from ..hooks import capture
+from ..hooks import capture, hooked
 from ..layouts import pool, require
 from ..models import LoadedModel
 from .circuit import EDIT_LAYOUTS, _group
@@ -240,13 +240,10 @@ def _layer_inputs_mean(w: ManipulatedModel, pre, layer: str, images: torch.Tenso
         acc["s"] = acc["s"] + x.sum(1)
         acc["n"] += x.shape[1]
 
-    h = mod.register_forward_pre_hook(hook)
-    try:
+    with hooked(w, [(mod, hook)], pre=True):
         dev = next(w.parameters()).device
         for i in range(0, len(images), batch):
             w(pre(images[i : i + batch].to(dev)))
-    finally:
-        h.remove()
     return (acc["s"] / acc["n"]).float()
 
 

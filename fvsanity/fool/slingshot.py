@@ -64,6 +64,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..compare.similarity import jaccard
+from ..compare.stats import auroc as _auroc
 from ..errors import FVSanityError
 from ..models import LoadedModel, prepare_model, register_loader
 from .manipulation import Manipulation, MethodSettings, register_manipulation, setting
@@ -720,28 +722,16 @@ class _Shim:
 
 # ----------------------------------------------------------------------------- evaluation helpers
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Area under the ROC curve of ``scores`` [N] for the boolean labels ``positive`` [N]
-    (Mann-Whitney U with ties counted half); NaN if either class is empty."""
-    scores, positive = scores.double().flatten(), positive.bool().flatten()
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = torch.argsort(scores)
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    # average ranks over ties
-    uniq, inv = torch.unique(scores, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, ranks)
-    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, torch.ones_like(ranks))
-    ranks = (sums / counts)[inv]
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    """:func:`fvsanity.compare.stats.auroc` of ``scores`` [N] split by the boolean labels
+    ``positive`` [N] (Mann-Whitney U with ties counted half); NaN if either class is empty."""
+    scores, positive = torch.as_tensor(scores).flatten(), torch.as_tensor(positive).bool().flatten()
+    return _auroc(scores[~positive], scores[positive])
 
 
-def jaccard(a, b) -> float:
-    """``|A & B| / |A | B|`` of two index collections (1.0 for two empty ones)."""
-    a, b = {int(i) for i in a}, {int(i) for i in b}
-    return 1.0 if not a and not b else len(a & b) / len(a | b)
+def _top_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """[N] bool: the ``k`` largest of ``values`` [N] (stable order on ties)."""
+    top = torch.sort(values, descending=True, stable=True).indices[:k]
+    return torch.zeros(values.shape[0], dtype=torch.bool).scatter_(0, top.cpu(), True)
 
 
 @torch.no_grad()
@@ -757,9 +747,8 @@ def unit_diagnostics(original: LoadedModel, fooled: LoadedModel, units, images: 
     k = min(k, len(images))
     out = []
     for j, u in enumerate(units):
-        top_o = torch.sort(r_o[:, j], descending=True, stable=True).indices[:k]
-        top_m = torch.sort(r_m[:, j], descending=True, stable=True).indices[:k]
-        d = {"unit": str(u), "exemplar_jaccard": jaccard(top_o.tolist(), top_m.tolist()), "k": k,
+        overlap = jaccard(_top_mask(r_o[:, j], k), _top_mask(r_m[:, j], k))
+        d = {"unit": str(u), "exemplar_jaccard": float(overlap), "k": k,
              "response_corr": float(torch.corrcoef(torch.stack([r_o[:, j], r_m[:, j]]))[0, 1])}
         if labels is not None and u.layer == original.output_layer:
             pos = torch.as_tensor(labels) == u.channel
