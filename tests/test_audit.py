@@ -73,8 +73,13 @@ def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
     # the paired design across the 4 units, on the layers every path shares
     assert [r["name"] for r in audit["paired"]["cka"]] == ["relu1", "relu2"]
     # the population test across units covers every layer of any path, each with its unit count
+    # (a unit counts at a layer where its references separate from unrelated images: elsewhere it
+    # has no normalized similarity, null; random images here)
     across = {r["name"]: r["n_units"] for r in audit["across_units"]}
-    assert across == {"relu1": 4, "relu2": 4, "relu3": 3, "fc": 2}
+    paths = {n: [x for u in audit["units"] for x in u["path"]["layers"] if x["name"] == n] for n in across}
+    assert {n: len(v) for n, v in paths.items()} == {"relu1": 4, "relu2": 4, "relu3": 3, "fc": 2}
+    assert across == {n: sum(x["separated"] for x in v) for n, v in paths.items()}
+    assert all((x["normalized"] is None) == (not x["separated"]) for v in paths.values() for x in v)
     assert (out / "path_similarity.png").is_file() and audit["figures"]["path_similarity"] == "path_similarity.png"
     for u in audit["units"]:
         d = out / "units" / u["id"]

@@ -170,7 +170,12 @@ def test_class_unit_without_class_images_is_insufficient(tiny, tmp_path):
     assert d["units"][0]["verdict"]["label"].startswith("inconclusive at its own layer (insufficient references")
     assert d["units"][1]["status"] == "ok" and d["units"][0]["verdict"]["status"] == d["units"][0]["status"]
     assert d["summary"]["n_insufficient"] == 1 and d["summary"]["verdicts"][INCONCLUSIVE] == 2
-    assert all(r["n_units"] == 1 for r in d["across_units"])  # the insufficient unit is left out
+    # the insufficient unit is left out (and has no normalized similarity at all); the other counts
+    # where its references separate from unrelated images (elsewhere its normalized is null too)
+    sep = {r.name: r.separated for r in ok.layers}
+    assert all(r["n_units"] == int(sep[r["name"]]) for r in d["across_units"])
+    assert all(r["normalized"] is None for r in d["units"][0]["layers"])
+    assert all((r["normalized"] is None) == (not r["separated"]) for r in d["units"][1]["layers"])
 
     # audit: the unit record, the summary, the tables and the report say so
     def render_fn(lm, units, **kw):

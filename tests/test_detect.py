@@ -210,7 +210,8 @@ def test_detection_signals_on_a_tiny_model_gives_every_signal_per_unit():
         assert 0.0 <= s.values["exemplar_own"] <= 1.0
         assert 0.0 <= s.values["rank_own"] <= 1.0
         assert s.outcome in ("natural-like", "diverges", "inconclusive")
-    assert sig[0].values["path_own"] == check.units[0].layers[-1].normalized
+    # the detector's input is the ratio as computed, also where the check withholds it (no scale)
+    assert sig[0].values["path_own"] == check.units[0].layers[-1].normalized_raw
 
 
 def _settings():

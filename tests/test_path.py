@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -100,15 +99,18 @@ def test_layer_stats_uses_the_shared_permutation_test():
 
 
 def test_verdict_withheld_for_insufficient_references():
-    """Too few references: the numbers are kept, every layer is "inconclusive" with the status as
-    its reason (issue 12: never "diverges" for lack of evidence)."""
+    """Too few references: the curves are kept, the normalized similarity is not (no scale of the
+    unit's own: NaN / null), every layer is "inconclusive" with the status as its reason (issue 12:
+    never "diverges" for lack of evidence)."""
     w = _class_world()
     why = "insufficient references: 1 natural reference image(s), need >= 2"
     res, v = compare_path(w["same"], w["natural"], w["other"], n_boot=0, n_perm=100, status=why)
     assert [r.outcome for r in res] == [INCONCLUSIVE, INCONCLUSIVE] and all(r.reason == why for r in res)
     assert v.outcome == INCONCLUSIVE and v.status == why and (v.n_inconclusive, v.n_natural_like, v.n_diverges) == (2, 0, 0)
     assert v.label == f"inconclusive at its own layer ({why}); natural-like at no layer"
-    assert res[0].normalized == pytest.approx(1.0, abs=0.15)  # the numbers are still reported
+    assert all(math.isnan(r.normalized) and math.isnan(r.ci_low) and math.isnan(r.ci_high) for r in res)
+    assert all(r.to_json()["normalized"] is None for r in res)
+    assert all(math.isfinite(r.natural_vs_natural) and math.isfinite(r.fv_vs_natural) for r in res)  # curves kept
 
 
 def _class_world(seed=0, C=40, layers=("l1", "l2")):
@@ -225,8 +227,9 @@ def test_path_check_tiny_model_well_formed(tiny):
         res = path_check(tiny, units, fv, nat, top_k=3, n_other=10, n_boot=50, n_perm=50, batch_size=16)
     finally:
         h.remove()
-    # one streamed pass of the 40 natural images (3 batches) + one of the 8 FVs, for all units
-    assert len(calls) == 3 + 1
+    # one streamed pass of the 40 natural images (3 batches) + one per unit for its 2 FVs (a unit's
+    # numbers never depend on the units beside it)
+    assert len(calls) == 3 + 4
     assert count_hooks(tiny.model) == 0
     d = json.loads(json.dumps(res.to_json(), default=str))
     assert [u["unit"] for u in d["units"]] == [str(u) for u in units]
@@ -249,7 +252,13 @@ def test_path_check_tiny_model_well_formed(tiny):
     assert [r["name"] for r in d["paired"]["cka"]] == ["relu1", "relu2"]
     assert {"settings", "seeds", "versions", "data", "provenance"} <= set(d)
     assert [a["name"] for a in d["across_units"]] == ["relu1", "relu2", "relu3", "fc"]
-    assert d["across_units"][0]["n_units"] == 4 and d["across_units"][-1]["n_units"] == 3
+    # units as replicates: each unit whose references separate from unrelated images at that layer
+    # (random images here: mostly none; the others have no normalized similarity there, null)
+    for a in d["across_units"]:
+        rows = [r for u in d["units"] for r in u["layers"] if r["name"] == a["name"]]
+        assert len(rows) == (4 if a["name"] in ("relu1", "relu2") else 3)
+        assert a["n_units"] == sum(r["separated"] for r in rows)
+        assert all((r["normalized"] is None) == (not r["separated"]) for r in rows)
     assert d["settings"]["metric"] == "spearman" and "torch" in d["versions"]
 
 
@@ -258,11 +267,13 @@ def test_path_check_fv_equal_to_class_images_travels(tiny):
     images of another class do not."""
     g = torch.Generator().manual_seed(0)
     colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9], [0.9, 0.9, 0.1]]).view(4, 3, 1, 1)
-    labels = torch.arange(80) % 4
-    imgs = (colours[labels] + 0.2 * torch.rand(80, 3, 16, 16, generator=g)).clamp(0, 1)
-    nat = from_tensor(imgs[:60], labels[:60])
-    held_out, held_labels = imgs[60:], labels[60:]
-    u = path_check(tiny, ["fc:0"], held_out[held_labels == 0][:5][None], nat, top_k=0, n_other=40,
+    # 80 images per class, 200 others: the references' gap is precise enough at every layer (the
+    # separation gate; with 15 per class and 40 others it was not at fc, 10 logits)
+    labels = torch.arange(4 * 87) % 4
+    imgs = (colours[labels] + 0.2 * torch.rand(len(labels), 3, 16, 16, generator=g)).clamp(0, 1)
+    nat = from_tensor(imgs[:320], labels[:320])
+    held_out, held_labels = imgs[320:], labels[320:]
+    u = path_check(tiny, ["fc:0"], held_out[held_labels == 0][:5][None], nat, top_k=0, n_other=200,
                    n_boot=200, n_perm=500).units[0]
     assert [r.name for r in u.layers] == ["relu1", "relu2", "relu3", "fc"]
     for r in u.layers:
@@ -272,13 +283,13 @@ def test_path_check_fv_equal_to_class_images_travels(tiny):
     assert [r.outcome for r in u.layers] == [NATURAL_LIKE] * 4
     assert u.verdict.label == "natural-like at its own layer; natural-like from relu1 on (4 of 4 layers)"
     # 3 seeds cannot reach alpha: inconclusive, with the seeds needed (it used to read "diverges")
-    u = path_check(tiny, ["fc:0"], held_out[held_labels == 0][:3][None], nat, top_k=0, n_other=40,
+    u = path_check(tiny, ["fc:0"], held_out[held_labels == 0][:3][None], nat, top_k=0, n_other=200,
                    n_boot=200, n_perm=500).units[0]
     assert all(r.outcome == INCONCLUSIVE and r.needed == 5 for r in u.layers)
     assert u.layers[-1].reason == "needs >= 5 FV seeds (smallest attainable p 0.125 > alpha 0.05)"
     # images of another class, 5 seeds: far from natural-like, but "diverges" over 4 layers (Holm)
     # needs 7 seeds: inconclusive with that reason, never natural-like
-    u = path_check(tiny, ["fc:0"], held_out[held_labels == 2][:5][None], nat, top_k=0, n_other=40,
+    u = path_check(tiny, ["fc:0"], held_out[held_labels == 2][:5][None], nat, top_k=0, n_other=200,
                    n_boot=200, n_perm=500).units[0]
     assert all(r.outcome == INCONCLUSIVE and "needs >= 7 FV seeds" in r.reason for r in u.layers)
     assert u.verdict.n_natural_like == 0 and u.verdict.natural_like_from is None
@@ -425,23 +436,14 @@ def test_cli_real_resnet20(data_root, tmp_path):
     assert last["natural_vs_natural"] > last["natural_vs_other"]
 
 
-def test_experiment_smoke(tmp_path, capsys):
-    import importlib.util
-
-    run = Path(__file__).resolve().parents[1] / "experiments" / "path_similarity" / "run.py"
-    spec = importlib.util.spec_from_file_location("path_similarity_run", run)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    threads = torch.get_num_threads()
-    try:
-        assert mod.main(["--smoke", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+def test_experiment_smoke(experiment_smoke, capsys):
+    """--smoke without --out: a fresh temporary folder, figures/ untouched (the fixture checks)."""
+    out = experiment_smoke("path_similarity")
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text())
     assert last["smoke"] is True and res["setups"]["tiny"]["n_units"] == 5
     tiny = res["setups"]["tiny"]
     assert set(tiny["mean_curves"]) == {"fv_vs_natural", "natural_vs_natural", "natural_vs_other", "normalized"}
     assert list(tiny["by_checkpoint_step"]) == ["4"] and tiny["traces"]["steps"] == 8
     for name in ("path_similarity_tiny.png", "path_similarity_tiny_units.png", "objective_traces_tiny.png", "check_tiny.json"):
-        assert (tmp_path / name).is_file()
+        assert (out / name).is_file()

@@ -372,10 +372,12 @@ def signals_from_path(up, fv_acts: Mapping[str, torch.Tensor] | None = None, nat
     without them the exemplar signals are NaN)."""
     from .verdict import DIVERGES
 
-    norms = [r.normalized for r in up.layers]
+    # the ratio as computed (``normalized_raw``), also where the check withholds it for want of a
+    # scale: a detector's input, calibrated on its tuning split, not a claim
+    norms = [getattr(r, "normalized_raw", r.normalized) for r in up.layers]
     own = up.layers[-1] if up.layers else None
     vals = {
-        "path_own": float(own.normalized) if own is not None else float("nan"),
+        "path_own": float(norms[-1]) if own is not None else float("nan"),
         "path_min": _nanmin(norms),
         "path_mean": _nanmean(norms),
         "p_natural_like_own": float(own.p_natural_like) if own is not None else float("nan"),
@@ -590,12 +592,12 @@ def signals_from_json(unit: Mapping) -> dict[str, float]:
     """The :data:`PATH_SIGNALS` of one unit of a check.json / audit.json (``UnitPath.to_json``),
     exactly as :func:`signals_from_path` computes them (exemplar signals NaN)."""
     layers = unit.get("layers") or []
-    norms = [r.get("normalized") for r in layers]
+    norms = [r.get("normalized_raw", r.get("normalized")) for r in layers]  # as signals_from_path
     own = layers[-1] if layers else {}
     ar = unit.get("activation_range") or None
     vals = {n: float("nan") for n in SIGNALS}
     vals.update({
-        "path_own": float(own["normalized"]) if own.get("normalized") is not None else float("nan"),
+        "path_own": float(norms[-1]) if layers and norms[-1] is not None else float("nan"),
         "path_min": _nanmin(norms), "path_mean": _nanmean(norms),
         "p_natural_like_own": float(own["p_natural_like"]) if own.get("p_natural_like") is not None else float("nan"),
     })

@@ -12,7 +12,10 @@ classes, or random other images):
   with itself; the upper reference)
 * ``natural_vs_other``   mean of sim(o, r) over o in O, r in R (the lower reference)
 * ``normalized``         (fv - other) / (natural - other): 0 = like unrelated images, 1 = like
-  the unit's own natural images; NaN (null in JSON) where natural ~ other.
+  the unit's own natural images; NaN (null in JSON, "n/a" in tables) where it has no scale: the
+  references do not separate from unrelated images at that layer by a meaningful, precisely
+  known gap (:func:`fvsanity.compare.verdict.separation`), or the unit has too few references
+  of its own (``status``).
 
 All three are means of single-image-vs-single-image similarities, so they share one scale.
 Uncertainty: a bootstrap over images (F, R and O resampled with replacement; self-pairs of R
@@ -48,8 +51,9 @@ Seeds: every random choice of a unit (its O, bootstrap, permutations, split halv
 :func:`unit_seed` from the base seed and the unit's NAME, never its position in the unit list,
 so a unit gets the same numbers alone, in any order, and in ``check`` or ``audit``.
 
-Too few references (the rule; :data:`MIN_REFERENCES`, :data:`MIN_OTHER`): a unit's numbers
-are reported but every layer's outcome is "inconclusive" with the reason ``status`` (which says
+Too few references (the rule; :data:`MIN_REFERENCES`, :data:`MIN_OTHER`): a unit's curves
+are reported, its normalized similarity is not (NaN / null: it has no scale of the unit's own),
+and every layer's outcome is "inconclusive" with the reason ``status`` (which says
 why (``"insufficient references: ..."``; else ``"ok"``) when
   * it is a class unit checked with its class images and the natural images hold fewer than 2
     images of its class (its references would be top-k exemplars of other classes),
@@ -75,6 +79,7 @@ from itertools import permutations
 import torch
 
 from ..errors import FVSanityError
+from .stability import SeedStability, leave_one_seed_out
 from .stats import bootstrap_counts, holm, percentile_interval, permutation_pvalue, permutation_test
 from .verdict import (
     DIVERGES,
@@ -208,6 +213,14 @@ class LayerResult:
     adjusted p each claim can reach with these FV seeds; ``needed`` FV seeds that would decide (None: decided, or not a question
     of seeds); ``seed_sd``, ``seed_min``, ``seed_max`` the spread of the per-seed normalized
     similarities (NaN with < 2 seeds).
+
+    ``normalized``, ``ci_low``, ``ci_high`` are NaN (null in JSON) where the normalized
+    similarity has no scale: the references do not separate from unrelated images at this layer
+    (``separated`` False; ``separation`` the gate's numbers and reason,
+    :func:`fvsanity.compare.verdict.separation`) or the unit has too few references of its own.
+    ``normalized_raw`` is the ratio as computed, also there: no claim and no scale where it is
+    withheld, kept only as an input for detectors (:mod:`fvsanity.compare.detect`'s path
+    signals), never shown in tables.
     """
 
     name: str
@@ -234,6 +247,9 @@ class LayerResult:
     seed_sd: float = float("nan")
     seed_min: float = float("nan")
     seed_max: float = float("nan")
+    separated: bool = True
+    separation: dict | None = None
+    normalized_raw: float = float("nan")
 
     def to_json(self) -> dict:
         return {
@@ -246,12 +262,15 @@ class LayerResult:
             "floor_diverges": _jf(self.floor_diverges),
             "needed": self.needed,
             "seed_spread": {"sd": _jf(self.seed_sd), "min": _jf(self.seed_min), "max": _jf(self.seed_max)},
+            "separated": self.separated,
+            "separation": self.separation,
             "fv_vs_natural": self.fv_vs_natural,
             "natural_vs_natural": self.natural_vs_natural,
             "natural_vs_other": self.natural_vs_other,
-            "normalized": self.normalized,
-            "ci_low": self.ci_low,
-            "ci_high": self.ci_high,
+            "normalized": _jf(self.normalized),
+            "normalized_raw": _jf(self.normalized_raw),
+            "ci_low": _jf(self.ci_low),
+            "ci_high": _jf(self.ci_high),
             "p_value": self.p_value,
             "p_raw": self.p_raw,
             "above_baseline": self.above_baseline,
@@ -276,6 +295,8 @@ class Verdict:
         status: ``"ok"``, or ``"insufficient references: <why>"`` (module docstring); then every
             layer is "inconclusive" with that reason.
         unit: the full :class:`~fvsanity.compare.verdict.UnitVerdict` (per-layer evidence).
+        stability: leave-one-seed-out agreement
+            (:class:`~fvsanity.compare.stability.SeedStability`; None where not computed).
     """
 
     outcome: str
@@ -288,15 +309,16 @@ class Verdict:
     alpha: float
     status: str = "ok"
     unit: UnitVerdict | None = None
+    stability: SeedStability | None = None
 
     @property
     def sufficient(self) -> bool:
         return self.status == "ok"
 
     @classmethod
-    def from_unit(cls, uv: UnitVerdict, status: str = "ok") -> Verdict:
+    def from_unit(cls, uv: UnitVerdict, status: str = "ok", stability: SeedStability | None = None) -> Verdict:
         return cls(uv.outcome, uv.sentence, len(uv.layers), uv.n_natural_like, uv.n_diverges, uv.n_inconclusive,
-                   uv.natural_like_from, uv.settings.alpha, status, uv)
+                   uv.natural_like_from, uv.settings.alpha, status, uv, stability)
 
     def to_json(self) -> dict:
         return {
@@ -309,6 +331,7 @@ class Verdict:
             "natural_like_from": self.natural_like_from,
             "own_layer_reason": self.unit.own.reason if self.unit is not None and self.unit.own is not None else "",
             "alpha": self.alpha,
+            **({} if self.stability is None else {"seed_stability": self.stability.to_json()}),
         }
 
 
@@ -534,15 +557,30 @@ def layer_stats(
 
 
 def _outcome_fields(o: LayerOutcome) -> dict:
-    """A layer outcome's fields of :class:`LayerResult` (the spread over the FV seeds included)."""
+    """A layer outcome's fields of :class:`LayerResult` (the spread over the FV seeds and the
+    references' separation included)."""
     reps = [v for v in o.evidence.replicates if math.isfinite(v)]
     sd = float(torch.tensor(reps, dtype=torch.float64).std()) if len(reps) >= 2 else float("nan")
+    sep = o.evidence.separation
     return {
         "outcome": o.outcome, "reason": o.reason, "p_natural_like": o.p_natural_like_adj,
         "p_diverges": o.p_diverges_adj, "floor_natural_like": o.floor_natural_like,
         "floor_diverges": o.floor_diverges, "needed": o.needed, "seed_sd": sd,
         "seed_min": min(reps) if reps else float("nan"), "seed_max": max(reps) if reps else float("nan"),
+        "separated": bool(o.evidence.separated), "separation": sep.to_json() if sep is not None else None,
     }
+
+
+def _withheld(stats: dict, o: LayerOutcome, status: str) -> dict:
+    """:func:`layer_stats`' numbers as shown: the normalized similarity and its interval are NaN
+    (null in JSON, "n/a" in tables) where it has no scale, i.e. the layer's references do not
+    separate from unrelated images (:func:`fvsanity.compare.verdict.separation`), or the unit has
+    too few references of its own (``status`` not ``"ok"``). The three curves stay."""
+    raw = {"normalized_raw": stats["normalized"]}
+    if status == "ok" and o.evidence.separated:
+        return {**stats, **raw}
+    nan = float("nan")
+    return {**stats, **raw, "normalized": nan, "ci_low": nan, "ci_high": nan}
 
 
 def compare_path(
@@ -582,10 +620,11 @@ def compare_path(
     vst = verdict_settings or VerdictSettings(alpha=alpha)
     gen = torch.Generator().manual_seed(int(seed))
     vgen = torch.Generator().manual_seed(int(seed) + 1)
-    raw, evidence = [], []
+    raw, evidence, scores = [], [], []
     for name in layers:
         f, r, o = fv[name].flatten(1), natural[name].flatten(1), other[name].flatten(1)
         s_fr, s_rr, s_or = pairwise(metric, f, r), pairwise(metric, r, r), pairwise(metric, o, r)
+        scores.append((s_fr, s_rr, s_or))
         raw.append(layer_stats(s_fr, s_rr, s_or, n_boot=n_boot, n_perm=n_perm, confidence=confidence, generator=gen))
         try:
             evidence.append(layer_evidence(name, s_fr, s_rr, s_or, n_layers=len(layers), settings=vst, generator=vgen))
@@ -594,14 +633,18 @@ def compare_path(
 
             evidence.append(no_evidence(name))
     uv = unit_verdict(evidence, settings=vst)
+    stability = None
     if status != "ok":
         uv = withhold(uv, status)
+    else:
+        stability = leave_one_seed_out(layers, scores, uv, vst, seed=int(seed))
     p_adj = _holm([d["p_raw"] for d in raw])
     results = tuple(
-        LayerResult(name=name, p_value=q, above_baseline=bool(q <= alpha), **d, **_outcome_fields(o))
+        LayerResult(name=name, p_value=q, above_baseline=bool(q <= alpha), **_withheld(d, o, status),
+                    **_outcome_fields(o))
         for name, d, q, o in zip(layers, raw, p_adj, uv.layers)
     )
-    return results, Verdict.from_unit(uv, status)
+    return results, Verdict.from_unit(uv, status, stability)
 
 
 def paired_similarity(
@@ -894,12 +937,14 @@ def unit_layers(lm, units, settings: PathCheckSettings) -> tuple[list[list[str]]
 
 
 def fv_activations(lm, fv: torch.Tensor, layers: Sequence[str], batch_size: int = 64, device=None) -> dict[str, torch.Tensor]:
-    """Pooled activations of FVs ``fv`` [U, S, 3, H, W] -> {layer: [U, S, C]} (one streamed pass)."""
+    """Pooled activations of FVs ``fv`` [U, S, 3, H, W] -> {layer: [U, S, C]}.
+
+    One unit at a time (its S FVs in padded batches of ``batch_size``), so a unit's numbers are
+    the same whether it is checked alone or beside other units."""
     from ..activations import collect
 
-    U, S = fv.shape[:2]
-    flat = collect(lm, fv.flatten(0, 1), list(layers), "mean", batch_size, device)
-    return {k: v.view(U, S, -1) for k, v in flat.items()}
+    per_unit = [collect(lm, fv[u], list(layers), "mean", batch_size, device) for u in range(fv.shape[0])]
+    return {k: torch.stack([a[k] for a in per_unit]) for k in per_unit[0]}
 
 
 def unit_path(

@@ -29,6 +29,7 @@ from .verdict import (
     attainable_p,
     layer_evidence,
     no_evidence,
+    separation,
     unit_verdict,
 )
 
@@ -100,14 +101,22 @@ def leave_one_seed_out(
     full_outs = [o.outcome for o in full.layers]
     own = full.outcome
     assessable = _reachable(own, s - 1, len(names), settings)
+    # the references' separation does not depend on the FVs: computed once per layer
+    seps = []
+    for _, r, o in scores:
+        try:
+            seps.append(separation(r, o, settings))
+        except VerdictError:  # too few references: layer_evidence says so per subset
+            seps.append(None)
     own_agree = profile_agree = 0
     for j in range(s):
         keep = torch.tensor([i for i in range(s) if i != j])
         gen = torch.Generator().manual_seed(int(seed) + 7 + j)
         ev = []
-        for name, (f, r, o) in zip(names, scores):
+        for name, (f, r, o), sep in zip(names, scores, seps):
             try:
-                ev.append(layer_evidence(name, f[keep], r, o, n_layers=len(names), settings=settings, generator=gen))
+                ev.append(layer_evidence(name, f[keep], r, o, n_layers=len(names), settings=settings, generator=gen,
+                                         separated=sep))
             except VerdictError:
                 ev.append(no_evidence(name))
         outs = [x.outcome for x in unit_verdict(ev, settings=settings).layers]

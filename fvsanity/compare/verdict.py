@@ -37,9 +37,22 @@ distribution; the floor stays 2^-S); the confidence bounds are where the p cross
 margin, the rate of the claim is 4-5% at alpha = 0.05 (tests/test_verdict.py). The alternative
 ``VerdictSettings(natural_share=s)`` spends s alpha on a confidence bound of the natural side and
 runs the exact test at (1 - s) alpha: valid by the union bound whatever the distributions, but
-conservative (about 1% at the margin). A layer whose references are not more similar to each
-other than to unrelated images (one-sided Welch t of n_j vs o_k, level alpha) has no scale for
-theta and is "inconclusive" (:data:`REASON_NOT_SEPARATED`).
+conservative (about 1% at the margin).
+
+The gate (:func:`separation`, issue: a random ResNet-18 read "natural-like from conv1 on" with
+N - O = 0.017 at its own layer): theta divides by N - O, so before theta is used at a layer the
+references must separate from unrelated images by a gap that is (1) meaningful, a standardized
+gap d = (N - O) / s >= :data:`MIN_SEPARATION` (0.5; s the root mean variance of the per-image
+scores n_j, o_k), an effect size that does not shrink with more images, unlike the one-sided
+Welch t it replaces (which any gap passes with enough images); and (2) precisely known, z_{1-alpha}
+se(N - O) / (N - O) <= 1 - NATURAL_LIKE_MARGIN (0.2), se from the jackknife over references and
+other images (N and O both move with the sample of references; var(n_j) / m + var(o_k) / n was
+1.5-2.7x too small on the random ResNet-18). (2) is the gate's own power: it implies N > O at
+level alpha, bounds the denominator's share of theta's uncertainty (at theta = 1 the natural
+side alone cannot reach the natural-like margin), and says how many references would meet it.
+A layer that fails has no scale for theta: no estimate (NaN, null in JSON), no claim,
+"inconclusive" with the reason (:data:`REASON_NOT_SEPARATED` and the numbers). Both limits are
+settings (``VerdictSettings.min_separation``, ``separation_precision``).
 
 Claims (margins are settings, :class:`VerdictSettings`; defaults below):
 
@@ -111,6 +124,11 @@ __all__ = [
     "OUTCOMES",
     "SEEDS",
     "UNITS",
+    "MIN_SEPARATION",
+    "SEPARATION_PRECISION",
+    "REASON_NOT_SEPARATED",
+    "Separation",
+    "separation",
     "ActivationRange",
     "LayerEvidence",
     "LayerOutcome",
@@ -156,6 +174,22 @@ DIVERGE_MARGIN = 0.5
 #: whatever the distributions, but conservative (measured: about 1% instead of 5% at the margin,
 #: half the power on healthy units with 8 seeds).
 NATURAL_SHARE = 0.0
+#: the references' separation from unrelated images (:func:`separation`), a gate before the
+#: normalized similarity is used at a layer. Its smallest standardized gap d = (N - O) / s, s the
+#: root mean of the two groups' variances of per-image scores (n_j, o_k): 0.5, Cohen's "medium"
+#: effect. Below it the unit's natural images and unrelated images overlap so much (under
+#: normality a reference outscores an unrelated image in fewer than 64% of pairs) that one
+#: natural image of the unit itself spreads by more than 2 (1 / d) on the normalized scale: the
+#: 0-1 scale is finer than the natural images' own variation and its margins mean nothing.
+MIN_SEPARATION = 0.5
+#: the gap's largest relative uncertainty, z_{1-alpha} se(N - O) / (N - O) (``None``: 1 -
+#: natural_like_margin, i.e. 0.2). The denominator's (1 - alpha) uncertainty alone moves a
+#: normalized similarity theta by theta times this; at theta = 1 (a perfectly natural FV) by at
+#: most the distance to the natural-like margin, so a natural-like claim stays attainable and a
+#: claim is never made on a scale known only to within a factor.
+SEPARATION_PRECISION = None
+#: fewest references the gap's uncertainty can be measured with (the jackknife leaves one out)
+MIN_SEPARATION_REFERENCES = 3
 #: power for the "about N seeds would decide" estimate
 POWER = 0.8
 #: random sign patterns when there are too many to enumerate
@@ -177,7 +211,16 @@ SEEDS = "FV seeds"
 UNITS = "units"
 
 REASON_NO_DATA = "no {what}"
-REASON_NOT_SEPARATED = "references no more similar to each other than to unrelated images"
+REASON_NOT_SEPARATED = "references do not separate from unrelated images"
+REASON_SEP_FEW = (REASON_NOT_SEPARATED + " ({m} references, {n} other images: too few to measure the gap; "
+                  "needs >= {need_m} and >= 2)")
+REASON_SEP_NONE = REASON_NOT_SEPARATED + " (natural vs natural {nat:.3g} <= natural vs other {oth:.3g})"
+REASON_SEP_EFFECT = REASON_NOT_SEPARATED + " (standardized gap {d:.2f} < {dmin:g})"
+REASON_SEP_PRECISION = (REASON_NOT_SEPARATED + " precisely enough (gap {gap:.3g}, standard error {se:.2g}: relative "
+                        "uncertainty {prec:.2f} > {limit:g}; about {need} references would do)")
+REASON_SEP_PRECISION_OTHER = (REASON_NOT_SEPARATED + " precisely enough (gap {gap:.3g}, standard error {se:.2g}: "
+                              "relative uncertainty {prec:.2f} > {limit:g}; needs more other images)")
+
 REASON_FLOOR = "needs >= {need} {what} (smallest attainable p {floor:.3g} > alpha {alpha:g})"
 REASON_FLOOR_NEVER = "cannot reach alpha {alpha:g} with {n_perm} random sign patterns"
 REASON_NOT_SIGNIFICANT = "not significant (p {p:.3g}); about {need} {what} would decide"
@@ -212,6 +255,10 @@ class VerdictSettings:
         power: power assumed in the "about N would decide" estimate, in (0, 1).
         n_perm: random sign patterns when 2^n > ``exact_limit``.
         exact_limit: enumerate every sign pattern up to this many.
+        min_separation: smallest standardized gap (N - O) / s of the references over unrelated
+            images (:func:`separation`), >= 0.
+        separation_precision: largest relative uncertainty z_{1-alpha} se(N - O) / (N - O) of
+            the gap, in (0, 1]; None: 1 - natural_like_margin (see :attr:`precision_limit`).
     """
 
     alpha: float = ALPHA
@@ -221,6 +268,15 @@ class VerdictSettings:
     power: float = POWER
     n_perm: int = N_PERM
     exact_limit: int = SIGNFLIP_EXACT_LIMIT
+    min_separation: float = MIN_SEPARATION
+    separation_precision: float | None = SEPARATION_PRECISION
+
+    @property
+    def precision_limit(self) -> float:
+        """The gap's largest relative uncertainty: ``separation_precision``, or 1 -
+        natural_like_margin when that is None."""
+        sp = self.separation_precision
+        return sp if sp is not None else round(1 - self.natural_like_margin, 12)
 
     def __post_init__(self):
         if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 0.5):
@@ -241,6 +297,17 @@ class VerdictSettings:
             raise VerdictError(f"n_perm must be an int >= 1, got {self.n_perm!r}")
         if not (isinstance(self.exact_limit, int) and self.exact_limit >= 1):
             raise VerdictError(f"exact_limit must be an int >= 1, got {self.exact_limit!r}")
+        if not (isinstance(self.min_separation, (int, float)) and math.isfinite(self.min_separation)
+                and self.min_separation >= 0):
+            raise VerdictError(f"min_separation must be a finite number >= 0, got {self.min_separation!r}")
+        sp = self.separation_precision
+        if sp is not None and not (isinstance(sp, (int, float)) and 0 < sp <= 1):
+            raise VerdictError(f"separation_precision must be in (0, 1] or None, got {sp!r}")
+        if sp is None and not 0 < self.precision_limit <= 1:
+            raise VerdictError(
+                f"natural_like_margin {self.natural_like_margin!r} leaves no separation precision (1 - margin "
+                "must be in (0, 1]); set separation_precision"
+            )
 
     def to_json(self) -> dict:
         return {
@@ -251,6 +318,8 @@ class VerdictSettings:
             "power": self.power,
             "n_perm": self.n_perm,
             "exact_limit": self.exact_limit,
+            "min_separation": self.min_separation,
+            "separation_precision": self.precision_limit,
         }
 
 
@@ -463,8 +532,8 @@ def seed_scores(fv_ref, ref_ref, other_ref) -> dict:
         dict: ``f`` [S] per-seed similarity to R, ``n`` [m] leave-one-out reference scores,
         ``o`` [n] other-image scores, ``fv_vs_natural`` / ``natural_vs_natural`` /
         ``natural_vs_other`` (their means), ``theta`` [S] per-seed normalized similarity (NaN
-        where N - O is not positive), ``p_separation`` (one-sided Welch t p of N > O, used by
-        :func:`layer_evidence`).
+        where N - O is not positive), ``p_separation`` (one-sided Welch t p of N > O: descriptive
+        only; the gate is :func:`separation`, which asks for a meaningful, precise gap).
     """
     f = _vec(fv_ref, "fv_ref")
     n = _vec(ref_ref, "ref_ref", diag=True)
@@ -498,6 +567,153 @@ def _welch_greater(a: torch.Tensor, b: torch.Tensor) -> float:
 
     df = (va + vb) ** 2 / ((va**2 / (a.numel() - 1) if va else 0) + (vb**2 / (b.numel() - 1) if vb else 0))
     return float(stats.t.sf(diff / se, df))
+
+
+@dataclass(frozen=True)
+class Separation:
+    """Whether a layer's natural references separate from unrelated images (:func:`separation`).
+
+    Attributes:
+        separated: both criteria met; the normalized similarity may be used at this layer.
+        reason: why not ("" when separated), in the module's wording (starts with
+            :data:`REASON_NOT_SEPARATED`).
+        gap: N - O (natural_vs_natural - natural_vs_other); NaN without data.
+        se: its standard error (``method``); NaN where it cannot be computed.
+        lower: the gap's one-sided (1 - alpha) lower confidence bound, gap - z se.
+        effect: the standardized gap d = gap / s, s = sqrt((var(n_j) + var(o_k)) / 2) (inf when
+            neither group has spread and the gap is positive).
+        precision: the gap's relative uncertainty z se / gap (inf where gap <= 0).
+        min_effect, precision_limit: the criteria (:class:`VerdictSettings`).
+        m, n: references and other images.
+        method: ``"jackknife"`` (similarity matrices: delete-one over references and over other
+            images) or ``"independent"`` (score vectors: var(n_j) / m + var(o_k) / n).
+        references_needed: references that would bring the relative uncertainty to the limit
+            at the observed spread (None: not a question of references, or more other images
+            are needed).
+    """
+
+    separated: bool
+    reason: str
+    gap: float
+    se: float
+    lower: float
+    effect: float
+    precision: float
+    min_effect: float
+    precision_limit: float
+    m: int
+    n: int
+    method: str
+    references_needed: int | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "separated": self.separated, "reason": self.reason, "gap": _j(self.gap), "se": _j(self.se),
+            "lower": _j(self.lower), "effect": _j(self.effect), "precision": _j(self.precision),
+            "min_effect": self.min_effect, "precision_limit": self.precision_limit, "m": self.m, "n": self.n,
+            "method": self.method, "references_needed": self.references_needed,
+        }
+
+
+def _gap_jackknife(rr: torch.Tensor, orr: torch.Tensor) -> tuple[float, float]:
+    """Jackknife variance parts of N - O from the matrices ref_ref [m, m] (diagonal ignored) and
+    other_ref [n, m]: (from deleting each reference, from deleting each other image).
+
+    N is a U-statistic over reference pairs and O a mean over (other, reference) pairs, so both
+    move with the sample of references: var(n_j) / m + var(o_k) / n ignores that (measured on a
+    random ResNet-18, 1.5-2.7x too small a standard error). Deleting one reference j changes N to
+    (sum - row_j - col_j) / ((m - 1)(m - 2)) and O to (sum - col_j of other_ref) / (n (m - 1));
+    deleting one other image changes O only. Needs m >= 3, n >= 2 (closed forms, O(m^2 + nm))."""
+    m, n = rr.shape[0], orr.shape[0]
+    a = rr * (1 - torch.eye(m, dtype=rr.dtype))
+    sa, sb = a.sum(), orr.sum()
+    d_ref = (sa - a.sum(1) - a.sum(0)) / ((m - 1) * (m - 2)) - (sb - orr.sum(0)) / (n * (m - 1))
+    o_oth = (sb - orr.sum(1)) / ((n - 1) * m)
+    v_ref = (m - 1) / m * float(((d_ref - d_ref.mean()) ** 2).sum())
+    v_oth = (n - 1) / n * float(((o_oth - o_oth.mean()) ** 2).sum())
+    return v_ref, v_oth
+
+
+def separation(ref_ref, other_ref, settings: VerdictSettings | None = None) -> Separation:
+    """The gate before a layer's normalized similarity is used: do the unit's natural references
+    separate from unrelated images, by a meaningful and precisely known gap?
+
+    With n_j the references' leave-one-out scores (mean N) and o_k the other images' scores
+    (mean O), the gap is D = N - O, the denominator of theta = (F - O) / D. Separated iff
+
+    1. the gap is meaningful: D > 0 and the standardized gap d = D / s >= ``min_separation``
+       (default :data:`MIN_SEPARATION` = 0.5), s = sqrt((var(n_j) + var(o_k)) / 2). An effect
+       size, not a significance test: it does not shrink with the number of images, so a tiny
+       gap between heavily overlapping populations never passes, however many images there are;
+    2. the gap is precisely known: z_{1-alpha} se(D) / D <= ``precision_limit`` (default 1 -
+       natural_like_margin = 0.2), i.e. its one-sided (1 - alpha) lower bound is at least 80% of
+       the estimate. This is the test with its own power: it implies D > 0 at level alpha
+       (D / se >= z / 0.2 = 8.2 instead of a bare test's 1.64), it bounds the denominator's share of
+       theta's uncertainty (theta x 0.2 at 1 - alpha; theta = 1 cannot be carried across the
+       natural-like margin by the natural side alone), and a design that cannot meet it says so
+       with the references that would (``references_needed``).
+
+    se(D): the jackknife over references and over other images for similarity matrices (it
+    accounts for N being a U-statistic and for O depending on the same references; see
+    :func:`_gap_jackknife`), else var(n_j) / m + var(o_k) / n for independent score vectors.
+
+    Args:
+        ref_ref: [m, m] reference x reference similarities (diagonal ignored) or [m] scores n_j.
+        other_ref: [n, m] other x reference similarities, or [n] scores o_k.
+        settings: :class:`VerdictSettings` (alpha, min_separation, precision_limit).
+
+    Known answers: references at 1 and others at 0 without spread separate (d = inf, se 0); a
+    gap of 0.01 at spread 0.1 never does (d 0.1), with 10^5 images neither; no references: not
+    separated (the reason says how many are needed).
+    """
+    st = settings or VerdictSettings()
+    lim, dmin = st.precision_limit, st.min_separation
+    rr = torch.as_tensor(ref_ref, dtype=torch.float64).detach().cpu()
+    orr = torch.as_tensor(other_ref, dtype=torch.float64).detach().cpu()
+    matrix = rr.dim() == 2
+    nj, ok = _vec(rr, "ref_ref", diag=True), _vec(orr, "other_ref")
+    m = rr.shape[0] if matrix else nj.numel()
+    n = ok.numel()
+    need_m = MIN_SEPARATION_REFERENCES if matrix else 2
+    nan = math.nan
+
+    def out(sep, reason, gap=nan, se=nan, effect=nan, prec=math.inf, needed=None):
+        lower = gap - _z(st.alpha) * se if math.isfinite(gap) and math.isfinite(se) else nan
+        return Separation(sep, reason, gap, se, lower, effect, prec, dmin, lim, m, n,
+                          "jackknife" if matrix else "independent", needed)
+
+    if matrix and orr.dim() == 2 and orr.shape[1] != m:
+        raise VerdictError(f"other_ref must be [n, m={m}], got {tuple(orr.shape)}")
+    if m < need_m or n < 2:
+        return out(False, REASON_SEP_FEW.format(m=m, n=n, need_m=need_m))
+    if not (torch.isfinite(nj).all() and torch.isfinite(ok).all()):
+        raise VerdictError("separation: non-finite similarities")
+    nat, oth = float(nj.mean()), float(ok.mean())
+    gap = nat - oth
+    var_n, var_o = float(nj.var()), float(ok.var())
+    s = math.sqrt((var_n + var_o) / 2)
+    if matrix and orr.dim() == 2:
+        v_ref, v_oth = _gap_jackknife(rr, orr)
+    else:
+        v_ref, v_oth = var_n / m, var_o / n
+    se = math.sqrt(max(v_ref + v_oth, 0.0))
+    if not gap > 0:
+        return out(False, REASON_SEP_NONE.format(nat=nat, oth=oth), gap, se, (gap / s) if s > 0 else 0.0)
+    effect = gap / s if s > 0 else math.inf
+    z = _z(st.alpha)
+    prec = z * se / gap
+    if effect < dmin:
+        return out(False, REASON_SEP_EFFECT.format(d=effect, dmin=dmin), gap, se, effect, prec)
+    if prec > lim:
+        room = (lim * gap / z) ** 2 - v_oth  # variance the references may still contribute
+        if room <= 0 or v_ref <= 0:
+            return out(False, REASON_SEP_PRECISION_OTHER.format(gap=gap, se=se, prec=prec, limit=lim),
+                       gap, se, effect, prec)
+        need = max(m + 1, math.ceil(m * v_ref / room - 1e-9))
+        reason = REASON_SEP_PRECISION.format(gap=gap, se=se, prec=prec, limit=lim,
+                                             need=need if need <= MAX_NEEDED else f"more than {MAX_NEEDED}")
+        return out(False, reason, gap, se, effect, prec, need if need <= MAX_NEEDED else None)
+    return out(True, "", gap, se, effect, prec)
 
 
 def _z(p: float) -> float:
@@ -575,10 +791,12 @@ class LayerEvidence:
             units); claims compare p / (1 - natural_share) with alpha.
         exact: every sign pattern enumerated.
         spread_sd, spread_min, spread_max: of the replicates' normalized similarities.
-        separated: the natural references are more similar to each other than to unrelated
-            images (always True across units).
+        separated: the natural references separate from unrelated images
+            (:func:`separation`; always True across units). Where not, n = 0 and the estimate is
+            NaN: the normalized similarity has no scale there.
         fv_vs_natural, natural_vs_natural, natural_vs_other: the layer's means (NaN across units).
         replicates: the per-replicate normalized similarities [n].
+        separation: the :class:`Separation` behind ``separated`` (None across units).
     """
 
     name: str
@@ -600,6 +818,7 @@ class LayerEvidence:
     natural_vs_natural: float = math.nan
     natural_vs_other: float = math.nan
     replicates: tuple[float, ...] = ()
+    separation: Separation | None = None
 
     def to_json(self) -> dict:
         return {
@@ -611,6 +830,7 @@ class LayerEvidence:
             "separated": self.separated, "fv_vs_natural": _j(self.fv_vs_natural),
             "natural_vs_natural": _j(self.natural_vs_natural), "natural_vs_other": _j(self.natural_vs_other),
             "replicates": [_j(v) for v in self.replicates],
+            "separation": self.separation.to_json() if self.separation is not None else None,
         }
 
 
@@ -709,6 +929,7 @@ def layer_evidence(
     n_layers: int = 1,
     settings: VerdictSettings | None = None,
     generator: torch.Generator | None = None,
+    separated: Separation | None = None,
 ) -> LayerEvidence:
     """One layer of one unit, FV seeds as replicates (shapes: module docstring).
 
@@ -718,25 +939,28 @@ def layer_evidence(
     s > 0 instead: the threshold at the natural side's (1 - s alpha) confidence bound (for the
     diverges claims s alpha / ``n_layers``, the Holm family) and the exact test at (1 - s) alpha.
 
-    The references must separate from the unrelated images (one-sided Welch t of the
-    leave-one-out reference scores against the other-image scores at level alpha); else the
-    layer has no normalized scale: ``separated=False``, n = 0 (inconclusive).
+    The references must separate from the unrelated images (:func:`separation`: a standardized
+    gap of at least ``settings.min_separation``, known to within ``settings.precision_limit``);
+    else the layer has no normalized scale: ``separated=False``, n = 0, the estimate NaN
+    (inconclusive, with the separation's reason).
 
     Args:
         name: the layer's name.
         fv_ref: [S] or [S, m]; ref_ref: [m] or [m, m]; other_ref: [n] or [n, m].
         n_layers: layers on the unit's path (the diverges claims' Holm family).
+        separated: the layer's :func:`separation` if already computed for these ``ref_ref`` and
+            ``other_ref`` (it does not depend on the FVs; leave-one-seed-out reuses it).
     """
     st = settings or VerdictSettings()
     sc = seed_scores(fv_ref, ref_ref, other_ref)
     nat, oth = sc["natural_vs_natural"], sc["natural_vs_other"]
-    separated = bool(sc["p_separation"] <= st.alpha) and nat > oth
+    sep = separated if separated is not None else separation(ref_ref, other_ref, st)
     extra = {k: sc[k] for k in ("fv_vs_natural", "natural_vs_natural", "natural_vs_other")}
-    extra["separated"] = separated
-    if not separated:
-        est = (extra["fv_vs_natural"] - oth) / (nat - oth) if nat > oth else math.nan
+    extra["separated"] = sep.separated
+    extra["separation"] = sep
+    if not sep.separated:  # no scale: no normalized number, no claim
         return _evidence(name, torch.empty(0, dtype=torch.float64), _Threshold(), st.natural_share, n_layers,
-                         SEEDS, st, generator, estimate=est, **extra)
+                         SEEDS, st, generator, estimate=math.nan, **extra)
     m, k = sc["n"].numel(), sc["o"].numel()
     thr = _Threshold(oth, nat - oth, float(sc["n"].var()) / m, float(sc["o"].var()) / k)
     return _evidence(name, sc["f"], thr, st.natural_share, n_layers, SEEDS, st, generator, **extra)
@@ -818,8 +1042,10 @@ def decide_layers(evidence: Sequence[LayerEvidence], settings: VerdictSettings |
             outcome = NATURAL_LIKE
         elif div_adj[i] <= a:
             outcome = DIVERGES
+        elif e.n == 0 and not e.separated:
+            reason = e.separation.reason if e.separation is not None and e.separation.reason else REASON_NOT_SEPARATED
         elif e.n == 0:
-            reason = REASON_NOT_SEPARATED if not e.separated else REASON_NO_DATA.format(what=e.replicate)
+            reason = REASON_NO_DATA.format(what=e.replicate)
         elif p_nat[i] / (1 - e.natural_share) <= a:
             reason = REASON_LATER_LAYER.format(p=p_nat[i] / (1 - e.natural_share))
         else:

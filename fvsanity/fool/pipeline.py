@@ -660,8 +660,10 @@ def _flag_units(c_ref, c_test) -> tuple[bool, list[dict]]:
     for uo, um in zip(c_ref.units, c_test.units):
         ref_out = {r.name: r.outcome for r in uo.layers}
         new_div = [r.name for r in um.layers if r.outcome == DIVERGES and ref_out.get(r.name) != DIVERGES]
-        norm_o = uo.layers[-1].normalized if uo.layers else float("nan")
-        norm_m = um.layers[-1].normalized if um.layers else float("nan")
+        # null where the normalized similarity has no scale (references that do not separate, too
+        # few references: verdict.separation), as in check.json
+        norm_o = _finite(uo.layers[-1].normalized) if uo.layers else None
+        norm_m = _finite(um.layers[-1].normalized) if um.layers else None
         unsound = [v.status for v in (uo.verdict, um.verdict) if not v.sufficient]
         if unsound:  # too few natural references: no claim either way
             flag, decision, why = None, INCONCLUSIVE, unsound[:1]
@@ -679,15 +681,22 @@ def _flag_units(c_ref, c_test) -> tuple[bool, list[dict]]:
             "why": why,
             "own_layer_outcome": {"original": uo.verdict.outcome, "manipulated": um.verdict.outcome},
             "own_layer_normalized": {"original": norm_o, "manipulated": norm_m},
-            "own_layer_ci": {"original": [uo.layers[-1].ci_low, uo.layers[-1].ci_high] if uo.layers else None,
-                             "manipulated": [um.layers[-1].ci_low, um.layers[-1].ci_high] if um.layers else None},
-            "original": {"verdict": uo.verdict.to_json(), "normalized": [r.normalized for r in uo.layers],
+            "own_layer_ci": {"original": [_finite(uo.layers[-1].ci_low), _finite(uo.layers[-1].ci_high)]
+                             if uo.layers else None,
+                             "manipulated": [_finite(um.layers[-1].ci_low), _finite(um.layers[-1].ci_high)]
+                             if um.layers else None},
+            "original": {"verdict": uo.verdict.to_json(), "normalized": [_finite(r.normalized) for r in uo.layers],
                          "outcomes": [r.outcome for r in uo.layers]},
-            "manipulated": {"verdict": um.verdict.to_json(), "normalized": [r.normalized for r in um.layers],
+            "manipulated": {"verdict": um.verdict.to_json(), "normalized": [_finite(r.normalized) for r in um.layers],
                             "outcomes": [r.outcome for r in um.layers]},
             "layers": [r.name for r in um.layers],
         })
     return flagged_any, per_unit
+
+
+def _finite(v: float) -> float | None:
+    """A JSON-safe number: NaN / inf (e.g. a withheld normalized similarity) -> None."""
+    return float(v) if v == v and abs(v) != float("inf") else None
 
 
 def _counts_text(c: dict) -> str:
