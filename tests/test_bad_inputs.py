@@ -346,9 +346,10 @@ def test_render_settings_memory_estimate_refuses_what_does_not_fit():
     from fvsanity.generate import RenderSettings
 
     s = RenderSettings(steps=10)
-    assert s.check_memory(2, (32, 32), available=10**9) == 2 * 12288 + 2 * 40 + 2 * 12288 * 8
+    # results of 2 FVs + one batch of the fixed FV compute width (8 on the CPU) x 8 canvases
+    assert s.check_memory(2, (32, 32), available=10**9) == 2 * 12288 + 2 * 40 + 8 * 12288 * 8
     with pytest.raises(SettingError, match=r"^size 4096x4096 px is too large for 100 FV\(s\) x 1 image\(s\) each: "
-                                           r"about 114\.8 GiB of memory needed, 1\.0 GiB available"):
+                                           r"about 30\.8 GiB of memory needed, 1\.0 GiB available"):
         s.check_memory(100, (4096, 4096), available=2**30)
 
 
