@@ -26,7 +26,7 @@ def images(tmp_path):
 @pytest.fixture
 def tiny():
     """The tiny test model with the toy model's 10 classes: the procedural folders' names are its
-    classes (folder names are matched to the model's class names, issue 10)."""
+    classes (folder names are matched to the model's class names)."""
     from fvsanity.testing import tiny_model
 
     lm = tiny_model(num_classes=10)
@@ -96,7 +96,7 @@ def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
     assert all(f"| {u} |" in md for u in UNITS)
     # the descriptive permutation p's floor is still available
     assert A.min_holm_p(2, 10, 4, 40) == pytest.approx(4 / 66)
-    # 2 FV seeds: the verdict's smallest attainable p is 1/4 > 0.05, said so in its wording (issue 12)
+    # 2 FV seeds: the verdict's smallest attainable p is 1/4 > 0.05, said so in its wording
     assert audit["notes"] == ["with 2 FV seed(s) per unit every layer is inconclusive: needs >= 5 FV seeds "
                               "(smallest attainable p 0.25 > alpha 0.05); raise --seeds"]
     assert all(x["outcome"] == "inconclusive" and (x["needed"] is None or x["needed"] >= 5)

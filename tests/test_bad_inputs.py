@@ -1,4 +1,4 @@
-"""A bad-input corpus for image folders and unit strings (issue 10, item 9), made by the tests:
+"""A bad-input corpus for image folders and unit strings, made by the tests:
 every file is generated in tmp_path (no committed binaries). Each bad input is either decoded
 correctly, counted and listed as unreadable with a warning, or refused with a one-line error;
 never a traceback."""

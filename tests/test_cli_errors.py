@@ -82,7 +82,7 @@ def test_missing_image_folder(tmp_path, capsys):
 def test_folder_of_corrupt_images(tmp_path, previous, capsys):
     out, snap = previous
     bad = tmp_path / "corrupt"
-    for c in ("disc", "ring"):  # toy class names: class folders are matched to the model's classes (issue 10)
+    for c in ("disc", "ring"):  # toy class names: class folders are matched to the model's classes
         (bad / c).mkdir(parents=True)
         for i in range(3):
             (bad / c / f"{i}.jpg").write_bytes(b"\xff\xd8 this is not a jpeg " + bytes([i]) * 50)
@@ -126,7 +126,7 @@ def test_mixed_settings_refused(previous, images, capsys):
 def test_interrupted_run_resumes(tmp_path, images, monkeypatch, capsys):
     out = tmp_path / "run"
     # 8 FV seeds: a design where both claims of the verdict can reach significance over the toy
-    # model's paths (no design note on stderr; issue 12: the seeds are the replicates)
+    # model's paths (no design note on stderr; the seeds are the replicates)
     argv = ["audit", *TOY, "--units", "fc:1,fc:2,block4:3", "--images", str(images), "--out", str(out), *FAST,
             "--seeds", "8", "--n-other", "25"]
     real = A.audit_unit

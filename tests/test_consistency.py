@@ -158,7 +158,7 @@ def test_class_unit_without_class_images_is_insufficient(tiny, tmp_path):
         res = path_check(tiny, ["fc:0", "fc:1"], fv, natural, **SETTINGS)
     no_class, ok = res.units
     assert no_class.status == "insufficient references: 0 image(s) of class 0 (c0) in the natural images; top-3 exemplars only"
-    # issue 12: no claim either way; every layer "inconclusive" with the status as its reason
+    # no claim either way; every layer "inconclusive" with the status as its reason
     assert no_class.verdict.outcome == INCONCLUSIVE and no_class.n_class_images == 0
     assert no_class.verdict.label == f"inconclusive at its own layer ({no_class.status}); natural-like at no layer"
     assert all(r.outcome == INCONCLUSIVE and r.reason == no_class.status for r in no_class.layers)

@@ -120,7 +120,7 @@ def test_imagenet_samples_layout_uses_imagenet_indices(tmp_path):
     assert sorted(nat.labels.tolist()) == [0, 1, 999]
     assert nat.class_names[999] == "toilet_tissue"
     # non-ImageNet wnids: no class index can be verified without a model: unlabelled, with a warning
-    # (before issue 10 they got their position among the folder's sorted wnids)
+    # (formerly they got their position among the folder's sorted wnids)
     other = tmp_path / "other"
     for w in ("n99999992", "n99999991"):
         _img(other / f"{w}_thing.jpg", (0, 0, 0))

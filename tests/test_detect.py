@@ -1,4 +1,4 @@
-"""The manipulation-detection benchmark (issue 12, item 3): ROC utilities with known answers, the
+"""The manipulation-detection benchmark: ROC utilities with known answers, the
 signals, the combined score, and the experiment's smoke run (every registered method joins)."""
 
 from __future__ import annotations

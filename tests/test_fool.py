@@ -453,7 +453,7 @@ def test_pipeline_smoke_on_tiny_model(tmp_path, monkeypatch):
     for u in chk["units"]:  # 16 images of 5 classes: too few references is reported, never a flag
         unsound = [v["verdict"]["status"] for v in (u["original"], u["manipulated"]) if v["verdict"]["status"] != "ok"]
         assert not unsound or (u["flagged"] is None and u["why"] == unsound[:1])
-        # issue 12: only "diverges" evidence flags; "inconclusive" is neither flagged nor cleared
+        # only "diverges" evidence flags; "inconclusive" is neither flagged nor cleared
         assert u["decision"] == {True: "flagged", False: "cleared", None: "inconclusive"}[u["flagged"]]
         assert (u["flagged"] is True) == any(m == "diverges" and o != "diverges" for m, o in
                                              zip(u["manipulated"]["outcomes"], u["original"]["outcomes"]))

@@ -1,4 +1,4 @@
-"""Manipulation methods as plug-ins (issue 11): a method registered from this test file runs
+"""Manipulation methods as plug-ins: a method registered from this test file runs
 through ``fvsanity fool --method``; the run's steps, ``eval_units=``, settings from dataclasses,
 and manipulated models loading through the model registry's loader hook."""
 

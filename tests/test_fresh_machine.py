@@ -1,4 +1,4 @@
-"""The real default model on a fresh machine (issue 10, item 10, and the default-image part of item 1).
+"""The real default model on a fresh machine.
 
 The CIFAR-10 ResNet-20 weights and 100 CIFAR-10 test images per class ship as package data
 (``fvsanity/assets``), looked up after ``$FVSANITY_DATA`` and the user cache and before any
@@ -130,7 +130,7 @@ def test_default_images_for_cifar_models_and_unknown_class_sets(bare):
     lm = load_model("cifar10-resnet56", pretrained=False)
     assert defaults.default_images(lm, stream=io.StringIO()) == ASSETS / "cifar10-test"
     timm_lm = load_model("timm:resnet10t", pretrained=False)
-    # a 1000-class timm model is named with ImageNet's classes (issue 11): not CIFAR-10's
+    # a 1000-class timm model is named with ImageNet's classes: not CIFAR-10's
     with pytest.raises(DataError, match=r"required for timm:resnet10t: .*1000 classes \(tench, goldfish, ...\) are not"):
         defaults.default_images(timm_lm)
     timm_lm.class_names = []  # a model whose classes are unknown

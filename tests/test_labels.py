@@ -1,4 +1,4 @@
-"""Labels through the model (issue 10, item 1): folder and CSV class names are matched to the
+"""Labels through the model: folder and CSV class names are matched to the
 model's ``class_names`` (WordNet lemmas for ImageNet-1k), never labelled by folder position."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_imagenet_class_name_folders_get_the_models_indices(tmp_path, squeeze):
     want = {"beagle": cats.index("beagle"), "koala": cats.index("koala"), "tractor": cats.index("tractor")}
     assert want == {"beagle": 162, "koala": 105, "tractor": 866}  # torchvision's category list
     nat = load_images(_folders(tmp_path / "imgs", ["beagle", "koala", "tractor"]), squeeze)
-    # before issue 10: 0, 0, 1, 1, 2, 2 (position among the sorted folder names)
+    # formerly: 0, 0, 1, 1, 2, 2 (position among the sorted folder names)
     assert nat.labels.tolist() == [162, 162, 105, 105, 866, 866]
     assert nat.indices_of_class(162).tolist() == [0, 1]
     assert nat.class_names == tuple(squeeze.class_names) and nat.class_names[162] == "beagle"

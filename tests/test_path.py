@@ -100,8 +100,8 @@ def test_layer_stats_uses_the_shared_permutation_test():
 
 def test_verdict_withheld_for_insufficient_references():
     """Too few references: the curves are kept, the normalized similarity is not (no scale of the
-    unit's own: NaN / null), every layer is "inconclusive" with the status as its reason (issue 12:
-    never "diverges" for lack of evidence)."""
+    unit's own: NaN / null), every layer is "inconclusive" with the status as its reason
+    (never "diverges" for lack of evidence)."""
     w = _class_world()
     why = "insufficient references: 1 natural reference image(s), need >= 2"
     res, v = compare_path(w["same"], w["natural"], w["other"], n_boot=0, n_perm=100, status=why)
@@ -320,7 +320,7 @@ def _folder(tmp_path, classes=3, per=8, size=32):
     g = torch.Generator().manual_seed(0)
     root = tmp_path / "imgs"
     for c in range(classes):
-        name = CIFAR_CLASSES[c]  # class folders are matched to the model's class names (issue 10)
+        name = CIFAR_CLASSES[c]  # class folders are matched to the model's class names
         (root / name).mkdir(parents=True)
         for i in range(per):
             arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()

@@ -1,4 +1,4 @@
-"""Issue 11, comparator side: a one-way pipeline and plug-in seams.
+"""Comparator side: a one-way pipeline and plug-in seams.
 
 Units are resolved once and handed down; the natural-image pass is computed once per (model
 fingerprint, images, layers), cached without the unit list and handed down; settings objects
@@ -201,7 +201,7 @@ def test_path_profiles_are_numbers_without_matplotlib():
          "layers": [lay("a", 0.4, 0.6, 0.2, "natural-like"), lay("b", 0.7, 0.8, 0.2, "natural-like")]}]}
     panels = path_profiles(doc, mode="panels")
     assert panels.mode == "panels" and len(panels.panels) == 2
-    # a cross marks the layer whose outcome is "diverges" (issue 12; no longer "not above baseline")
+    # a cross marks the layer whose outcome is "diverges" (no longer "not above baseline")
     assert panels.panels[0].curves[0][3] == [0.2, 0.5] and panels.panels[0].crosses == ((0, 0.2),)
     assert panels.panels[1].crosses == ()
     mean = path_profiles(doc, mode="mean")

@@ -1,4 +1,4 @@
-"""One registry convention for every plug-in family (issue 11): each family is a
+"""One registry convention for every plug-in family: each family is a
 :class:`fvsanity.registry.Registry`, and the CLI's choices are generated from it (registering a
 toy entry from a test adds it to the choices; removing it takes it out again)."""
 

@@ -139,7 +139,7 @@ def test_tables_hold_every_unit_and_verdict(tmp_path):
     audit = synthetic_audit(tmp_path)
     rows = unit_rows(audit)
     assert [r["unit"] for r in rows] == ["fc:1", "fc:7", "relu3:5"]
-    # the verdict column: the outcome at the unit's own layer, inconclusive with its reason (issue 12)
+    # the verdict column: the outcome at the unit's own layer, inconclusive with its reason
     assert [r["verdict"] for r in rows] == ["natural-like", f"inconclusive ({OWN_REASON})", "diverges"]
     assert [r["counts"] for r in rows] == ["3/0/0", "1/1/1", "0/2/0"]  # natural-like/diverges/inconclusive
     assert [r["act_range"] for r in rows] == ["2.00x"] * 3 and rows[0]["spread"] == "0.05"

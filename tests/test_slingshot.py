@@ -1,4 +1,4 @@
-"""Gradient slingshots (issue 13): a weight-only manipulation, its losses, its saved plain state
+"""Gradient slingshots: a weight-only manipulation, its losses, its saved plain state
 dict, the CLI, the evaluation's metrics (SSIM, AUROC, Jaccard) and the exemplar-agreement signal."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Three-way splits (fvsanity.splits) and their use by the fooling experiments (issue 10, item 8)."""
+"""Three-way splits (fvsanity.splits) and their use by the fooling experiments."""
 
 from __future__ import annotations
 

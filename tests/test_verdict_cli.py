@@ -1,4 +1,4 @@
-"""The three-way verdict (issue 12) through the CLI: ``fvsanity check`` prints and writes per-layer
+"""The three-way verdict through the CLI: ``fvsanity check`` prints and writes per-layer
 outcomes with reasons, ``fvsanity audit`` tables count them per layer."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Weights are loaded strictly or refused (issue 10, items 2 and 9).
+"""Weights are loaded strictly or refused.
 
 Every weights file here is made by the test (no committed binaries): missing / unexpected /
 other-shaped keys, NaN and inf, a pickle that runs code, a truncated safetensors file, files that

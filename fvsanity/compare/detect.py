@@ -1,6 +1,6 @@
 """Detecting manipulated feature visualizations: per-unit signals, a calibrated score, ROC numbers.
 
-Issue 12, item 3. Everything here uses only what an *auditor* has: the model as a function
+Everything here uses only what an *auditor* has: the model as a function
 (forward passes, hookable layers), the unit's FVs rendered on that model, and natural images.
 Never the original weights, the list of added modules or the manipulation's settings: a healthy
 unit is measured on the original model, a manipulated one on the manipulated model, by the same

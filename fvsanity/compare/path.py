@@ -26,7 +26,7 @@ over all relabellings, when there are at most ``max(n_perm, stats.EXACT_LIMIT = 
 e.g. up to 2 FVs among ~600 items; else Monte Carlo, p = (1 + k) / (1 + n_perm)). The permutation p
 (Holm across the layers of a unit) is descriptive only: it is not the verdict.
 
-Verdict (:mod:`fvsanity.compare.verdict`, issue 12): per layer one of three outcomes,
+Verdict (:mod:`fvsanity.compare.verdict`): per layer one of three outcomes,
 "natural-like", "diverges" or "inconclusive" (with its reason: the smallest attainable p and the
 FV seeds needed, references that do not separate, an estimate between the margins, or a test
 that is not significant), each claim with its own sign-flip test over the FV seeds (the unit of

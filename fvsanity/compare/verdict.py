@@ -1,6 +1,6 @@
 """The verdict as evidence: three outcomes per layer, each claim with its own test and power.
 
-Why (issue 12): a layer used to read "diverges" whenever FV-vs-natural similarity was not
+Why: a layer used to read "diverges" whenever FV-vs-natural similarity was not
 significantly above the unrelated-image baseline, so absence of evidence (one FV seed, Holm over
 12 layers: the smallest attainable p is above alpha) was reported as divergence. Here every
 outcome is a claim with its own evidence, and a design that cannot reach significance says so.

@@ -547,7 +547,7 @@ def summarize_fool(lm: LoadedModel, fooled: LoadedModel, settings: FoolSettings,
         "check_flags_manipulation": check["flags_manipulation"] if check else None,
         "check_flagged_fraction": check.get("flagged_fraction") if check else None,
         "check_control_flagged_fraction": check["control"]["flagged_fraction"] if check and "control" in check else None,
-        # issue 12: flagged only on "diverges" evidence; inconclusive units counted separately
+        # flagged only on "diverges" evidence; inconclusive units counted separately
         "check_decisions": check.get("decisions") if check else None,
         "check_control_decisions": check["control"].get("decisions") if check and "control" in check else None,
         **method_summary,

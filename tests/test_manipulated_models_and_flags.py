@@ -1,4 +1,4 @@
-"""Issue 10 follow-ups found while merging: saved manipulated models load strictly, ``check``
+"""Follow-ups found while merging: saved manipulated models load strictly, ``check``
 seeds random weights by ``--seed``, ``check`` refuses the CIFAR default images for other models,
 a render's wall time is not part of its settings hash, and audit.json records the model's
 structured provenance (the last is covered in tests/test_weights.py)."""
@@ -90,7 +90,7 @@ def test_settings_hash_ignores_wall_time():
 
 def test_closed_loop_gives_no_flag_without_enough_references():
     """A unit whose path check lacks references gets flagged=None and is left out of the fractions;
-    issue 12: only "diverges" evidence flags, "inconclusive" is neither flagged nor cleared."""
+    Only "diverges" evidence flags, "inconclusive" is neither flagged nor cleared."""
     from types import SimpleNamespace as NS
 
     from fvsanity.fool.pipeline import _decision_counts, _flag_units, _flagged_fraction
