@@ -6,6 +6,7 @@ Specs:
     ``inceptionv1``                              lucent's InceptionV1 (GoogLeNet as in Lucid)
     ``googlenet``, ``resnet50``, ...             any torchvision classification model
     ``timm:convnext_tiny``                       any timm model
+    ``my_pkg.models:build``, ``file.py:build``   your own model from a factory (``models.custom``)
     ``toy-procedural``                           a small CNN fvsanity trains itself (offline fallback)
 
 ``weights=FILE`` always works offline (state dict via ``weights_only=True``, or safetensors) and
@@ -61,6 +62,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "CIFAR10_CLASSES",
     "check_state_dict",
+    "wrap",
 ]
 
 DEFAULT_MODEL = "cifar10-resnet20"
@@ -777,9 +779,10 @@ def load_model(
     """Load a model by name, ready for fvsanity.
 
     Args:
-        spec: registry name (see module doc), a torchvision name, ``timm:NAME``, or the ``model/``
+        spec: registry name (see module doc), a torchvision name, ``timm:NAME``, the ``model/``
             folder ``fvsanity fool`` wrote (a manipulated model; ``manipulated.json`` inside; loaded
-            by the loader ``fvsanity.fool`` registers with :func:`register_loader`).
+            by the loader ``fvsanity.fool`` registers with :func:`register_loader`), or a factory
+            ``path/to/file.py:NAME`` / ``dotted.module:NAME`` (see :mod:`fvsanity.models.custom`).
         weights: a local state dict file (``.pt``/``.pth``/``.th`` via ``weights_only=True``, or
             ``.safetensors``); overrides the named model's own weights. Loaded strictly: missing,
             unexpected or other-shaped keys and NaN/inf values are a one-line
@@ -816,6 +819,8 @@ def load_model(
             lm = _REGISTRY[spec](pretrained=own)
         elif spec.startswith("timm:"):
             lm = _timm(spec[5:], own)
+        elif custom.is_factory_spec(spec):  # my_pkg.models:build, path/to/file.py:build
+            lm = custom.load_factory(spec, pretrained=own)
         else:
             lm = _torchvision(spec, own)
     if weights is not None:
@@ -840,3 +845,11 @@ def load_model(
     if device is not None:
         lm.to(device)
     return lm
+
+
+# your own nn.Module (wrap) and factory specs: custom.py gets LoadedModel handed over instead of
+# importing this package (which imports it), so the import graph stays acyclic
+from . import custom  # noqa: E402
+
+custom.bind(LoadedModel, prepare_model)
+wrap = custom.wrap
