@@ -31,7 +31,7 @@ folder ``units/.<id>~<host>~<pid>~*`` is renamed into place when complete, and o
 dead processes of the same host are ever removed), and rank 0 merges every unit into the report
 after the last one is done. :func:`merge_audit` (``audit --merge OUT``) does that merge alone.
 
-Public API: :class:`AuditConfig`, :func:`run_audit` -> :class:`AuditResult`, the four steps
+Public API: :class:`AuditSettings`, :func:`run_audit` -> :class:`AuditResult`, the four steps
 above, :func:`merge_audit`, :func:`load_audit`, :func:`select_units`, :func:`unit_id`.
 """
 
@@ -45,15 +45,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import FVSanityError
+from .checking import CheckSettings, unit_circuits
+from .errors import FVSanityError, SettingError
+from .settings import setting
 
 __all__ = [
-    "AuditConfig",
+    "AuditSettings",
     "AuditResult",
     "FORMAT",
     "run_audit",
@@ -85,81 +87,63 @@ class MixedRunError(FVSanityError):
 
 # ------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
-class AuditConfig:
-    """Everything that determines an audit's numbers (besides the model and the images).
+class AuditSettings(CheckSettings):
+    """Everything that determines an audit's numbers (besides the model and the images): a
+    check's settings (:class:`~fvsanity.checking.CheckSettings`: ``seed``, ``seeds``, ``render``,
+    ``path``, ``circuits``) and how the FVs are batched or where they come from.
 
     Attributes:
-        steps, seeds, size, lr, param, transforms, diversity: FV generation (see
-            :func:`fvsanity.generate.render`); ``seeds`` is the number of FVs per unit, the
-            verdict's replicates (fewer than 5: every layer "inconclusive", see
-            :func:`design_notes`).
-        seed: base seed (FV seeds are ``seed .. seed + seeds - 1``; statistics are seeded per
-            unit from it and the unit's name).
-        metric, top_k, n_other, use_class_images, n_boot, n_perm, alpha, confidence,
-        paired_metrics: the path-similarity check (:func:`fvsanity.compare.path.path_check`).
-        circuits: also compare FV vs natural circuits (edge attribution; slower).
-        circuit_kwargs: options for the circuit comparison.
-        fv_batch_units: units optimized together in one render call.
-        batch_size: images per forward pass for activations.
+        fv_batch_units: units optimized together in one render call (no effect on the numbers).
         fv_source: a ``visualize`` output folder whose FVs are reused instead of generating.
+
+    ``AuditSettings.of(steps=64, seeds=5, top_k=3)`` sets fields by plain name; :meth:`to_json`
+    is the flat record in ``run.json`` (read back by :func:`merge_audit`).
     """
 
-    steps: int = 512
-    seeds: int = 5
-    size: int | None = None
-    lr: float = 0.05
-    param: str = "fft"
-    transforms: str = "standard"
-    diversity: float = 0.0
-    seed: int = 0
-    metric: str = "spearman"
-    top_k: int = 10
-    n_other: int = 200
-    use_class_images: bool = True
-    n_boot: int = 1000
-    n_perm: int = 1000
-    alpha: float = 0.05
-    confidence: float = 0.95
-    paired_metrics: tuple[str, ...] = ("cka", "rsa")
-    circuits: bool = False
-    circuit_kwargs: dict = field(default_factory=dict)
-    fv_batch_units: int = 8
-    batch_size: int = 64
+    fv_batch_units: int = setting(8, flag="--fv-batch", bounds=(1, None), help="units optimized together per batch")
     fv_source: str | None = None
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.path.layers is not None:
+            raise SettingError("layers", "is not an audit setting: an audit compares each unit along its own block "
+                               "path (use `fvsanity check --layers`)")
+
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["paired_metrics"] = list(self.paired_metrics)
-        return d
+        from .settings import flat_json
+
+        return flat_json(self)
 
     def path_settings(self):
         """The per-unit :class:`~fvsanity.compare.path.PathCheckSettings` of this audit (the paired
         design across units is computed in :func:`finalize`, from every unit's means)."""
-        from .compare.path import PathCheckSettings
+        import dataclasses
 
-        return PathCheckSettings(
-            metric=self.metric, top_k=self.top_k, n_other=self.n_other, use_class_images=self.use_class_images,
-            n_boot=self.n_boot, n_perm=self.n_perm, alpha=self.alpha, confidence=self.confidence,
-            paired_metrics=(), seed=self.seed, batch_size=self.batch_size,
-        )
+        per_unit, _ = self.design()
+        return dataclasses.replace(self.path, metric=per_unit, paired_metrics=())
+
+    @property
+    def paired_metrics(self) -> tuple[str, ...]:
+        """The paired-design metrics across units (:meth:`~fvsanity.checking.CheckSettings.design`)."""
+        return self.design()[1]
 
 
-def fv_settings(cfg: AuditConfig, lm) -> dict:
+def fv_settings(cfg: AuditSettings, lm) -> dict:
     """The settings that determine the FVs (hashed with the generator's ``settings_hash``); the
     compute dtype only when not float32 (bf16 autocast, automatic on this device)."""
     from .generate import dtype_settings
     from .generate.render import fv_batch_width
 
-    hw = list(lm.input_size) if cfg.size is None else [cfg.size, cfg.size]
+    hw = list(lm.input_size) if cfg.render.size is None else [cfg.render.size, cfg.render.size]
     return {
         "model": lm.name,
         "model_fingerprint": lm.fingerprint(),  # other weights: another run, never a resumed one
-        "steps": cfg.steps,
+        "steps": cfg.render.steps,
         "size": hw,
-        "lr": cfg.lr,
-        "param": cfg.param,
-        "transforms": cfg.transforms,
-        "diversity": cfg.diversity,
+        "lr": cfg.render.lr,
+        "param": cfg.render.param,
+        "transforms": cfg.render.transforms,
+        "diversity": cfg.render.diversity,
         "seeds": [cfg.seed + i for i in range(cfg.seeds)],
         **dtype_settings(None, lm.device),
         "fv_batch": fv_batch_width(None, lm.device),  # the compute width: it changes the FVs' last bits
@@ -333,7 +317,7 @@ def _check_run(out: Path, run: dict) -> None:
     atomic_write_json(p, run)
 
 
-def audit_natural_pass(lm, natural, layers, units, cfg: AuditConfig, out: Path, device=None, progress: bool = False):
+def audit_natural_pass(lm, natural, layers, units, cfg: AuditSettings, out: Path, device=None, progress: bool = False):
     """The audit's one natural-image pass (a :class:`~fvsanity.compare.pipeline.NaturalPass`).
 
     Reused from ``out/natural_pass.safetensors`` only if it was made for this model fingerprint,
@@ -342,7 +326,7 @@ def audit_natural_pass(lm, natural, layers, units, cfg: AuditConfig, out: Path, 
     """
     from .compare.pipeline import natural_pass
 
-    return natural_pass(lm, natural, layers, units, batch_size=cfg.batch_size, device=device, progress=progress,
+    return natural_pass(lm, natural, layers, units, batch_size=cfg.path.batch_size, device=device, progress=progress,
                         cache_dir=out)
 
 
@@ -362,7 +346,7 @@ class AuditContext:
 
     lm: object
     units: list
-    cfg: AuditConfig
+    cfg: AuditSettings
     natural: object
     natural_pass: object
     out: Path
@@ -399,7 +383,7 @@ def audit_unit(ctx: AuditContext, i: int, fv_images: torch.Tensor, fv_final: tor
     try:
         seed_u = _unit_seed(cfg.seed, u)
         path = lm.path_to(u.layer)
-        fv_acts = fv_activations(lm, fv_images[None], path, cfg.batch_size, ctx.device)  # [1, S, C] per layer
+        fv_acts = fv_activations(lm, fv_images[None], path, cfg.path.batch_size, ctx.device)  # [1, S, C] per layer
         # the base seed: path_check seeds the unit from its name, exactly as `fvsanity check` does
         check = path_check(lm, [u], fv_images[None], natural, cfg.path_settings(), natural_pass=nat, fv_acts=fv_acts)
         up = check.units[0]
@@ -420,8 +404,9 @@ def audit_unit(ctx: AuditContext, i: int, fv_images: torch.Tensor, fv_final: tor
                 save_png(tmp / name, _thumb(img))
                 ex_files.append(name)
         # the layer-profile figure, from this unit's numbers alone
-        fig_dict = {"model": lm.name, "units": [path_json], "settings": {"metric": cfg.metric}}
-        plot_path_similarity(fig_dict, tmp / "profile.png", mode="panels", title=f"layer profile ({cfg.metric} of pooled activations)")
+        metric = cfg.path_settings().metric
+        fig_dict = {"model": lm.name, "units": [path_json], "settings": {"metric": metric}}
+        plot_path_similarity(fig_dict, tmp / "profile.png", mode="panels", title=f"layer profile ({metric} of pooled activations)")
 
         # means for the paired design across units (computed in finalize)
         refs = torch.tensor(up.natural_indices, dtype=torch.long)
@@ -436,7 +421,7 @@ def audit_unit(ctx: AuditContext, i: int, fv_images: torch.Tensor, fv_final: tor
         save_file(tensors, str(tmp / "tensors.safetensors"))
 
         circuit = None
-        if cfg.circuits:
+        if cfg.circuits.circuits:
             try:
                 circuit = ctx.circuit_fn(lm, u, fv_images, natural, up, tmp, cfg, seed_u)
             except FVSanityError as e:  # e.g. all edge scores zero: a finding for this unit, not a crash
@@ -503,36 +488,17 @@ def up_layers(up) -> list[str]:
     return [r.name for r in up.layers]
 
 
-def _default_circuit_fn(lm, u, fv_images, natural, up, folder: Path, cfg: AuditConfig, seed: int):
-    """FV vs natural circuit overlap (:func:`fvsanity.compare.circuits.circuit_overlap`).
-
-    Natural group: the unit's top exemplars, then its class images, at most
-    ``circuit_kwargs["max_natural"]`` (16); other group: as many random images outside the
-    unit's references (and class), seeded. Draws ``circuit.png`` (attribution graph, FV vs
-    natural) and ``circuit_profile.png`` (overlap per layer against the nulls) into ``folder``.
-    Returns the overlap's JSON dict.
-    """
-    from .compare.circuits import circuit_overlap
+def _default_circuit_fn(lm, u, fv_images, natural, up, folder: Path, cfg: AuditSettings, seed: int):
+    """FV vs natural circuit overlap, exactly as ``fvsanity check --circuits`` computes it
+    (:func:`fvsanity.checking.unit_circuits`: the same references, seeds and statistics), plus
+    ``circuit.png`` (attribution graph, FV vs natural) and ``circuit_profile.png`` (overlap per
+    layer against the nulls) in ``folder``. Returns the overlap's JSON dict."""
     from .report.attribution_graph import plot_attribution_graph, plot_overlap_profile
 
-    kw = dict(cfg.circuit_kwargs)
-    max_nat = int(kw.pop("max_natural", 16))
-    n_oth = int(kw.pop("n_other", max_nat))
-    refs = list(dict.fromkeys(list(up.top_k_indices) + list(up.natural_indices)))[:max_nat]
-    excluded = set(up.natural_indices)
-    labels = natural.labels
-    pool = [j for j in range(len(natural)) if j not in excluded
-            and not (up.class_index is not None and int(labels[j]) == up.class_index)]
-    g = torch.Generator().manual_seed(seed + 777)
-    pick = sorted(pool[k] for k in torch.randperm(len(pool), generator=g)[:n_oth].tolist())
-    res = circuit_overlap(lm, u, fv_images, natural.decode(refs), natural.decode(pick),
-                          generator=seed, alpha=cfg.alpha, confidence=cfg.confidence, **kw)
+    res, out = unit_circuits(lm, u, fv_images, natural, up, cfg)
     plot_attribution_graph(res.fv, res.natural, path=folder / "circuit.png",
                            suptitle=f"{u}: top edges, FV vs natural circuit ({res.method})")
     plot_overlap_profile(res, path=folder / "circuit_profile.png", title=f"{u}: circuit overlap per layer")
-    out = res.to_json()
-    out["natural_indices"] = refs
-    out["other_indices"] = pick
     return out
 
 
@@ -621,7 +587,7 @@ class AuditPlan:
     ids: list
     natural: object
     out: Path
-    cfg: AuditConfig
+    cfg: AuditSettings
     device: object
     run: dict
     fv_settings: dict
@@ -632,7 +598,7 @@ class AuditPlan:
 
 
 def prepare_audit(
-    lm, units, images, out, cfg: AuditConfig | None = None, *, device=None, image_options: dict | None = None,
+    lm, units, images, out, cfg: AuditSettings | None = None, *, device=None, image_options: dict | None = None,
     log: Callable[[str], None] | None = None, write_plan: bool = True,
 ) -> AuditPlan:
     """Select and prepare: resolve the units (once), load the images, check ``out`` (resume or
@@ -640,14 +606,13 @@ def prepare_audit(
     by ``audit --merge``; ``write_plan=False`` on ranks other than 0). No forward pass over the
     natural images. Arguments as :func:`run_audit`."""
     from .cache import image_set_identity
-    from .compare.path import validate_metrics
     from .compare.pipeline import resolve_units
     from .data import NaturalImages, load_images
     from .generate import settings_hash
     from .io import ensure_writable_dir
 
-    cfg = cfg or AuditConfig()
-    validate_metrics(cfg.metric, cfg.paired_metrics)  # before any forward pass
+    cfg = cfg or AuditSettings()
+    cfg.design()  # the metrics refused before any forward pass
     say = log or (lambda m: print(f"fvsanity: {m}", file=sys.stderr, flush=True))
     out = ensure_writable_dir(out)
     dev = torch.device(device) if device is not None else lm.device
@@ -677,9 +642,9 @@ def prepare_audit(
     fv_hash = settings_hash(fvs)
 
     natural = images if isinstance(images, NaturalImages) else load_images(images, lm, **(image_options or {}))
-    check_settings = {k: v for k, v in cfg.to_json().items()
-                      if k not in ("steps", "seeds", "size", "lr", "param", "transforms", "diversity",
-                                   "fv_batch_units", "batch_size", "fv_source")}
+    # what changes the comparison's numbers (the FVs' settings are hashed apart, in fv_settings)
+    check_settings = {**{k: v for k, v in cfg.path.to_json().items() if k not in ("batch_size", "seed", "layers")},
+                      **asdict(cfg.circuits), "seed": cfg.seed}
     run = {
         "format": FORMAT,
         "model": lm.provenance(),
@@ -699,7 +664,7 @@ def prepare_audit(
 
     n_fv = len(fvs["seeds"])
     n_lay = max(len(lm.path_to(u.layer)) for u in units)
-    notes = design_notes(n_fv, n_lay, cfg.alpha)
+    notes = design_notes(n_fv, n_lay, cfg.path.alpha)
     for n in notes:
         say("warning: " + n)
     done = _load_units_done(out, run["run_hash"])
@@ -764,8 +729,7 @@ def audit_units(
                 final = plan.fv_given.final[chunk]
             else:
                 res = (render_fn or render)(
-                    plan.lm, [units[i] for i in chunk], seeds=plan.fv_settings["seeds"], steps=cfg.steps,
-                    size=cfg.size, lr=cfg.lr, param=cfg.param, transforms=cfg.transforms, diversity=cfg.diversity,
+                    plan.lm, [units[i] for i in chunk], seeds=plan.fv_settings["seeds"], **cfg.render_kwargs(),
                     device=plan.device, progress=progress,
                 )
                 imgs, final = res.images, res.final
@@ -788,7 +752,7 @@ def run_audit(
     units,
     images,
     out: str | os.PathLike,
-    cfg: AuditConfig | None = None,
+    cfg: AuditSettings | None = None,
     *,
     device=None,
     progress: bool = True,
@@ -810,7 +774,7 @@ def run_audit(
         units: Unit objects or spec strings (see :func:`select_units`).
         images: an image folder (see :func:`fvsanity.data.load_images`) or a NaturalImages.
         out: output folder (created; resumed if it holds a run with the same settings).
-        cfg: :class:`AuditConfig` (default settings if None).
+        cfg: :class:`AuditSettings` (default settings if None).
         device: where to run (default: the model's device).
         progress: tqdm bars on stderr.
         image_options: extra keyword arguments for ``load_images`` (``max_per_class``, ``limit``,
@@ -894,7 +858,7 @@ def _record_call(out: Path, wall_s: float, computed: Sequence[str]) -> list[dict
     return calls
 
 
-def _paired(out: Path, records: list[dict], cfg: AuditConfig) -> dict:
+def _paired(out: Path, records: list[dict], cfg: AuditSettings) -> dict:
     """The paired design across units (CKA/RSA per common layer), from the per-unit tensors."""
     from .compare.path import paired_similarity
     from .io import load_tensors
@@ -920,7 +884,7 @@ def _paired(out: Path, records: list[dict], cfg: AuditConfig) -> dict:
     for pm in cfg.paired_metrics:
         try:
             res[pm] = [p.to_json() for p in paired_similarity(
-                fv_means, nat_means, halves, common, metric=pm, n_perm=cfg.n_perm, seed=cfg.seed)]
+                fv_means, nat_means, halves, common, metric=pm, n_perm=cfg.path.n_perm, seed=cfg.seed)]
         except FVSanityError as e:
             res[pm] = {"error": str(e)}
     return res
@@ -965,7 +929,7 @@ def _summary(records: list[dict]) -> dict:
 
 
 def finalize(
-    out: Path, records: list[dict], run: dict, cfg: AuditConfig, natural, prov: dict, wall_s: float,
+    out: Path, records: list[dict], run: dict, cfg: AuditSettings, natural, prov: dict, wall_s: float,
     computed: Sequence[str] = (), notes: Sequence[str] = (), calls: Sequence[dict] = (),
 ) -> dict:
     """Write audit.json, table.md, table.tex, report.html (and every other writer registered for
@@ -983,7 +947,7 @@ def finalize(
         "seeds": {"seed": cfg.seed, "fv_seeds": run["fv_settings"]["seeds"]},
         "summary": _summary(records),
         "paired": _paired(out, records, cfg),
-        "across_units": _across_units(records, cfg.alpha),
+        "across_units": _across_units(records, cfg.path.alpha),
         "units": records,
         "timing": {
             "wall_s_run": round(wall_s, 3),  # run_audit start -> last unit done (no model load, no report)
@@ -1000,17 +964,18 @@ def finalize(
         from .report.path_figure import plot_path_similarity
 
         fig = {"model": run["model"]["name"], "units": [r["path"] for r in records],
-               "settings": {"metric": cfg.metric}, "across_units": audit["across_units"]}
+               "settings": {"metric": cfg.path.metric}, "across_units": audit["across_units"]}
         plot_path_similarity(fig, out / "path_similarity.png", mode="mean")
         audit["figures"] = {"path_similarity": "path_similarity.png"}
     write_outputs(audit, out, "audit")  # audit.json, table.md, table.tex, report.html, and any registered
     return audit
 
 
-def _config_from_run(run: dict) -> AuditConfig:
-    """The :class:`AuditConfig` a run.json was written with (its ``config``; for a run.json of an
-    older version, rebuilt from the hashed FV and check settings)."""
-    names = set(AuditConfig.__dataclass_fields__)
+def _config_from_run(run: dict) -> AuditSettings:
+    """The :class:`AuditSettings` a run.json was written with (its flat ``config``; for a
+    run.json of an older version, rebuilt from the hashed FV and check settings)."""
+    from .settings import flat_paths
+
     d = run.get("config")
     if not isinstance(d, dict):
         fvs = run.get("fv_settings", {})
@@ -1019,10 +984,9 @@ def _config_from_run(run: dict) -> AuditConfig:
         d.update({k: fvs[k] for k in ("steps", "lr", "param", "transforms", "diversity") if k in fvs})
         d["seeds"] = len(seeds)
         d["fv_source"] = fvs.get("source")
-    d = {k: v for k, v in d.items() if k in names}
-    if "paired_metrics" in d:
-        d["paired_metrics"] = tuple(d["paired_metrics"])
-    return AuditConfig(**d)
+    names = flat_paths(AuditSettings())
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names and k not in ("device", "progress")}
+    return AuditSettings.of(**d)
 
 
 def merge_audit(out: str | os.PathLike, log: Callable[[str], None] | None = None) -> AuditResult:
@@ -1086,7 +1050,7 @@ def merge_audit(out: str | os.PathLike, log: Callable[[str], None] | None = None
         notes = plan["notes"]  # the notes the run itself gave
     else:
         n_lay = max(len(r["path"]["layers"]) for r in records)
-        notes = design_notes(len(run["fv_settings"]["seeds"]), n_lay, cfg.alpha)
+        notes = design_notes(len(run["fv_settings"]["seeds"]), n_lay, cfg.path.alpha)
     try:
         calls = json.loads((out / "calls.json").read_text())
     except (OSError, json.JSONDecodeError):

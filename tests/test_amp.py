@@ -91,11 +91,11 @@ def test_fv_cache_never_serves_one_dtype_for_the_other(tiny, tmp_path, bf16_cpu)
 
 
 def test_audit_fv_settings_record_the_dtype(tiny, monkeypatch, bf16_cpu):
-    from fvsanity.audit import AuditConfig, fv_settings
+    from fvsanity.auditing import AuditSettings, fv_settings
 
-    assert fv_settings(AuditConfig(), tiny)["dtype"] == "bfloat16"
+    assert fv_settings(AuditSettings.of(), tiny)["dtype"] == "bfloat16"
     monkeypatch.setenv(R.AMP_ENV, "off")
-    assert "dtype" not in fv_settings(AuditConfig(), tiny)
+    assert "dtype" not in fv_settings(AuditSettings.of(), tiny)
 
 
 def test_cli_visualize_amp_switch(tmp_path, bf16_cpu):
@@ -144,7 +144,7 @@ def test_a_float32_audit_folder_refused_under_bf16_says_how_to_resume(tmp_path):
     would mix), and the message names the switch that resumes it; the other way round too."""
     import json
 
-    from fvsanity.audit import MixedRunError, _check_run
+    from fvsanity.auditing import MixedRunError, _check_run
 
     f32 = {"fv_settings": {"steps": 8}, "fv_settings_hash": "aaa", "run_hash": "r"}
     bf = {"fv_settings": {"steps": 8, "dtype": "bfloat16"}, "fv_settings_hash": "bbb", "run_hash": "r"}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fvsanity import audit as A
+from fvsanity import auditing as A
 from fvsanity.cli import main
 from fvsanity.generate import FVResult, render, settings_hash
 from fvsanity.io import load_tensors
@@ -53,7 +53,7 @@ class CountingRender:
 def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
     out = tmp_path / "out"
     rec = CountingRender()
-    res = A.run_audit(tiny, UNITS, images, out, A.AuditConfig(**CFG), progress=False, render_fn=rec)
+    res = A.run_audit(tiny, UNITS, images, out, A.AuditSettings.of(**CFG), progress=False, render_fn=rec)
     # FVs generated in batches of 2 units, every unit computed once
     assert rec.calls == [["fc:0", "fc:1"], ["relu3:2", "relu2:5"]]
     assert res.computed == ("fc_c0", "fc_c1", "relu3_c2", "relu2_c5")
@@ -110,7 +110,7 @@ def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
 
     # a rerun recomputes nothing and touches no unit file
     before = _snapshot(out)
-    res2 = A.run_audit(tiny, UNITS, images, out, A.AuditConfig(**CFG), progress=False, render_fn=CountingRender(fail=True))
+    res2 = A.run_audit(tiny, UNITS, images, out, A.AuditSettings.of(**CFG), progress=False, render_fn=CountingRender(fail=True))
     assert res2.computed == ()
     assert _snapshot(out) == before
     calls = json.loads((out / "calls.json").read_text())
@@ -124,7 +124,7 @@ def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
 
     shutil.rmtree(out / "units" / "relu3_c2")
     rec3 = CountingRender()
-    res3 = A.run_audit(tiny, UNITS, images, out, A.AuditConfig(**CFG), progress=False, render_fn=rec3)
+    res3 = A.run_audit(tiny, UNITS, images, out, A.AuditSettings.of(**CFG), progress=False, render_fn=rec3)
     assert rec3.calls == [["relu3:2"]] and res3.computed == ("relu3_c2",)
     new = json.loads((out / "units" / "relu3_c2" / "unit.json").read_text())
     assert new["fv"]["final_objective"] == pytest.approx(old["fv"]["final_objective"], rel=1e-3, abs=1e-4)
@@ -133,20 +133,20 @@ def test_audit_end_to_end_then_resume(tiny, images, tmp_path):
 
 def test_refuses_to_mix_settings(tiny, images, tmp_path):
     out = tmp_path / "out"
-    A.run_audit(tiny, UNITS[:1], images, out, A.AuditConfig(**CFG), progress=False)
+    A.run_audit(tiny, UNITS[:1], images, out, A.AuditSettings.of(**CFG), progress=False)
     with pytest.raises(A.MixedRunError, match=r"other FV settings .*differ: steps"):
-        A.run_audit(tiny, UNITS[:1], images, out, A.AuditConfig(**{**CFG, "steps": 9}), progress=False)
+        A.run_audit(tiny, UNITS[:1], images, out, A.AuditSettings.of(**{**CFG, "steps": 9}), progress=False)
     with pytest.raises(A.MixedRunError, match="differ: top_k"):
-        A.run_audit(tiny, UNITS[:1], images, out, A.AuditConfig(**{**CFG, "top_k": 4}), progress=False)
+        A.run_audit(tiny, UNITS[:1], images, out, A.AuditSettings.of(**{**CFG, "top_k": 4}), progress=False)
     # more units with the same settings: allowed, the finished one is reused
-    res = A.run_audit(tiny, UNITS[:2], images, out, A.AuditConfig(**CFG), progress=False)
+    res = A.run_audit(tiny, UNITS[:2], images, out, A.AuditSettings.of(**CFG), progress=False)
     assert res.computed == ("fc_c1",)
 
 
 def test_reuses_saved_fvs(tiny, images, tmp_path):
     fv = render(tiny, UNITS[:2], seeds=2, steps=5, progress=False)
     fv.save(tmp_path / "fv")
-    cfg = A.AuditConfig(**{**CFG, "fv_source": str(tmp_path / "fv")})
+    cfg = A.AuditSettings.of(**{**CFG, "fv_source": str(tmp_path / "fv")})
     res = A.run_audit(tiny, UNITS[:2], images, tmp_path / "out", cfg, progress=False,
                       render_fn=CountingRender(fail=True))
     assert res.audit["fv_settings"]["steps"] == 5
@@ -228,11 +228,10 @@ def test_cli_fv_without_units_audits_every_saved_unit(images, tmp_path, capsys):
 
 
 def test_circuits_integrated(tiny, images, tmp_path):
-    """--circuits: the issue-4 circuit overlap per unit, its figures, and a failing unit recorded."""
+    """--circuits: the circuit overlap per unit, its figures, and a failing unit recorded."""
     from fvsanity.errors import FVSanityError
 
-    cfg = A.AuditConfig(**{**CFG, "circuits": True, "circuit_kwargs": {"max_natural": 4, "steps": 2, "n_splits": 3,
-                                                                        "n_boot": 10, "n_perm": 10}})
+    cfg = A.AuditSettings.of(**{**CFG, "circuits": True, "circuit_images": 4, "circuit_steps": 2, "circuit_splits": 3})
     res = A.run_audit(tiny, ["fc:0", "relu3:2"], images, tmp_path / "out", cfg, progress=False)
     for u in res.audit["units"]:
         c = u["circuit"]

@@ -70,13 +70,13 @@ def _probe(html: Path, tmp_path: Path, extra: str = "") -> tuple[dict, list[str]
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     """A real report from a small audit of the tiny model."""
-    from fvsanity.audit import AuditConfig, run_audit
+    from fvsanity.auditing import AuditSettings, run_audit
     from fvsanity.models import toy
     from fvsanity.testing import tiny_model
 
     tmp = tmp_path_factory.mktemp("browser")
     images = toy.write_procedural_folder(tmp / "imgs", per_class=3)
-    cfg = AuditConfig(steps=6, seeds=2, top_k=3, n_other=8, n_boot=30, n_perm=30, paired_metrics=("cka",))
+    cfg = AuditSettings.of(steps=6, seeds=2, top_k=3, n_other=8, n_boot=30, n_perm=30, paired_metrics=("cka",))
     lm = tiny_model(num_classes=10)
     lm.class_names = list(toy.CLASSES)  # the procedural folders are named by the toy's classes
     res = run_audit(lm, ["fc:0", "fc:3", "relu3:1", "relu2:4"], images, tmp / "out", cfg, progress=False)

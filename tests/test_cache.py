@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from fvsanity import audit as A
+from fvsanity import auditing as A
 from fvsanity import cache as C
 from fvsanity.cli import main
 from fvsanity.errors import FVSanityError
@@ -226,7 +226,7 @@ def test_audit_fv_from_other_weights_exits_2_with_one_line(tmp_path, capsys):
     # the library call refuses the same way
     lm2 = load_model("cifar10-resnet20", weights=w2)
     with pytest.raises(C.FVMismatchError, match="re-render the FVs or pass the matching --model/--weights"):
-        A.run_audit(lm2, ["linear:1"], imgs, tmp_path / "o2", A.AuditConfig(fv_source=str(tmp_path / "vis")),
+        A.run_audit(lm2, ["linear:1"], imgs, tmp_path / "o2", A.AuditSettings.of(fv_source=str(tmp_path / "vis")),
                     progress=False)
 
 
@@ -252,7 +252,7 @@ def test_natural_pass_not_reused_across_weights(tmp_path, monkeypatch):
     original = act.collect_with_responses
     counter = Counter(original)
     monkeypatch.setattr(act, "collect_with_responses", counter)
-    cfg = A.AuditConfig(batch_size=8)
+    cfg = A.AuditSettings.of(batch_size=8)
     out = tmp_path / "out"
     out.mkdir()
 
@@ -280,7 +280,7 @@ def test_audit_out_with_other_weights_is_refused_not_resumed(tmp_path):
     from fvsanity.models import toy
 
     imgs = toy.write_procedural_folder(tmp_path / "imgs", per_class=2)
-    cfg = A.AuditConfig(steps=2, seeds=1, top_k=2, n_other=4, n_boot=10, n_perm=10, paired_metrics=())
+    cfg = A.AuditSettings.of(steps=2, seeds=1, top_k=2, n_other=4, n_boot=10, n_perm=10, paired_metrics=())
     A.run_audit(_toy_tiny(1), ["fc:0"], imgs, tmp_path / "out", cfg, progress=False)
     with pytest.raises(A.MixedRunError, match="model_fingerprint"):
         A.run_audit(_toy_tiny(2), ["fc:0"], imgs, tmp_path / "out", cfg, progress=False)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fvsanity import audit as A
+from fvsanity import auditing as A
 from fvsanity.cli import main
 from fvsanity.models import toy
 
@@ -183,9 +183,9 @@ BAD_INPUTS = [
     (["visualize", *R20, "--seeds", "0", *U], r"--seeds must be >= 1, got 0"),
     (["visualize", *R20, "--size", "0", *U], r"--size must be in 1\.\.4096, got 0"),
     (["visualize", *R20, "--lr", "-1", *U], r"--lr must be > 0, got -1.0"),
-    (["visualize", *R20, "--batch-size", "0", *U], r"--batch-size must be >= 1, got 0"),
-    (["visualize", *R20, "--checkpoints", "abc", *U], r"--checkpoints must be comma-separated step numbers, got 'abc'"),
-    (["visualize", *R20, "--checkpoints", "-3", *U], r"--checkpoints -3 out of range; valid: 1\.\.512"),
+    (["visualize", *R20, "--fv-width", "0", *U], r"--fv-width must be >= 1, got 0"),
+    (["visualize", *R20, "--checkpoints", "abc", *U], r"--checkpoints must be comma-separated integers \(e.g. 32,128\), got 'abc'"),
+    (["visualize", *R20, "--checkpoints", "-3", *U], r"--checkpoints must be >= 1, got -3"),
     (["visualize", *R20, "--out", "{file}/out", *U], r"is not writable"),
     (["visualize", *R20, "--unit", "linear:99"], r"channel 99 out of range for 'linear': valid 0\.\.9"),
     (["visualize", *R20, "--unit", "bogus"], r"bad unit 'bogus'; expected LAYER:CHANNEL"),
@@ -280,7 +280,7 @@ def _cfg(tmp_path, name, text):
         ("bad.yaml", "steps: 3\n seeds: [1\n", r"invalid YAML at line 2, column 7: mapping values are not allowed"),
         ("list.json", "[1, 2]", r"the JSON must be a mapping of flag names to values, got list"),
         ("scalar.yml", "42\n", r"the YAML must be a mapping of flag names to values, got int"),
-        ("typo.json", '{"stpes": 3}', r"unknown key 'stpes'; closest: steps; valid: allow-partial-weights, alpha, batch-size, .*top-k, unit"),
+        ("typo.json", '{"stpes": 3}', r"unknown key 'stpes'; closest: steps; valid: allow-partial-weights, alpha, batch-size, .*top-k, transforms, unit, weights"),
         ("type.json", '{"steps": "abc"}', r"'steps' \(--steps\) must be an integer, got \"abc\""),
         ("type2.json", '{"alpha": [0.1]}', r"'alpha' \(--alpha\) must be a number, got \[0\.1\]"),
         ("flag.yaml", "no-progress: 1\n", r"'no-progress' \(--no-progress\) must be true or false, got 1"),
@@ -636,9 +636,9 @@ def test_layers_refuses_random_and_file_weights(data_root, capsys):
 def test_valid_values_next_to_the_refused_ones_still_run(tmp_path, capsys):
     """The checks refuse only what is bad: YAML anchors without aliases, labels with a header and
     a file listed twice with one label, finite options of the right type."""
-    from fvsanity.commands.visualize import parse_options
     from fvsanity.generate import RenderSettings
     from fvsanity.generate import param as P
+    from fvsanity.settings import parse_options
 
     cfg = _cfg(tmp_path, "ok.yaml", "steps: &s 3\nlr: 0.1\n")
     from fvsanity.cli import read_config

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fvsanity import audit as A
+from fvsanity import auditing as A
 from fvsanity.compare.path import (
     paired_similarity,
     path_check,
@@ -67,7 +67,7 @@ def test_check_and_audit_give_identical_unit_numbers_in_any_order(tiny, tmp_path
     def render_fn(lm, units, **kw):
         return SimpleNamespace(images=torch.stack([fvs[str(u)] for u in units]), final=torch.zeros(len(units), 2))
 
-    cfg = A.AuditConfig(seed=7, seeds=2, fv_batch_units=2, paired_metrics=("cka", "rsa"), **SETTINGS)
+    cfg = A.AuditSettings.of(seed=7, seeds=2, fv_batch_units=2, paired_metrics=("cka", "rsa"), **SETTINGS)
     res = A.run_audit(tiny, order[::-1], natural, tmp_path / "audit", cfg, progress=False, render_fn=render_fn)
     records = res.audit["units"]
     assert _per_unit([r["path"] for r in records]) == _per_unit(a["units"])
@@ -87,8 +87,8 @@ def test_registry_declares_designs_and_cli_choices_follow_it():
 
     sub = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     choices = {name: next(a.choices for a in sub[name]._actions if a.dest == "metric") for name in ("check", "audit")}
-    assert choices["check"] == ["cosine", "pearson", "spearman", "cka", "cka_biased", "rsa"]
-    assert choices["audit"] == ["cosine", "pearson", "spearman"]
+    # one declaration (PathCheckSettings.metric): a paired-design metric means the paired design in both
+    assert choices["check"] == choices["audit"] == ["cosine", "pearson", "spearman", "cka", "cka_biased", "rsa"]
 
 
 def test_mmd_in_the_paired_design_is_refused_not_p_one():
@@ -129,7 +129,7 @@ def _count_forwards(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("command,metric", [("check", "mmd"), ("audit", "cka"), ("audit", "mmd")])
+@pytest.mark.parametrize("command,metric", [("check", "mmd"), ("audit", "mmd")])
 def test_cli_refuses_invalid_metric_before_any_work(tmp_path, capsys, monkeypatch, command, metric):
     calls = _count_forwards(monkeypatch)
     unit_flag = "--unit" if command == "check" else "--units"
@@ -142,10 +142,10 @@ def test_cli_refuses_invalid_metric_before_any_work(tmp_path, capsys, monkeypatc
 
 def test_run_audit_refuses_a_paired_metric_before_the_natural_pass(tiny, tmp_path, monkeypatch):
     calls = _count_forwards(monkeypatch)
-    with pytest.raises(DesignError, match="'cka'"):
-        A.run_audit(tiny, ["fc:0"], _world(), tmp_path / "a", A.AuditConfig(metric="cka", steps=1), progress=False)
     with pytest.raises(DesignError, match="'mmd'"):
-        A.run_audit(tiny, ["fc:0"], _world(), tmp_path / "b", A.AuditConfig(paired_metrics=("mmd",)), progress=False)
+        A.run_audit(tiny, ["fc:0"], _world(), tmp_path / "a", A.AuditSettings.of(metric="mmd", steps=1), progress=False)
+    with pytest.raises(DesignError, match="'mmd'"):
+        A.run_audit(tiny, ["fc:0"], _world(), tmp_path / "b", A.AuditSettings.of(paired_metrics=("mmd",)), progress=False)
     assert calls == []
 
 
@@ -181,7 +181,7 @@ def test_class_unit_without_class_images_is_insufficient(tiny, tmp_path):
     def render_fn(lm, units, **kw):
         return SimpleNamespace(images=fv[: len(units)], final=torch.zeros(len(units), 2))
 
-    cfg = A.AuditConfig(seeds=2, paired_metrics=(), **SETTINGS)
+    cfg = A.AuditSettings.of(seeds=2, paired_metrics=(), **SETTINGS)
     with pytest.warns(UserWarning, match="insufficient references"):
         out = A.run_audit(tiny, ["fc:0", "fc:1"], natural, tmp_path / "a", cfg, progress=False, render_fn=render_fn)
     rec = out.audit["units"][0]
@@ -230,3 +230,28 @@ def test_cli_check_prints_insufficient(tmp_path, capsys):
     d = json.loads((out / "check.json").read_text())
     assert d["units"][0]["status"].startswith("insufficient references: 0 image(s) of class 5 (dog)")
     assert d["units"][1]["status"] == "ok" and d["units"][1]["n_class_images"] == 5
+
+
+def test_check_and_audit_give_identical_circuit_statistics(tiny, tmp_path):
+    """`check --circuits` and `audit --circuits` pick the same references and seeds, so the same
+    unit gets the same circuit numbers from both (and from the library's check())."""
+    from fvsanity.checking import CheckSettings, check
+
+    units = ["fc:1", "relu2:3"]
+    natural = _world()
+    fvs = _fvs(units)
+    circ = dict(circuits=True, circuit_images=4, circuit_steps=2, circuit_splits=3)
+    settings = CheckSettings.of(seed=7, seeds=2, paired_metrics=(), **SETTINGS, **circ)
+    report = check(tiny, units, natural, fvs=torch.stack([fvs[u] for u in units]), settings=settings, progress=False)
+
+    def render_fn(lm, units, **kw):
+        return SimpleNamespace(images=torch.stack([fvs[str(u)] for u in units]), final=torch.zeros(len(units), 2))
+
+    cfg = A.AuditSettings.of(seed=7, seeds=2, fv_batch_units=1, paired_metrics=(), **SETTINGS, **circ)
+    res = A.run_audit(tiny, units[::-1], natural, tmp_path / "audit", cfg, progress=False, render_fn=render_fn)
+    audited = {r["unit"]: r["circuit"] for r in res.audit["units"]}
+    for u in units:
+        assert "error" not in audited[u]
+        assert _dump(audited[u]) == _dump(report.doc["circuits"][u])
+        assert len(audited[u]["natural_indices"]) >= 2 and len(audited[u]["other_indices"]) == 4
+    assert _per_unit(report.doc["units"]) == _per_unit([r["path"] for r in res.audit["units"]])

@@ -386,7 +386,9 @@ def test_cli_circuits_flag_adds_circuit_overlap(tmp_path):
     d = json.loads((out / "check.json").read_text())
     c = d["circuits"]["linear:1"]
     refs = d["units"][0]["natural_indices"]  # the 4 class images + the top-2 exemplars
-    assert c["n_fv"] == 2 and c["n_natural"] == len(refs) == c["n_other"] and len(refs) >= 4
+    assert c["n_fv"] == 2 and c["n_natural"] == len(refs) >= 4
+    # other: up to --circuit-images (16) images outside the references and the unit's class
+    assert c["n_other"] == len(c["other_indices"]) == 12 - len(refs) and set(c["other_indices"]).isdisjoint(refs)
     assert {"name", "spearman", "null_same", "null_other", "p_value"} <= set(c["layers"][0])
     out2 = tmp_path / "c2"  # default: no circuits (check stays fast)
     assert _cli("check", "--model", "cifar10-resnet20", "--unit", "linear:1", "--fv", fv, "--images", imgs,

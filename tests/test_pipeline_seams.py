@@ -17,7 +17,7 @@ import torch
 
 import fvsanity.activations as act
 import fvsanity.units as U
-from fvsanity import audit as A
+from fvsanity import auditing as A
 from fvsanity.cache import natural_pass_key
 from fvsanity.cli import main
 from fvsanity.compare.attribution import AttributionSettings, edge_attribution
@@ -76,7 +76,7 @@ def test_path_check_and_audit_parse_each_unit_once(tiny, tmp_path, monkeypatch):
     def render_fn(lm, us, **kw):
         return SimpleNamespace(images=fv[: len(us)], final=torch.zeros(len(us), 2))
 
-    A.run_audit(tiny, ["fc:0", "fc:1"], natural, tmp_path / "a", A.AuditConfig(seeds=2, paired_metrics=(), **SETTINGS),
+    A.run_audit(tiny, ["fc:0", "fc:1"], natural, tmp_path / "a", A.AuditSettings.of(seeds=2, paired_metrics=(), **SETTINGS),
                 progress=False, render_fn=render_fn)
     assert counter.n == 2  # once each, at the entry (was: again in every unit's path check)
 
@@ -143,7 +143,7 @@ def test_audit_runs_the_model_once_over_natural_images_and_once_per_unit_over_fv
         return SimpleNamespace(images=fv[: len(us)], final=torch.zeros(len(us), 2))
 
     A.run_audit(tiny, ["fc:0", "fc:1", "relu3:2"], natural, tmp_path / "a",
-                A.AuditConfig(seeds=2, paired_metrics=(), **SETTINGS), progress=False, render_fn=render_fn)
+                A.AuditSettings.of(seeds=2, paired_metrics=(), **SETTINGS), progress=False, render_fn=render_fn)
     # one pass over the 40 natural images for all units; the 2 FVs of each unit once (was twice)
     assert seen == [40, 2, 2, 2]
 
@@ -177,7 +177,7 @@ def test_path_check_settings_object_equals_the_old_keywords(tiny):
     assert a == b and a["settings"]["metric"] == "pearson" and a["settings"]["seed"] == 7
     with pytest.raises(TypeError, match="unknown path-check setting 'n_perms'.*valid: .*n_perm"):
         path_check(tiny, ["fc:0"], fv[:1], natural, n_perms=5)
-    assert A.AuditConfig(top_k=4, seed=3).path_settings() == PathCheckSettings(top_k=4, seed=3, paired_metrics=())
+    assert A.AuditSettings.of(top_k=4, seed=3).path_settings() == PathCheckSettings(top_k=4, seed=3, paired_metrics=())
 
 
 def test_edge_attribution_settings_object_equals_the_keywords(tiny):

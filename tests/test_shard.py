@@ -195,7 +195,7 @@ def test_merge_refuses_units_of_another_run(one_process, tmp_path, capsys):
 
 
 def test_stale_cleanup_spares_live_and_foreign_owners(tmp_path):
-    from fvsanity.audit import _clean_stale_tmp, _host
+    from fvsanity.auditing import _clean_stale_tmp, _host
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

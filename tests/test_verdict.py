@@ -343,7 +343,7 @@ def test_activation_range():
         ({"diverge_margin": 0.9, "natural_like_margin": 0.8}, "0.9"),
         ({"power": 1.5}, "1.5"),
         ({"natural_share": 1.0}, "natural_share"),
-        ({"n_perm": 0}, "n_perm"),
+        ({"n_signflips": 0}, "n_signflips"),
     ],
 )
 def test_bad_settings_are_one_line_errors(kw, word):

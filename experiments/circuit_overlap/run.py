@@ -86,18 +86,13 @@ def compact_unit(u: dict, ref0: str) -> dict:
 
 
 def get_fvs(lm, units: list[str], cfg: dict, fv_dir: Path):
-    from fvsanity.generate import FVResult, render
+    """The units' FVs through the library's cache (:func:`fvsanity.cache.render_cached`): reused
+    only when made for these weights, units, seeds and every render setting."""
+    from fvsanity.cache import render_cached
 
-    if (fv_dir / "fv.json").is_file():
-        res = FVResult.load(fv_dir)
-        s = res.settings
-        if ([str(u) for u in res.units] == units and s.get("steps") == cfg["fv_steps"] and len(res.seeds) == cfg["seeds"]
-                and s.get("model_fingerprint") == lm.fingerprint()):  # other weights never reuse FVs
-            log(f"loaded FVs from {fv_dir}")
-            return res
-    log(f"rendering FVs: {len(units)} units x {cfg['seeds']} seeds x {cfg['fv_steps']} steps")
-    res = render(lm, units, seeds=cfg["seeds"], steps=cfg["fv_steps"], progress=False)
-    res.save(fv_dir)
+    res, reused = render_cached(lm, units, fv_dir, seeds=list(range(cfg["seeds"])), steps=cfg["fv_steps"],
+                                progress=False)
+    log(f"{'loaded' if reused else 'rendered'} FVs: {len(units)} units x {cfg['seeds']} seeds x {cfg['fv_steps']} steps")
     return res
 
 

@@ -22,8 +22,9 @@ import time
 
 
 def register(sub) -> None:
+    from ..auditing import AuditSettings
     from ..cli import add_common
-    from ..compare.similarity import list_metrics
+    from ..settings import add_flags
 
     p = sub.add_parser("audit", help="audit units' FVs: report.html, audit.json, tables", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,30 +39,9 @@ def register(sub) -> None:
                         "[the default images: CIFAR-10 test, or procedural images for the toy model]")
     p.add_argument("--max-per-class", type=int, default=None, help="subsample natural images per class")
     p.add_argument("--limit", type=int, default=None, help="subsample natural images overall")
-    p.add_argument("--steps", type=int, default=512, help="FV optimization steps [%(default)s]")
-    p.add_argument("--seeds", type=int, default=5,
-                   help="FVs per unit (the verdict's replicates; < 5: every layer inconclusive) [%(default)s]")
-    p.add_argument("--size", type=int, default=None, help="FV size in px [the model's input size]")
     p.add_argument("--fv", default=None,
                    help="reuse FVs from a `fvsanity visualize` output folder (default units: all of its units)")
-    p.add_argument("--fv-batch", type=int, default=8, help="units optimized together per batch [%(default)s]")
-    p.add_argument("--metric", default="spearman", choices=list_metrics(design="unpaired"),
-                   help="per-unit (unpaired) metric for the path check; the paired design across units uses "
-                        "cka and rsa [%(default)s]")
-    p.add_argument("--paired-metrics", nargs="+", default=["cka", "rsa"], choices=list_metrics(design="paired"),
-                   help="paired-design metrics compared across >= 4 units [%(default)s]")
-    p.add_argument("--top-k", type=int, default=10, help="top natural exemplars per unit [%(default)s]")
-    p.add_argument("--n-other", type=int, default=200, help="other natural images per unit [%(default)s]")
-    p.add_argument("--no-class-images", action="store_true", help="natural refs = top-k exemplars only")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples [%(default)s]")
-    p.add_argument("--n-perm", type=int, default=1000, help="permutations [%(default)s]")
-    p.add_argument("--alpha", type=float, default=0.05,
-                   help="level of each kind of claim (natural-like, diverges) across the layers [%(default)s]")
-    p.add_argument("--circuits", action="store_true", help="also compare FV vs natural circuits (slower)")
-    p.add_argument("--circuit-images", type=int, default=16,
-                   help="natural (and other) images per unit for the circuit comparison [%(default)s]")
-    p.add_argument("--circuit-steps", type=int, default=8, help="EAP-IG steps for the circuits [%(default)s]")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass [%(default)s]")
+    add_flags(p, AuditSettings, exclude=("path.layers",))  # every setting, declared once in its dataclass
     p.add_argument("--calibration", default=None, metavar="RESULTS_JSON",
                    help="a detection results.json (experiments/detection) measured on this model: report each "
                         "unit's calibrated score (path-only signals) and whether it is flagged at the measured "
@@ -74,34 +54,19 @@ def register(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..audit import AuditConfig
+    """The :class:`~fvsanity.auditing.AuditSettings` of the parsed flags (each value checked and
+    named by its flag)."""
+    from ..auditing import AuditSettings
     from ..cli import check_ints
-    from ..errors import FVSanityError
-    from ..generate import RenderSettings
-    from .check import MAX_RESAMPLES
+    from ..settings import from_args
 
-    # --n-boot 0: no CIs; the verdict needs a test, so --n-perm >= 1
-    check_ints(args, {"steps": (1, RenderSettings.MAX_STEPS), "seeds": (1, None), "size": (1, RenderSettings.MAX_SIZE),
-                      "fv_batch": (1, None), "top_k": (1, None), "n_other": (1, None), "n_boot": (0, MAX_RESAMPLES),
-                      "n_perm": (1, MAX_RESAMPLES), "batch_size": (1, None), "circuit_images": (1, None),
-                      "circuit_steps": (1, None), "sample": (1, None), "max_per_class": (1, None), "limit": (1, None)})
-    if not 0 < args.alpha < 0.5:  # the verdict's claims need alpha < 0.5 (VerdictSettings)
-        raise FVSanityError(f"--alpha must be in (0, 0.5), got {args.alpha}")
-    return AuditConfig(
-        steps=args.steps, seeds=args.seeds, size=args.size, seed=args.seed, metric=args.metric, top_k=args.top_k,
-        n_other=args.n_other, use_class_images=not args.no_class_images, n_boot=args.n_boot, n_perm=args.n_perm,
-        alpha=args.alpha, circuits=args.circuits, fv_batch_units=args.fv_batch, batch_size=args.batch_size,
-        paired_metrics=tuple(getattr(args, "paired_metrics", None) or ("cka", "rsa")),
-        fv_source=args.fv,
-        circuit_kwargs=(
-            {"max_natural": args.circuit_images, "n_other": args.circuit_images, "steps": args.circuit_steps}
-            if args.circuits else {}
-        ),
-    )
+    cfg = from_args(AuditSettings, args, exclude=("path.layers",), fv_source=args.fv)
+    check_ints(args, {"sample": (1, None), "max_per_class": (1, None), "limit": (1, None)})
+    return cfg
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from ..audit import merge_audit
+    from ..auditing import merge_audit
     from ..report.tables import summary_sentence
 
     res = merge_audit(args.merge)
@@ -124,17 +89,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, shard, device) -> int:
     t0 = time.perf_counter()
-    from ..audit import run_audit, select_units
+    from ..auditing import run_audit, select_units
     from ..cli import save_config
-    from ..compare.path import validate_metrics
     from ..errors import FVSanityError, SettingError
-    from ..generate import RenderSettings
     from ..io import ensure_writable_dir
     from ..models import load_model
     from ..units import check_distinct
 
     cfg = config_from_args(args)
-    validate_metrics(cfg.metric, cfg.paired_metrics)  # e.g. a --config metric: refused before any model work
+    cfg.design()  # e.g. a --config metric: refused before any model work
     out = ensure_writable_dir(args.out)  # fail before any slow work
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
@@ -150,8 +113,8 @@ def _run(args: argparse.Namespace, shard, device) -> int:
         specs = [str(u) for u in read_fv_result(args.fv).units]  # every unit of the FV set
     units = check_distinct(select_units(lm, specs, args.layer, args.sample, args.seed), "--units")
     try:  # the FVs to render must fit in memory
-        hw = lm.input_size if args.size is None else (args.size, args.size)
-        RenderSettings(steps=args.steps).check_memory(min(len(units), cfg.fv_batch_units) * args.seeds, hw)
+        hw = lm.input_size if cfg.render.size is None else (cfg.render.size, cfg.render.size)
+        cfg.render.check_memory(min(len(units), cfg.fv_batch_units) * cfg.seeds, hw)
     except SettingError as e:
         if args.size is not None:
             raise e.renamed("--size") from None

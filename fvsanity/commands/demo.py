@@ -14,12 +14,26 @@ import sys
 import time
 
 
+def demo_settings():
+    """The demo's audit settings: the audit defaults with 256 FV steps (a few CPU minutes)."""
+    from ..auditing import AuditSettings
+
+    return AuditSettings.of(steps=256)
+
+
+#: the settings a user may change in the demo; the rest are the audit's defaults
+DEMO_FLAGS = ("steps", "seeds")
+
+
 def register(sub) -> None:
+    from ..auditing import AuditSettings
+    from ..settings import add_flags, flag_specs
+
     p = sub.add_parser("demo", help="audit the embedded default model (offline, a few minutes)", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output folder [%(default)s]")
-    p.add_argument("--steps", type=int, default=256, help="FV optimization steps [%(default)s]")
-    p.add_argument("--seeds", type=int, default=5,
-                   help="FVs per unit (the verdict's replicates; < 5: every layer inconclusive) [%(default)s]")
+    demo = demo_settings()
+    add_flags(p, AuditSettings, demo, exclude=[".".join(s.path) for s in flag_specs(AuditSettings, demo)
+                                                if s.dest not in DEMO_FLAGS])
     p.add_argument("--class-units", type=int, default=4, help="class units of the output layer [%(default)s]")
     p.add_argument("--block-units", type=int, default=2, help="channels of the last block [%(default)s]")
     p.add_argument("--device", default=None, help="cpu, cuda, ... [cuda if available, else cpu]")
@@ -51,15 +65,17 @@ def demo_units(lm, n_class: int = 4, n_block: int = 2, seed: int = 0) -> list[st
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from .._paths import describe_location
-    from ..audit import AuditConfig, run_audit
+    from ..auditing import run_audit
     from ..cli import check_ints, resolve_device, save_config
     from ..defaults import default_images, default_model
     from ..errors import FVSanityError
-    from ..generate import RenderSettings
     from ..io import ensure_writable_dir
+    from ..settings import flag_specs, from_args
 
-    check_ints(args, {"steps": (1, RenderSettings.MAX_STEPS), "seeds": (1, None), "class_units": (0, None),
-                      "block_units": (0, None)})
+    check_ints(args, {"class_units": (0, None), "block_units": (0, None)})
+    demo = demo_settings()
+    cfg = from_args(type(demo), args, demo, exclude=[".".join(s.path) for s in flag_specs(type(demo), demo)
+                                                      if s.dest not in DEMO_FLAGS])
     if args.class_units + args.block_units < 1:
         raise FVSanityError("--class-units and --block-units are both 0: no units to audit")
     out = ensure_writable_dir(args.out)
@@ -73,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
         f"units {', '.join(units)}",
         file=sys.stderr,
     )
-    cfg = AuditConfig(steps=args.steps, seeds=args.seeds, seed=args.seed)
     res = run_audit(lm, units, images, out, cfg, device=device, progress=not args.no_progress)
     save_config(args, out)
     from ..report.tables import summary_sentence

@@ -79,6 +79,7 @@ from itertools import permutations
 import torch
 
 from ..errors import FVSanityError
+from ..settings import setting
 from .stability import SeedStability, leave_one_seed_out
 from .stats import bootstrap_counts, holm, percentile_interval, permutation_pvalue, permutation_test
 from .verdict import (
@@ -140,6 +141,16 @@ def safe_ratio(num: torch.Tensor | float, den: torch.Tensor | float, eps: float 
     ok = den.abs() > eps
     safe_den = torch.where(ok, den, torch.ones_like(den))
     return torch.where(ok, num / safe_den, torch.full_like(num / safe_den, float("nan")))
+
+
+#: the most bootstrap resamples or permutations a check or audit takes
+MAX_RESAMPLES = 1_000_000
+
+
+def _metric_choices(design: str) -> list[str]:
+    from .similarity import list_metrics
+
+    return list_metrics(design=design)
 
 
 def _metric(name: str):
@@ -891,20 +902,28 @@ class PathCheckSettings:
         batch_size: images per forward pass (no effect on the numbers).
     """
 
-    metric: str = "spearman"
-    layers: tuple[str, ...] | None = None
-    top_k: int = 10
-    n_other: int = 200
-    use_class_images: bool = True
-    n_boot: int = 1000
-    n_perm: int = 1000
-    alpha: float = 0.05
+    metric: str = setting("spearman", choices=lambda: _metric_choices("unpaired") + _metric_choices("paired"),
+                          help="a per-unit (unpaired) metric for the curves (paper: spearman), or a paired-design "
+                               "metric compared across >= 4 units, with spearman per unit")
+    layers: tuple[str, ...] | None = setting(None, parse="names", default_text="the unit's block path",
+                                             help="comma-separated layers to compare")
+    top_k: int = setting(10, bounds=(0, None), help="top-k natural exemplars per unit")
+    n_other: int = setting(200, bounds=(1, None), help="other natural images per unit")
+    use_class_images: bool = setting(True, flag="--no-class-images", help="natural refs = top-k exemplars only")
+    n_boot: int = setting(1000, bounds=(0, MAX_RESAMPLES), help="bootstrap resamples (0: no intervals)")
+    n_perm: int = setting(1000, bounds=(1, MAX_RESAMPLES), help="image permutations")
+    alpha: float = setting(0.05, help="level of each kind of claim (natural-like, diverges) across the layers, in (0, 0.5)")
     confidence: float = 0.95
-    paired_metrics: tuple[str, ...] = ("cka", "rsa")
-    seed: int = 0
-    batch_size: int = 64
+    paired_metrics: tuple[str, ...] = setting(("cka", "rsa"), choices=lambda: _metric_choices("paired"),
+                                              help="paired-design metrics compared across >= 4 units")
+    seed: int = setting(0, from_flag="seed")
+    batch_size: int = setting(64, bounds=(1, None), help="images per forward pass")
 
     def __post_init__(self):
+        from ..errors import SettingError
+
+        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 0.5):  # the verdict's claims need it
+            raise SettingError("alpha", f"must be in (0, 0.5), got {self.alpha!r}")
         object.__setattr__(self, "paired_metrics", tuple(self.paired_metrics))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers) or None)

@@ -69,10 +69,10 @@ class SeedStability:
 
 def _reachable(outcome: str, n: int, n_layers: int, st: VerdictSettings) -> bool:
     if outcome == NATURAL_LIKE:
-        return attainable_p(n, correction="fixed-sequence", share=st.natural_share, n_perm=st.n_perm) <= st.alpha
+        return attainable_p(n, correction="fixed-sequence", share=st.natural_share, n_perm=st.n_signflips) <= st.alpha
     if outcome == DIVERGES:
         return attainable_p(n, n_layers=n_layers, correction="holm", share=st.natural_share,
-                            n_perm=st.n_perm) <= st.alpha
+                            n_perm=st.n_signflips) <= st.alpha
     return True
 
 

@@ -253,7 +253,8 @@ class VerdictSettings:
         diverge_margin: upper margin for "diverges" (<= natural_like_margin).
         natural_share: share of alpha spent on the natural side's uncertainty, in [0, 1).
         power: power assumed in the "about N would decide" estimate, in (0, 1).
-        n_perm: random sign patterns when 2^n > ``exact_limit``.
+        n_signflips: random sign patterns when 2^n > ``exact_limit`` (not the path check's
+            ``n_perm`` permutations of images).
         exact_limit: enumerate every sign pattern up to this many.
         min_separation: smallest standardized gap (N - O) / s of the references over unrelated
             images (:func:`separation`), >= 0.
@@ -266,7 +267,7 @@ class VerdictSettings:
     diverge_margin: float = DIVERGE_MARGIN
     natural_share: float = NATURAL_SHARE
     power: float = POWER
-    n_perm: int = N_PERM
+    n_signflips: int = N_PERM
     exact_limit: int = SIGNFLIP_EXACT_LIMIT
     min_separation: float = MIN_SEPARATION
     separation_precision: float | None = SEPARATION_PRECISION
@@ -293,8 +294,8 @@ class VerdictSettings:
             raise VerdictError(f"natural_share must be in [0, 1), got {self.natural_share!r}")
         if not (isinstance(self.power, (int, float)) and 0 < self.power < 1):
             raise VerdictError(f"power must be in (0, 1), got {self.power!r}")
-        if not (isinstance(self.n_perm, int) and self.n_perm >= 1):
-            raise VerdictError(f"n_perm must be an int >= 1, got {self.n_perm!r}")
+        if not (isinstance(self.n_signflips, int) and self.n_signflips >= 1):
+            raise VerdictError(f"n_signflips must be an int >= 1, got {self.n_signflips!r}")
         if not (isinstance(self.exact_limit, int) and self.exact_limit >= 1):
             raise VerdictError(f"exact_limit must be an int >= 1, got {self.exact_limit!r}")
         if not (isinstance(self.min_separation, (int, float)) and math.isfinite(self.min_separation)
@@ -316,7 +317,7 @@ class VerdictSettings:
             "diverge_margin": self.diverge_margin,
             "natural_share": self.natural_share,
             "power": self.power,
-            "n_perm": self.n_perm,
+            "n_signflips": self.n_signflips,
             "exact_limit": self.exact_limit,
             "min_separation": self.min_separation,
             "separation_precision": self.precision_limit,
@@ -842,13 +843,13 @@ def _j(v: float):
 def _evidence(name, x, thr: _Threshold, share: float, n_layers: int, replicate, st, generator, **extra):
     """Sign-flip evidence of replicates x [n] against the thresholds thr (see LayerEvidence)."""
     n = int(x.numel())
-    floor = attainable_p(n, correction="none", n_perm=st.n_perm, exact_limit=st.exact_limit)
+    floor = attainable_p(n, correction="none", n_perm=st.n_signflips, exact_limit=st.exact_limit)
     theta = (x - thr.base) / thr.gap if n else x
     if n == 0:
         nan = math.nan
         return LayerEvidence(name, replicate, 0, extra.pop("estimate", nan), nan, nan, 1.0, 1.0, floor, share,
                              True, nan, nan, nan, **extra)
-    sf = sign_flip(x, n_perm=st.n_perm, exact_limit=st.exact_limit, generator=generator)
+    sf = sign_flip(x, n_perm=st.n_signflips, exact_limit=st.exact_limit, generator=generator)
     estimate = extra.pop("estimate", float(theta.mean()))
     if share > 0 or thr.var_n == 0 and thr.var_o == 0:  # exact sign flips against a (bounded) threshold
         a_f = (1 - share) * st.alpha
@@ -1034,7 +1035,7 @@ def decide_layers(evidence: Sequence[LayerEvidence], settings: VerdictSettings |
 
     out = []
     for i, e in enumerate(evidence):
-        kw = dict(share=e.natural_share, n_perm=st.n_perm, exact_limit=st.exact_limit)
+        kw = dict(share=e.natural_share, n_perm=st.n_signflips, exact_limit=st.exact_limit)
         f_nat = attainable_p(e.n, correction="fixed-sequence", **kw)
         f_div = attainable_p(e.n, n_layers=n_tested, correction="holm", **kw)
         outcome, reason, needed = INCONCLUSIVE, "", None
@@ -1059,7 +1060,7 @@ def _why(
 ) -> tuple[str, int | None]:
     """Reason and needed replicates for an undecided layer with data (p_nat, p_div adjusted)."""
     a = st.alpha
-    kw = dict(share=e.natural_share, n_perm=st.n_perm, exact_limit=st.exact_limit)
+    kw = dict(share=e.natural_share, n_perm=st.n_signflips, exact_limit=st.exact_limit)
     if e.estimate >= st.natural_like_margin:
         claim = "natural"
     elif e.estimate <= st.diverge_margin:
@@ -1073,7 +1074,7 @@ def _why(
     floor_need = replicates_needed(a, n_layers=layers, correction=corr, **kw)
     if floor > a:
         if floor_need is None:
-            return REASON_FLOOR_NEVER.format(alpha=a, n_perm=st.n_perm), None
+            return REASON_FLOOR_NEVER.format(alpha=a, n_perm=st.n_signflips), None
         return REASON_FLOOR.format(need=floor_need, what=e.replicate, floor=floor, alpha=a), floor_need
     if claim == "between":
         return REASON_BETWEEN.format(est=e.estimate, lo=st.diverge_margin, hi=st.natural_like_margin), None

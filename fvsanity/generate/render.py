@@ -31,6 +31,7 @@ import torch
 from ..errors import FVSanityError
 from ..hooks import capture_until, run_partial
 from ..layouts import pool, to_map
+from ..settings import setting
 from ..units import Unit, layer_names, parse_unit, resolve_layer
 from . import param as P
 from . import transforms as T
@@ -228,6 +229,12 @@ def _diversity_layer(lm, unit: Unit, shapes: dict) -> str:
     return spatial[-1]
 
 
+def _optimizer_names():
+    from .optim import OPTIMIZERS
+
+    return OPTIMIZERS.names()
+
+
 @dataclass(frozen=True)
 class RenderSettings:
     """Everything that says HOW FVs are rendered (what: the units or objectives, and the seeds).
@@ -263,20 +270,33 @@ class RenderSettings:
         progress: show a progress bar.
     """
 
-    steps: int = 512
-    size: int | tuple[int, int] | None = None
-    lr: float = 0.05
-    param: str | Callable = "fft"
-    param_options: Mapping[str, Any] = field(default_factory=dict)
+    steps: int = setting(512, help="FV optimization steps")
+    size: int | tuple[int, int] | None = setting(None, type=int, default_text="the model's input size",
+                                                 help="FV side in px")
+    lr: float = setting(0.05, help="learning rate")
+    param: str | Callable = setting("fft", choices=lambda: list(P.PARAMS.names()),
+                                    help="image parametrization (maco = phase only, fixed magnitude spectrum)")
+    param_options: Mapping[str, Any] = setting(
+        default_factory=dict, flag="--param-opt", parse="options",
+        help="parametrization option, repeatable (e.g. decay_power=1.5; maco: magnitude=SPECTRUM.pt, contrast=1.5)")
     decorrelate: bool = True
-    transforms: str | T.TransformSpec = "standard"
-    diversity: float = 0.0
-    optimizer: str | Callable = "adam"
-    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
-    checkpoints: Sequence[int] = ()
-    batch_size: int | None = None
+    transforms: str | T.TransformSpec = setting(
+        "standard", choices=("standard", "lucent", "none"),
+        help="robustness transforms (standard = lucent's set scaled to the image size)")
+    diversity: float = setting(0.0, help="diversity weight across a unit's seeds")
+    optimizer: str | Callable = setting("adam", choices=lambda: list(_optimizer_names()), help="optimizer")
+    optimizer_options: Mapping[str, Any] = setting(default_factory=dict, flag="--optimizer-opt", parse="options",
+                                                   help="optimizer option, repeatable (e.g. momentum=0.5)")
+    checkpoints: Sequence[int] = setting((), parse="ints",
+                                         help="comma-separated steps at which to keep images too (e.g. 32,128)")
+    batch_size: int | None = setting(None, type=int, flag="--fv-width", default_text="8 on CPU, 32 on CUDA",
+                                     help="FV compute width: elements per optimization batch, fixed (changes the "
+                                          "last bits, so recorded and hashed)")
     device: str | torch.device | None = None
-    amp: bool | None = None
+    amp: bool | None = setting(None, type=bool, default_text="auto: on for CUDA and CPUs with native bf16, or "
+                               "$FVSANITY_AMP=on|off",
+                               help="bf16 autocast + channels_last for the model (FVs differ slightly from float32; "
+                                    "recorded as dtype)")
     progress: bool = True
 
     MAX_STEPS = 1_000_000  # not fields (no annotation): the sane bounds __post_init__ enforces

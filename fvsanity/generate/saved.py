@@ -58,6 +58,31 @@ def read_fv_result(spec, flag: str = "--fv") -> FVResult:
                             f"fv.json: its record): {what}") from None
 
 
+def select_fvs(res, units: list, lm, where: str = "the FVs"):
+    """(units, ``res``) with ``res`` (an FVResult) cut to the rows of ``units`` in their order
+    (all of its units when ``units`` is empty), refused in one line when it lacks one."""
+    from ..units import parse_unit
+
+    have = [str(u) for u in res.units]
+    if not units:
+        return [parse_unit(u, lm) for u in res.units], res
+    pick = []
+    for u in units:
+        if str(u) not in have:
+            raise FVSanityError(f"{where} has no FVs for unit {str(u)!r}; it has: {', '.join(have)}")
+        pick.append(have.index(str(u)))
+    if pick == list(range(len(have))):
+        return units, res
+    from dataclasses import replace
+
+    idx = torch.tensor(pick)
+    return units, replace(
+        res, images=res.images[idx], traces=res.traces[idx], final=res.final[idx],
+        activations=[res.activations[i] for i in pick] if res.activations else [],
+        units=[res.units[i] for i in pick], checkpoints={k: v[idx] for k, v in res.checkpoints.items()},
+    )
+
+
 def load_fvs(spec: str, units: list, lm):
     """(units, FV source) from ``--fv``: an FVResult folder/file, a tensor file, or image(s).
 
@@ -65,7 +90,6 @@ def load_fvs(spec: str, units: list, lm):
     names its own units.
     """
     from ..io import load_tensors
-    from ..units import parse_unit
 
     path = Path(spec)
     if not path.exists():
@@ -74,24 +98,7 @@ def load_fvs(spec: str, units: list, lm):
     if (folder / "fv.json").is_file() and (folder / "fv.pt").is_file() and (path.is_dir() or path.name in ("fv.pt", "fv.json")):
         res = read_fv_result(folder)
         check_fv_model(res, lm, spec)  # made for these weights, or refused
-        have = [str(u) for u in res.units]
-        if not units:
-            return [parse_unit(u, lm) for u in res.units], res
-        pick = []
-        for u in units:
-            if str(u) not in have:
-                raise FVSanityError(f"--fv {spec!r} has no FVs for unit {str(u)!r}; it has: {', '.join(have)}")
-            pick.append(have.index(str(u)))
-        if pick == list(range(len(have))):
-            return units, res
-        from dataclasses import replace
-
-        idx = torch.tensor(pick)
-        return units, replace(
-            res, images=res.images[idx], traces=res.traces[idx], final=res.final[idx],
-            activations=[res.activations[i] for i in pick] if res.activations else [],
-            units=[res.units[i] for i in pick], checkpoints={k: v[idx] for k, v in res.checkpoints.items()},
-        )
+        return select_fvs(res, units, lm, f"--fv {spec!r}")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:

@@ -7,7 +7,7 @@ section); the paired design across units if computed; then per unit its FVs next
 natural exemplars, the layer-profile figure, the circuit figure if present, the per-layer
 numbers and the verdict with its test level and intervals.
 
-Input is an audit dict (``audit.json``, :mod:`fvsanity.audit`) and the folder its relative
+Input is an audit dict (``audit.json``, :mod:`fvsanity.auditing`) and the folder its relative
 image paths point into.
 """
 

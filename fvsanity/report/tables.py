@@ -1,6 +1,6 @@
 """The per-unit sanity table of an audit, as Markdown and as LaTeX (booktabs), for papers.
 
-Input is an audit dict (``audit.json``, see :mod:`fvsanity.audit`). The verdict's wording is
+Input is an audit dict (``audit.json``, see :mod:`fvsanity.auditing`). The verdict's wording is
 :mod:`fvsanity.compare.verdict`'s (three outcomes per layer: natural-like, diverges,
 inconclusive). One row per unit:
 
