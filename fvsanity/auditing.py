@@ -626,6 +626,7 @@ def prepare_audit(
         dup = next(x for x in ids if ids.count(x) > 1)
         raise FVSanityError(f"unit {dup!r} given twice")
 
+    cfg = cfg.resolved(lm, units)  # automatic seeds: enough for both claims on these units' paths
     # FVs from an earlier `visualize` run?
     fv_given = None
     fvs = fv_settings(cfg, lm)

@@ -5,7 +5,7 @@ with circuits (:func:`unit_circuits`) and a calibrated manipulation score. ``fvs
 ``fvsanity audit`` and the fooling closed loop all call into here, so the same unit, model,
 images and seeds give the same numbers whichever way it is checked.
 
-    report = fvsanity.check(lm, ["layer3.2:5", "linear:3"], "path/to/images", seeds=5)
+    report = fvsanity.check(lm, ["layer3.2:5", "linear:3"], "path/to/images")
     report.trusted(), report.flagged(), report.save("runs/check")
 """
 
@@ -23,7 +23,7 @@ from .errors import FVSanityError, SettingError
 from .generate.render import RenderSettings
 from .settings import replace_flat, setting
 
-__all__ = ["CheckReport", "CheckSettings", "FVSettings", "CircuitCheckSettings", "check", "circuit_references", "unit_circuits"]
+__all__ = ["CheckReport", "CheckSettings", "FVSettings", "seeds_needed", "CircuitCheckSettings", "check", "circuit_references", "unit_circuits"]
 
 
 @dataclass(frozen=True)
@@ -50,30 +50,55 @@ CHECK_RENDER_FIELDS = ("steps", "size", "lr", "param", "transforms", "diversity"
 _RENDER_EXCLUDED = tuple(f.name for f in dataclasses.fields(RenderSettings) if f.name not in CHECK_RENDER_FIELDS)
 
 
+def seeds_needed(n_layers: int, alpha: float = 0.05) -> int:
+    """The fewest FV seeds with which both of the verdict's claims are reachable on a path of
+    ``n_layers`` layers: "natural-like" (sign-flip test along the path, fixed sequence) and
+    "diverges" (Holm over the layers); 2^-S is the smallest p S seeds attain, so e.g. 5 for one
+    layer, 8 for 11 (:func:`fvsanity.compare.verdict.replicates_needed`)."""
+    from .compare.verdict import replicates_needed
+
+    nat = replicates_needed(alpha, correction="fixed-sequence")
+    div = replicates_needed(alpha, n_layers=max(1, int(n_layers)), correction="holm")
+    return max(n for n in (nat, div, 1) if n is not None)
+
+
 @dataclass(frozen=True)
 class FVSettings:
     """A set of FVs: how many per unit, from which base seed, rendered how.
 
     Attributes:
         seed: the base seed: FV seeds are ``seed .. seed + seeds - 1``.
-        seeds: FVs per unit (a check's replicates: fewer than 5 leave every layer inconclusive).
+        seeds: FVs per unit (a check's replicates); None: automatic, :func:`seeds_needed` for the
+            units' paths (:meth:`resolved`), so both claims are reachable.
         render: how each FV is rendered (:class:`~fvsanity.generate.RenderSettings`).
     """
 
     seed: int = setting(0, from_flag="seed")
-    seeds: int = setting(5, bounds=(1, None),
-                         help="FVs (seeds) per unit: a check's replicates; fewer than 5 leave every layer "
-                              "inconclusive")
+    seeds: int | None = setting(None, type=int, bounds=(1, None),
+                                default_text="auto: enough that natural-like and diverges are both reachable on "
+                                             "the units' paths, e.g. 8 on ResNet-20's 11 layers",
+                                help="FVs (seeds) per unit: a check's replicates")
     render: RenderSettings = setting(default_factory=RenderSettings)
 
     def __post_init__(self):
         from .errors import check_number
 
-        check_number("seeds", self.seeds, integer=True, ge=1)
+        if self.seeds is not None:
+            check_number("seeds", self.seeds, integer=True, ge=1)
 
     @property
     def fv_seeds(self) -> list[int]:
+        if self.seeds is None:
+            raise FVSanityError("seeds is automatic until resolved for the units (FVSettings.resolved)")
         return [self.seed + i for i in range(self.seeds)]
+
+    def resolved(self, lm, units, layers=None, alpha: float = 0.05):
+        """These settings with an automatic ``seeds`` (None) replaced by :func:`seeds_needed` for
+        the longest comparison path of ``units`` (``layers`` if given, else each unit's block path)."""
+        if self.seeds is not None:
+            return self
+        n = max((len(layers) if layers else len(lm.path_to(u.layer)) for u in units), default=1)
+        return dataclasses.replace(self, seeds=seeds_needed(n, alpha))
 
     @classmethod
     def of(cls, settings=None, **kw):
@@ -108,6 +133,11 @@ class CheckSettings(FVSettings):
             if name not in ("device", "progress") and getattr(self.render, name) != getattr(default, name):
                 raise SettingError(f"render.{name}", f"is not used by a check or audit (only "
                                    f"{', '.join(CHECK_RENDER_FIELDS)}); render the FVs yourself and pass them")
+
+    def resolved(self, lm, units, layers=None, alpha=None):
+        """:meth:`FVSettings.resolved` on this check's comparison layers and alpha."""
+        layers = layers if layers is not None else self.path.layers
+        return super().resolved(lm, units, layers, self.path.alpha if alpha is None else alpha)
 
     def render_kwargs(self) -> dict:
         """The render options a check passes on (:func:`fvsanity.generate.render` / the cache)."""
@@ -338,6 +368,7 @@ def check(
     if not units and fvs is None:
         raise FVSanityError("pass at least one --unit LAYER:CHANNEL (or --fv with saved FVs)")
     if units and fvs is None:
+        settings = settings.resolved(lm, units)  # automatic seeds: enough for both claims on these paths
         try:  # the FVs to render must fit in memory
             settings.render.check_memory(len(units) * settings.seeds, lm.input_size if settings.render.size is None
                                          else (settings.render.size,) * 2)
@@ -382,7 +413,8 @@ def check(
         for u, s in zip(doc["units"], sig):
             u["calibrated"] = calib.rate(s.values)
     doc["settings"]["requested_metric"] = settings.path.metric
-    doc["settings"]["fv"] = {"seeds": settings.fv_seeds, **settings.render_kwargs()}
+    seeds = list(getattr(fvs, "seeds", None) or (settings.fv_seeds if settings.seeds is not None else []))
+    doc["settings"]["fv"] = {"seeds": seeds, **settings.render_kwargs()}
     if settings.circuits.circuits:
         images_ = getattr(fvs, "images", fvs)
         doc["circuits"] = {}

@@ -40,8 +40,9 @@ def as_model(model, device=None):
 
 
 def visualize(model, units, *, device=None, progress: bool = True, objective=None, settings=None, **kw):
-    """Feature visualizations of ``units``: ``seeds`` FVs per unit (default 5, a check's
-    replicates), batched, reproducible by ``seed``.
+    """Feature visualizations of ``units``: ``seeds`` FVs per unit (default: as many as a check
+    of these units needs to reach either claim, :func:`~fvsanity.checking.seeds_needed`),
+    batched, reproducible by ``seed``.
 
     Args:
         model: a LoadedModel, a model name, or an ``nn.Module`` (:func:`as_model`).
@@ -59,8 +60,12 @@ def visualize(model, units, *, device=None, progress: bool = True, objective=Non
     from .checking import FVSettings
     from .generate import render
 
+    from .units import parse_units
+
     fvs = FVSettings.of(settings, **kw) if kw else (settings or FVSettings())
     lm = as_model(model, device)
+    units = parse_units(units, lm)
+    fvs = fvs.resolved(lm, units)  # automatic seeds: as many as a check of these units needs
     return render(lm, units, fvs.fv_seeds, dataclasses.replace(fvs.render, progress=progress), device=device,
                   objective=objective)
 

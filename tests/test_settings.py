@@ -91,8 +91,8 @@ def test_commands_that_share_a_setting_share_its_flag_and_default():
             action = next(a for a in cmds[name]._actions if a.dest == dest)
             by_flag.setdefault(spec.flag, set()).add((spec.path[-1], repr(action.default)))
     for flag, seen in by_flag.items():
-        assert len(seen) == 1, (flag, seen)  # e.g. --seeds is 5 in check, audit and visualize
-    assert {("seeds", "5")} == by_flag["--seeds"]
+        assert len(seen) == 1, (flag, seen)  # e.g. --seeds is automatic in check, audit and visualize
+    assert {("seeds", "None")} == by_flag["--seeds"]
 
 
 def test_fool_flags_default_to_the_fool_settings_fields():
@@ -182,3 +182,20 @@ def test_path_check_settings_flags_cover_the_check():
         assert flag in specs
     assert {s.flag for s in flag_specs(FVSettings)} >= {"--optimizer", "--param-opt", "--checkpoints", "--amp"}
     assert {s.path for s in flag_specs(PathCheckSettings)}.isdisjoint({("seed",), ("confidence",)})
+
+
+def test_automatic_seeds_reach_both_claims_on_the_units_paths(tiny):
+    from fvsanity.auditing import design_notes
+    from fvsanity.checking import seeds_needed
+    from fvsanity.units import parse_units
+
+    assert [seeds_needed(n) for n in (1, 5, 11, 12)] == [5, 7, 8, 8]  # ceil(log2(n / 0.05)), at least 5
+    units = parse_units(["fc:0", "relu2:3"], tiny)
+    s = CheckSettings().resolved(tiny, units)
+    n = max(len(tiny.path_to(u.layer)) for u in units)
+    assert s.seeds == seeds_needed(n) and design_notes(s.seeds, n) == []  # no claim out of reach
+    assert design_notes(s.seeds - 1, n) != []  # one fewer: "diverges" (or both) out of reach
+    assert CheckSettings.of(seeds=3).resolved(tiny, units).seeds == 3  # an explicit number is kept
+    assert CheckSettings.of(layers=("fc",)).resolved(tiny, units).seeds == seeds_needed(1)
+    with pytest.raises(Exception, match="automatic until resolved"):
+        CheckSettings().fv_seeds

@@ -112,13 +112,14 @@ def _run(args: argparse.Namespace, shard, device) -> int:
 
         specs = [str(u) for u in read_fv_result(args.fv).units]  # every unit of the FV set
     units = check_distinct(select_units(lm, specs, args.layer, args.sample, args.seed), "--units")
+    cfg = cfg.resolved(lm, units)  # automatic seeds: enough for both claims on these units' paths
     try:  # the FVs to render must fit in memory
         hw = lm.input_size if cfg.render.size is None else (cfg.render.size, cfg.render.size)
         cfg.render.check_memory(min(len(units), cfg.fv_batch_units) * cfg.seeds, hw)
     except SettingError as e:
         if args.size is not None:
             raise e.renamed("--size") from None
-        raise FVSanityError(f"--seeds {args.seeds} for {min(len(units), cfg.fv_batch_units)} unit(s) per batch "
+        raise FVSanityError(f"--seeds {cfg.seeds} for {min(len(units), cfg.fv_batch_units)} unit(s) per batch "
                             f"(--fv-batch) is too many: {e}") from None
     images = args.images
     if images is None:

@@ -51,14 +51,15 @@ def _run(args: argparse.Namespace, shard, device) -> int:
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device, seed=args.seed,
                     allow_partial=args.allow_partial_weights)
     units = check_distinct(parse_units(args.unit, lm), "--unit")
+    fvs = fvs.resolved(lm, units)  # automatic seeds: as many as a check of these units needs
     hw = lm.input_size if args.size is None else (args.size, args.size)
     check_canvas(lm, hw, "--size")
     try:
-        settings.check_memory(len(units) * args.seeds, hw)
+        settings.check_memory(len(units) * fvs.seeds, hw)
     except SettingError as e:
         if args.size is not None:
             raise e.renamed("--size") from None
-        raise FVSanityError(f"--seeds {args.seeds} for {len(units)} unit(s) is too many: {e}") from None
+        raise FVSanityError(f"--seeds {fvs.seeds} for {len(units)} unit(s) is too many: {e}") from None
     res = render_sharded(shard, lm, units, fvs.fv_seeds, settings, objective=args.objective)
     if res is None:
         return 0  # not rank 0: its FVs went to rank 0
