@@ -59,7 +59,6 @@ def visualize(model, units, *, device=None, progress: bool = True, objective=Non
 
     from .checking import FVSettings
     from .generate import render
-
     from .units import parse_units
 
     fvs = FVSettings.of(settings, **kw) if kw else (settings or FVSettings())

@@ -198,4 +198,4 @@ def test_automatic_seeds_reach_both_claims_on_the_units_paths(tiny):
     assert CheckSettings.of(seeds=3).resolved(tiny, units).seeds == 3  # an explicit number is kept
     assert CheckSettings.of(layers=("fc",)).resolved(tiny, units).seeds == seeds_needed(1)
     with pytest.raises(Exception, match="automatic until resolved"):
-        CheckSettings().fv_seeds
+        _ = CheckSettings().fv_seeds
