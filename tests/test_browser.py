@@ -108,3 +108,50 @@ def test_screenshot(report, tmp_path):
     # not blank: a white page with text, tables and images has real contrast
     assert px.std() > 20 and (px < 128).float().mean() > 0.01
     shutil.copy(shot, report.parent / "screenshot.png")
+
+
+WIDTH_PROBE = """<script>
+window.addEventListener('load', function () {
+  var W = document.documentElement.clientWidth, wide = [];
+  var all = document.body.getElementsByTagName('*');
+  for (var i = 0; i < all.length; i++) {
+    var el = all[i];
+    if (el.closest('.tw') && el.closest('.tw') !== el) continue;  // inside a table's own scroll box
+    var r = el.getBoundingClientRect();
+    if (r.width > 0 && (r.right > W + 1 || r.left < -1)) wide.push(el.tagName + '.' + el.className);
+  }
+  var d = document.createElement('pre');
+  d.id = 'fvsanity-width';
+  d.textContent = 'WIDTH VIEW=' + W + ' PAGE=' + document.documentElement.scrollWidth + ' WIDE=' + wide.length
+    + ' FIRST=' + (wide[0] || '-') + ' CARDS=' + document.querySelectorAll('.card').length
+    + ' CARDTOP=' + Math.round((document.querySelector('.card') || {getBoundingClientRect: function () { return {top: -1}; }}).getBoundingClientRect().top) + ' END';
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+def _width(report, tmp_path, extra: str = "") -> dict:
+    text = report.read_text()
+    probed = report.with_name("width_" + report.name)
+    probed.write_text(text.replace("<head>", "<head>" + WIDTH_PROBE, 1).replace("</body>", extra + "</body>"))
+    r = _chromium(tmp_path, "--window-size=1280,900", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri())
+    m = re.search(r"WIDTH VIEW=(\d+) PAGE=(\d+) WIDE=(\d+) FIRST=(\S+) CARDS=(\d+) CARDTOP=(-?\d+) END", r.stdout)
+    assert m, r.stderr[-2000:]
+    return dict(zip(("view", "page", "wide", "first", "cards", "top"), m.groups()))
+
+
+def test_report_leads_with_unit_cards_and_fits_1280px(report, tmp_path):
+    """The first screen holds one card per unit (FV thumbnails of every seed, exemplars, verdict
+    badge); no element is wider than a 1280-px viewport (wide tables scroll inside their own box)."""
+    w = _width(report, tmp_path)
+    assert int(w["wide"]) == 0, f"{w['wide']} elements wider than the {w['view']}-px viewport, first {w['first']}"
+    assert int(w["page"]) <= int(w["view"])  # the page never scrolls sideways
+    assert int(w["cards"]) == 4 and 0 <= int(w["top"]) < 300  # one card per unit, on the first screen
+    text = report.read_text()
+    first = text.split('<div class="card">')[1]
+    assert first.count("<img") >= 2 + 1 and 'class="badge' in first  # 2 FV seeds + exemplars, the verdict
+
+
+def test_width_probe_catches_an_element_wider_than_the_viewport(report, tmp_path):
+    w = _width(report, tmp_path, extra='<div style="width:3000px">wide on purpose</div>')
+    assert int(w["wide"]) >= 1 and int(w["page"]) > int(w["view"])

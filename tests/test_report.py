@@ -190,8 +190,9 @@ def test_html_self_contained(tmp_path):
     p = _Tags()
     p.feed(text)
     imgs = [a for t, a in p.tags if t == "img"]
-    # 3 units x (2 FVs + 3 exemplars + 1 profile)
-    assert len(imgs) == 3 * 6
+    # 3 units x (2 FVs + 3 exemplars + 1 profile) in the details, plus the first screen's cards
+    # (2 FVs + up to 3 exemplars per unit)
+    assert len(imgs) == 3 * 6 + 3 * (2 + 3)
     for a in imgs:
         assert a["src"].startswith("data:image/png;base64,")
         png = base64.b64decode(a["src"].split(",", 1)[1])

@@ -42,7 +42,7 @@ body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px a
 color:#1d1d1f;line-height:1.4;padding:0 16px}
 h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
 h3{margin:0 0 8px 0}
-.meta{color:#555;font-size:.9em}.meta code{background:#f4f4f4;padding:1px 4px;border-radius:3px}
+.meta{color:#555;font-size:.9em;overflow-wrap:anywhere}.meta code{background:#f4f4f4;padding:1px 4px;border-radius:3px}
 table{border-collapse:collapse;font-size:.88em;margin:8px 0}
 th,td{border-bottom:1px solid #e3e3e3;padding:4px 8px;text-align:right;white-space:nowrap}
 th{background:#f6f6f6;position:sticky;top:0}
@@ -60,7 +60,21 @@ img.px{image-rendering:pixelated}
 .fig img{max-width:100%;height:auto;border:1px solid #eee}
 .note{color:#666;font-size:.85em}.no{color:#9b1c1c}.yes{color:#14532d}
 a{color:#0b57d0;text-decoration:none}
+.tw{overflow-x:auto;max-width:100%}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:12px;margin:14px 0}
+.card{border:1px solid #e2e2e2;border-radius:8px;padding:10px 12px;background:#fff;min-width:0}
+.card h3{font-size:1em;margin:0 0 6px 0;overflow-wrap:anywhere}
+.card .thumbs{display:flex;flex-wrap:wrap;gap:3px;margin:4px 0}
+.card .thumbs img{height:56px;width:auto;border:1px solid #ccc}
+.card .why{color:#666;font-size:.78em;overflow-wrap:anywhere}
+.flag{display:inline-block;padding:1px 6px;border-radius:8px;font-size:.75em;font-weight:600}
+.flag.on{background:#fde2e1;color:#9b1c1c}.flag.off{background:#eef;color:#334}
+details.prov summary{cursor:pointer;color:#555}
 """
+
+#: per unit on the report's first screen: this many top natural exemplars beside all FV seeds
+CARD_EXEMPLARS = 3
+CARD_THUMB = 56
 
 
 def png_data_uri(source) -> str:
@@ -125,6 +139,35 @@ def _img(root: Path, rel: str | None, alt: str, cls: str = "", max_side: int | N
     return f'<img src="{uri}" alt="{_e(alt)}"' + (f' class="{c}"' if c else "") + ">"
 
 
+def _cards(audit: dict, root: Path) -> str:
+    """The first screen: one card per unit with its FVs (every seed), its top natural exemplars,
+    the verdict badge, and the calibrated flag when the unit has one; each links to its details."""
+    cards = []
+    for rec in audit.get("units", []):
+        v = rec["verdict"]
+        own = v.get("outcome", INCONCLUSIVE)
+        name = rec["unit"] + (f" ({rec['class_name']})" if rec.get("class_name") else "")
+        fvs = "".join(_img(root, p, f"FV seed {sd} of {rec['unit']}", max_side=CARD_THUMB)
+                      for p, sd in zip(rec["fv"]["images"], rec["fv"]["seeds"]))
+        ex = rec.get("exemplars", {}).get("images", [])[:CARD_EXEMPLARS]
+        exs = "".join(_img(root, p, f"natural exemplar {k + 1} of {rec['unit']}", max_side=CARD_THUMB)
+                      for k, p in enumerate(ex))
+        cal = rec.get("calibrated")
+        flag = ""
+        if cal:
+            on = bool(cal.get("flagged"))
+            flag = f' <span class="flag {"on" if on else "off"}">{"flagged as manipulated" if on else "not flagged"}</span>'
+        why = short_verdict(rec)[len(own):].strip(" ()")
+        cards.append(
+            f'<div class="card"><h3><a href="#u-{_e(rec["id"])}">{_e(name)}</a></h3>'
+            f'<span class="badge {_e(own)}">{_e(own)}</span>{flag}'
+            f'<div class="note">FVs</div><div class="thumbs">{fvs}</div>'
+            f'<div class="note">top natural exemplars</div><div class="thumbs">{exs or "<span class=note>none</span>"}</div>'
+            + (f'<div class="why">{_e(why)}</div>' if why else "") + "</div>"
+        )
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
 def _header(audit: dict) -> str:
     m = audit.get("model", {})
     imgs = audit.get("images", {})
@@ -136,7 +179,7 @@ def _header(audit: dict) -> str:
     t = audit.get("timing", {})
     n_unread = imgs.get("n_unreadable")
     return f"""
-<h1>fvsanity audit: {_e(m.get('name', '?'))}</h1>
+<details class="prov"><summary>Provenance and settings</summary>
 <p class="meta">Weights: <code>{_e(m.get('weights', '?'))}</code><br>
 Natural images: <code>{_e(imgs.get('root', '?'))}</code> ({_e(imgs.get('n_images', imgs.get('n', '?')))} images{
         f', {int(n_unread)} unreadable skipped' if n_unread else ''})<br>
@@ -152,7 +195,7 @@ Check: {_e(s.get('metric', '?'))} similarity of mean-pooled activations, top-{_e
 Versions: {_e(vtxt)}; python {_e(prov.get('python', '?'))}; git <code>{_e((prov.get('git_sha') or '-')[:12])}</code><br>
 Written {_e(audit.get('written_at', '?'))}. Wall time of the audit: {_e(t.get('wall_s_all_calls', t.get('wall_s_run', '?')))} s
 over {_e(len(t.get('calls', [])) or 1)} call(s) (this call {_e(t.get('wall_s_run', '?'))} s; model loading and report
-writing excluded); per-unit compute summed: {_e(t.get('unit_seconds_total', '?'))} s</p>
+writing excluded); per-unit compute summed: {_e(t.get('unit_seconds_total', '?'))} s</p></details>
 """ + "".join(f'<p class="note no">Note: {_e(n)}</p>' for n in audit.get("notes", []))
 
 
@@ -364,15 +407,18 @@ def render_html(audit: dict, root: str | os.PathLike, title: str | None = None) 
     root = Path(root)
     model = audit.get("model", {}).get("name", "?")
     units = "".join(_unit_section(rec, root, audit) for rec in audit.get("units", []))
-    return (
+    first = (f"<h1>fvsanity audit: {_e(model)}</h1>"
+             f"<p><b>{_e(summary_sentence(audit.get('summary', {})))}</b></p>" + _cards(audit, root))
+    page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{_e(title or f'fvsanity audit: {model}')}</title><style>{CSS}</style></head><body>"
-        + _header(audit) + _summary(audit) + _across(audit, root) + _paired(audit) + "<h2>Units</h2>" + units
+        + first + _header(audit) + _summary(audit) + _across(audit, root) + _paired(audit) + "<h2>Units</h2>" + units
         + "<p class=\"note\">Method: Geirhos, Zimmermann, Bilodeau, Brendel, Kim (2023), Don't trust your eyes: "
         "on the (un)reliability of feature visualizations, arXiv 2306.04719. Generated by fvsanity.</p>"
         + "</body></html>\n"
     )
+    return page.replace("<table>", '<div class="tw"><table>').replace("</table>", "</table></div>")  # scroll in place
 
 
 def write_report(audit: dict, root: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
