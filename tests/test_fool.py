@@ -484,8 +484,9 @@ def test_pipeline_picture_route_trains_detector_on_template_trajectories(tmp_pat
                      det_picture_seeds=2, det_picture_checkpoints=(1, 3), eval_units=1, eval_seeds=1, eval_steps=6,
                      timing_repeats=3, check=False, lpips=False, progress=False)
     bundle = prepare_detector(lm, train, ev, s, tmp_path / "work", routes=routes)
-    # 2 seeds x (2 checkpoints + final) trajectory images joined the FV class; held-out seeds evaluated
-    assert bundle.training["n_fv"] == 4 * 2 + 2 * 3
+    # 2 seeds x (2 checkpoints + final) trajectory images joined the FV class, and the routed unit's own
+    # FVs (the default det_routed_seeds 8 x (1 checkpoint + final)); held-out seeds evaluated
+    assert bundle.training["n_fv"] == 4 * 2 + 2 * 3 + s.det_routed_seeds * 2 and bundle.routed_units == ["fc:1"]
     assert bundle.heldout_picture is not None and bundle.heldout_picture.n_fv == 2 * 3
     assert bundle.picture_key and (tmp_path / "work" / f"fv_picture_{bundle.picture_key}_train" / "fv.json").is_file()
     res = run_fool(lm, routes, train, from_tensor(ev, torch.arange(16) % 5), s, tmp_path / "out", bundle=bundle)
@@ -519,8 +520,9 @@ def test_cli_fool_on_real_cifar_model(data_root, tmp_path):
         "--det-heldout-units", "2", "--det-steps", "8", "--det-checkpoints", "4", "--det-epochs", "3",
         "--eval-units", "2", "--eval-seeds", "1", "--eval-steps", "8", "--no-check", "--no-progress", "--out", str(out),
     ])
-    assert rc == 0
     d = json.loads((out / "fool.json").read_text())
+    # 8 FV steps are too few for the manipulation to show: exit 3 unless it took effect, said in fool.json
+    assert rc == (0 if d["took_effect"] else 3) and 0 <= d["effective_fraction"] <= 1
     # the fooling circuit leaves the real ResNet-20's natural logits bit-identical
     assert d["max_abs_logit_diff"] == 0.0 and d["identical_top1_fraction"] == 1.0
     assert d["top1_original"] == d["top1_manipulated"] and d["predictions"]["n_exactly_equal_logits"] == 60

@@ -133,7 +133,10 @@ def test_cli_runs_a_manipulation_registered_from_the_test_file(toy_method, tmp_p
     rc = main(["fool", "--model", TINY, "--method", "toy", "--factor", "3", "--shift", "1", "--unit", "all",
                "--train-images", str(images), "--eval-units", "2", "--eval-seeds", "1", "--eval-steps", "4",
                "--no-check", "--no-progress", "--out", str(out)])
-    assert rc == 0
+    # scaling a class unit does not make its FV show the next class: exit 3, the outputs written all the same
+    assert rc == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did not take effect" in err[0], err
     for name in ("fool.json", "fool.png", "config.json", "model/manipulated.json", "model/model.safetensors"):
         assert (out / name).is_file(), name
     d = json.loads((out / "fool.json").read_text())
@@ -178,10 +181,16 @@ def test_method_flags_come_from_each_settings_dataclass(toy_method):
     assert groups["--method toy"] == ["factor"]
     assert groups["--method silent"] == sorted(f.name for f in dataclasses.fields(SilentUnits.Settings))
     assert groups["--method circuit"] == sorted(f.name for f in dataclasses.fields(CircuitSettings))
-    # existing flags keep their names and defaults
+    # existing flags keep their names and defaults (margin_sd 0.25 since the circuit takes effect by
+    # default: see FoolSettings), and the flags' defaults are the settings dataclasses'
     args = fool.parse_args(["--method", "circuit"])
     assert (args.det_units, args.det_steps, args.det_checkpoints, args.k, args.margin, args.margin_sd) == (
-        48, 256, "4,16,32,64,128", 1000.0, 1.0, 0.5)
+        48, 256, "4,16,32,64,128", 1000.0, 1.0, 0.25)
+    assert (args.det_routed_seeds, args.det_routed_units, args.det_refine_rounds) == (8, 64, 0)
+    assert {f.name: getattr(args, f.name) for f in dataclasses.fields(CircuitSettings) if f.default is not None
+            and not isinstance(f.default, tuple)} == {f.name: getattr(FoolSettings(), f.name)
+                                                      for f in dataclasses.fields(CircuitSettings)
+                                                      if f.default is not None and not isinstance(f.default, tuple)}
     assert (args.lam, args.strength, args.silent_mode, args.silent_margin_range, args.silent_offset,
             args.silent_width) == (3.0, 100.0, "trigger", 4.0, 10.0, 10.0)
 

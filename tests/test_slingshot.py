@@ -446,7 +446,8 @@ def test_cli_fool_method_slingshot_writes_its_outputs(tmp_path, capsys):
     rc = main(["fool", "--model", TINY, "--method", "slingshot", "--sl-steps", "6", "--sl-batch", "4",
                "--unit", "fc:1", "--target", str(pic), "--train-images", str(images), "--eval-units", "1",
                "--eval-seeds", "1", "--eval-steps", "4", "--no-check", "--no-progress", "--out", str(out)])
-    assert rc == 0
+    # 6 fine-tuning steps rarely pull the FVs to the picture: exit 3 says so, the outputs are written either way
+    assert rc == (0 if json.loads((out / "fool.json").read_text())["took_effect"] else 3)
     for name in ("fool.json", "fool.png", "config.json", "model/slingshot.json", "model/model.safetensors"):
         assert (out / name).is_file(), name
     d = json.loads((out / "fool.json").read_text())

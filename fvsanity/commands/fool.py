@@ -9,6 +9,11 @@ If they are the same folder (or --eval-images is omitted) the images are split a
 (``--split``, by ``--seed``). Writes ``model/`` (model.safetensors + manipulated.json; load with
 ``fvsanity.fool.load_manipulated`` or ``--model OUT/model``), ``fool.json``, ``fool.png`` and
 ``config.json`` to ``--out``.
+
+Exit codes: 0 when the manipulation took effect (at least half of the evaluated units' manipulated
+FVs reached their targets: ``effective_fraction`` in ``fool.json``, criterion in
+``fvsanity.fool.effect``), 3 when it did not (one line on stderr naming the setting to raise;
+``fool.json`` and the model are written all the same), 2 for bad input.
 """
 
 from __future__ import annotations
@@ -96,9 +101,16 @@ def method_settings_from_args(method, args: argparse.Namespace):
     return method.make_settings(**vals)
 
 
+#: ``fvsanity fool``'s exit code when the manipulation did not take effect
+NOT_EFFECTIVE = 3
+
+
 def register(sub) -> None:
     from ..cli import add_common
     from ..fool import list_manipulations
+    from ..fool.pipeline import FoolSettings
+
+    d = FoolSettings()  # the one place the evaluation defaults are declared
 
     doc = _DOC.replace("{methods}", _methods_doc())
     p = sub.add_parser("fool", help="build and evaluate a model whose FVs are manipulated", description=doc)
@@ -113,9 +125,11 @@ def register(sub) -> None:
     p.add_argument("--eval-images", default=None, help="held-out natural images [a split of --train-images]")
     p.add_argument("--split", type=float, default=0.5, help="training fraction when splitting one folder [%(default)s]")
     p.add_argument("--limit", type=int, default=None, help="use at most this many images per folder (by --seed)")
-    p.add_argument("--eval-units", type=int, default=4, help="manipulated units whose FVs are rendered [%(default)s]")
-    p.add_argument("--eval-seeds", type=int, default=2, help="FV seeds per evaluated unit [%(default)s]")
-    p.add_argument("--eval-steps", type=int, default=256, help="FV steps for the evaluation [%(default)s]")
+    p.add_argument("--eval-units", type=int, default=d.eval_units, help="manipulated units whose FVs are rendered [%(default)s]")
+    p.add_argument("--eval-seeds", type=int, default=d.eval_seeds,
+                   help="FV seeds per evaluated unit: the closed-loop check's replicates (8 reach a claim over a "
+                        "path of up to 12 layers) [%(default)s]")
+    p.add_argument("--eval-steps", type=int, default=d.eval_steps, help="FV steps for the evaluation [%(default)s]")
     p.add_argument("--fv-size", type=int, default=None, help="FV side in px [model input size]")
     p.add_argument("--no-check", action="store_true", help="skip the closed-loop path check")
     p.add_argument("--work", default=None, help="cache folder for FVs and the detector [OUT/work]")
@@ -190,9 +204,20 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # nothing below draws from it; set for any third-party code
     res = run_fool(lm, routes, train_imgs, eval_nat, settings, out, work_dir=args.work)
     s = res.summary
+    top1 = s.get("fv_top1_is_target_class_manipulated")
+    top1_txt = "" if top1 is None else (f"FVs called the target class {top1:.2f} "
+                                        f"(original {s['fv_top1_is_target_class_original']:.2f}); ")
     print(f"identical top-1 {s['identical_top1_fraction']:.4f}; top-1 {s['top1_original']:.4f} -> {s['top1_manipulated']:.4f}; "
           f"SSIM(FV, target) {s['ssim_manipulated_fv_to_target']:.3f} (original {s['ssim_original_fv_to_target']:.3f}); "
+          f"{top1_txt}effective on {s['effective_fraction']:.2f} of the evaluated units; "
           f"time x{s['inference_time_ratio']:.3f}; check flags it: {s['check_flags_manipulation']} "
           f"(control: {s.get('check_control_flagged_fraction')})")
     print(f"wrote {out / 'fool.json'}, {out / 'fool.png'}, {out / 'model'}")
+    if s.get("took_effect") is False:
+        import sys
+
+        print(f"fvsanity: the manipulation did not take effect: {res.details['effect']['n_effective']} of "
+              f"{res.details['effect']['n_units']} evaluated units reached their target (effective_fraction "
+              f"{s['effective_fraction']:.2f}); {s['not_effective_hint']}", file=sys.stderr)
+        return NOT_EFFECTIVE
     return 0

@@ -44,6 +44,7 @@ from .detector import (
     save_detector,
     train_detector,
 )
+from .effect import EffectReport, UnitEffect, measure_effect
 from .gate import fooling_gate
 from .manipulation import (
     MANIPULATIONS,
@@ -89,6 +90,9 @@ from .slingshot import (  # registers slingshot (weight-only; saves a plain stat
 
 __all__ = [
     "MANIPULATIONS",
+    "EffectReport",
+    "UnitEffect",
+    "measure_effect",
     "CircuitSettings",
     "DetectorBundle",
     "DetectorReport",

@@ -9,10 +9,12 @@ A method is a subclass of :class:`Manipulation` with a ``name``, a frozen settin
     detector); default nothing.
 ``build``
     the manipulated :class:`~fvsanity.models.LoadedModel` (required).
-``describe``, ``natural_diagnostics``, ``fv_diagnostics``, ``summary``, ``figure_note``
+``describe``, ``natural_diagnostics``, ``fv_diagnostics``, ``summary``, ``figure_note``,
+``ineffective_hint``
     what ``fool.json`` records besides the method-independent numbers: a description of what
     ``prepare`` made, numbers on natural images, numbers on the manipulated model's FVs, the
-    summary fields, and one line under the figure; each defaults to nothing.
+    summary fields, one line under the figure, and (when the manipulated FVs did not reach their
+    targets) which setting to raise; each defaults to nothing (the hint to a generic line).
 ``save`` / ``load``
     the ``model/`` folder (default: :func:`~fvsanity.fool.save_manipulated` /
     :func:`~fvsanity.fool.load_manipulated`, which rebuild any model assembled from registered
@@ -209,6 +211,11 @@ class Manipulation:
     def figure_note(self, summary: dict) -> str:
         """One line under the figure (e.g. the detector's held-out accuracy); '' for none."""
         return ""
+
+    def ineffective_hint(self, details: dict, prepared: Any, settings) -> str:
+        """When the manipulated FVs did not reach their targets (``fool.json``'s ``effect``): the
+        setting to raise, in a few words with the flag (``fvsanity fool`` prints it and exits 3)."""
+        return "raise the method's strength settings, or --eval-steps"
 
     def save(self, fooled, folder: str | Path) -> Path:
         """Write the manipulated model to ``folder`` (``model/`` of the run)."""

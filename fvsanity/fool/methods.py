@@ -30,7 +30,12 @@ class CircuitSettings(MethodSettings):
     for the held-out evaluation; with picture targets also the pictures' FV trajectories
     (``det_picture_seeds`` seeds, images at ``det_picture_checkpoints``). Threshold: the last
     ``calib_fraction`` of the training images, max logit + ``margin`` + ``margin_sd`` standard
-    deviations. Gate: steepness ``k`` per logit and ``offset`` (:func:`~fvsanity.fool.fooling_gate`).
+    deviations. Routed units: the detector also learns the FV trajectories of the manipulated
+    units and their source units (``det_routed_seeds`` seeds other than every evaluated FV's, at
+    most ``det_routed_units`` units; :func:`~fvsanity.fool.prepare_detector`), then, for
+    ``det_refine_rounds`` rounds, their FV trajectories on the circuit built so far: without them
+    it rarely fires on the manipulated units' FVs and the circuit does not take effect. Gate:
+    steepness ``k`` per logit and ``offset`` (:func:`~fvsanity.fool.fooling_gate`).
     """
 
     det_units: int = setting(48, "units whose FVs train the detector", min=1)
@@ -46,9 +51,14 @@ class CircuitSettings(MethodSettings):
                                                        "picture targets: kept trajectory steps")
     calib_fraction: float = setting(0.2, "share of the training images that sets the threshold", gt=0, lt=1)
     margin: float = setting(1.0, "threshold = calib max + margin + margin-sd*sd", min=0)
-    margin_sd: float = setting(0.5, "see --margin", min=0)
+    margin_sd: float = setting(0.25, "see --margin", min=0)
     k: float = setting(1000.0, "gate steepness per detector logit", gt=0)
     offset: float = setting(30.0, "gate offset: the gate opens from sigmoid(-offset)")
+    det_routed_seeds: int = setting(8, "FV seeds of the routed (manipulated and source) units' own trajectories the "
+                                       "detector learns (other seeds than the evaluation's; 0: none)", min=0)
+    det_routed_units: int = setting(64, "at most this many routed units' trajectories (a seeded pick)", min=1)
+    det_refine_rounds: int = setting(0, "rounds of: build the circuit, learn the routed units' FV trajectories on it, "
+                                        "train the detector again", min=0)
 
     def check(self) -> None:
         from ..errors import FVSanityError
@@ -101,6 +111,20 @@ class FoolingCircuit(Manipulation):
 
     def figure_note(self, summary) -> str:
         return f"detector held-out acc. {_pct(summary.get('detector_heldout_accuracy'))}"
+
+    def ineffective_hint(self, details, prepared, settings) -> str:
+        learned = set(getattr(prepared, "train_units", []) or [])  # routed, shared and drawn units
+        units = [u["unit"] for u in details.get("effect", {}).get("units", [])]
+        gate = details.get("gate_on_manipulated_fvs")
+        gate = gate.get("open_fraction") if isinstance(gate, dict) else gate
+        if settings.det_routed_seeds == 0:
+            return "raise --det-routed-seeds (now 0: the detector never saw the manipulated units' FVs)"
+        if any(u not in learned for u in units):
+            return (f"raise --det-routed-units (now {settings.det_routed_units}: the detector did not learn every "
+                    f"evaluated unit's FVs)")
+        if gate is not None and gate >= 0.5:
+            return f"raise --eval-steps (the gate is open on {_pct(gate)} of the manipulated FVs)"
+        return f"raise --det-routed-seeds (now {settings.det_routed_seeds})"
 
 
 @dataclass(frozen=True)
@@ -156,3 +180,10 @@ class SilentUnits(Manipulation):
 
     def figure_note(self, summary) -> str:
         return f"silent on held-out naturals {_pct(summary.get('silent_zero_fraction_eval'))}"
+
+    def ineffective_hint(self, details, prepared, settings) -> str:
+        fired = details.get("silent_fired_on_manipulated_fvs")
+        if fired is not None and fired < 0.5 and settings.silent_mode == "trigger":
+            return (f"lower --silent-margin-range (now {settings.silent_margin_range:g}; the silent channel fired on "
+                    f"{_pct(fired)} of the manipulated FVs; ResNet-20 needs 1.25 with --silent-offset 2 --silent-width 1)")
+        return f"raise --strength (now {settings.strength:g})"

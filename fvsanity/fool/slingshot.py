@@ -864,6 +864,9 @@ class Slingshot(Manipulation):
         c = summary.get("finetune_cpu_seconds")
         return "" if c is None else f"fine-tuning {c / 60:.1f} CPU min"
 
+    def ineffective_hint(self, details, prepared, settings) -> str:
+        return f"raise --sl-steps (now {settings.sl_steps})"
+
     def save(self, fooled, folder):
         return save_slingshot(fooled, folder)
 
