@@ -833,14 +833,16 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
     ``fv_control``: FVs of the same units on the ORIGINAL model with other seeds; the same rule
     applied to them (original vs original) is the check's false-positive control.
     """
-    try:
-        from ..compare.path import path_check
-    except ImportError as e:  # pragma: no cover - the compare package ships with fvsanity
-        return {"available": False, "error": str(e), "flags_manipulation": None}
-    kw = dict(top_k=s.check_top_k, n_boot=s.check_n_boot, n_perm=s.check_n_perm, seed=s.seed, progress=False)
+    from ..checking import CheckSettings, check
+
+    cs = CheckSettings.of(top_k=s.check_top_k, n_boot=s.check_n_boot, n_perm=s.check_n_perm, seed=s.seed)
+
+    def path_check(model, units, fvs, natural):  # the library's check(), as `fvsanity check` runs it
+        return check(model, units, natural, fvs=fvs, settings=cs, progress=False).result
+
     fool_log("closed loop: path check on the original and the manipulated model")
-    c_o = path_check(lm, units, fv_o, natural, **kw)
-    c_m = path_check(fooled, units, fv_m, natural, **kw)
+    c_o = path_check(lm, units, fv_o, natural)
+    c_m = path_check(fooled, units, fv_m, natural)
     flagged_any, per_unit = _flag_units(c_o, c_m)
     out = {
         "available": True,
@@ -856,7 +858,7 @@ def _closed_loop(lm, fooled, units, fv_o, fv_m, natural, s: FoolSettings, fv_con
         "units": per_unit,
     }
     if fv_control is not None:
-        c_c = path_check(lm, units, fv_control, natural, **kw)
+        c_c = path_check(lm, units, fv_control, natural)
         ctrl_any, ctrl_units = _flag_units(c_o, c_c)
         out["control"] = {
             "flags": ctrl_any,
