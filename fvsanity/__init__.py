@@ -8,8 +8,9 @@ The short way in (:mod:`fvsanity.facade`)::
     report = fvsanity.check(lm, fvs=fvs, images="path/to/images")
     report.trusted(), report.flagged(), report.save("runs/check")
 
-``fvsanity.audit(...)`` writes a full report; ``fvsanity.fool.run_fool`` builds a model whose
-FVs lie. Each keyword setting is a field of the job's settings dataclass, by plain name.
+``fvsanity.audit(...)`` writes a full report; ``fvsanity.fool(model, units, target=...)``
+builds a model whose FVs lie (the ``fvsanity.fool`` package is callable:
+:func:`fvsanity.fool.manipulate`). Each keyword setting is a field of the job's settings dataclass, by plain name.
 """
 
 from ._version import __version__

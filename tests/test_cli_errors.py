@@ -334,7 +334,7 @@ def test_saved_config_roundtrips_as_config(tmp_path, monkeypatch):
     seen = []
 
     def fake_run(args):
-        args.eval_split = {"train": 5, "eval": 5}  # as fool.run records it
+        args.model_provenance = {"weights": "random"}  # as fool.run records it
         cli.save_config(args, tmp_path)
         seen.append(args)
         return 0

@@ -197,3 +197,6 @@ def test_the_facade_names_the_jobs():
     import fvsanity.auditing  # the module behind fvsanity.audit keeps its own name
 
     assert fvsanity.audit is not fvsanity.auditing and callable(fvsanity.audit)
+    import fvsanity.fool.pipeline  # the callable package keeps its submodules
+
+    assert callable(fvsanity.fool) and fvsanity.fool.pipeline.run_fool is not None

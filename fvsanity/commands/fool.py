@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 _DOC = __doc__
 
@@ -135,22 +134,14 @@ def register(sub) -> None:
     p.add_argument("--work", default=None, help="cache folder for FVs and the detector [OUT/work]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_method_flags(p)
-    p.set_defaults(func=run, eval_split=None)  # eval_split: recorded in config.json by run
-
-
-def _images(lm, folder, limit, seed):
-    from ..data import load_images
-
-    return load_images(folder, lm, limit=limit, seed=seed, into_memory=True)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..cli import check_ints, resolve_device, save_config
     from ..errors import FVSanityError
-    from ..fool import get_manipulation, make_routes
-    from ..fool.pipeline import FoolSettings, run_fool, split_indices
+    from ..fool import get_manipulation
+    from ..fool.api import fool_settings, manipulate
     from ..generate import RenderSettings
     from ..io import ensure_writable_dir
     from ..models import load_model
@@ -161,48 +152,18 @@ def run(args: argparse.Namespace) -> int:
         raise FVSanityError(f"--split must be in (0, 1), got {args.split}")
     method = get_manipulation(args.method)
     method_settings = method_settings_from_args(method, args)  # checked here, before anything loads
+    settings = fool_settings(args.method, method_settings=method_settings, seed=args.seed, fv_size=args.fv_size,
+                             eval_units=args.eval_units, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps,
+                             check=not args.no_check, progress=not args.no_progress)
     out = ensure_writable_dir(args.out or "runs/fool")
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
-    shift = args.shift
-    out_c = lm.layer_info(lm.output_layer).layout.channels
-    if args.target is None and shift is None:
-        shift = max(1, out_c // 10)  # 100 of ImageNet's 1000 classes, 1 of CIFAR-10's 10
-    if args.target is not None and shift is not None:
-        raise FVSanityError("give either --target or --shift, not both")
-    if shift is not None:
-        if shift % out_c == 0 and args.unit in ("all", f"{lm.output_layer}:all"):
-            raise FVSanityError(f"--shift {shift} is a multiple of the {out_c} class units (identity); valid: 1..{out_c - 1}")
-    routes = make_routes(lm, args.unit, args.target, shift=shift, picture_size=lm.input_size)  # before the images
-    if args.train_images is None:
-        from ..defaults import default_images
-
-        args.train_images = str(default_images(lm))
-    train = _images(lm, args.train_images, args.limit, args.seed)
-    if args.eval_images is None or Path(args.eval_images).resolve() == Path(args.train_images).resolve():
-        tr, ev = split_indices(len(train), args.split, args.seed)
-        eval_nat, train_imgs = train.subset(ev), train.images[tr]
-        args.eval_split = {"train": len(tr), "eval": len(ev), "seed": args.seed, "from": args.train_images}
-    else:
-        eval_nat, train_imgs = _images(lm, args.eval_images, args.limit, args.seed), train.images
-    # the method's settings: flat FoolSettings fields where FoolSettings has them (the built-in
-    # methods' knobs, as configs and fool.json name them), method_options for the others
-    flat = {f.name for f in dataclasses.fields(FoolSettings)}
-    # only what came from the method's flags: a field without a flag (e.g. slingshot's fv_size, read
-    # from FoolSettings) holds its default here and must not override the command's own value
-    ms = {f.name: getattr(method_settings, f.name) for f in dataclasses.fields(method_settings)
-          if f.metadata.get("flag", True)}
-    settings = FoolSettings(
-        method=args.method, seed=args.seed, fv_size=args.fv_size, eval_units=args.eval_units,
-        eval_seeds=args.eval_seeds, eval_steps=args.eval_steps, check=not args.no_check, progress=not args.no_progress,
-        **{k: v for k, v in ms.items() if k in flat},
-        method_options={k: v for k, v in ms.items() if k not in flat},
-    )
+    res = manipulate(lm, args.unit, args.target, method=args.method, shift=args.shift, train_images=args.train_images,
+                     eval_images=args.eval_images, split=args.split, limit=args.limit, out=out, work=args.work,
+                     settings=settings)
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
     save_config(args, out)
-    torch.manual_seed(args.seed)  # nothing below draws from it; set for any third-party code
-    res = run_fool(lm, routes, train_imgs, eval_nat, settings, out, work_dir=args.work)
     s = res.summary
     top1 = s.get("fv_top1_is_target_class_manipulated")
     top1_txt = "" if top1 is None else (f"FVs called the target class {top1:.2f} "

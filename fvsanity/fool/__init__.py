@@ -32,6 +32,10 @@ Importing this package also registers the loader that lets ``load_model("out/mod
 saved manipulated model (``fvsanity`` imports it).
 """
 
+import sys as _sys
+import types as _types
+
+from .api import fool_settings, manipulate
 from .circuit import GatedEdit, build_fooling_circuit, gated_value
 from .detector import (
     DetectorReport,
@@ -89,6 +93,8 @@ from .slingshot import (  # registers slingshot (weight-only; saves a plain stat
 )
 
 __all__ = [
+    "fool_settings",
+    "manipulate",
     "MANIPULATIONS",
     "EffectReport",
     "UnitEffect",
@@ -149,3 +155,16 @@ __all__ = [
     "ssim",
     "train_detector",
 ]
+
+
+# ``fvsanity.fool(...)``: the package is callable, as the one-call facade of the command
+# (``fvsanity.fool.manipulate``); ``fvsanity.fool.pipeline`` and the rest stay importable as ever
+class _CallableModule(_types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        """:func:`fvsanity.fool.api.manipulate`."""
+        from .api import manipulate
+
+        return manipulate(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
