@@ -310,9 +310,9 @@ def collect_with_responses(
     sink = _Sink(lm, layers, len(units), pool, n_total)
     batches = iter_batches(images, batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        batches = tqdm(batches, desc="activations", unit="batch")
+        batches = progress_bar(batches, desc="activations", unit="batch")
     layouts = {name: lm.layer_info(name).layout for name in need}
     with torch.no_grad(), pooled_capture(lm.model, layers, units, pool, layouts) as store:
         for x in batches:

@@ -715,10 +715,10 @@ def audit_units(
     computed: list[str] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
         total, initial = (len(todo), 0) if shard.active else (len(plan.ids), len(plan.ids) - len(plan.todo))
-        bar = tqdm(total=total, initial=initial, unit="unit", file=sys.stderr,
+        bar = progress_bar(total=total, initial=initial, unit="unit",
                    desc=f"audit units ({shard.tag()})" if shard.active else "audit units")
     try:
         step = max(1, cfg.fv_batch_units)

@@ -309,6 +309,9 @@ def check_environment() -> None:
 
     check_env()
     offline()
+    from .progress import interactive
+
+    interactive()  # its own check: FVSANITY_PROGRESS='sometimes' is not valid; valid: always, never, auto
     if os.environ.get("FVSANITY_AMP", "").strip():
         from .generate.render import resolve_amp
 
