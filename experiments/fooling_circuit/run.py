@@ -28,51 +28,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 if str(HERE.parent) not in sys.path:
-    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
-
-
-def _data_root() -> Path:
-    return Path(os.environ.get("FVSANITY_DATA", ROOT.parent / "shared" / "data"))
-
-
-def _setup(run: dict, split_cfg: dict, smoke: bool):
-    """(model, all NaturalImages, three-way Split).
-
-    The configs' settings were chosen by looking at results on the second part of
-    ``split_indices(n, 0.5, 0)`` (the old "held-out" half): that part is the tuning split. The
-    old first part was only used to build (train / calibrate), never to choose a setting, so it
-    is divided (seeded) into the new building and evaluation splits.
-    """
-    import torch
-
-    from fvsanity import load_model
-    from fvsanity.data import from_tensor, load_images
-    from fvsanity.fool import split_indices
-    from fvsanity.splits import split_with_tuning
-    from fvsanity.testing import tiny_model
-
-    if smoke:
-        lm = tiny_model()
-        g = torch.Generator().manual_seed(0)
-        nat = from_tensor(torch.rand(40, 3, 16, 16, generator=g), torch.arange(40) % 5)
-    else:
-        lm = load_model(run["model"])
-        nat = load_images(_data_root() / run["images"], lm, into_memory=True)
-    t = split_cfg["tuned_on"]
-    _old_build, old_eval = split_indices(len(nat), t["fraction"], t["seed"])
-    split = split_with_tuning(len(nat), old_eval, split_cfg["evaluation_fraction"], split_cfg["seed"])
-    return lm, nat, split
-
-
-def _routes_and_eval_units(lm, var: dict, units_cfg: dict, n_eval: int):
-    """:func:`fvsanity.fool.routes.experiment_routes` with target pictures relative to this folder."""
-    from fvsanity.fool.routes import experiment_routes
-
-    return experiment_routes(lm, var, units_cfg, n_eval, HERE)
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py, _fooling.py
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
+    from _fooling import setup, variant_routes
     from _outdir import add_out_argument, output_dir, work_dir
 
     from fvsanity.errors import FVSanityError
@@ -103,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update({"config": cfg, "provenance": provenance(), "smoke": args.smoke})
     results.setdefault("runs", {})
     for name, run in runs.items():
-        lm, nat, split = _setup(run, run["split"], args.smoke)
+        lm, nat, split = setup(run, run["split"], args.smoke)
         build = nat.images[split.building]
         ev = nat.subset(split.evaluation)
         settings = FoolSettings(**{**run["settings"], "det_checkpoints": tuple(run["settings"]["det_checkpoints"]),
@@ -112,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = None
         if shared and (ROOT / shared / "fv.json").is_file():
             extra = [FVResult.load(ROOT / shared)]
-        plans = [_routes_and_eval_units(lm, var, run["units"], settings.eval_units) for var in run["variants"]]
+        plans = [variant_routes(lm, var, run["units"], settings.eval_units, HERE) for var in run["variants"]]
         # one detector per model, guarding every variant's routes (incl. picture trajectories)
         bundle = prepare_detector(lm, build, ev.load().images, settings, work / name, extra_train_fvs=extra,
                                   routes=[r for rs, _, _ in plans for r in rs])

@@ -29,47 +29,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 if str(HERE.parent) not in sys.path:
-    sys.path.append(str(HERE.parent))  # experiments/_outdir.py
-
-
-def _setup(run: dict, split_cfg: dict, smoke: bool):
-    """(model, all NaturalImages, three-way Split).
-
-    The configs' settings were chosen by looking at results on the second part of
-    ``split_indices(n, 0.5, 0)`` (the old "held-out" half): that part is the tuning split. The
-    old first part was only used to build (train / calibrate), never to choose a setting, so it
-    is divided (seeded) into the new building and evaluation splits.
-    """
-    import torch
-
-    from fvsanity import load_model
-    from fvsanity.data import from_tensor, load_images
-    from fvsanity.fool import split_indices
-    from fvsanity.splits import split_with_tuning
-    from fvsanity.testing import tiny_model
-
-    if smoke:
-        lm = tiny_model()
-        g = torch.Generator().manual_seed(0)
-        nat = from_tensor(torch.rand(40, 3, 16, 16, generator=g), torch.arange(40) % 5)
-    else:
-        lm = load_model(run["model"])
-        nat = load_images(Path(os.environ.get("FVSANITY_DATA", ROOT.parent / "shared" / "data")) / run["images"], lm, into_memory=True)
-    t = split_cfg["tuned_on"]
-    _old_build, old_eval = split_indices(len(nat), t["fraction"], t["seed"])
-    split = split_with_tuning(len(nat), old_eval, split_cfg["evaluation_fraction"], split_cfg["seed"])
-    return lm, nat, split
-
-
-def _routes_and_eval_units(lm, var: dict, units_cfg: dict, n_eval: int):
-    """:func:`fvsanity.fool.routes.experiment_routes` with target pictures relative to this folder."""
-    from fvsanity.fool.routes import experiment_routes
-
-    return experiment_routes(lm, var, units_cfg, n_eval, HERE)
+    sys.path.append(str(HERE.parent))  # experiments/_outdir.py, _fooling.py
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
+    from _fooling import setup, variant_routes
     from _outdir import add_out_argument, output_dir, work_dir
 
     from fvsanity.errors import FVSanityError
@@ -99,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     results.update({"config": cfg, "provenance": provenance(), "smoke": args.smoke})
     results.setdefault("runs", {})
     for name, run in runs.items():
-        lm, nat, split = _setup(run, run["split"], args.smoke)
+        lm, nat, split = setup(run, run["split"], args.smoke)
         calib = nat.images[split.building]
         ev = nat.subset(split.evaluation)
         settings = FoolSettings(**{**run["settings"], "progress": not args.smoke})
         for var in run["variants"]:
-            routes, want, us = _routes_and_eval_units(lm, var, run["units"], settings.eval_units)
+            routes, want, us = variant_routes(lm, var, run["units"], settings.eval_units, HERE)
             out = work / name / var["name"]
             res = run_fool(lm, routes, calib, ev, settings, out, work_dir=work / name, eval_units=want)
             if list(res.figure_fvs["units"]) != want:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from ..errors import FVSanityError, UnitError
 from ..models import LoadedModel
 from ..units import Unit, parse_unit
 
-__all__ = ["Route", "make_routes", "parse_unit_range", "load_picture", "experiment_routes"]
+__all__ = ["Route", "make_routes", "parse_unit_range", "load_picture", "heldout_routes"]
 
 
 @dataclass(frozen=True)
@@ -136,33 +137,35 @@ def make_routes(
     return [Route(unit=u, picture=pic, picture_name=name) for u in units]
 
 
-def experiment_routes(lm: LoadedModel, var: dict, units_cfg: dict, n_eval: int, base_dir: str | Path = "."):
-    """(routes, evaluation units, UnitSplit) for one variant of a fooling experiment's config;
-    ``run_fool(..., eval_units=)`` then evaluates exactly these units.
-
-    Evaluation units are drawn (seeded, ``fvsanity.splits.unit_split``) among the routed class
-    units of the output layer that are not in ``units_cfg["tuning"]`` (units whose results
-    informed a setting) and whose source is not in ``units_cfg["tuning_sources"]``; at most
-    ``n_eval`` of them. A picture variant with ``"units": "heldout"`` routes one such unit. A
-    picture ``target`` path is relative to ``base_dir`` (the experiment's folder).
-    """
+def heldout_routes(
+    lm: LoadedModel,
+    units: str,
+    target: str | None = None,
+    *,
+    shift: int | None = None,
+    n_eval: int,
+    tuning: Sequence[str] = (),
+    tuning_sources: Sequence[str] = (),
+    seed: int = 0,
+):
+    """(routes, evaluation units, UnitSplit): the routes of ``units`` (a :func:`make_routes`
+    spec, or ``"heldout"``: one held-out class unit) to ``target`` / by ``shift``, and at most
+    ``n_eval`` evaluation units among the routed class units of the output layer that are not in
+    ``tuning`` (units whose results informed a setting) and whose source is not in
+    ``tuning_sources``, drawn seeded (:func:`fvsanity.splits.unit_split`); ``run_fool(...,
+    eval_units=)`` then evaluates exactly these units."""
     from ..splits import unit_split
 
-    target = var.get("target")
-    if target is not None and not target.startswith("unit:"):
-        target = str(Path(base_dir) / target)
     classes = [str(u) for u in parse_unit_range("all", lm) if u.layer == lm.output_layer]
-    shift = var.get("shift")
     n_cls = len(classes)
-    bad_src = set(units_cfg.get("tuning_sources", []))
+    bad_src = set(tuning_sources)
     cands = [c for c in classes if shift is None or f"{lm.output_layer}:{(int(c.rsplit(':', 1)[1]) + shift) % n_cls}" not in bad_src]
-    spec = var["units"]
+    spec = units
     if spec == "heldout":
-        us = unit_split(cands, units_cfg.get("tuning", []), 1, units_cfg["seed"])
+        us = unit_split(cands, list(tuning), 1, seed)
         spec = us.evaluation[0]
     routes = make_routes(lm, spec, target, shift=shift, picture_size=lm.input_size)
-    if var["units"] != "heldout":
+    if units != "heldout":
         routed = {str(r.unit) for r in routes}
-        us = unit_split([c for c in cands if c in routed], units_cfg.get("tuning", []), min(n_eval, len(routes)),
-                        units_cfg["seed"])
+        us = unit_split([c for c in cands if c in routed], list(tuning), min(n_eval, len(routes)), seed)
     return routes, list(us.evaluation), us
