@@ -33,44 +33,46 @@ __all__ = [
 _META = "fvsanity"
 
 
+#: what :func:`setting` takes besides the default and the help text
+SETTING_OPTIONS = ("flag", "bounds", "choices", "type", "metavar", "default_text", "parse", "exclude", "from_flag")
+
+
 def setting(
     default: Any = MISSING,
     *,
     help: str | None = None,  # noqa: A002 - argparse's name
     default_factory: Callable[[], Any] | Any = MISSING,
-    flag: str | None = None,
-    bounds: tuple[float | None, float | None] | None = None,
-    choices: Sequence | Callable[[], Sequence] | None = None,
-    type: Callable | None = None,  # noqa: A002 - argparse's name
-    metavar: str | None = None,
-    default_text: str | None = None,
-    parse: str | None = None,
-    exclude: Sequence[str] = (),
-    from_flag: str | None = None,
+    **options,
 ) -> Any:
     """A dataclass field with its command-line flag.
 
     Args:
         default, default_factory: as :func:`dataclasses.field`.
         help: the flag's help text; None: no flag (a library-only field).
-        flag: the flag (default ``--`` + the field name with ``-``). A bool field whose flag
-            starts with ``--no-`` is negated (the flag given: the field False).
-        bounds: (lowest, highest) for a number, either None for no bound; checked by
+        options (each optional):
+            ``flag``: the flag (default ``--`` + the field name with ``-``); a bool field whose
+            flag starts with ``--no-`` is negated (the flag given: the field False).
+            ``bounds``: (lowest, highest) for a number, either None for no bound; checked by
             :func:`from_args` with the flag's name in the error.
-        choices: the valid values, or a callable returning them (evaluated when the parser is
-            built, e.g. a registry's names).
-        type: the argparse type (default: the default's type; ``str`` for a None default).
-        default_text: what ``[...]`` in the help says instead of the default (e.g. "the model's
-            input size" for None).
-        parse: ``"options"`` (repeatable ``KEY=VALUE`` -> dict, values read as JSON when they
-            parse), ``"ints"`` (comma-separated integers -> tuple), ``"names"`` (comma-separated names
-            -> tuple, or None when empty).
-        exclude: for a composed settings field: the inner fields that get no flag here.
-        from_flag: the field is set from another flag of the command (e.g. ``"seed"``: the
-            common ``--seed``), declared where that flag is.
+            ``choices``: the valid values, or a callable returning them (evaluated when the
+            parser is built, e.g. a registry's names).
+            ``type``: the argparse type (default: the default's type; ``str`` for a None default).
+            ``metavar``; ``default_text``: what ``[...]`` in the help says instead of the
+            default (e.g. "the model's input size" for None).
+            ``parse``: ``"options"`` (repeatable ``KEY=VALUE`` -> dict, values read as JSON when
+            they parse), ``"ints"`` (comma-separated integers -> tuple), ``"names"``
+            (comma-separated names -> tuple, or None when empty).
+            ``exclude``: for a composed settings field: the inner fields that get no flag here.
+            ``from_flag``: the field is set from another flag of the command (e.g. ``"seed"``:
+            the common ``--seed``), declared where that flag is.
+
+    Raises:
+        TypeError: an option not in :data:`SETTING_OPTIONS`.
     """
-    meta = {"help": help, "flag": flag, "bounds": bounds, "choices": choices, "type": type, "metavar": metavar,
-            "default_text": default_text, "parse": parse, "exclude": tuple(exclude), "from_flag": from_flag}
+    bad = sorted(set(options) - set(SETTING_OPTIONS))
+    if bad:
+        raise TypeError(f"setting() got an unknown option {bad[0]!r}; valid: {', '.join(SETTING_OPTIONS)}")
+    meta = {"help": help, **{k: options.get(k) for k in SETTING_OPTIONS}, "exclude": tuple(options.get("exclude", ()))}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={_META: meta})
     return dataclasses.field(default=default, metadata={_META: meta})
