@@ -300,6 +300,19 @@ def _render(lm, units, settings: CheckSettings, cache: Path | None, device, prog
     return res
 
 
+def run_header(command: str, lm, images, units) -> str:
+    """The first line of a run: the model, where its weights and the images come from, the units."""
+    from ._paths import describe_location
+
+    weights = describe_location(lm.weights_source) if lm.weights_source not in (None, "random") else "random"
+    try:
+        where = describe_location(images) if images is not None else "in memory"
+    except (TypeError, OSError):
+        where = "in memory"
+    return (f"fvsanity {command}: model {lm.name} (weights: {weights}), images: {where}, "
+            f"units {', '.join(map(str, units))}")
+
+
 def _natural(lm, images, image_options: dict | None):
     from .data import NaturalImages, load_images
 
@@ -395,6 +408,10 @@ def check(
     if "paired" in _designs(settings.path.metric) and len(units) < 4:
         raise FVSanityError(f"--metric {settings.path.metric} compares units in a paired design and needs >= 4 --unit, "
                             f"got {len(units)}; use --metric spearman for fewer units")
+    if progress and (shard is None or shard.is_main):  # every input checked: say what is being checked
+        import sys
+
+        print(run_header("check", lm, getattr(natural, "root", images), units), file=sys.stderr)
     if fvs is None:
         fvs = _render(lm, units, settings, None if cache is None else Path(cache), device, progress, shard)
         if fvs is None:

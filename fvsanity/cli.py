@@ -367,8 +367,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one ``fvsanity: warning: ...`` line on stderr (no file path, no source
+    line): what a user reads, not where in the code it was raised."""
+    text = " ".join(str(message).split())
+    print(f"fvsanity: warning: {text}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown
+
+
+def _main(argv: list[str]) -> int:
     try:
         parser = build_parser()
         commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]

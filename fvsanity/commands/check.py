@@ -12,7 +12,6 @@ Writes ``check.json`` (per unit: layers + verdict; settings, seeds, versions),
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..errors import FVSanityError
@@ -62,23 +61,6 @@ def image_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def run_header(command: str, lm, images, units) -> str:
-    """The first line of a run: the model, where its weights and the images come from, the units."""
-    from .._paths import describe_location
-
-    weights = describe_location(lm.weights_source) if lm.weights_source not in (None, "random") else "random"
-    if images is None:
-        from ..defaults import default_images
-
-        try:
-            images = default_images(lm)
-        except FVSanityError:
-            images = None
-    where = describe_location(images) if images is not None else "none"
-    return (f"fvsanity {command}: model {lm.name} (weights: {weights}), images: {where}, "
-            f"units {', '.join(map(str, units))}")
-
-
 # ------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
     from ..distributed import sharded
@@ -104,7 +86,6 @@ def _run(args: argparse.Namespace, shard, device) -> int:
     # --random-weights: the same weights for the same --seed (load_model seeds without global state)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
-    print(run_header("check", lm, args.images, args.unit or [f"from {args.fv}"]), file=sys.stderr)
     report = check(lm, args.unit, args.images, fvs=args.fv, settings=settings, calibration=args.calibration,
                    device=device, progress=not args.no_progress, cache=out / "fvs", image_options=opts, shard=shard)
     if report is None:
