@@ -372,11 +372,6 @@ def check(
     settings = CheckSettings.of(settings, **overrides) if overrides else (settings or CheckSettings())
     per_unit, paired = settings.design()  # refused before the model or any image is loaded
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    calib = calibration
-    if isinstance(calibration, (str, Path)):  # refused (one line) before any FV work if measured on another model
-        from .compare.detect import load_calibration
-
-        calib = load_calibration(calibration, lm.name)
     units = check_distinct(parse_units(units, lm), "--unit") if units else []
     if not units and fvs is None:
         raise FVSanityError("pass at least one --unit LAYER:CHANNEL (or --fv with saved FVs)")
@@ -387,6 +382,12 @@ def check(
                                          else (settings.render.size,) * 2)
         except SettingError as e:
             raise FVSanityError(f"--seeds {settings.seeds} for {len(units)} unit(s) is too many: {e}") from None
+    calib = calibration
+    if isinstance(calibration, (str, Path)):  # refused (one line) before any FV work if measured otherwise
+        from .compare.detect import fv_identity, load_calibration
+
+        seeds = settings.seeds if settings.seeds is not None else len(getattr(fvs, "seeds", []) or []) or None
+        calib = load_calibration(calibration, lm, fv=fv_identity(lm, settings.render, seeds))
     if settings.path.layers:  # before any FV work
         from .units import resolve_layer
 

@@ -401,7 +401,7 @@ def test_commands_are_the_modules_that_exist():
     from fvsanity import cli
 
     names = cli.list_commands()
-    assert names == ["audit", "check", "demo", "fool", "layers", "visualize"]
+    assert names == ["audit", "calibrate", "check", "demo", "fool", "layers", "visualize"]
     sub = cli.build_parser()._subparsers._group_actions[0].choices
     assert sorted(sub) == names
     assert not hasattr(cli, "COMMANDS")

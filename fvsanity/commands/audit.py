@@ -42,8 +42,9 @@ def register(sub) -> None:
     p.add_argument("--fv", default=None,
                    help="reuse FVs from a `fvsanity visualize` output folder (default units: all of its units)")
     add_flags(p, AuditSettings, exclude=("path.layers",))  # every setting, declared once in its dataclass
-    p.add_argument("--calibration", default=None, metavar="RESULTS_JSON",
-                   help="a detection results.json (experiments/detection) measured on this model: report each "
+    p.add_argument("--calibration", default=None, metavar="CALIBRATION_JSON",
+                   help="a calibration.json of `fvsanity calibrate` for this model and these FV settings (or a "
+                        "detection results.json of experiments/detection): report each "
                         "unit's calibrated score (path-only signals) and whether it is flagged at the measured "
                         "5%%-FPR threshold (written to calibrated.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -101,11 +102,6 @@ def _run(args: argparse.Namespace, shard, device) -> int:
     out = ensure_writable_dir(args.out)  # fail before any slow work
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
-    calib = None
-    if getattr(args, "calibration", None):  # refused (one line) before any FV work if measured on another model
-        from ..compare.detect import load_calibration
-
-        calib = load_calibration(args.calibration, lm.name)
     specs = args.units
     if args.fv and not args.units and not args.layer:
         from ..generate.saved import read_fv_result
@@ -113,6 +109,11 @@ def _run(args: argparse.Namespace, shard, device) -> int:
         specs = [str(u) for u in read_fv_result(args.fv).units]  # every unit of the FV set
     units = check_distinct(select_units(lm, specs, args.layer, args.sample, args.seed), "--units")
     cfg = cfg.resolved(lm, units)  # automatic seeds: enough for both claims on these units' paths
+    calib = None
+    if getattr(args, "calibration", None):  # refused (one line) before any FV work if measured otherwise
+        from ..compare.detect import fv_identity, load_calibration
+
+        calib = load_calibration(args.calibration, lm, fv=fv_identity(lm, cfg.render, cfg.seeds))
     try:  # the FVs to render must fit in memory
         hw = lm.input_size if cfg.render.size is None else (cfg.render.size, cfg.render.size)
         cfg.render.check_memory(min(len(units), cfg.fv_batch_units) * cfg.seeds, hw)

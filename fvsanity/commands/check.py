@@ -41,8 +41,9 @@ def register(sub) -> None:
     add_flags(p, CheckSettings)  # every setting, declared once in its dataclass
     p.add_argument("--figure-mode", choices=["auto", "panels", "mean"], default="auto",
                    help="one panel per unit or the mean over units [auto: panels up to 12 units]")
-    p.add_argument("--calibration", default=None, metavar="RESULTS_JSON",
-                   help="a detection results.json (experiments/detection) measured on this model: report each "
+    p.add_argument("--calibration", default=None, metavar="CALIBRATION_JSON",
+                   help="a calibration.json of `fvsanity calibrate` for this model and these FV settings (or a "
+                        "detection results.json of experiments/detection): report each "
                         "unit's calibrated score and whether it is flagged at the measured 5%%-FPR threshold")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -59,6 +59,8 @@ bootstrap over units), :func:`roc_curve`, :func:`threshold_at_fpr`, :func:`rate_
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -84,6 +86,7 @@ __all__ = [
     "detection_signals",
     "exemplar_agreement",
     "fit_combined",
+    "fv_identity",
     "healthy_band",
     "load_calibration",
     "min_units_for_confidence",
@@ -608,10 +611,13 @@ def signals_from_json(unit: Mapping) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The calibrated scores measured by ``experiments/detection`` for one model (its results.json).
+    """The calibrated scores measured for one model: by ``fvsanity calibrate`` (calibration.json)
+    or by ``experiments/detection`` (results.json).
 
     Attributes:
-        model: the model name it was measured on; source: the results.json path.
+        model: the model name it was measured on; source: the file's path.
+        fingerprint, fv: the model fingerprint and FV settings (:func:`fv_identity`) it was
+            measured with (calibration.json; None for a results.json).
         scores: {"combined": CombinedScore (every signal), "combined_path": CombinedScore
             (:data:`PATH_SIGNALS` only)}; operating: per score, what was measured on evaluation
             units at its 5%-FPR threshold: {"healthy_fpr": float, "tpr": {method: float}}, and,
@@ -624,6 +630,8 @@ class Calibration:
     source: str
     scores: dict
     operating: dict
+    fingerprint: str | None = None
+    fv: dict | None = None
 
     def rate(self, values: Mapping[str, float]) -> dict:
         """One unit's calibrated score from its signals (``values``: name -> float; the full
@@ -661,30 +669,92 @@ class Calibration:
         return out
 
 
-def load_calibration(path, model: str) -> Calibration:
-    """The calibrated scores of ``model`` from a detection results.json.
+def fv_identity(lm, render, seeds: int | None) -> dict:
+    """The FV settings a calibration holds for ``lm``: what a check/audit with ``render`` (a
+    :class:`~fvsanity.generate.RenderSettings`) and ``seeds`` FVs per unit renders with (None:
+    automatic, not yet resolved: left out, so not compared).
+
+    Returns:
+        {"steps", "size": [H, W] px (resolved), "param", "lr", "transforms", "diversity",
+        "optimizer", "dtype" (the compute dtype it resolves to on the model's device), "seeds"
+        (unless None)}.
+    """
+    from ..generate.render import dtype_settings
+
+    size = render.size
+    hw = list(lm.input_size) if size is None else ([int(size)] * 2 if isinstance(size, int) else [int(x) for x in size])
+    name = lambda v: v if isinstance(v, str) else getattr(v, "__name__", repr(v))  # noqa: E731
+    return {"steps": int(render.steps), "size": hw, "param": name(render.param), "lr": float(render.lr),
+            "transforms": name(render.transforms), "diversity": float(render.diversity),
+            "optimizer": name(render.optimizer),
+            "dtype": dtype_settings(render.amp, render.device or lm.device).get("dtype", "float32"),
+            **({} if seeds is None else {"seeds": int(seeds)})}
+
+
+def load_calibration(path, model, fv: Mapping | None = None) -> Calibration:
+    """The calibrated scores of ``model`` from a calibration.json (``fvsanity calibrate``) or a
+    detection results.json (``experiments/detection``).
+
+    Args:
+        model: a :class:`~fvsanity.models.LoadedModel` (a calibration.json must hold its
+            fingerprint) or a model name (names are compared only).
+        fv: the FV settings the check/audit is about to use (:func:`fv_identity`); a
+            calibration.json measured with other ones is refused. None: not compared.
 
     Raises:
-        DetectionError: one line: the file is missing or not a detection results.json, or it was
-            measured on other models (naming them).
+        DetectionError: one line: the file is missing or not a calibration, or it was measured on
+            another model (name or fingerprint) or with other FV settings (naming them).
     """
     import json
     from pathlib import Path
 
+    name = model if isinstance(model, str) else model.name
     p = Path(path)
     if not p.is_file():
-        raise DetectionError(f"--calibration file not found: {str(p)!r} (give figures/detection/results.json)")
+        raise DetectionError(f"--calibration file not found: {str(p)!r} (give the calibration.json of "
+                             f"`fvsanity calibrate` or figures/detection/results.json)")
     try:
         doc = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise DetectionError(f"--calibration {str(p)!r} is not JSON: {type(e).__name__}") from e
+    if isinstance(doc, dict) and str(doc.get("format", "")).startswith("fvsanity-calibration/"):
+        return _from_calibration(p, doc, model, name, fv)
     models = [k for k, v in doc.items() if isinstance(v, dict) and "combined_score" in v] if isinstance(doc, dict) else []
     if not models:
-        raise DetectionError(f"--calibration {str(p)!r} is not a detection results.json (no model with a combined_score)")
-    if model not in models:
-        raise DetectionError(f"--calibration {str(p)!r} was measured on {', '.join(models)}, not on {model!r}; "
-                             f"its threshold does not transfer (run experiments/detection/run.py for {model!r})")
-    r = doc[model]
+        raise DetectionError(f"--calibration {str(p)!r} is not a calibration.json or a detection results.json "
+                             f"(no model with a combined_score)")
+    if name not in models:
+        raise DetectionError(f"--calibration {str(p)!r} was measured on {', '.join(models)}, not on {name!r}; "
+                             f"its threshold does not transfer (run `fvsanity calibrate --model {name}`)")
+    return _calibration_of(p, doc[name], name)
+
+
+def _from_calibration(p, doc: Mapping, model, name: str, fv: Mapping | None) -> Calibration:
+    """A calibration.json, refused for another model fingerprint or other FV settings."""
+    m = doc.get("model") or {}
+    fp = m.get("fingerprint")
+    if not isinstance(model, str):
+        here = model.fingerprint()
+        if fp != here:
+            raise DetectionError(f"--calibration {str(p)!r} was measured on model {m.get('name')!r} with fingerprint "
+                                 f"{str(fp)[:12]}, not on this {name!r} (fingerprint {here[:12]}); its thresholds do "
+                                 f"not transfer (run `fvsanity calibrate` on this model)")
+    elif m.get("name") != name:
+        raise DetectionError(f"--calibration {str(p)!r} was measured on {m.get('name')}, not on {name!r}; "
+                             f"its threshold does not transfer (run `fvsanity calibrate --model {name}`)")
+    have = doc.get("fv") or {}
+    if fv is not None:
+        diff = [k for k in fv if k in have and json.dumps(have[k]) != json.dumps(fv[k])]
+        if diff:
+            was = ", ".join(f"{k} {have[k]}" for k in diff)
+            now = ", ".join(f"{k} {fv[k]}" for k in diff)
+            raise DetectionError(f"--calibration {str(p)!r} was measured with FV settings {was}, not {now} as this run "
+                                 f"uses; pass those settings or re-run `fvsanity calibrate` with these")
+    return dataclasses.replace(_calibration_of(p, doc, str(m.get("name", name))), fingerprint=fp, fv=dict(have))
+
+
+def _calibration_of(p, r: Mapping, model: str) -> Calibration:
+    """The scores and operating points of one results entry (results.json) or calibration.json."""
     scores, operating = {}, {}
     for name, key, fpr_key in (("combined", "combined_score", "combined_eval_healthy_fpr"),
                                ("combined_path", "combined_path_score", "combined_path_eval_healthy_fpr")):
@@ -701,5 +771,5 @@ def load_calibration(path, model: str) -> Calibration:
                 "tpr": {m: v["signals"][name]["confident"]["tpr"] for m, v in r.get("methods", {}).items()
                         if (v.get("signals", {}).get(name) or {}).get("confident", {}).get("attainable")}}
     if "combined_path" not in scores:
-        raise DetectionError(f"--calibration {str(p)!r} has no path-only score for {model!r}; re-run the detection benchmark")
+        raise DetectionError(f"--calibration {str(p)!r} has no path-only score for {model!r}; re-run the calibration")
     return Calibration(model, str(p), scores, operating)
