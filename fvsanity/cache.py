@@ -188,11 +188,14 @@ def _transforms_json(transforms) -> Any:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def fv_key(
-    lm, units, seeds: Sequence[int], *, steps: int = 512, size=None, lr: float = 0.05, param: str = "fft",
-    decorrelate: bool = True, transforms="standard", diversity: float = 0.0, checkpoints: Sequence[int] = (),
-    dtype: str = "float32", fv_batch: int | None = None,
-) -> dict:
+#: the render options that enter an FV cache key, with the defaults of :func:`fvsanity.generate.render`
+FV_KEY_OPTIONS = {
+    "steps": 512, "size": None, "lr": 0.05, "param": "fft", "decorrelate": True, "transforms": "standard",
+    "diversity": 0.0, "checkpoints": (),
+}
+
+
+def fv_key(lm, units, seeds: Sequence[int], *, dtype: str = "float32", fv_batch: int | None = None, **options) -> dict:
     """The cache key of FVs rendered by :func:`fvsanity.generate.render` with these arguments.
 
     Holds the model fingerprint and name, the units (direction vectors by digest), seeds and every
@@ -202,8 +205,17 @@ def fv_key(
     it always was and bf16 FVs are never served for a float32 request or back. ``fv_batch``: the
     compute width (:func:`fvsanity.generate.render.fv_batch_width`, default for the CPU), which
     changes the floating-point result. Device and progress do not enter.
+
+    ``options``: the render options by name (:data:`FV_KEY_OPTIONS`, with their defaults); an
+    unknown name is a TypeError.
     """
     from .generate.render import fv_batch_width
+
+    bad = sorted(set(options) - set(FV_KEY_OPTIONS))
+    if bad:
+        raise TypeError(f"fv_key() got an unknown render option {bad[0]!r}; valid: {', '.join(FV_KEY_OPTIONS)}")
+    o = {**FV_KEY_OPTIONS, **options}
+    steps, size, checkpoints = o["steps"], o["size"], o["checkpoints"]
 
     if size is None:
         hw = list(lm.input_size)
@@ -219,11 +231,11 @@ def fv_key(
         "seeds": [int(s) for s in seeds],
         "steps": int(steps),
         "size": hw,
-        "lr": float(lr),
-        "param": param,
-        "decorrelate": bool(decorrelate),
-        "transforms": _transforms_json(transforms),
-        "diversity": float(diversity),
+        "lr": float(o["lr"]),
+        "param": o["param"],
+        "decorrelate": bool(o["decorrelate"]),
+        "transforms": _transforms_json(o["transforms"]),
+        "diversity": float(o["diversity"]),
         "checkpoints": sorted({int(c) for c in checkpoints if 0 < int(c) <= int(steps)}),
         **({} if dtype == "float32" else {"dtype": str(dtype)}),
         "fv_batch": fv_batch_width(fv_batch, "cpu"),

@@ -709,15 +709,7 @@ def load_images(
     bad: list[str] = []
     reasons: list[str] = []
     if verify:
-        ok = []
-        for i in keep:
-            why = _readable(paths[i])
-            if why is None:
-                ok.append(i)
-            else:
-                bad.append(str(paths[i]))
-                reasons.append(why)
-        keep = ok
+        keep, bad, reasons = _readable_subset(paths, keep)
     if not keep:
         first = f" (first: {bad[0]}: {reasons[0]})" if bad else ""
         raise DataError(f"no readable image in {str(root)!r}: all {len(bad)} image files failed to decode{first}")
@@ -739,6 +731,21 @@ def load_images(
         names_matched=matched,
     )
     return nat.load() if into_memory else nat
+
+
+def _readable_subset(paths: Sequence[Path], keep: Sequence[int]) -> tuple[list[int], list[str], list[str]]:
+    """Decode each kept file once: ``(readable indices, unreadable paths, why each failed)``."""
+    ok: list[int] = []
+    bad: list[str] = []
+    reasons: list[str] = []
+    for i in keep:
+        why = _readable(paths[i])
+        if why is None:
+            ok.append(i)
+        else:
+            bad.append(str(paths[i]))
+            reasons.append(why)
+    return ok, bad, reasons
 
 
 def _label_space(lm_or_preprocess, class_names: Sequence[str] | None) -> _LabelSpace:

@@ -157,7 +157,7 @@ def test_import_graph_sees_function_level_and_relative_imports():
     g = import_graph()
     assert "fvsanity.fingerprint" in g["fvsanity.models.loaded"]  # inside LoadedModel.fingerprint
     assert "fvsanity.fool" in g["fvsanity"]  # `from . import fool`
-    assert "fvsanity.compare.path" in g["fvsanity.fool.pipeline"]  # inside a function
+    assert "fvsanity.checking" in g["fvsanity.fool.pipeline"]  # inside a function
 
 
 def test_package_has_no_import_cycles():

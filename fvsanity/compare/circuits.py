@@ -38,13 +38,14 @@ top-k overlaps :func:`fvsanity.compare.similarity.jaccard` (the one implementati
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .attribution import AttributionError, EdgeAttribution, edge_attribution
+from .attribution import AttributionError, AttributionSettings, EdgeAttribution, edge_attribution
 from .similarity import jaccard
 from .similarity import spearman as _vector_spearman
 from .stats import holm, percentile_interval, permutation_pvalue
@@ -54,6 +55,7 @@ __all__ = [
     "STATISTICS",
     "LayerOverlap",
     "CircuitOverlap",
+    "CircuitStatsSettings",
     "top_k_jaccard",
     "weighted_jaccard",
     "edge_rank_correlation",
@@ -315,6 +317,39 @@ class CircuitOverlap:
 
 
 # ------------------------------------------------------------------------------ comparison
+@dataclass(frozen=True)
+class CircuitStatsSettings:
+    """The statistics of :func:`compare_circuits` / :func:`circuit_overlap`.
+
+    Attributes:
+        primary: statistic behind calibrated / CI / p ("spearman"; see :data:`STATISTICS`).
+        n_splits: random splits of the natural images into halves A and B, averaged.
+        n_boot: bootstrap replicates. n_perm: permutations of FV and other labels.
+        perm_splits: the splits each permutation statistic averages over. With L layers, Holm
+            can only reach ``alpha`` if ``L / (n_perm + 1) < alpha``.
+        alpha: level of the per-layer claims (Holm across layers).
+        confidence: level of the percentile bootstrap intervals (``ci_low``/``ci_high``, ``fv_ci``).
+    """
+
+    primary: str = "spearman"
+    n_splits: int = 20
+    n_boot: int = 200
+    n_perm: int = 1000
+    perm_splits: int = 1
+    alpha: float = 0.05
+    confidence: float = 0.95
+
+    @classmethod
+    def from_kwargs(cls, stats: CircuitStatsSettings | None = None, **kw) -> CircuitStatsSettings:
+        """``stats`` (default: the defaults) with the given fields replaced; an unknown name is a
+        TypeError naming the valid ones (the keyword calls of :func:`compare_circuits`)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(kw) - names)
+        if bad:
+            raise TypeError(f"unknown circuit statistics setting {bad[0]!r}; valid: {', '.join(sorted(names))}")
+        return dataclasses.replace(stats or cls(), **kw)
+
+
 def _rng(generator: torch.Generator | int | None) -> np.random.Generator:
     if isinstance(generator, int):
         return np.random.default_rng(generator)
@@ -323,51 +358,38 @@ def _rng(generator: torch.Generator | int | None) -> np.random.Generator:
     return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
 
 
-def _layer_overlap(
-    name: str,
-    kind: str,
-    fv: np.ndarray,
-    nat: np.ndarray,
-    oth: np.ndarray,
-    primary: str,
-    rng: np.random.Generator,
-    n_splits: int,
-    n_boot: int,
-    n_perm: int,
-    perm_splits: int = 1,
-    confidence: float = 0.95,
-) -> LayerOverlap:
-    """fv [S, E], nat [N, E], oth [M, E] per-image scores of the present edges."""
-    s_n, n_n, m_n = fv.shape[0], nat.shape[0], oth.shape[0]
-    g = min(s_n, n_n // 2, m_n)
-    splits = []
-    for _ in range(n_splits):
-        perm = rng.permutation(n_n)
-        splits.append((perm[:g], perm[g:]))
+def _subsample(rng: np.random.Generator, x: np.ndarray, size: int) -> np.ndarray:
+    """``size`` rows (or entries) of x drawn without replacement (all of x if it is not larger)."""
+    return x[rng.choice(x.shape[0], size, replace=False)] if x.shape[0] > size else x
 
-    def sub(x: np.ndarray, size: int) -> np.ndarray:
-        """``size`` rows (or entries) of x drawn without replacement (all of x if it is not larger)."""
-        return x[rng.choice(x.shape[0], size, replace=False)] if x.shape[0] > size else x
 
+def _calibrated(s: float, same: float, other: float) -> float:
+    """(s - other) / (same - other): 0 = like other images, 1 = like the unit's own; NaN when
+    the two nulls coincide."""
+    den = same - other
+    return (s - other) / den if abs(den) > 1e-12 else float("nan")
+
+
+def _split_means(fv, nat, oth, splits, g: int, rng: np.random.Generator) -> dict[str, dict[str, float]]:
+    """Every statistic of FV, same-class half A and other images against half B, averaged over
+    the splits: ``{"fv" | "same" | "other": {statistic: mean}}``."""
     vals = {k: {s: [] for s in STATISTICS} for k in ("fv", "same", "other")}
     for a_idx, b_idx in splits:
         b = nat[b_idx].mean(0)
-        rows = np.stack([sub(fv, g).mean(0), nat[a_idx].mean(0), sub(oth, g).mean(0)])
+        rows = np.stack([_subsample(rng, fv, g).mean(0), nat[a_idx].mean(0), _subsample(rng, oth, g).mean(0)])
         for s in STATISTICS:
             r = _stat_many(s, rows, b)
             for i, key in enumerate(("fv", "same", "other")):
                 vals[key][s].append(r[i])
-    mean = {k: {s: float(np.mean(v)) for s, v in d.items()} for k, d in vals.items()}
+    return {k: {s: float(np.mean(v)) for s, v in d.items()} for k, d in vals.items()}
 
-    def calib(s, same, other):
-        den = same - other
-        return (s - other) / den if abs(den) > 1e-12 else float("nan")
 
-    cal = calib(mean["fv"][primary], mean["same"][primary], mean["other"][primary])
-
-    # bootstrap: resample images within FV, A, B and other (after the split, so A and B stay disjoint)
+def _bootstrap(fv, nat, oth, g: int, rng: np.random.Generator, st: CircuitStatsSettings):
+    """Percentile intervals of the calibrated and the raw primary statistic: images resampled
+    within FV, A, B and other (after the split, so A and B stay disjoint)."""
+    s_n, n_n, m_n = fv.shape[0], nat.shape[0], oth.shape[0]
     boot_cal, boot_s = [], []
-    for _ in range(n_boot):
+    for _ in range(st.n_boot):
         perm = rng.permutation(n_n)
         a_idx, b_idx = perm[:g], perm[g:]
         b = nat[rng.choice(b_idx, b_idx.size)].mean(0)
@@ -378,29 +400,56 @@ def _layer_overlap(
                 oth[rng.choice(m_n, g)].mean(0),
             ]
         )
-        r = _stat_many(primary, rows, b)
+        r = _stat_many(st.primary, rows, b)
         boot_s.append(r[0])
-        boot_cal.append(calib(r[0], r[1], r[2]))
-    ci = percentile_interval(torch.tensor(boot_cal, dtype=torch.float64), confidence)
-    fv_ci = percentile_interval(torch.tensor(boot_s, dtype=torch.float64), confidence)
+        boot_cal.append(_calibrated(r[0], r[1], r[2]))
+    ci = percentile_interval(torch.tensor(boot_cal, dtype=torch.float64), st.confidence)
+    fv_ci = percentile_interval(torch.tensor(boot_s, dtype=torch.float64), st.confidence)
+    return ci, fv_ci
 
-    # permutation test of s - other (FV and other labels exchangeable under H0), on the first
-    # ``perm_splits`` fixed splits; the observed statistic is computed the same way (label set 0)
+
+def _permutation_p(fv, nat, oth, splits, g: int, rng: np.random.Generator, st: CircuitStatsSettings) -> float:
+    """Permutation p of s - other (FV and other labels exchangeable under H0), on the first
+    ``perm_splits`` fixed splits; the observed statistic is computed the same way (label set 0)."""
+    s_n, m_n = fv.shape[0], oth.shape[0]
     pool = np.concatenate([fv, oth])
-    labels = [np.arange(s_n + m_n)] + [rng.permutation(s_n + m_n) for _ in range(n_perm)]
-    used = splits[: max(1, min(perm_splits, len(splits)))]
+    labels = [np.arange(s_n + m_n)] + [rng.permutation(s_n + m_n) for _ in range(st.n_perm)]
+    used = splits[: max(1, min(st.perm_splits, len(splits)))]
     diffs = np.zeros((len(labels), len(used)))
     for j, (_, b_idx) in enumerate(used):
         b = nat[b_idx].mean(0)
         rows = []
         for lab in labels:
             f_idx, o_idx = lab[:s_n], lab[s_n:]
-            rows.append(pool[sub(f_idx, g)].mean(0))
-            rows.append(pool[sub(o_idx, g)].mean(0))
-        r = _stat_many(primary, np.stack(rows), b)
+            rows.append(pool[_subsample(rng, f_idx, g)].mean(0))
+            rows.append(pool[_subsample(rng, o_idx, g)].mean(0))
+        r = _stat_many(st.primary, np.stack(rows), b)
         diffs[:, j] = r[0::2] - r[1::2]
     t = torch.from_numpy(diffs.mean(1))
-    p = float(permutation_pvalue(t[0], t[1:], "greater"))
+    return float(permutation_pvalue(t[0], t[1:], "greater"))
+
+
+def _layer_overlap(
+    name: str,
+    kind: str,
+    fv: np.ndarray,
+    nat: np.ndarray,
+    oth: np.ndarray,
+    rng: np.random.Generator,
+    st: CircuitStatsSettings,
+) -> LayerOverlap:
+    """fv [S, E], nat [N, E], oth [M, E] per-image scores of the present edges."""
+    s_n, n_n, m_n = fv.shape[0], nat.shape[0], oth.shape[0]
+    g = min(s_n, n_n // 2, m_n)
+    splits = []
+    for _ in range(st.n_splits):
+        perm = rng.permutation(n_n)
+        splits.append((perm[:g], perm[g:]))
+    mean = _split_means(fv, nat, oth, splits, g, rng)
+    primary = st.primary
+    cal = _calibrated(mean["fv"][primary], mean["same"][primary], mean["other"][primary])
+    ci, fv_ci = _bootstrap(fv, nat, oth, g, rng, st)
+    p = _permutation_p(fv, nat, oth, splits, g, rng, st)
     return LayerOverlap(
         name=name,
         kind=kind,
@@ -423,25 +472,28 @@ def compare_circuits(
     fv: EdgeAttribution,
     natural: EdgeAttribution,
     other: EdgeAttribution,
-    primary: str = "spearman",
-    n_splits: int = 20,
-    n_boot: int = 200,
-    n_perm: int = 1000,
+    *,
+    stats: CircuitStatsSettings | None = None,
     generator: torch.Generator | int | None = None,
-    alpha: float = 0.05,
     settings: dict | None = None,
-    perm_splits: int = 1,
-    confidence: float = 0.95,
+    **options,
 ) -> CircuitOverlap:
     """Per-layer overlap of three precomputed attributions of the same unit and layers.
 
-    ``confidence``: level of the percentile bootstrap intervals (``ci_low``/``ci_high``,
-    ``fv_ci``).
+    Args:
+        fv, natural, other: :class:`~fvsanity.compare.attribution.EdgeAttribution` of the FVs,
+            the unit's natural images and unrelated images (same unit and layers).
+        stats: :class:`CircuitStatsSettings` (default: its defaults); ``options`` (its field
+            names: ``primary``, ``n_splits``, ``n_boot``, ``n_perm``, ``perm_splits``, ``alpha``,
+            ``confidence``) replace its fields.
+        generator: torch.Generator or int seed for splits, bootstrap and permutations.
+        settings: extra entries recorded in the result's ``settings``.
 
     Needs >= 1 FV image, >= 2 natural images and >= 1 other image (g >= 1).
     """
-    if primary not in STATISTICS:
-        raise AttributionError(f"unknown primary statistic {primary!r}; valid: {', '.join(STATISTICS)}")
+    st = CircuitStatsSettings.from_kwargs(stats, **options)
+    if st.primary not in STATISTICS:
+        raise AttributionError(f"unknown primary statistic {st.primary!r}; valid: {', '.join(STATISTICS)}")
     if fv.names != natural.names or fv.names != other.names:
         raise AttributionError("FV, natural and other attributions cover different layers")
     n_nat = natural.metric_clean.shape[0]
@@ -455,12 +507,7 @@ def compare_circuits(
         def flat(lay, mask=mask):
             return lay.scores.reshape(lay.scores.shape[0], -1)[:, mask].double().numpy()
 
-        out.append(
-            _layer_overlap(
-                lf.name, lf.kind, flat(lf), flat(ln), flat(lo), primary, rng, n_splits, n_boot, n_perm, perm_splits,
-                confidence,
-            )
-        )
+        out.append(_layer_overlap(lf.name, lf.kind, flat(lf), flat(ln), flat(lo), rng, st))
     adj = holm([la.p_value for la in out]).tolist()
     layers = tuple(
         LayerOverlap(**{**la.__dict__, "p_holm": p}) for la, p in zip(out, adj, strict=True)
@@ -470,20 +517,24 @@ def compare_circuits(
         method=fv.method,
         reference=fv.reference,
         steps=fv.steps,
-        primary=primary,
+        primary=st.primary,
         n_fv=int(fv.metric_clean.shape[0]),
         n_natural=int(n_nat),
         n_other=int(other.metric_clean.shape[0]),
         layers=layers,
         settings={
-            "n_splits": n_splits, "n_boot": n_boot, "n_perm": n_perm, "perm_splits": perm_splits,
-            "confidence": confidence, **(settings or {})
+            "n_splits": st.n_splits, "n_boot": st.n_boot, "n_perm": st.n_perm, "perm_splits": st.perm_splits,
+            "confidence": st.confidence, **(settings or {})
         },
-        alpha=alpha,
+        alpha=st.alpha,
         fv=fv,
         natural=natural,
         other=other,
     )
+
+
+#: the fields of AttributionSettings that circuit_overlap passes on (the rest are statistics)
+_ATTRIBUTION_FIELDS = {f.name for f in dataclasses.fields(AttributionSettings)}
 
 
 def circuit_overlap(
@@ -492,20 +543,12 @@ def circuit_overlap(
     fv_images: torch.Tensor,
     natural_images: torch.Tensor,
     other_images: torch.Tensor,
-    layers=None,
-    method: str = "eap-ig",
-    steps: int = 8,
-    reference: str | torch.Tensor = "mean",
+    *,
+    attribution: AttributionSettings | None = None,
+    stats: CircuitStatsSettings | None = None,
     generator: torch.Generator | int | None = None,
-    primary: str = "spearman",
-    n_splits: int = 20,
-    n_boot: int = 200,
-    n_perm: int = 1000,
-    batch_size: int = 16,
-    alpha: float = 0.05,
-    perm_splits: int = 1,
     seed: int | None = None,
-    confidence: float = 0.95,
+    **options,
 ) -> CircuitOverlap:
     """FV-vs-natural circuit overlap of ``unit`` per layer, with same-class and other-class nulls.
 
@@ -513,26 +556,24 @@ def circuit_overlap(
         lm: LoadedModel; unit: spec or Unit.
         fv_images: [S, 3, H, W] FVs of the unit (RGB [0, 1]); natural_images: [N, 3, H, W] the
             unit's natural images (N >= 2); other_images: [M, 3, H, W] unrelated natural images.
-        layers, method, steps, reference: as :func:`~fvsanity.compare.attribution.edge_attribution`
-            (the reference is shared by the three groups unless it is "blur").
+        attribution: :class:`~fvsanity.compare.attribution.AttributionSettings` of the three
+            attributions (``layers``, ``method``, ``steps``, ``reference``, ``batch_size``, ...;
+            the reference is shared by the three groups unless it is "blur").
+        stats: :class:`CircuitStatsSettings` (``primary``, ``n_splits``, ``n_boot``, ``n_perm``,
+            ``perm_splits``, ``alpha``, ``confidence``).
         generator: torch.Generator or int seed for splits, bootstrap and permutations
             (``seed`` is an alias used when ``generator`` is None; default seed 0).
-        primary: statistic behind calibrated / CI / p ("spearman"; see :data:`STATISTICS`).
-        n_splits, n_boot, n_perm, perm_splits: random splits averaged, bootstrap replicates,
-            permutations and the splits each permutation statistic averages over. With L layers,
-            Holm can only reach ``alpha`` if ``L / (n_perm + 1) < alpha``.
-        confidence: level of the percentile bootstrap intervals.
+        options: fields of either settings class by name (``steps=4, n_perm=50``), replacing
+            those of ``attribution`` / ``stats``; an unknown name is a TypeError.
     Returns:
         :class:`CircuitOverlap`; ``.to_json()["layers"]`` holds per layer name, jaccard_top1pct,
         spearman, shared_mass, null_same, null_other, calibrated, ci_low, ci_high, p_value, p_holm.
     """
     if generator is None and seed is not None:
         generator = int(seed)
-    kw = dict(layers=layers, method=method, steps=steps, reference=reference, batch_size=batch_size)
-    fv = edge_attribution(lm, unit, fv_images, **kw)
-    nat = edge_attribution(lm, unit, natural_images, **kw)
-    oth = edge_attribution(lm, unit, other_images, **kw)
-    return compare_circuits(
-        fv, nat, oth, primary=primary, n_splits=n_splits, n_boot=n_boot, n_perm=n_perm,
-        generator=generator, alpha=alpha, perm_splits=perm_splits, confidence=confidence,
-    )
+    att = AttributionSettings.from_kwargs(attribution, **{k: v for k, v in options.items() if k in _ATTRIBUTION_FIELDS})
+    st = CircuitStatsSettings.from_kwargs(stats, **{k: v for k, v in options.items() if k not in _ATTRIBUTION_FIELDS})
+    fv = edge_attribution(lm, unit, fv_images, settings=att)
+    nat = edge_attribution(lm, unit, natural_images, settings=att)
+    oth = edge_attribution(lm, unit, other_images, settings=att)
+    return compare_circuits(fv, nat, oth, stats=st, generator=generator)

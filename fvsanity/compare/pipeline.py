@@ -165,13 +165,16 @@ def natural_pass(
     def derive(acts):
         return [response_from_pooled(acts, u, pooling) for u in units]
 
+    def assemble(acts, resp, reused: bool) -> NaturalPass:
+        return NaturalPass(acts, resp, units, labels, fp, ident, pooling, reused)
+
     if cache_dir is None:
         acts, resp = run(layers, units)
-        return NaturalPass(acts, resp, units, labels, fp, ident, pooling, False)
+        return assemble(acts, resp, False)
 
     cache_dir = Path(cache_dir)
     with _file_lock(cache_dir / "natural_pass.lock"):  # processes sharing cache_dir: one computes, the rest read
-        return _cached_pass(lm, natural, layers, units, cache_dir, pooling, fp, ident, labels, run, derive, batch_size)
+        return _cached_pass(lm, natural, layers, units, cache_dir, pooling, run, derive, assemble, batch_size)
 
 
 @contextmanager
@@ -192,9 +195,13 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _cached_pass(lm, natural, layers, units, cache_dir: Path, pooling, fp, ident, labels, run, derive,
+def _cached_pass(lm, natural, layers, units, cache_dir: Path, pooling, run, derive, assemble,
                  batch_size: int | None = None) -> NaturalPass:
-    """:func:`natural_pass` through the on-disk cache in ``cache_dir`` (called under its lock)."""
+    """:func:`natural_pass` through the on-disk cache in ``cache_dir`` (called under its lock).
+
+    ``run(layers, units) -> (acts, responses)`` computes, ``derive(acts)`` reads each unit's
+    response from pooled activations (None where it cannot), ``assemble(acts, responses,
+    reused)`` makes the :class:`NaturalPass`."""
     from ..cache import CacheEntry, _units_json, cached, key_digest, natural_pass_key
     from ..io import atomic_save_tensors, load_tensors
 
@@ -234,4 +241,4 @@ def _cached_pass(lm, natural, layers, units, cache_dir: Path, pooling, fp, ident
 
         r = cached(r_entry, r_compute, lambda: load_tensors(q)["responses"])[0]
         resp[:, extra] = r
-    return NaturalPass(acts, resp, units, labels, fp, ident, pooling, reused)
+    return assemble(acts, resp, reused)

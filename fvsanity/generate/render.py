@@ -17,12 +17,11 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,102 +34,10 @@ from ..settings import setting
 from ..units import Unit, layer_names, parse_unit, resolve_layer
 from . import param as P
 from . import transforms as T
+from .batching import FV_BATCH_CPU, FV_BATCH_CUDA, fv_batch_width, plan_chunks  # noqa: F401 - re-exported
+from .fv_result import FVResult, _safe_name, settings_hash  # noqa: F401 - re-exported
 from .objectives import OBJECTIVES, Objective, batched_unit_scores, diversity_penalty
 from .optim import make_optimizer
-
-
-@dataclass(frozen=True)
-class FVResult:
-    """Feature visualizations for U units x S seeds.
-
-    Attributes:
-        images: [U, S, 3, H, W] RGB in [0, 1] (CPU, float32).
-        traces: [U, S, steps] objective per step (on the transformed image that step optimized).
-        final: [U, S] objective of the final, untransformed image at the model's input size.
-        activations: [U, S, C_u] spatially mean-pooled activations of each unit's layer for the
-            final image, per unit (list, since layers differ).
-        units, seeds: what was visualized.
-        settings: every option that affects the result (see ``settings_hash``).
-        checkpoints: {step: [U, S, 3, H, W]} images after ``step`` optimization steps.
-        objectives: per row, the name of the objective it maximised when rendered with
-            ``objective=...`` (empty: each row maximised its unit's own objective).
-    """
-
-    images: torch.Tensor
-    traces: torch.Tensor
-    final: torch.Tensor
-    activations: list[torch.Tensor]
-    units: list[Unit]
-    seeds: list[int]
-    settings: dict
-    checkpoints: dict[int, torch.Tensor] = field(default_factory=dict)
-    objectives: list[str] = field(default_factory=list)
-
-    @property
-    def settings_hash(self) -> str:
-        return settings_hash(self.settings)
-
-    def to_json(self) -> dict:
-        d = {
-            "units": [u.to_json() for u in self.units],
-            "seeds": list(self.seeds),
-            "settings": self.settings,
-            "settings_hash": self.settings_hash,
-            "final_objective": self.final.tolist(),
-            "image_shape": list(self.images.shape),
-            "checkpoint_steps": sorted(self.checkpoints),
-        }
-        if self.objectives:
-            d["objectives"] = list(self.objectives)
-        return d
-
-    def save(self, out: str | Path, pngs: bool = True) -> Path:
-        """Write ``fv.pt`` (tensors), ``fv.json`` (settings, seeds, final objectives) and PNGs."""
-        from ..io import atomic_save_tensors, atomic_write_json, image_grid, save_png
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {"images": self.images, "traces": self.traces, "final": self.final}
-        tensors.update({f"act_{i}": a for i, a in enumerate(self.activations)})
-        tensors.update({f"ckpt_{k}": v for k, v in self.checkpoints.items()})
-        for i, u in enumerate(self.units):
-            if u.direction is not None:
-                tensors[f"direction_{i}"] = u.direction
-        atomic_save_tensors(out / "fv.pt", tensors)
-        if pngs:
-            for i, u in enumerate(self.units):
-                for j, s in enumerate(self.seeds):
-                    name = f"objective{i}" if self.objectives and u.channel is None and u.direction is None else _safe_name(u)
-                    save_png(out / f"{name}_seed{s}.png", self.images[i, j])
-            n_u, n_s = self.images.shape[:2]
-            save_png(out / "grid.png", image_grid(self.images.flatten(0, 1), nrow=n_s))
-        atomic_write_json(out / "fv.json", self.to_json())
-        return out
-
-    @classmethod
-    def load(cls, path: str | Path) -> FVResult:
-        """Read a folder written by :meth:`save` (or its ``fv.pt`` / ``fv.json``)."""
-        from ..io import load_tensors
-
-        path = Path(path)
-        folder = path if path.is_dir() else path.parent
-        if not path.exists() or not (folder / "fv.pt").is_file() or not (folder / "fv.json").is_file():
-            raise FVSanityError(f"no FVs at {path}: expected fv.pt and fv.json (written by `fvsanity visualize`)")
-        meta = json.loads((folder / "fv.json").read_text())
-        t = load_tensors(folder / "fv.pt")
-        units = []
-        for i, u in enumerate(meta["units"]):
-            d = t.get(f"direction_{i}")
-            units.append(Unit(layer=u["layer"], channel=u.get("channel"), y=u.get("y"), x=u.get("x"), direction=d))
-        acts = [t[f"act_{i}"] for i in range(len(units)) if f"act_{i}" in t]
-        ckpts = {int(k[5:]): v for k, v in t.items() if k.startswith("ckpt_")}
-        return cls(t["images"], t["traces"], t["final"], acts, units, meta["seeds"], meta["settings"], ckpts,
-                   objectives=list(meta.get("objectives", [])))
-
-
-def _safe_name(u: Unit) -> str:
-    return str(u).replace(":", "_c").replace("@", "_at").replace(",", "_").replace("/", "-")
-
 
 AMP_ENV = "FVSANITY_AMP"
 """Environment variable overriding the automatic bf16 choice for every command: ``on`` | ``off`` | ``auto``."""
@@ -195,14 +102,6 @@ def dtype_settings(amp: bool | None, device) -> dict:
     stay what they were before the dtype was recorded, and bf16 FVs never hash like float32 ones."""
     return {"dtype": "bfloat16"} if resolve_amp(amp, device) else {}
 
-
-def settings_hash(settings: dict) -> str:
-    """Short hash of the settings that determine an FV (to refuse mixing different runs).
-
-    ``amp`` is not hashed (an old bf16 flag); the effective compute ``dtype``, recorded only when
-    not float32 (:func:`dtype_settings`), is."""
-    keys = {k: v for k, v in settings.items() if k not in ("device", "progress", "amp", "weights_source", "seconds")}
-    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _resolve_transforms(transforms, size: int) -> T.TransformSpec:
@@ -464,6 +363,78 @@ def check_canvas(lm, hw, flag: str = "--size") -> None:
         )
 
 
+def _settings_json(lm, st: RenderSettings, hw, spec, dev, use_amp: bool, width: int, objective_entry) -> dict:
+    """What an :class:`FVResult` records (and :func:`settings_hash` keys) of how it was rendered."""
+    settings_d = {
+        "model": lm.name,
+        "model_fingerprint": lm.fingerprint(),  # the weights these FVs are for (checked on --fv reuse)
+        "weights_source": lm.weights_source,  # provenance only: not hashed (the fingerprint is)
+        "steps": st.steps,
+        "size": list(hw),
+        "lr": st.lr,
+        "param": _describe(st.param),
+        "decorrelate": st.decorrelate,
+        "transforms": spec.__dict__ | {"scales": list(spec.scales), "angles": list(spec.angles)},
+        "diversity": st.diversity,
+        "device": str(dev),
+        "amp": use_amp,
+        **dtype_settings(use_amp, dev),  # hashed; absent for float32
+        "batch_size": width,  # hashed: the compute shape changes the floating-point result
+    }
+    # Keys added after the first release enter only when not at their default, so the settings
+    # (and settings_hash, which caches and --fv reuse key on) of a default render never change.
+    if st.param_options:
+        settings_d["param_options"] = _options_json(st.param_options)
+    if _describe(st.optimizer) != "adam":
+        settings_d["optimizer"] = _describe(st.optimizer)
+    if st.optimizer_options:
+        settings_d["optimizer_options"] = _options_json(st.optimizer_options)
+    if objective_entry is not None:
+        settings_d["objective"] = objective_entry
+    return settings_d
+
+
+def _optimize_all(lm, plan: _Plan, chunks, units_p: Sequence[Unit], n_s: int, objs):
+    """Every chunk optimized (:func:`_optimize_chunk`) and its elements put in place:
+    ``(images [U, S, 3, H, W], traces [U, S, steps], final [U, S], acts rows, {step: images})``."""
+    n_u = len(units_p)
+    images = torch.zeros(n_u, n_s, 3, *plan.hw)
+    traces = torch.zeros(n_u, n_s, plan.settings.steps)
+    ckpts = {c: torch.zeros(n_u, n_s, 3, *plan.hw) for c in plan.checkpoints}
+
+    final = torch.zeros(n_u, n_s)
+    acts_rows: list[list[torch.Tensor | None]] = [[None] * n_s for _ in range(n_u)]
+
+    bar = None
+    if plan.settings.progress:
+        from ..progress import progress_bar
+
+        bar = progress_bar(total=plan.settings.steps * len(chunks), desc=f"FV {n_u}x{n_s}", unit="step", leave=False)
+    try:
+        for elems in chunks:
+            chunk = _Chunk(
+                units=[units_p[r] for r, _, _ in elems], seeds=[sd for _, sd, _ in elems],
+                # a padding element (j None) is a group of its own: never in another's diversity term
+                groups=[r if j is not None else -1 - k for k, (r, _, j) in enumerate(elems)],
+                objectives=None if objs is None else [objs[r] for r, _, _ in elems],
+            )
+            res = _optimize_chunk(lm, plan, chunk, bar)
+            _refuse_non_finite(res, chunk, elems, objs)
+            for k, (row, _, j) in enumerate(elems):
+                if j is None:
+                    continue
+                images[row, j] = res["images"][k]
+                traces[row, j] = res["traces"][k]
+                final[row, j] = res["final"][k]
+                acts_rows[row][j] = res["acts"][k]
+                for c in plan.checkpoints:
+                    ckpts[c][row, j] = res["ckpts"][c][k]
+    finally:
+        if bar is not None:
+            bar.close()
+    return images, traces, final, acts_rows, ckpts
+
+
 def render(
     lm,
     units: Sequence[Unit | str] | Unit | str | None = None,
@@ -495,7 +466,7 @@ def render(
         raise FVSanityError(f"settings must be a RenderSettings (or None), got {type(settings).__name__}; "
                             "pass single options by keyword (steps=..., param=...)")
     st = (settings or RenderSettings()).replace(**overrides)
-    steps, size, lr, transforms = st.steps, st.size, st.lr, st.transforms
+    steps, size, transforms = st.steps, st.size, st.transforms
     units_l = [] if units is None else [units] if isinstance(units, (str, Unit)) else list(units)
     if not units_l and objective is None:
         raise FVSanityError("no units to visualize; pass at least one LAYER:CHANNEL (or objective=...)")
@@ -523,72 +494,13 @@ def render(
     # Fixed compute shapes (see :func:`plan_chunks`): an FV depends on its unit, seed and settings only.
     width = fv_batch_width(st.batch_size, dev)
     chunks = plan_chunks(len(units_p), seeds_l, width, coupled=bool(st.diversity) and len(seeds_l) > 1)
-    settings_d = {
-        "model": lm.name,
-        "model_fingerprint": lm.fingerprint(),  # the weights these FVs are for (checked on --fv reuse)
-        "weights_source": lm.weights_source,  # provenance only: not hashed (the fingerprint is)
-        "steps": steps,
-        "size": list(hw),
-        "lr": lr,
-        "param": _describe(st.param),
-        "decorrelate": st.decorrelate,
-        "transforms": spec.__dict__ | {"scales": list(spec.scales), "angles": list(spec.angles)},
-        "diversity": st.diversity,
-        "device": str(dev),
-        "amp": use_amp,
-        **dtype_settings(use_amp, dev),  # hashed; absent for float32
-        "batch_size": width,  # hashed: the compute shape changes the floating-point result
-    }
-    # Keys added after the first release enter only when not at their default, so the settings
-    # (and settings_hash, which caches and --fv reuse key on) of a default render never change.
-    if st.param_options:
-        settings_d["param_options"] = _options_json(st.param_options)
-    if _describe(st.optimizer) != "adam":
-        settings_d["optimizer"] = _describe(st.optimizer)
-    if st.optimizer_options:
-        settings_d["optimizer_options"] = _options_json(st.optimizer_options)
-    if objective_entry is not None:
-        settings_d["objective"] = objective_entry
+    settings_d = _settings_json(lm, st, hw, spec, dev, use_amp, width, objective_entry)
     plan = _Plan(
         settings=st, hw=tuple(hw), spec=spec, device=dev, amp=use_amp, ref_hw=ref_hw, shapes=shapes,
         checkpoints=tuple(sorted({int(c) for c in st.checkpoints if 0 < int(c) <= steps})),
     )
-    n_u, n_s = len(units_p), len(seeds_l)
-    images = torch.zeros(n_u, n_s, 3, *hw)
-    traces = torch.zeros(n_u, n_s, steps)
-    ckpts = {c: torch.zeros(n_u, n_s, 3, *hw) for c in plan.checkpoints}
-
-    final = torch.zeros(n_u, n_s)
-    acts_rows: list[list[torch.Tensor | None]] = [[None] * n_s for _ in range(n_u)]
-
-    bar = None
-    if st.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps * len(chunks), desc=f"FV {n_u}x{n_s}", unit="step", leave=False)
     t0 = time.perf_counter()
-    try:
-        for elems in chunks:
-            chunk = _Chunk(
-                units=[units_p[r] for r, _, _ in elems], seeds=[sd for _, sd, _ in elems],
-                # a padding element (j None) is a group of its own: never in another's diversity term
-                groups=[r if j is not None else -1 - k for k, (r, _, j) in enumerate(elems)],
-                objectives=None if objs is None else [objs[r] for r, _, _ in elems],
-            )
-            res = _optimize_chunk(lm, plan, chunk, bar)
-            _refuse_non_finite(res, chunk, elems, objs)
-            for k, (row, _, j) in enumerate(elems):
-                if j is None:
-                    continue
-                images[row, j] = res["images"][k]
-                traces[row, j] = res["traces"][k]
-                final[row, j] = res["final"][k]
-                acts_rows[row][j] = res["acts"][k]
-                for c in plan.checkpoints:
-                    ckpts[c][row, j] = res["ckpts"][c][k]
-    finally:
-        if bar is not None:
-            bar.close()
+    images, traces, final, acts_rows, ckpts = _optimize_all(lm, plan, chunks, units_p, len(seeds_l), objs)
     settings_d["seconds"] = round(time.perf_counter() - t0, 3)
     acts = [torch.stack(r) for r in acts_rows]
     return FVResult(images, traces, final, acts, units_p, seeds_l, settings_d, ckpts,
@@ -616,50 +528,6 @@ def _refuse_non_finite(res: dict, chunk: _Chunk, elems, objectives) -> None:
                 "written: lower --lr or --diversity, or use float32 (FVSANITY_AMP=off)"
             )
 
-
-FV_BATCH_CPU = 8
-"""Default FV compute width on the CPU: every optimization batch holds exactly this many elements."""
-FV_BATCH_CUDA = 32
-"""Default FV compute width on an accelerator."""
-
-
-def fv_batch_width(batch_size: int | None, device) -> int:
-    """The FV compute width: ``batch_size`` if given, else :data:`FV_BATCH_CPU` on the CPU and
-    :data:`FV_BATCH_CUDA` elsewhere. Never the number of elements in flight, which would make an
-    FV depend on what it is rendered beside."""
-    if batch_size is not None:
-        return int(batch_size)
-    return FV_BATCH_CPU if torch.device(device).type == "cpu" else FV_BATCH_CUDA
-
-
-def plan_chunks(n_rows: int, seeds: Sequence[int], width: int, coupled: bool = False
-                ) -> list[list[tuple[int, int, int | None]]]:
-    """The optimization batches of a render: each a list of exactly ``width`` elements
-    ``(row, seed, j)``, ``j`` indexing ``seeds``, or None for a padding element (rendered, dropped).
-
-    Why fixed shapes: CPU kernels (oneDNN convolutions, the split of work over threads) round
-    differently for other batch shapes (measured on ResNet-20: the input gradient of one image
-    differs by ~2e-7 between batches of 1, 2 and 3), and an FV's optimization amplifies that to
-    another image (objective 25.0 vs 38.8 after 32 steps). At one shape, an element's result does
-    not depend on its position or its neighbours (measured bit for bit on ResNet-20 at 32 px and
-    SqueezeNet at 227 px; ``tests/test_batch_invariance.py``). So the (row, seed) elements are
-    packed in order into batches of ``width``, the last one padded by repeating its last element:
-    an FV depends on its row, its seed, the settings and ``width`` alone, never on the other rows,
-    the number of seeds, their order, a resume or a rank. ``coupled`` (the diversity term ties a
-    row's seeds together): one batch per row, its seeds then padding up to ``width`` (a row with
-    more seeds than ``width``: exactly its seeds).
-    """
-    if width < 1:
-        raise FVSanityError(f"FV batch size must be >= 1, got {width}")
-    elems = [[(row, int(s), j) for j, s in enumerate(seeds)] for row in range(n_rows)]
-
-    def padded(part):
-        return part + [(part[-1][0], part[-1][1], None)] * (width - len(part))
-
-    if coupled:
-        return [padded(row) for row in elems]
-    flat = [e for row in elems for e in row]
-    return [padded(flat[i : i + width]) for i in range(0, len(flat), width)]
 
 
 @dataclass(frozen=True)

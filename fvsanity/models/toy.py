@@ -326,9 +326,9 @@ def _train(steps: int, batch: int, seed: int, lr: float, heldout: int, progress:
     net.train()
     it = range(steps)
     if progress:
-        from tqdm import tqdm
+        from ..progress import progress_bar
 
-        it = tqdm(it, desc="training toy model", unit="step", file=sys.stderr)
+        it = progress_bar(it, desc="training toy model", unit="step")
     loss_val = float("nan")
     for _ in it:
         x, y = procedural_images(batch, g)

@@ -193,6 +193,55 @@ def path_profiles(check, mode: str = "auto", max_panels: int = 12) -> PathProfil
     return PathProfiles(mode, metric, len(units), tuple(panels), title)
 
 
+def _name_ticks(ax, names) -> None:
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([_short(n) for n in names], rotation=60, ha="right", fontsize=7)
+
+
+def _draw_panel(ax, pn, metric: str) -> None:
+    """One panel's similarity curves with their bands, crosses and stars."""
+    x = list(range(len(pn.names)))
+    if pn.mean_mode:
+        for xs, ys in pn.thin:
+            ax.plot(xs, ys, "-", color="tab:red", lw=0.5, alpha=0.35)
+    for _key, label, color, y, lo, hi in pn.curves:
+        if pn.mean_mode:
+            ax.plot(x, y, "-o", ms=3, lw=2, color=color, label=label)
+        else:
+            ax.plot(x, y, "-o", ms=3, color=color, label=label)
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+    for xi, yi in pn.crosses:
+        ax.plot([xi], [yi], "x", color="k", ms=6)
+    for xi, yi in pn.stars:
+        ax.annotate("*", (xi, yi), textcoords="offset points",
+                    xytext=(0, -16), ha="center", fontsize=16, color="k", fontweight="bold")
+    ax.set_title(pn.title, fontsize=8)
+    if pn.mean_mode:
+        ax.set_ylabel(metric)
+    else:
+        ax.set_ylabel(metric, fontsize=8)
+    _name_ticks(ax, pn.names)
+
+
+def _draw_normalized_panel(axn, pn) -> None:
+    """One panel's normalized similarity (0 = other images, 1 = natural), clipped to [-1, 2]."""
+    x = list(range(len(pn.names)))
+    yn, lo, hi = pn.norm
+    if pn.mean_mode:
+        for xs, ys in pn.thin_norm:
+            axn.plot(xs, ys, "-", color="tab:purple", lw=0.5, alpha=0.35)
+        axn.plot(x, yn, "-o", ms=3, lw=2, color="tab:purple", label="median over units")
+        axn.legend(fontsize=7, loc="upper left")
+    else:
+        axn.plot(x, yn, "-o", ms=3, color="tab:purple")
+        axn.fill_between(x, lo, hi, color="tab:purple", alpha=0.2, linewidth=0)
+    axn.axhline(0, color="tab:gray", lw=0.8)
+    axn.axhline(1, color="tab:blue", lw=0.8)
+    axn.set_ylim(-1.05, 2.05)
+    axn.set_ylabel("normalized (clipped to [-1, 2])" if pn.mean_mode else "normalized\n(clipped)", fontsize=8)
+    _name_ticks(axn, pn.names)
+
+
 def draw_path_similarity(
     prof: PathProfiles, path: str | Path, normalized: bool = True, title: str | None = None, dpi: int = 110,
 ) -> Path:
@@ -224,48 +273,11 @@ def draw_path_similarity(
         r0 = r * (2 if normalized else 1)
         return axes[r0][c], (axes[r0 + 1][c] if normalized else None)
 
-    def ticks(ax, names):
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([_short(n) for n in names], rotation=60, ha="right", fontsize=7)
-
     for k, pn in enumerate(prof.panels):
         ax, axn = place(k)
-        x = list(range(len(pn.names)))
-        if pn.mean_mode:
-            for xs, ys in pn.thin:
-                ax.plot(xs, ys, "-", color="tab:red", lw=0.5, alpha=0.35)
-        for _key, label, color, y, lo, hi in pn.curves:
-            if pn.mean_mode:
-                ax.plot(x, y, "-o", ms=3, lw=2, color=color, label=label)
-            else:
-                ax.plot(x, y, "-o", ms=3, color=color, label=label)
-            ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
-        for xi, yi in pn.crosses:
-            ax.plot([xi], [yi], "x", color="k", ms=6)
-        for xi, yi in pn.stars:
-            ax.annotate("*", (xi, yi), textcoords="offset points",
-                        xytext=(0, -16), ha="center", fontsize=16, color="k", fontweight="bold")
-        ax.set_title(pn.title, fontsize=8)
-        if pn.mean_mode:
-            ax.set_ylabel(metric)
-        else:
-            ax.set_ylabel(metric, fontsize=8)
-        ticks(ax, pn.names)
+        _draw_panel(ax, pn, metric)
         if axn is not None:
-            yn, lo, hi = pn.norm
-            if pn.mean_mode:
-                for xs, ys in pn.thin_norm:
-                    axn.plot(xs, ys, "-", color="tab:purple", lw=0.5, alpha=0.35)
-                axn.plot(x, yn, "-o", ms=3, lw=2, color="tab:purple", label="median over units")
-                axn.legend(fontsize=7, loc="upper left")
-            else:
-                axn.plot(x, yn, "-o", ms=3, color="tab:purple")
-                axn.fill_between(x, lo, hi, color="tab:purple", alpha=0.2, linewidth=0)
-            axn.axhline(0, color="tab:gray", lw=0.8)
-            axn.axhline(1, color="tab:blue", lw=0.8)
-            axn.set_ylim(-1.05, 2.05)
-            axn.set_ylabel("normalized (clipped to [-1, 2])" if pn.mean_mode else "normalized\n(clipped)", fontsize=8)
-            ticks(axn, pn.names)
+            _draw_normalized_panel(axn, pn)
     for k in range(n_panels, nrow_units * ncol):
         ax, axn = place(k)
         ax.axis("off")
