@@ -57,6 +57,7 @@ import torch
 
 from .compare.path import PathCheckSettings
 from .errors import FVSanityError
+from .fingerprint import architecture_signature
 from .generate.render import RenderSettings
 from .settings import setting
 
@@ -462,9 +463,9 @@ def measure_population(lm, natural, split, roles: Mapping, conds: Sequence[tuple
     measure_images = imgs["tuning"].load().images[:64]  # only logged by a method's prepare
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=len(conds), desc="manipulations", unit="condition")
+        bar = progress_bar(total=len(conds), desc="manipulations", unit="condition")
     for method, variant in conds:
         cond, vname = f"{method}:{variant['name']}", variant["name"]
         fs, ms = plans[method]
@@ -917,7 +918,8 @@ def _document(lm, st: CalibrationSettings, fv: dict, result: dict, raw: dict, pl
                   "confident": result[f"{name}_confident"]} for name in ("combined", "combined_path")}
     return {
         "format": CALIBRATION_FORMAT,
-        "model": {"name": lm.name, "fingerprint": lm.fingerprint(), "provenance": lm.provenance()},
+        "model": {"name": lm.name, "fingerprint": lm.fingerprint(), "architecture": architecture_signature(lm),
+                  "provenance": lm.provenance()},
         "fv": fv,
         "units": {"calibration": result["units"]["tuning"], "held_out": result["units"]["evaluation"], "plan": plan},
         "seeds": {"calibration": raw["meta"]["seeds"]["tuning"], "held_out": raw["meta"]["seeds"]["evaluation"]},

@@ -124,3 +124,21 @@ def check_fv_model(res, lm, source: str) -> None:
         f"--fv {source!r} was made for model fingerprint {short(theirs)}... ({what}); this model is "
         f"{short(ours)}...; re-render the FVs or pass the matching --model/--weights"
     )
+
+
+def architecture_signature(lm) -> str:
+    """sha256 (16 hex) of what a calibration depends on besides the weights: the input size,
+    the preprocessing, the output layer and every block layer's name, layout kind and width.
+    A model and a manipulated copy of it (same layer names, other weights) share it; another
+    architecture, or another head, does not."""
+    import hashlib
+    import json
+
+    blocks = []
+    for name in list(lm.block_layers) + [lm.output_layer]:
+        lay = lm.layer_info(name).layout
+        blocks.append([name, lay.kind, int(lay.channels)])
+    pre = lm.preprocess
+    doc = {"input_size": list(lm.input_size), "mean": [float(x) for x in getattr(pre, "mean", ())],
+           "std": [float(x) for x in getattr(pre, "std", ())], "output_layer": lm.output_layer, "blocks": blocks}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

@@ -618,6 +618,9 @@ class Calibration:
         model: the model name it was measured on; source: the file's path.
         fingerprint, fv: the model fingerprint and FV settings (:func:`fv_identity`) it was
             measured with (calibration.json; None for a results.json).
+        other_weights: loaded for a manipulated copy of the calibrated model (a ``fvsanity fool``
+            model whose recorded base fingerprint is the calibrated one, same architecture): the
+            rates are those measured on the calibrated model.
         scores: {"combined": CombinedScore (every signal), "combined_path": CombinedScore
             (:data:`PATH_SIGNALS` only)}; operating: per score, what was measured on evaluation
             units at its 5%-FPR threshold: {"healthy_fpr": float, "tpr": {method: float}}, and,
@@ -632,6 +635,7 @@ class Calibration:
     operating: dict
     fingerprint: str | None = None
     fv: dict | None = None
+    other_weights: bool = False
 
     def rate(self, values: Mapping[str, float]) -> dict:
         """One unit's calibrated score from its signals (``values``: name -> float; the full
@@ -733,12 +737,21 @@ def _from_calibration(p, doc: Mapping, model, name: str, fv: Mapping | None) -> 
     """A calibration.json, refused for another model fingerprint or other FV settings."""
     m = doc.get("model") or {}
     fp = m.get("fingerprint")
+    other_weights = False
     if not isinstance(model, str):
+        from ..fingerprint import architecture_signature
+
         here = model.fingerprint()
-        if fp != here:
+        base = (getattr(getattr(model, "model", None), "info", None) or {}).get("base") or {}
+        # a model `fvsanity fool` built from the calibrated one (the robustness demo): the same
+        # architecture, and the calibrated fingerprint recorded as its base
+        manipulated_copy = (fp is not None and base.get("fingerprint") == fp
+                            and m.get("architecture") in (None, architecture_signature(model)))
+        if fp != here and not manipulated_copy:
             raise DetectionError(f"--calibration {str(p)!r} was measured on model {m.get('name')!r} with fingerprint "
                                  f"{str(fp)[:12]}, not on this {name!r} (fingerprint {here[:12]}); its thresholds do "
                                  f"not transfer (run `fvsanity calibrate` on this model)")
+        other_weights = fp != here
     elif m.get("name") != name:
         raise DetectionError(f"--calibration {str(p)!r} was measured on {m.get('name')}, not on {name!r}; "
                              f"its threshold does not transfer (run `fvsanity calibrate --model {name}`)")
@@ -750,7 +763,8 @@ def _from_calibration(p, doc: Mapping, model, name: str, fv: Mapping | None) -> 
             now = ", ".join(f"{k} {fv[k]}" for k in diff)
             raise DetectionError(f"--calibration {str(p)!r} was measured with FV settings {was}, not {now} as this run "
                                  f"uses; pass those settings or re-run `fvsanity calibrate` with these")
-    return dataclasses.replace(_calibration_of(p, doc, str(m.get("name", name))), fingerprint=fp, fv=dict(have))
+    return dataclasses.replace(_calibration_of(p, doc, str(m.get("name", name))), fingerprint=fp, fv=dict(have),
+                               other_weights=other_weights)
 
 
 def _calibration_of(p, r: Mapping, model: str) -> Calibration:

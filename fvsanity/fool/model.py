@@ -244,7 +244,8 @@ class ManipulatedModel(nn.Module):
 def wrap_loaded(lm: LoadedModel, wrapper: ManipulatedModel, method: str, source: str | None = None) -> LoadedModel:
     """A :class:`LoadedModel` around ``wrapper`` with ``lm``'s preprocess, layers and classes."""
     wrapper.info.setdefault("method", method)
-    wrapper.info.setdefault("base", {"name": lm.name, "weights_source": lm.weights_source})
+    # the base's fingerprint: a calibration of the base model applies to this manipulated copy of it
+    wrapper.info.setdefault("base", {"name": lm.name, "weights_source": lm.weights_source, "fingerprint": lm.fingerprint()})
     return LoadedModel(
         name=f"{lm.name}+{method}",
         model=prepare_model(wrapper),
