@@ -144,7 +144,7 @@ def fv_settings(cfg: AuditSettings, lm) -> dict:
         "param": cfg.render.param,
         "transforms": cfg.render.transforms,
         "diversity": cfg.render.diversity,
-        "seeds": [cfg.seed + i for i in range(cfg.seeds)],
+        "seeds": cfg.fv_seeds,  # resolved (automatic seeds are refused here until resolved for the units)
         **dtype_settings(None, lm.device),
         "fv_batch": fv_batch_width(None, lm.device),  # the compute width: it changes the FVs' last bits
     }

@@ -367,23 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A Python warning as one ``fvsanity: warning: ...`` line on stderr (no file path, no source
-    line): what a user reads, not where in the code it was raised."""
-    text = " ".join(str(message).split())
-    print(f"fvsanity: warning: {text}", file=file or sys.stderr)
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A Python warning as one ``fvsanity: warning: ...`` line (no file path, no source line):
+    what a user reads, not where in the code it was raised."""
+    return "fvsanity: warning: " + " ".join(str(message).split()) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    shown = warnings.showwarning
-    warnings.showwarning = _one_line_warning
+    fmt = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # how warnings print; who records them is unchanged
     try:
         return _main(argv)
     finally:
-        warnings.showwarning = shown
+        warnings.formatwarning = fmt
 
 
 def _main(argv: list[str]) -> int:

@@ -45,26 +45,15 @@ def test_cli_refuses_an_invalid_progress_setting(monkeypatch, capsys):
         "fvsanity: error: FVSANITY_PROGRESS='sometimes' is not valid; valid: always, never, auto"]
 
 
-def test_cli_prints_python_warnings_as_one_line(monkeypatch, capsys):
-    import warnings
+def test_cli_prints_python_warnings_as_one_line(monkeypatch):
+    import subprocess
+    import sys
 
-    from fvsanity import cli
-
-    def run(args):
-        warnings.warn("a setting that\n  reads oddly", UserWarning, stacklevel=1)
-        return 0
-
-    parser = cli.build_parser
-
-    def patched():
-        p = parser()
-        p._subparsers._group_actions[0].choices["layers"].set_defaults(func=run)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", patched)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        assert cli.main(["layers", "--list"]) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fvsanity: warning: a setting that reads oddly"]
-    assert warnings.showwarning is not cli._one_line_warning  # restored after the command
+    code = ("import warnings, fvsanity.cli as c\n"
+            "c.build_parser = (lambda b: lambda: (lambda p: (p._subparsers._group_actions[0].choices['layers']"
+            ".set_defaults(func=lambda a: warnings.warn('a setting that\\n  reads oddly') or 0), p)[1])(b()))"
+            "(c.build_parser)\n"
+            "raise SystemExit(c.main(['layers', '--list']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == ["fvsanity: warning: a setting that reads oddly"]

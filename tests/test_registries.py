@@ -44,7 +44,7 @@ def test_every_family_is_a_registry_with_one_line_errors(kind):
     ("visualize", "--optimizer", lambda: OPTIMIZERS.names()),
     ("fool", "--method", lambda: MANIPULATIONS.names()),
     ("check", "--metric", lambda: list_metrics(design="unpaired") + list_metrics(design="paired")),
-    ("audit", "--metric", lambda: list_metrics(design="unpaired")),
+    ("audit", "--metric", lambda: list_metrics(design="unpaired") + list_metrics(design="paired")),
     ("audit", "--paired-metrics", lambda: list_metrics(design="paired")),
 ])
 def test_cli_choices_are_generated_from_the_registry(command, flag, names):

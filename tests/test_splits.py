@@ -123,21 +123,22 @@ def test_experiments_hand_run_fool_the_evaluation_units(name):
     from fvsanity.splits import SplitError
     from fvsanity.testing import tiny_model
 
-    mod = _load(ROOT / "experiments" / name / "run.py", f"exp_plan_{name}")
+    mod = _load(ROOT / "experiments" / "_fooling.py", "exp_fooling_shared")
+    here = ROOT / "experiments" / name
     lm = tiny_model(num_classes=9)
     units_cfg = {"tuning": ["fc:0", "fc:4", "fc:5"], "tuning_sources": ["fc:8"], "seed": 0}
-    routes, want, us = mod._routes_and_eval_units(lm, {"name": "permute", "units": "all", "shift": 1}, units_cfg, 3)
+    routes, want, us = mod.variant_routes(lm, {"name": "permute", "units": "all", "shift": 1}, units_cfg, 3, here)
     assert [str(r.unit) for r in routes] == [f"fc:{c}" for c in range(9)]
     assert all(r.source.channel == (r.unit.channel + 1) % 9 for r in routes)
     for seed in (0, 1, 7):  # the seeded pick no longer matters: the units are handed over
         assert [str(r.unit) for r in pick_eval_routes(routes, 3, seed, units=want)] == want
     assert len(want) == 3 and not set(want) & {"fc:0", "fc:4", "fc:5", "fc:7"}  # fc:7 shows fc:8
     assert us.evaluation == tuple(want)
-    routes, want, _ = mod._routes_and_eval_units(lm, {"name": "picture", "units": "heldout", "target": "target.png"},
-                                                 units_cfg, 3)
+    routes, want, _ = mod.variant_routes(lm, {"name": "picture", "units": "heldout", "target": "target.png"},
+                                         units_cfg, 3, here)
     assert len(routes) == 1 and [str(routes[0].unit)] == want and want[0] not in units_cfg["tuning"]
     with pytest.raises(SplitError, match="1..5"):  # 9 requested, 5 units are neither tuning units nor show one
-        mod._routes_and_eval_units(lm, {"name": "permute", "units": "all", "shift": 1}, units_cfg, 9)
+        mod.variant_routes(lm, {"name": "permute", "units": "all", "shift": 1}, units_cfg, 9, here)
 
 
 def test_silent_smoke_records_splits_and_evaluates_held_out_units(experiment_smoke):

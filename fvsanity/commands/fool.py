@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import check_ints, resolve_device, save_config
     from ..errors import FVSanityError
     from ..fool import get_manipulation
-    from ..fool.api import fool_settings, manipulate
+    from ..fool.api import fool_settings, prepare_fool
     from ..generate import RenderSettings
     from ..io import ensure_writable_dir
     from ..models import load_model
@@ -159,11 +159,12 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     lm = load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device,
                     allow_partial=args.allow_partial_weights, seed=args.seed)
-    res = manipulate(lm, args.unit, args.target, method=args.method, shift=args.shift, train_images=args.train_images,
-                     eval_images=args.eval_images, split=args.split, limit=args.limit, out=out, work=args.work,
-                     settings=settings)
+    plan = prepare_fool(lm, args.unit, args.target, method=args.method, shift=args.shift, out=out, work=args.work,
+                        settings=settings, images={"train": args.train_images, "eval": args.eval_images,
+                                                   "split": args.split, "limit": args.limit})
     args.model_provenance = lm.provenance()  # weights, and any entries a partial load left random
-    save_config(args, out)
+    save_config(args, out)  # every input checked; before the long run: an interrupted run says how it began
+    res = plan.run()
     s = res.summary
     top1 = s.get("fv_top1_is_target_class_manipulated")
     top1_txt = "" if top1 is None else (f"FVs called the target class {top1:.2f} "

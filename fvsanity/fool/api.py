@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import FVSanityError
 
-__all__ = ["manipulate", "fool_settings"]
+__all__ = ["FoolPlan", "fool_settings", "manipulate", "prepare_fool"]
 
 
 def fool_settings(method: str = "circuit", settings=None, method_settings=None, **kw):
@@ -39,58 +39,48 @@ def fool_settings(method: str = "circuit", settings=None, method_settings=None, 
                                                **{k: v for k, v in ms.items() if k not in names}})
 
 
-def manipulate(
-    model,
-    units="all",
-    target=None,
-    *,
-    method: str = "circuit",
-    shift: int | None = None,
-    train_images=None,
-    eval_images=None,
-    split: float = 0.5,
-    limit: int | None = None,
-    out="runs/fool",
-    work=None,
-    settings=None,
-    device=None,
-    **kw,
-):
-    """A model whose FVs of ``units`` show ``target`` while natural-image predictions stay the same.
+@dataclasses.dataclass(frozen=True)
+class FoolPlan:
+    """Everything a fooling run needs, checked and loaded (:func:`prepare_fool`): the model, its
+    routes, the building images, the held-out images, the settings, the output and cache folders."""
 
-    Args:
-        model: a LoadedModel or a model name / spec (:func:`~fvsanity.models.load_model`).
-        units: what to manipulate: ``"LAYER:C[,LAYER:C]"``, ``"LAYER:a-b"``, ``"LAYER:all"`` or
-            ``"all"`` (every class unit of the output layer).
-        target: ``"unit:LAYER:CHANNEL"`` or a picture file; None: a permutation, unit c shows
-            channel (c + ``shift``) mod C (default shift C // 10).
-        method: a registered manipulation (:func:`~fvsanity.fool.list_manipulations`).
-        train_images: natural images to build from (default: the model's default images);
-            eval_images: held-out images (default: a seeded ``split`` of ``train_images``);
-            ``limit``: at most this many images per folder.
-        out, work: where ``model/``, ``fool.json``, ``fool.png`` go, and the cache (``out/work``).
-        settings, kw: :class:`~fvsanity.fool.pipeline.FoolSettings` and its fields by name
-            (``eval_units``, ``eval_seeds``, ``eval_steps``, ``check``, ``seed``, method knobs ...).
+    lm: object
+    routes: list
+    train_images: object
+    eval_natural: object
+    settings: object
+    out: Path
+    work: object = None
 
-    Returns:
-        :class:`~fvsanity.fool.pipeline.FoolResult`: ``summary`` (identical top-1 fraction,
-        effective_fraction, took_effect, check_flags_manipulation, ...) and ``details``.
-    """
-    import torch
+    def run(self):
+        """Build, evaluate and save (:func:`fvsanity.fool.pipeline.run_fool`)."""
+        import torch
 
+        from .pipeline import run_fool
+
+        torch.manual_seed(self.settings.seed)  # nothing below draws from it; set for any third-party code
+        return run_fool(self.lm, self.routes, self.train_images, self.eval_natural, self.settings, self.out,
+                        work_dir=self.work)
+
+
+def prepare_fool(model, units="all", target=None, *, method: str = "circuit", shift: int | None = None,
+                 images: dict | None = None, out="runs/fool", work=None, settings=None, **kw) -> FoolPlan:
+    """Check every input and load the images of a fooling run (nothing is built yet); arguments
+    as :func:`manipulate`, with ``images`` = {"train", "eval", "split", "limit"}."""
     from ..data import load_images
     from ..facade import as_model
     from ..io import ensure_writable_dir
     from .manipulation import get_manipulation
-    from .pipeline import run_fool, split_indices
+    from .pipeline import split_indices
     from .routes import make_routes
 
-    if not 0 < split < 1:
-        raise FVSanityError(f"--split must be in (0, 1), got {split}")
+    im = {"train": None, "eval": None, "split": 0.5, "limit": None, **(images or {})}
+    if not 0 < im["split"] < 1:
+        raise FVSanityError(f"--split must be in (0, 1), got {im['split']}")
     get_manipulation(method)  # an unknown method, refused before anything loads
     cfg = fool_settings(method, settings, **kw)
     out = ensure_writable_dir(out)
-    lm = as_model(model, device)
+    lm = as_model(model)
     out_c = lm.layer_info(lm.output_layer).layout.channels
     if target is not None and shift is not None:
         raise FVSanityError("give either --target or --shift, not both")
@@ -99,16 +89,43 @@ def manipulate(
     if shift is not None and shift % out_c == 0 and units in ("all", f"{lm.output_layer}:all"):
         raise FVSanityError(f"--shift {shift} is a multiple of the {out_c} class units (identity); valid: 1..{out_c - 1}")
     routes = make_routes(lm, units, target, shift=shift, picture_size=lm.input_size)  # before the images
-    if train_images is None:
+    train_dir = im["train"]
+    if train_dir is None:
         from ..defaults import default_images
 
-        train_images = default_images(lm)
-    train = load_images(train_images, lm, limit=limit, seed=cfg.seed, into_memory=True)
-    if eval_images is None or Path(eval_images).resolve() == Path(train_images).resolve():
-        tr, ev = split_indices(len(train), split, cfg.seed)
+        train_dir = default_images(lm)
+    train = load_images(train_dir, lm, limit=im["limit"], seed=cfg.seed, into_memory=True)
+    if im["eval"] is None or Path(im["eval"]).resolve() == Path(train_dir).resolve():
+        tr, ev = split_indices(len(train), im["split"], cfg.seed)
         eval_nat, train_imgs = train.subset(ev), train.images[tr]
     else:
-        eval_nat = load_images(eval_images, lm, limit=limit, seed=cfg.seed, into_memory=True)
+        eval_nat = load_images(im["eval"], lm, limit=im["limit"], seed=cfg.seed, into_memory=True)
         train_imgs = train.images
-    torch.manual_seed(cfg.seed)  # nothing below draws from it; set for any third-party code
-    return run_fool(lm, routes, train_imgs, eval_nat, cfg, out, work_dir=work)
+    return FoolPlan(lm, routes, train_imgs, eval_nat, cfg, out, work)
+
+
+def manipulate(model, units="all", target=None, *, method: str = "circuit", shift: int | None = None,
+               images: dict | None = None, out="runs/fool", work=None, settings=None, **kw):
+    """A model whose FVs of ``units`` show ``target`` while natural-image predictions stay the same.
+
+    Args:
+        model: a LoadedModel (on the device to run on) or a model name / spec
+            (:func:`~fvsanity.models.load_model`).
+        units: what to manipulate: ``"LAYER:C[,LAYER:C]"``, ``"LAYER:a-b"``, ``"LAYER:all"`` or
+            ``"all"`` (every class unit of the output layer).
+        target: ``"unit:LAYER:CHANNEL"`` or a picture file; None: a permutation, unit c shows
+            channel (c + ``shift``) mod C (default shift C // 10).
+        method: a registered manipulation (:func:`~fvsanity.fool.list_manipulations`).
+        images: {"train": natural images to build from (default: the model's default images),
+            "eval": held-out images (default: a seeded "split", 0.5, of "train"), "limit": at
+            most this many images per folder}.
+        out, work: where ``model/``, ``fool.json``, ``fool.png`` go, and the cache (``out/work``).
+        settings, kw: :class:`~fvsanity.fool.pipeline.FoolSettings` and its fields by name
+            (``eval_units``, ``eval_seeds``, ``eval_steps``, ``check``, ``seed``, method knobs ...).
+
+    Returns:
+        :class:`~fvsanity.fool.pipeline.FoolResult`: ``summary`` (identical top-1 fraction,
+        effective_fraction, took_effect, check_flags_manipulation, ...) and ``details``.
+    """
+    return prepare_fool(model, units, target, method=method, shift=shift, images=images, out=out, work=work,
+                        settings=settings, **kw).run()
