@@ -183,3 +183,12 @@ def test_one_spearman_and_one_pearson():
     assert "_spearman_many" in _calls("compare/circuits.py", "edge_rank_correlation")
     assert "pearson" in _calls("fool/metrics.py", "pixel_correlation")
     assert _defs(r"_?(avg_ranks|rankdata|ranks?)") == ["compare/stats.py:rankdata"]
+
+
+def test_no_second_correlation_implementation():
+    """Correlations come from fvsanity.compare.similarity (safe at constant inputs), not torch.corrcoef."""
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "fvsanity"
+    hits = [str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if "corrcoef(" in p.read_text(encoding="utf-8")]
+    assert hits == []

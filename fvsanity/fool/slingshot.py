@@ -64,7 +64,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..compare.similarity import jaccard
+from ..compare.similarity import jaccard, pearson
 from ..compare.stats import auroc as _auroc
 from ..errors import FVSanityError
 from ..models import LoadedModel, prepare_model, register_loader
@@ -749,7 +749,7 @@ def unit_diagnostics(original: LoadedModel, fooled: LoadedModel, units, images: 
     for j, u in enumerate(units):
         overlap = jaccard(_top_mask(r_o[:, j], k), _top_mask(r_m[:, j], k))
         d = {"unit": str(u), "exemplar_jaccard": float(overlap), "k": k,
-             "response_corr": float(torch.corrcoef(torch.stack([r_o[:, j], r_m[:, j]]))[0, 1])}
+             "response_corr": float(pearson(r_o[:, j].double(), r_m[:, j].double()))}  # 0 for a constant response
         if labels is not None and u.layer == original.output_layer:
             pos = torch.as_tensor(labels) == u.channel
             d["auroc_original"] = auroc(r_o[:, j], pos)
