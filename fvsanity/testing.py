@@ -79,3 +79,19 @@ def imagenet_root() -> Path | None:
     if env and all((Path(env) / rel).exists() for rel in IMAGENET_FILES):
         return Path(env)
     return None
+
+
+def random_image_folder(root: str | os.PathLike, per_class: int = 4, n_classes: int = 5, size: int = 16) -> Path:
+    """A class-folder image set of seeded random RGB PNGs (``root/class<c>/<i>.png``) for tests
+    that need images on disk; the same pixels on every call."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    g = np.random.default_rng(0)
+    for c in range(n_classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root

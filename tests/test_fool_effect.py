@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,7 +21,7 @@ from fvsanity.fool import (
 )
 from fvsanity.fool.effect import PICTURE_SSIM_MARGIN, measure_effect
 from fvsanity.models import list_models, register_model
-from fvsanity.testing import tiny_model
+from fvsanity.testing import random_image_folder, tiny_model
 
 TINY = "fool-effect-test-tiny"
 
@@ -53,22 +51,12 @@ def unchanged():
         unregister_manipulation(Unchanged.name)
 
 
-def _image_folder(root: Path, per_class: int = 4, n_classes: int = 5, size: int = 16) -> Path:
-    from PIL import Image
-
-    g = np.random.default_rng(0)
-    for c in range(n_classes):
-        d = root / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return root
 
 
 def test_cli_exits_3_with_one_stderr_line_when_the_manipulation_did_not_take_effect(unchanged, tmp_path, capsys):
     from fvsanity.cli import main
 
-    images = _image_folder(tmp_path / "images")
+    images = random_image_folder(tmp_path / "images")
     out = tmp_path / "out"
     rc = main(["fool", "--model", TINY, "--method", Unchanged.name, "--unit", "fc:0,fc:1", "--shift", "1",
                "--train-images", str(images), "--eval-seeds", "2", "--eval-steps", "4", "--no-check",

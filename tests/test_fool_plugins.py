@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ from fvsanity.fool import (
     wrap_loaded,
 )
 from fvsanity.models import list_models, load_model, register_loader, register_model
-from fvsanity.testing import tiny_model
+from fvsanity.testing import random_image_folder, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "fool-plugin-test-tiny"
@@ -112,23 +111,13 @@ def toy_method():
         unregister_manipulation("toy")
 
 
-def _image_folder(root: Path, per_class: int = 4, n_classes: int = 5, size: int = 16) -> Path:
-    from PIL import Image
-
-    g = np.random.default_rng(0)
-    for c in range(n_classes):
-        d = root / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return root
 
 
 # ------------------------------------------------------------------------------ through the CLI
 def test_cli_runs_a_manipulation_registered_from_the_test_file(toy_method, tmp_path, capsys):
     from fvsanity.cli import main
 
-    images = _image_folder(tmp_path / "images")
+    images = random_image_folder(tmp_path / "images")
     out = tmp_path / "out"
     rc = main(["fool", "--model", TINY, "--method", "toy", "--factor", "3", "--shift", "1", "--unit", "all",
                "--train-images", str(images), "--eval-units", "2", "--eval-seeds", "1", "--eval-steps", "4",

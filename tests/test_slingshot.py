@@ -33,7 +33,7 @@ from fvsanity.fool.slingshot import (
     spectrum_to_rgb,
 )
 from fvsanity.models import list_models, load_model, register_model
-from fvsanity.testing import TinyCNN, tiny_model
+from fvsanity.testing import TinyCNN, random_image_folder, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "slingshot-test-tiny"
@@ -422,16 +422,6 @@ def test_sl_anchor_pulls_the_weights_towards_the_original():
         SlingshotSettings(sl_anchor=-1.0)
 
 
-def _image_folder(root: Path, per_class: int = 4, n_classes: int = 5, size: int = 16) -> Path:
-    from PIL import Image
-
-    g = np.random.default_rng(0)
-    for c in range(n_classes):
-        d = root / f"class{c}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return root
 
 
 def test_cli_fool_method_slingshot_writes_its_outputs(tmp_path, capsys):
@@ -439,7 +429,7 @@ def test_cli_fool_method_slingshot_writes_its_outputs(tmp_path, capsys):
 
     from fvsanity.cli import main
 
-    images = _image_folder(tmp_path / "images")
+    images = random_image_folder(tmp_path / "images")
     pic = tmp_path / "target.png"
     Image.fromarray((_picture().permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(pic)
     out = tmp_path / "out"
